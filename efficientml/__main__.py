@@ -1,0 +1,5 @@
+import sys
+
+from efficientml.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``efficientml`` command. One module per subcommand, each thin over the library."""
