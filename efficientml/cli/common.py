@@ -44,3 +44,30 @@ def fraction(s: str) -> float:
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
     return v
+
+
+def parse_model_args(items: list[str]) -> dict[str, Any]:
+    """``["width=0.25", "pretrained=true"]`` → ``{"width": 0.25, "pretrained": True}``."""
+    from efficientml.core.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        out[key.replace("-", "_")] = _parse_value(val)
+    return out
+
+
+def _parse_value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
