@@ -1,0 +1,205 @@
+"""The one configuration of the decoder-only Transformer (LLaMA family), and its translation to and
+from a Hugging Face ``config.json``.
+
+Families are data: :data:`ARCHITECTURES` says which ``model_type`` values we read and what each
+implies (Qwen2 has q/k/v biases, Mistral may have a sliding window). Anything else in config.json is
+refused with :class:`UnsupportedError` rather than guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
+
+# model_type → (HF architecture class name, defaults that family implies)
+ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaForCausalLM", {}),
+    "mistral": ("MistralForCausalLM", {}),
+    "qwen2": ("Qwen2ForCausalLM", {"attention_bias": True}),
+}
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shapes and options of one model. Defaults are SmolLM2-135M's."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    position_embedding: str = "rope"  # "rope" | "alibi"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"dynamic"|"llama3", "factor": …}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: a query sees at most this many keys (itself included)
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unused HF keys, kept on save
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                              f"({self.num_attention_heads}) when head_dim is not given")
+        if self.position_embedding not in ("rope", "alibi"):
+            raise ConfigError(f"position_embedding must be 'rope' or 'alibi', got {self.position_embedding!r}")
+        if self.position_embedding == "rope" and self.dim_per_head % 2:
+            raise ConfigError(f"RoPE needs an even head dimension, got {self.dim_per_head}")
+        if self.hidden_act not in ("silu", "gelu", "gelu_pytorch_tanh"):
+            raise UnsupportedError(f"activation {self.hidden_act!r} is not supported; expected silu or gelu")
+        if self.rope_scaling is not None:
+            kind = self.rope_type
+            if kind not in ROPE_TYPES:
+                raise UnsupportedError(f"rope scaling type {kind!r} is not supported; expected one of "
+                                       f"{', '.join(ROPE_TYPES)}")
+            if kind != "default" and float(self.rope_scaling.get("factor", 0)) <= 0:
+                raise ConfigError(f"rope_scaling factor must be positive, got {self.rope_scaling.get('factor')!r}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else [int(e)] if isinstance(e, int) else [int(x) for x in e]
+
+    def num_parameters(self) -> int:
+        d, f, hd = self.hidden_size, self.intermediate_size, self.dim_per_head
+        attn = d * hd * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        block = attn + 3 * d * f + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * block + emb + d
+
+    # --- Hugging Face config.json ---------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        mt = d.get("model_type")
+        if mt not in ARCHITECTURES:
+            archs = d.get("architectures")
+            raise UnsupportedError(
+                f"{source}: model_type {mt!r} (architectures {archs}) is not supported; expected one of "
+                f"{', '.join(ARCHITECTURES)}")
+        implied = ARCHITECTURES[mt][1]
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "position_embedding", "o_bias"}
+        kw: dict[str, Any] = {k: d[k] for k in known if k in d}
+        for k, v in implied.items():
+            kw.setdefault(k, v)
+        if mt == "mistral" and d.get("sliding_window") is not None and d.get("use_sliding_window") is False:
+            kw["sliding_window"] = None
+        if mt == "qwen2" and not d.get("use_sliding_window", False):
+            kw["sliding_window"] = None
+        # transformers ≥ 5 may nest rope settings under "rope_parameters"
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict):
+            if "rope_theta" in rp:
+                kw["rope_theta"] = rp["rope_theta"]
+            if rp.get("rope_type", "default") != "default":
+                kw["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if isinstance(kw.get("rope_scaling"), dict) and kw["rope_scaling"].get(
+                "rope_type", kw["rope_scaling"].get("type")) == "default":
+            kw["rope_scaling"] = None
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in kw]
+        if missing:
+            raise CheckpointError(f"{source} lacks required keys {missing}")
+        kw.setdefault("num_key_value_heads", kw["num_attention_heads"])
+        kw.setdefault("tie_word_embeddings", False)
+        kw.setdefault("rms_norm_eps", 1e-6)
+        kw.setdefault("rope_theta", 10000.0)
+        extra = {k: v for k, v in d.items() if k not in known and k not in ("rope_parameters",)}
+        try:
+            return cls(**kw, extra=extra)
+        except TypeError as e:
+            raise CheckpointError(f"{source} has a value of the wrong type ({e})") from e
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LlamaConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{str(path)!r} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{str(path)!r} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{str(path)!r} must hold a JSON object")
+        return cls.from_hf_dict(d, source=str(path))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        if self.position_embedding != "rope":
+            raise UnsupportedError("a model with ALiBi has no Hugging Face Llama config.json equivalent")
+        if self.o_bias:
+            raise UnsupportedError("a model with an o_proj bias has no Hugging Face Llama config.json equivalent")
+        arch = ARCHITECTURES[self.model_type][0]
+        d: dict[str, Any] = {k: v for k, v in self.extra.items()
+                             if k not in ("transformers_version", "torch_dtype", "dtype")}
+        d.update({
+            "architectures": [arch], "model_type": self.model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.dim_per_head,
+            "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": self.hidden_act,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id, "torch_dtype": "float32",
+        })
+        if self.model_type == "llama":
+            d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = self.mlp_bias
+        if self.model_type in ("mistral", "qwen2"):
+            d["sliding_window"] = self.sliding_window
+            if self.model_type == "qwen2":
+                d["use_sliding_window"] = self.sliding_window is not None
+        return d
+
+    def replace(self, **kw: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def alibi_slopes(n_heads: int) -> list[float]:
+    """ALiBi head slopes (Press et al. 2022): a geometric sequence starting at 2^(-8/n); for a head
+    count that is not a power of two, the closest power's slopes plus every other slope of the next."""
+    def pow2(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return pow2(n_heads)
+    closest = 2 ** math.floor(math.log2(n_heads))
+    return pow2(closest) + pow2(2 * closest)[0::2][: n_heads - closest]

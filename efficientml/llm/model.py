@@ -1,0 +1,333 @@
+"""One decoder-only Transformer for the LLaMA family (Llama 1/2/3, Mistral, Qwen2, SmolLM).
+
+Module names follow Hugging Face's ``LlamaForCausalLM`` exactly, so weight names, scaling groups and
+quantized-module swaps are plain data::
+
+    model.embed_tokens                       nn.Embedding(vocab, d)
+    model.layers[i].input_layernorm          RMSNorm(d)
+    model.layers[i].self_attn.q_proj         nn.Linear(d, n_heads * hd)        (bias: Qwen2)
+    model.layers[i].self_attn.k_proj         nn.Linear(d, n_kv_heads * hd)
+    model.layers[i].self_attn.v_proj         nn.Linear(d, n_kv_heads * hd)
+    model.layers[i].self_attn.o_proj         nn.Linear(n_heads * hd, d)
+    model.layers[i].post_attention_layernorm RMSNorm(d)
+    model.layers[i].mlp.gate_proj / up_proj  nn.Linear(d, ffn)
+    model.layers[i].mlp.down_proj            nn.Linear(ffn, d)
+    model.norm                               RMSNorm(d)
+    lm_head                                  nn.Linear(d, vocab), sharing embed_tokens.weight when tied
+
+Every linear is a plain ``nn.Linear`` and is only ever called as ``module(x)``, so it can be swapped for
+a quantized module with the same call.
+
+**A decoder block runs on its own** (calibration captures and transforms one block at a time)::
+
+    rope = model.model.rope(positions)          # (cos, sin), each (T, hd); positions = torch.arange(T)
+    y = model.model.layers[i](x, rope)           # x, y: (B, T, d); causal attention over the T tokens
+    y = block(x, rope, attn_mask=mask, cache=None)
+
+``attn_mask`` is None (plain causal), or a bool ``(T, S)`` / float ``(n_heads, T, S)`` tensor
+broadcast over the batch (True / finite = may attend); ``model.model.attention_mask(...)`` builds it
+for sliding windows and ALiBi. ``cache`` is a :class:`~efficientml.llm.kv_cache.KVCache`; with a cache
+the block appends its keys/values and attends to all cached ones.
+
+Attention goes through ``F.scaled_dot_product_attention``; RoPE is rotate-half (HF layout; llama.cpp's
+interleaved Q/K rows are un-permuted at load time).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from efficientml.core.errors import ShapeError
+from efficientml.llm.config import LlamaConfig, alibi_slopes
+from efficientml.llm.kv_cache import KVCache
+
+_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # statistics in fp32
+        return self.weight * h.to(dt)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (hd/2,) after the configured scaling, and the attention scaling factor."""
+    hd = cfg.dim_per_head
+    base = float(cfg.rope_theta)
+    sc = cfg.rope_scaling or {}
+    kind = cfg.rope_type
+    if kind == "dynamic":  # NTK-aware: stretch the base so the lowest frequency covers factor× longer
+        base = base * float(sc["factor"]) ** (hd / (hd - 2))
+    inv = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float64, device="cpu") / hd)
+    if kind == "linear":  # position interpolation: positions / factor
+        inv = inv / float(sc["factor"])
+    elif kind == "llama3":  # long wavelengths slowed by factor, short ones kept, smooth ramp between
+        factor = float(sc["factor"])
+        lo, hi = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old = float(sc.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        ramp = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0: long wavelength, 1: short
+        inv = (1 - ramp) * inv / factor + ramp * inv
+    return inv.float(), 1.0
+
+
+class Rotary(nn.Module):
+    """cos/sin tables by absolute position, grown on demand; indexing by a position tensor keeps the
+    decode step free of host syncs (graph-capturable once the table is large enough)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.inv_freq, self.scale = rope_inv_freq(cfg)  # plain CPU tensor: not a weight
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+        self.initial = cfg.max_position_embeddings
+
+    def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self._cos
+        if c is None or c.shape[0] < n or c.device != device or c.dtype != dtype:
+            n = max(n, self.initial, 0 if c is None else c.shape[0])
+            t = torch.arange(n, dtype=torch.float64, device="cpu")
+            f = torch.outer(t, self.inv_freq.double())  # (n, hd/2)
+            emb = torch.cat([f, f], dim=-1)  # (n, hd) rotate-half layout
+            self._cos = (emb.cos() * self.scale).to(device=device, dtype=dtype)
+            self._sin = (emb.sin() * self.scale).to(device=device, dtype=dtype)
+        return self._cos, self._sin  # type: ignore[return-value]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32,
+                max_pos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max_pos if max_pos is not None else int(positions.max()) + 1
+        cos, sin = self.tables(n, positions.device, dtype)
+        return cos[positions], sin[positions]  # (…, T, hd)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hd); cos/sin: (T, hd) or (B, T, hd)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=cfg.o_bias)
+        self.use_rope = cfg.position_embedding == "rope"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.use_rope:
+            cos, sin = rope  # type: ignore[misc]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            if input_pos is None:
+                input_pos = torch.arange(cache.length, cache.length + T, device=x.device)
+            k, v = cache.update(self.layer_idx, k, v, input_pos)  # (B, nkv, S, hd)
+        g = self.n_heads // self.n_kv
+        if T == 1 and attn_mask is None and g > 1:
+            # one query per KV head group, no mask: fold the group into the query axis, no K/V repeat
+            o = F.scaled_dot_product_attention(q.view(B, self.n_kv, g, self.hd), k, v)  # (B, nkv, g, hd)
+            o = o.reshape(B, 1, self.n_heads * self.hd)
+        else:
+            causal = attn_mask is None and T > 1
+            if causal and k.shape[2] != T:
+                raise ShapeError("attention over cached keys with several new queries needs an explicit mask")
+            if g > 1 and not _HAS_GQA:
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, nh, S, hd)
+            kw = {"enable_gqa": True} if g > 1 and _HAS_GQA else {}
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, **kw)
+            o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, nh*hd)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu,
+                    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``h + mlp(norm(h))``. See the module docstring for
+    the call signature used when running one block alone."""
+
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rope, attn_mask, cache, input_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """Embedding → blocks → final norm; returns hidden states (B, T, d)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = Rotary(cfg)
+        self._slopes = (torch.tensor(alibi_slopes(cfg.num_attention_heads), device="cpu")
+                        if cfg.position_embedding == "alibi" else None)
+
+    def attention_mask(self, q_pos: torch.Tensor, kv_len: int, dtype: torch.dtype,
+                       force: bool = False) -> torch.Tensor | None:
+        """Mask for queries at absolute positions ``q_pos`` (T,) over keys at positions ``0…kv_len-1``:
+        bool (T, S), or float (nh, T, S) with ALiBi. None when SDPA needs none: plain causal
+        attention over exactly these T tokens (is_causal), or one query over all keys so far."""
+        cfg = self.config
+        T = q_pos.shape[0]
+        plain = cfg.position_embedding == "rope" and cfg.sliding_window is None
+        if plain and not force and (kv_len == T or T == 1):
+            return None
+        k_pos = torch.arange(kv_len, device=q_pos.device)
+        rel = k_pos[None, :] - q_pos[:, None]  # (T, S), ≤ 0 where visible
+        ok = rel <= 0
+        if cfg.sliding_window is not None:
+            ok = ok & (rel > -cfg.sliding_window)
+        if self._slopes is None:
+            return ok  # bool (T, S)
+        slopes = self._slopes.to(device=q_pos.device, dtype=torch.float32)
+        bias = slopes[:, None, None] * rel[None].float()  # (nh, T, S) ALiBi: linear in distance
+        return bias.masked_fill(~ok[None], float("-inf")).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) → hidden states (B, T, d). With a cache the tokens continue it; with a
+        static-shape cache pass ``input_pos`` (T,) so no host sync is needed."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        T = x.shape[1]
+        static = cache is not None and cache.static_shapes
+        if cache is None:
+            input_pos = torch.arange(T, device=x.device) if input_pos is None else input_pos
+            kv_len = T
+        elif static:
+            if input_pos is None:
+                cache.check_room(T)
+                input_pos = torch.arange(cache.length, cache.length + T, device=x.device)
+            kv_len = cache.max_length  # every step sees the whole buffer; the mask hides the future
+        else:
+            cache.check_room(T)
+            input_pos = torch.arange(cache.length, cache.length + T, device=x.device)
+            kv_len = cache.length + T
+        rope = None
+        if self.config.position_embedding == "rope":
+            cos, sin = self.rope(input_pos, torch.float32, max_pos=kv_len)  # (T, hd) each
+            rope = (cos.to(x.dtype), sin.to(x.dtype))
+        if static:
+            mask = self.attention_mask(input_pos, kv_len, x.dtype, force=True)
+        else:
+            mask = self.attention_mask(input_pos, kv_len, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache, input_pos)
+        if cache is not None:
+            cache.advance(T)  # bookkeeping only; a captured graph's caller tracks positions itself
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """``model`` (the trunk) + ``lm_head``. ``forward`` returns logits (B, T, vocab), or only the last
+    ``num_logits`` positions' logits (generation needs one)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None, num_logits: int | None = None) -> torch.Tensor:
+        h = self.model(input_ids, cache, input_pos)  # (B, T, d)
+        if num_logits is not None:
+            h = h[:, -num_logits:]
+        return self.lm_head(h)  # (B, T', vocab)
+
+    def new_cache(self, batch_size: int = 1, max_length: int | None = None,
+                  static_shapes: bool = False) -> KVCache:
+        from efficientml.llm.kv_cache import StaticKVCache
+
+        return StaticKVCache.for_model(self, batch_size, max_length or self.config.max_position_embeddings,
+                                       static_shapes=static_shapes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+
+def build_model(cfg: LlamaConfig, device: str | torch.device = "meta",
+                dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Construct without allocating (``device="meta"``); a loader then fills it with
+    ``load_state_dict(…, assign=True)``. Any other device gets randomly initialized weights."""
+    with torch.device(device):
+        m = LlamaForCausalLM(cfg)
+    if str(device) != "meta":
+        init_weights(m)
+    return m.to(dtype)
+
+
+@torch.no_grad()
+def init_weights(model: LlamaForCausalLM, std: float = 0.02, seed: int | None = None) -> None:
+    """Normal(0, std) linears and embeddings, ones for norms, zero biases (for random-weight tests)."""
+    g = torch.Generator(device="cpu")
+    if seed is not None:
+        g.manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            if mod is model.lm_head and model.config.tie_word_embeddings:
+                continue
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.zero_()
+        elif isinstance(mod, RMSNorm):
+            mod.weight.fill_(1.0)

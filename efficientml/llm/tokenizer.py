@@ -1,0 +1,196 @@
+"""Tokenizer: a ``tokenizers`` BPE built from tokenizer.json or from a GGUF vocabulary + merges, its
+special tokens, and the model's chat template (Jinja, rendered like transformers does: sandboxed,
+``trim_blocks`` and ``lstrip_blocks``).
+
+    tok = Tokenizer.from_gguf(gguf_file)         # or Tokenizer.from_folder("path/to/hf_model")
+    ids = tok.encode("Hello")                    # BOS added only when the model's tokenizer adds one
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from efficientml.core.errors import CheckpointError, ConfigError
+from efficientml.core.lazy import optional_import
+
+# llama.cpp's pre-tokenizer names → the pre-tokenizer of the matching Hugging Face tokenizer.json
+_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "deepseek-coder"}
+
+
+class Tokenizer:
+    def __init__(self, backend: Any, bos_token: str | None = None, eos_token: str | None = None,
+                 add_bos: bool = False, chat_template: str | None = None,
+                 pad_token: str | None = None) -> None:
+        self.backend = backend  # tokenizers.Tokenizer
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self._template = None
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        tk = optional_import("tokenizers", "llm", "tokenization")
+        folder = Path(folder)
+        tj = folder / "tokenizer.json"
+        if not tj.is_file():
+            raise CheckpointError(f"{str(folder)!r} has no tokenizer.json")
+        try:
+            backend = tk.Tokenizer.from_file(str(tj))
+        except Exception as e:  # noqa: BLE001 — tokenizers raises plain Exception subclasses
+            raise CheckpointError(f"{str(tj)!r} is not a valid tokenizer.json ({e})") from None
+        conf: dict[str, Any] = {}
+        tc = folder / "tokenizer_config.json"
+        if tc.is_file():
+            try:
+                conf = json.loads(tc.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{str(tc)!r} is not valid JSON ({e})") from None
+
+        def tok_str(v: Any) -> str | None:
+            return v.get("content") if isinstance(v, dict) else v
+
+        template = conf.get("chat_template")
+        tfile = folder / "chat_template.jinja"
+        if template is None and tfile.is_file():
+            template = tfile.read_text()
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        add_bos = bool(conf.get("add_bos_token", False))
+        return cls(backend, tok_str(conf.get("bos_token")), tok_str(conf.get("eos_token")), add_bos,
+                   template, tok_str(conf.get("pad_token")))
+
+    @classmethod
+    def from_gguf(cls, gf: Any) -> "Tokenizer":
+        """Build a byte-level BPE from ``tokenizer.ggml.{tokens,merges,token_type}``."""
+        tk = optional_import("tokenizers", "llm", "tokenization")
+        model = gf.meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise CheckpointError(f"{gf.path.name}: GGUF tokenizer model {model!r} is not supported; "
+                                  "expected a byte-level BPE ('gpt2')")
+        tokens = gf.field("tokenizer.ggml.tokens")
+        merges = gf.field("tokenizer.ggml.merges")
+        types = gf.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if not tokens or merges is None:
+            raise CheckpointError(f"{gf.path.name}: GGUF file has no tokenizer vocabulary or merges")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        backend = tk.Tokenizer(tk.models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+        pre = gf.meta.get("tokenizer.ggml.pre", "default")
+        byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre in _DIGIT_SPLIT_PRE:
+            backend.pre_tokenizer = tk.pre_tokenizers.Sequence(
+                [tk.pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = tk.decoders.ByteLevel()
+        # control (3) and user-defined (4) tokens are matched whole, before BPE
+        special = [tk.AddedToken(t, special=True, normalized=False)
+                   for t, ty in zip(tokens, types) if ty in (3, 4)]
+        backend.add_special_tokens(special)
+
+        def name(key: str) -> str | None:
+            i = gf.meta.get(key)
+            return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+        return cls(backend, name("tokenizer.ggml.bos_token_id"), name("tokenizer.ggml.eos_token_id"),
+                   bool(gf.meta.get("tokenizer.ggml.add_bos_token", False)),
+                   gf.meta.get("tokenizer.chat_template"), name("tokenizer.ggml.padding_token_id"))
+
+    # --- ids --------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stream(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+    # --- chat -------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        if not self.chat_template:
+            raise ConfigError("this tokenizer has no chat template; pass plain text instead of messages")
+        if self._template is None:
+            jinja2 = optional_import("jinja2", "llm", "chat templates")
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg: str) -> None:
+                raise ConfigError(f"chat template: {msg}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[jinja2.ext.loopcontrols])
+            env.globals["raise_exception"] = raise_exception
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            self._template = env.from_string(self.chat_template)
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ConfigError(f"each chat message needs 'role' and 'content', got {m!r}")
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+
+    # --- saving -----------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template) into ``folder``."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        added = {}
+        for i, t in sorted(self.backend.get_added_tokens_decoder().items()):
+            added[str(i)] = {"content": t.content, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                             "normalized": t.normalized, "single_word": t.single_word, "special": t.special}
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+                "add_eos_token": False, "bos_token": self.bos_token, "eos_token": self.eos_token,
+                "pad_token": self.pad_token, "unk_token": None, "clean_up_tokenization_spaces": False,
+                "model_max_length": 1_000_000_000, "added_tokens_decoder": added}
+        if self.chat_template:
+            conf["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces; holds back an incomplete UTF-8 character."""
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tok, self.skip = tok, skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = 0  # characters already returned
+
+    def put(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        if len(self.ids) > 64:  # keep decoding cost flat: restart from the last few tokens
+            self.ids = self.ids[-8:]
+            self.emitted = len(self.tok.decode(self.ids, skip_special_tokens=self.skip))
+        return piece
