@@ -1,0 +1,22 @@
+"""Pruning: masks at every granularity, pluggable criteria, a channel dependency graph with real
+surgery, schedules, sensitivity scans, automatic ratio search (NetAdapt, AMC) and sparse execution.
+
+    from efficientml.prune import PruneConfig, prune
+    res = prune(model, PruneConfig(method="channel", sparsity=0.3), example_inputs=x)
+    smaller = res.model                      # a plain nn.Module with fewer channels
+
+Heavier pieces (sensitivity, netadapt, amc, sparse, report) are imported from their modules.
+"""
+
+from efficientml.prune.apply import PruneResult, channels_to_keep, prune
+from efficientml.prune.config import GRANULARITIES, PruneConfig
+from efficientml.prune.criteria import CRITERIA, Criterion, bn_l1_penalty
+from efficientml.prune.graph import ChannelGroup, DependencyGraph, register_channel_op
+from efficientml.prune.masks import MaskSet, make_mask
+from efficientml.prune.surgery import ChannelPlan, resize_like
+
+__all__ = [
+    "CRITERIA", "ChannelGroup", "ChannelPlan", "Criterion", "DependencyGraph", "GRANULARITIES",
+    "MaskSet", "PruneConfig", "PruneResult", "bn_l1_penalty", "channels_to_keep", "make_mask", "prune",
+    "register_channel_op", "resize_like",
+]

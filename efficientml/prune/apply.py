@@ -1,0 +1,165 @@
+"""One entry point: ``prune(model, config, example_inputs=…, calib=…)``.
+
+- ``method="channel"``: builds the dependency graph, scores each group's channels with the
+  criterion, removes ``sparsity`` of every group's prunable channels (per partition, see graph.py)
+  and physically shrinks the layers; with ``criterion="thinet"`` and ``refit`` the next layers are
+  refit by least squares. Returns a plain, smaller model.
+- every other method: computes masks per layer and attaches them (:class:`MaskSet`); pass
+  ``result.masks`` as ``after_step`` to ``train.fit`` and call ``result.masks.remove()`` at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from efficientml.core.errors import ConfigError
+from efficientml.core.modules import get_module
+from efficientml.prune.config import PruneConfig
+from efficientml.prune.criteria import CRITERIA, calib_batches
+from efficientml.prune.graph import DependencyGraph
+from efficientml.prune.masks import MaskSet, make_mask
+from efficientml.prune.surgery import ChannelPlan
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    config: PruneConfig
+    masks: MaskSet | None = None
+    plan: ChannelPlan | None = None
+    skipped: list[str] = field(default_factory=list)      # layers/ops left unpruned, with the reason
+    refit: list[Any] = field(default_factory=list)         # RefitResult per refit layer (thinet)
+
+    def after_step(self, model: nn.Module) -> None:
+        """Re-apply masks after an optimizer step (a no-op for physically pruned models)."""
+        if self.masks is not None:
+            self.masks.apply(model)
+
+    def summary(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"config": self.config.to_dict(), "skipped": self.skipped}
+        if self.masks is not None:
+            d["layer_sparsity"] = self.masks.sparsity()
+        if self.plan is not None:
+            d["channels"] = {g.name: {"before": len(g), "after": len(self.plan.kept.get(g.id, range(len(g))))}
+                             for g in self.plan.graph.groups}
+        if self.refit:
+            d["refit"] = [vars(r) for r in self.refit]
+        return d
+
+
+def _check_layers(model: nn.Module, config: PruneConfig) -> None:
+    for name in list(config.layers) + list(config.exclude) + [n for n, _ in config.per_layer]:
+        get_module(model, name)  # raises ConfigError naming the unknown layer
+
+
+def prune(model: nn.Module, config: PruneConfig, example_inputs: Any = None,
+          calib: Iterable | None = None, inplace: bool = False) -> PruneResult:
+    """Prune ``model`` as ``config`` says; ``model`` is copied first unless ``inplace``."""
+    _check_layers(model, config)
+    criterion = CRITERIA.get(config.criterion)
+    batches = calib_batches(calib, config.calib_batches)
+    if criterion.needs_data and not batches:
+        raise ConfigError(f"criterion {config.criterion!r} needs calibration data: pass calib=<loader>")
+    original = model
+    model = model if inplace else copy.deepcopy(model)
+    if config.method == "channel":
+        if config.criterion == "thinet" and config.refit and inplace:
+            original = copy.deepcopy(model)
+        return _prune_channels(model, original, config, criterion, example_inputs, batches)
+    return _prune_masks(model, config, criterion, batches)
+
+
+def _selected(model: nn.Module, config: PruneConfig, types: tuple) -> list[str]:
+    if config.layers:
+        return [n for n in config.layers if n not in config.exclude]
+    return [n for n, m in model.named_modules() if isinstance(m, types) and n not in config.exclude]
+
+
+def _prune_masks(model: nn.Module, config: PruneConfig, criterion: Any, batches: list) -> PruneResult:
+    state = criterion.prepare(model, batches) if not criterion.channel_only else {}
+    names = _selected(model, config, _WEIGHTED)
+    skipped: list[str] = []
+    scores: dict[str, torch.Tensor] = {}
+    for name in names:
+        mod = get_module(model, name)
+        if not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            raise ConfigError(f"layer {name!r} ({type(mod).__name__}) has no weight to prune")
+        auto = not config.layers
+        if auto and config.method in ("pattern", "kernel") and (mod.weight.dim() < 4 or mod.weight[0, 0].numel() < 2):
+            skipped.append(f"{name}: {config.method} pruning needs k×k conv kernels")
+            continue
+        if auto and config.method == "nm" and mod.weight.shape[1] % config.m:
+            skipped.append(f"{name}: {mod.weight.shape[1]} input channels not divisible by M={config.m}")
+            continue
+        scores[name] = criterion.element_scores(name, mod, state)
+    if config.method == "fine" and config.scope == "global" and scores:
+        flat = torch.cat([s.flatten().float().cpu() for s in scores.values()])
+        n_zero = int(round(config.sparsity * flat.numel()))
+        thresh = flat.kthvalue(n_zero).values if n_zero else -float("inf")
+        masks = {n: (s > thresh.to(s.device)) if n_zero else torch.ones_like(s, dtype=torch.bool)
+                 for n, s in scores.items()}
+    else:
+        masks = {n: make_mask(s, config.method, config.sparsity_of(n), n=config.n, m=config.m,
+                              keep=config.pattern_keep, num_patterns=config.num_patterns, layer=n)
+                 for n, s in scores.items()}
+    return PruneResult(model, config, masks=MaskSet(model, masks), skipped=skipped)
+
+
+def channels_to_keep(n: int, sparsity: float, round_to: int = 1) -> int:
+    keep = n - int(round(sparsity * n))
+    if round_to > 1:
+        keep = min(n, max(round_to, round_to * round(keep / round_to)))
+    return max(1, keep)
+
+
+def _prune_channels(model: nn.Module, original: nn.Module, config: PruneConfig, criterion: Any,
+                    example_inputs: Any, batches: list) -> PruneResult:
+    if example_inputs is None:
+        raise ConfigError("channel pruning traces the model: pass example_inputs (a batch of inputs)")
+    graph = DependencyGraph.build(model, example_inputs, config.on_unsupported)
+    if config.sort_inputs:
+        from efficientml.prune.sort import sort_channels
+
+        sort_channels(model, graph)
+        if config.criterion == "thinet":
+            original = copy.deepcopy(model)  # refit targets come from the sorted, unpruned model
+    wanted = set(config.layers) - set(config.exclude) if config.layers else None
+    state = criterion.prepare(model, batches, graph)
+    kept: dict[int, list[int]] = {}
+    for g in graph.groups:
+        producers = set(g.producers)
+        if wanted is not None and not (producers & wanted):
+            continue
+        if producers & set(config.exclude) or g.prunable == 0:
+            continue
+        sparsity = config.sparsity
+        for name, s in config.per_layer:
+            if name in producers:
+                sparsity = float(s)
+        if sparsity == 0:
+            continue
+        scores = criterion.channel_scores(model, g, state)
+        removed: set[int] = set()
+        for p in sorted(set(g.partition)):
+            free = [i for i in range(len(g)) if g.partition[i] == p and not g.frozen[i]]
+            if not free:
+                continue
+            n_remove = len(free) - channels_to_keep(len(free), sparsity, config.round_to)
+            order = sorted(free, key=lambda i: (float(scores[i]), i))
+            removed.update(order[:n_remove])
+        kept[g.id] = [i for i in range(len(g)) if i not in removed]
+    plan = ChannelPlan(graph, kept)
+    plan.apply(model)
+    result = PruneResult(model, config, plan=plan, skipped=list(graph.skipped))
+    if config.criterion == "thinet" and config.refit:
+        from efficientml.prune.refit import refit_consumers
+
+        result.refit = refit_consumers(original, model, plan, batches)
+    return result

@@ -1,0 +1,282 @@
+"""Physical channel removal: new, smaller ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` modules.
+
+A :class:`ChannelPlan` says which channels of each group of a :class:`DependencyGraph` survive; it
+turns that into per-layer index lists (``keep_in``, ``keep_out``) and swaps every affected layer for
+a freshly built one holding the selected slices. The result is a plain ``nn.Module``: no masks, no
+hooks, nothing of ours needed to run, save or load it (``torch.save(model)`` works; a state dict
+loads into the same architecture rebuilt with :func:`resize_like`).
+
+``zero_out`` is the simulated twin: it zeroes the producing weights (and BN γ/β) of the removed
+channels in place, which is how tests check surgery — both must give identical outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from efficientml.core.errors import ShapeError, UnsupportedError
+from efficientml.core.modules import get_module, set_module
+from efficientml.prune.graph import CHANNEL_OPS, DependencyGraph
+
+Keep = tuple[list[int] | None, list[int] | None]   # (input channels kept, output channels kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# per-module shrink functions (registered in graph.CHANNEL_OPS)
+
+def _idx(keep: list[int], device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(keep, dtype=torch.long, device=device)
+
+
+def shrink_conv(m: nn.Module, keep_in: list[int] | None, keep_out: list[int] | None) -> nn.Module:
+    w = m.weight.detach()
+    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    if depthwise:
+        keep = keep_out if keep_out is not None else keep_in
+        if keep_in is not None and keep_out is not None and list(keep_in) != list(keep_out):
+            raise ShapeError("a depthwise conv must keep the same input and output channels")
+        keep = keep if keep is not None else list(range(m.out_channels))
+        cin = cout = groups = len(keep)
+        w = w[_idx(keep, w.device)]
+        bias_keep = keep
+    else:
+        if m.groups != 1:
+            raise UnsupportedError(f"cannot shrink a grouped conv with groups={m.groups}")
+        if keep_out is not None:
+            w = w[_idx(keep_out, w.device)]
+        if keep_in is not None:
+            w = w[:, _idx(keep_in, w.device)]
+        cout, cin, groups = w.shape[0], w.shape[1], 1
+        bias_keep = keep_out
+    new = type(m)(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                  m.bias is not None, m.padding_mode, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if m.bias is not None:
+            b = m.bias.detach()
+            new.bias.copy_(b[_idx(bias_keep, b.device)] if bias_keep is not None else b)
+    new.train(m.training)
+    return new
+
+
+def shrink_linear(m: nn.Linear, keep_in: list[int] | None, keep_out: list[int] | None) -> nn.Linear:
+    w = m.weight.detach()
+    if keep_out is not None:
+        w = w[_idx(keep_out, w.device)]
+    if keep_in is not None:
+        w = w[:, _idx(keep_in, w.device)]
+    new = nn.Linear(w.shape[1], w.shape[0], m.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if m.bias is not None:
+            b = m.bias.detach()
+            new.bias.copy_(b[_idx(keep_out, b.device)] if keep_out is not None else b)
+    new.train(m.training)
+    return new
+
+
+def shrink_batchnorm(m: nn.Module, keep_in: list[int] | None, keep_out: list[int] | None) -> nn.Module:
+    keep = keep_out if keep_out is not None else keep_in
+    if keep is None:
+        return m
+    new = type(m)(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
+    ref = m.weight if m.affine else m.running_mean
+    new = new.to(device=ref.device, dtype=ref.dtype)
+    i = _idx(keep, ref.device)
+    with torch.no_grad():
+        if m.affine:
+            new.weight.copy_(m.weight[i])
+            new.bias.copy_(m.bias[i])
+        if m.track_running_stats:
+            new.running_mean.copy_(m.running_mean[i])
+            new.running_var.copy_(m.running_var[i])
+            new.num_batches_tracked.copy_(m.num_batches_tracked)
+    new.train(m.training)
+    return new
+
+
+def shrink_pad_shortcut(m: nn.Module, keep_in: list[int] | None, keep_out: list[int] | None) -> nn.Module:
+    cin = len(keep_in) if keep_in is not None else m.in_channels
+    keep_out = keep_out if keep_out is not None else list(range(m.out_channels))
+    before = (m.out_channels - m.in_channels) // 2
+    z1 = sum(1 for j in keep_out if j < before)
+    z2 = sum(1 for j in keep_out if j >= before + m.in_channels)
+    if z1 != (z1 + z2) // 2 or len(keep_out) != cin + z1 + z2:
+        raise ShapeError(f"option-A shortcut would pad {z1} channels before and {z2} after; the "
+                         f"module pads evenly, so the plan is inconsistent")
+    new = copy.copy(m)
+    new.in_channels, new.out_channels = cin, len(keep_out)
+    return new
+
+
+# --------------------------------------------------------------------------------------------------
+# plans
+
+
+@dataclass
+class ChannelPlan:
+    """Which channels of each group survive: ``kept[group_id]`` lists channel positions in the group.
+
+    Groups not in ``kept`` are untouched. With ``permute=True`` the listed order is kept (used by the
+    Lab1 sort); otherwise each layer keeps its surviving channels in their original order."""
+
+    graph: DependencyGraph
+    kept: dict[int, list[int]] = field(default_factory=dict)
+    permute: bool = False
+
+    def removed(self) -> dict[int, list[int]]:
+        out = {}
+        for g in self.graph.groups:
+            if g.id in self.kept:
+                keep = set(self.kept[g.id])
+                out[g.id] = [i for i in range(len(g)) if i not in keep]
+        return out
+
+    def layer_keep(self) -> dict[str, Keep]:
+        """Per layer: the input and output channel indices that survive (``None``: all of them)."""
+        picks: dict[tuple[str, str], list[int]] = {}
+        for g in self.graph.groups:
+            if g.id not in self.kept:
+                continue
+            sides: dict[tuple[str, str], list[int]] = {}
+            for ch in g.channels:
+                for m in ch:
+                    sides.setdefault((m.module, m.role), [])
+            for pos in self.kept[g.id]:
+                for m in sorted(g.channels[pos], key=lambda m: m.index):
+                    sides[(m.module, m.role)].append(m.index)
+            for key, idx in sides.items():
+                picks[key] = idx if self.permute else sorted(idx)
+        out: dict[str, Keep] = {}
+        for (name, role), idx in picks.items():
+            in_shape, out_shape = self.graph.shapes[name]
+            full = (in_shape if role == "in" else out_shape)[1]
+            if idx == list(range(full)):
+                continue
+            k_in, k_out = out.get(name, (None, None))
+            out[name] = (idx, k_out) if role == "in" else (k_in, idx)
+        return out
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Swap every affected layer of ``model`` (the traced model or an identical copy) in place."""
+        for name, (k_in, k_out) in self.layer_keep().items():
+            module = get_module(model, name)
+            op = CHANNEL_OPS.get(type(module))
+            if op is None or op.shrink is None:
+                raise UnsupportedError(f"layer {name!r} ({type(module).__name__}) has no shrink rule")
+            set_module(model, name, op.shrink(module, k_in, k_out))
+        return model
+
+    @torch.no_grad()
+    def zero_out(self, model: nn.Module) -> nn.Module:
+        """Simulated pruning: zero the producing weights, biases and BN affine of removed channels."""
+        for gid, removed in self.removed().items():
+            g = self.graph.groups[gid]
+            for pos in removed:
+                for m in g.channels[pos]:
+                    if m.role != "out":
+                        continue
+                    mod = get_module(model, m.module)
+                    for p in ("weight", "bias"):
+                        t = getattr(mod, p, None)
+                        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+                            t[m.index] = 0
+        return model
+
+    # -- predictions (from shapes only, no model rebuilt) -----------------------------------------
+    def predicted_params(self, model: nn.Module) -> int:
+        keep = self.layer_keep()
+        total = 0
+        for name, mod in model.named_modules():
+            own = list(mod.parameters(recurse=False))
+            if not own:
+                continue
+            if name not in keep:
+                total += sum(p.numel() for p in own)
+                continue
+            total += _params_after(mod, *keep[name])
+        return total
+
+    def predicted_macs(self) -> int:
+        """Conv/linear MACs for the example input the graph was built with (biases not counted)."""
+        keep = self.layer_keep()
+        model = self.graph.model
+        total = 0
+        for name, (in_shape, out_shape) in self.graph.shapes.items():
+            mod = get_module(model, name)
+            k_in, k_out = keep.get(name, (None, None))
+            cin = len(k_in) if k_in is not None else in_shape[1]
+            cout = len(k_out) if k_out is not None else out_shape[1]
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+                depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+                fan_in = (1 if depthwise else cin) * math.prod(mod.kernel_size)
+                total += out_shape[0] * math.prod(out_shape[2:]) * cout * fan_in
+            elif isinstance(mod, nn.Linear):
+                total += math.prod(out_shape[:-1]) * cout * cin
+        return total
+
+
+def _params_after(mod: nn.Module, k_in: list[int] | None, k_out: list[int] | None) -> int:
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        cout = len(k_out) if k_out is not None else (len(k_in) if depthwise and k_in is not None else mod.out_channels)
+        cin = 1 if depthwise else (len(k_in) if k_in is not None else mod.in_channels)
+        return cout * cin * math.prod(mod.kernel_size) + (cout if mod.bias is not None else 0)
+    if isinstance(mod, nn.Linear):
+        cout = len(k_out) if k_out is not None else mod.out_features
+        cin = len(k_in) if k_in is not None else mod.in_features
+        return cout * cin + (cout if mod.bias is not None else 0)
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        c = len(k_out) if k_out is not None else mod.num_features
+        return 2 * c if mod.affine else 0
+    return sum(p.numel() for p in mod.parameters(recurse=False))
+
+
+def resize_like(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild the conv/linear/BN layers of ``model`` at the shapes found in ``state`` (a pruned
+    model's state dict), so ``model.load_state_dict(state)`` then fits. Works on the zoo's models and
+    any model whose pruned layers are Conv/Linear/BatchNorm (and option-A shortcuts)."""
+    if not CHANNEL_OPS:
+        from efficientml.prune.graph import _default_ops
+
+        _default_ops()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and f"{name}.weight" in state:
+            w = state[f"{name}.weight"]
+            if tuple(w.shape) == tuple(mod.weight.shape):
+                continue
+            depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+            new = type(mod)(w.shape[0] if not depthwise else w.shape[0],
+                            w.shape[0] if depthwise else w.shape[1], mod.kernel_size, mod.stride,
+                            mod.padding, mod.dilation, w.shape[0] if depthwise else 1,
+                            mod.bias is not None, mod.padding_mode)
+            set_module(model, name, new)
+        elif isinstance(mod, nn.Linear) and f"{name}.weight" in state:
+            w = state[f"{name}.weight"]
+            if tuple(w.shape) != tuple(mod.weight.shape):
+                set_module(model, name, nn.Linear(w.shape[1], w.shape[0], mod.bias is not None))
+        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            key = f"{name}.running_mean" if f"{name}.running_mean" in state else f"{name}.weight"
+            if key in state and state[key].shape[0] != mod.num_features:
+                set_module(model, name, type(mod)(state[key].shape[0], mod.eps, mod.momentum, mod.affine,
+                                                  mod.track_running_stats))
+    _fix_pad_shortcuts(model)
+    return model
+
+
+def _fix_pad_shortcuts(model: nn.Module) -> None:
+    """Option-A shortcuts hold no weights: infer their channel counts from the surrounding convs."""
+    try:
+        from efficientml.models.resnet_cifar import PadShortcut
+    except ImportError:
+        return
+    for name, mod in model.named_modules():
+        if hasattr(mod, "shortcut") and isinstance(mod.shortcut, PadShortcut) and hasattr(mod, "conv1") \
+                and hasattr(mod, "conv2"):
+            mod.shortcut.in_channels = mod.conv1.in_channels
+            mod.shortcut.out_channels = mod.conv2.out_channels
