@@ -1,0 +1,95 @@
+"""The CLI: --help everywhere, JSON output, and one clear sentence (no traceback) on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from efficientml.cli.main import build_parser, main
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "profile", "train", "eval"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", ["demo", "profile", "train", "eval"])
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "usage: efficientml " + cmd in capsys.readouterr().out
+
+
+def test_unknown_model_is_one_sentence(capsys):
+    rc, _, err = _run(["train", "resnet21", "--epochs", "1"], capsys)
+    assert rc == 2
+    assert err.startswith("efficientml: error: unknown model 'resnet21' (did you mean 'resnet")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_missing_checkpoint_file(capsys, tmp_path):
+    rc, _, err = _run(["eval", str(tmp_path / "nope.safetensors")], capsys)
+    assert rc == 2 and "nope.safetensors' does not exist" in err and "Traceback" not in err
+
+
+def test_bad_option_value(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "vgg", "--batch-size", "-3"])
+    assert e.value.code == 2
+    assert "expected a positive integer, got '-3'" in capsys.readouterr().err
+
+
+def test_bad_model_arg_and_config_value(capsys):
+    rc, _, err = _run(["train", "vgg", "--model-arg", "width"], capsys)
+    assert rc == 2 and "--model-arg expects KEY=VALUE, got 'width'" in err
+    rc, _, err = _run(["train", "vgg", "--optimizer", "lion"], capsys)
+    assert rc == 2 and "optimizer must be one of ['adamw', 'sgd'], got 'lion'" in err
+
+
+def test_wrong_input_shape_in_profile(capsys):
+    rc, _, err = _run(["profile", "resnet20", "--input-shape", "1,1,32,32"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert "1×1×32×32" in err or "(1, 1, 32, 32)" in err or "1,1,32,32" in err
+
+
+def test_debug_shows_traceback():
+    out = subprocess.run([sys.executable, "-m", "efficientml", "--debug", "train", "nosuch"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_train_and_eval_round_trip_with_json(capsys, tmp_path):
+    ck = tmp_path / "small.safetensors"
+    rc, out, _ = _run(["train", "small_cnn", "--epochs", "1", "--train-subset", "512", "--json",
+                       "--out", str(ck), "--threads", "1"], capsys)
+    assert rc == 0
+    res = json.loads(out)
+    assert res["checkpoint"] == str(ck) and 10.0 < res["test_accuracy"] <= 100.0
+    rc, out, _ = _run(["eval", str(ck), "--json"], capsys)
+    ev = json.loads(out)
+    assert rc == 0 and ev["examples"] == 10000
+    assert ev["accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-9)
+
+
+def test_demo_json(capsys):
+    rc, out, _ = _run(["demo", "--json", "--runs", "3"], capsys)
+    rep = json.loads(out)
+    assert rc == 0
+    assert rep["cifar_samples"]["correct"] == 20 and rep["cifar_samples"]["total"] == 20
+    assert rep["profile"]["params"] == 269_722
+    assert rep["latency_ms"]["batch1"]["threads"] == 2
+
+
+def test_parser_builds_without_optional_packages():
+    assert build_parser().prog == "efficientml"
