@@ -47,7 +47,8 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     c = _CHANNELS[color]
     stride = width * c
     if len(raw) != height * (stride + 1):
-        raise CheckpointError(f"{str(path)!r} has {len(raw)} bytes of pixels, expected {height * (stride + 1)}")
+        raise CheckpointError(
+            f"{str(path)!r} has {len(raw)} bytes of pixels, expected {height * (stride + 1)}")
     rows = np.frombuffer(raw, np.uint8).reshape(height, stride + 1)
     out = np.zeros((height, stride), np.uint8)
     prev = np.zeros(stride, np.int32)

@@ -82,7 +82,8 @@ class CifarResNet(nn.Module):
                  width: float = 1.0, option: str = "A"):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ConfigError(f"CIFAR ResNet depth must be 6n+2 with n ≥ 1 (20, 32, 44, 56, 110), got {depth}")
+            raise ConfigError(
+                f"CIFAR ResNet depth must be 6n+2 with n ≥ 1 (20, 32, 44, 56, 110), got {depth}")
         check_range("width", width, 0.0, 16.0, lo_open=True)
         check_choice("shortcut option", option, {"A", "B"})
         n = (depth - 2) // 6
@@ -114,7 +115,8 @@ def resnet_cifar(depth: int, num_classes: int = 10, in_channels: int = 3, width:
     model = CifarResNet(depth, num_classes, in_channels, width, option)
     if pretrained:
         if depth not in WEIGHTS:
-            raise ConfigError(f"pretrained weights exist for ResNet-{sorted(WEIGHTS)} only, not ResNet-{depth}")
+            have = ", ".join(f"ResNet-{d}" for d in WEIGHTS)
+            raise ConfigError(f"pretrained CIFAR weights exist for {have} only, not ResNet-{depth}")
         if (num_classes, in_channels, width, option) != (10, 3, 1.0, "A"):
             raise ConfigError("pretrained CIFAR ResNets need num_classes=10, in_channels=3, width=1.0, "
                               f"option='A'; got {num_classes}, {in_channels}, {width}, {option!r}")
