@@ -13,10 +13,10 @@ from efficientml.prune.config import GRANULARITIES, PruneConfig
 from efficientml.prune.criteria import CRITERIA, Criterion, bn_l1_penalty
 from efficientml.prune.graph import ChannelGroup, DependencyGraph, register_channel_op
 from efficientml.prune.masks import MaskSet, make_mask
-from efficientml.prune.surgery import ChannelPlan, resize_like
+from efficientml.prune.surgery import ChannelPlan, channel_attrs, resize_like
 
 __all__ = [
     "CRITERIA", "ChannelGroup", "ChannelPlan", "Criterion", "DependencyGraph", "GRANULARITIES",
-    "MaskSet", "PruneConfig", "PruneResult", "bn_l1_penalty", "channels_to_keep", "make_mask", "prune",
+    "MaskSet", "PruneConfig", "PruneResult", "bn_l1_penalty", "channel_attrs", "channels_to_keep", "make_mask", "prune",
     "register_channel_op", "resize_like",
 ]

@@ -82,8 +82,11 @@ def _selected(model: nn.Module, config: PruneConfig, types: tuple) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, types) and n not in config.exclude]
 
 
-def _prune_masks(model: nn.Module, config: PruneConfig, criterion: Any, batches: list) -> PruneResult:
-    state = criterion.prepare(model, batches) if not criterion.channel_only else {}
+def compute_masks(model: nn.Module, config: PruneConfig, criterion: Any = None, state: dict | None = None
+                  ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Masks for every selected layer (and the layers skipped, with why), without attaching them."""
+    criterion = criterion if criterion is not None else CRITERIA.get(config.criterion)
+    state = state if state is not None else {}
     names = _selected(model, config, _WEIGHTED)
     skipped: list[str] = []
     scores: dict[str, torch.Tensor] = {}
@@ -102,13 +105,23 @@ def _prune_masks(model: nn.Module, config: PruneConfig, criterion: Any, batches:
     if config.method == "fine" and config.scope == "global" and scores:
         flat = torch.cat([s.flatten().float().cpu() for s in scores.values()])
         n_zero = int(round(config.sparsity * flat.numel()))
-        thresh = flat.kthvalue(n_zero).values if n_zero else -float("inf")
-        masks = {n: (s > thresh.to(s.device)) if n_zero else torch.ones_like(s, dtype=torch.bool)
-                 for n, s in scores.items()}
+        order = torch.argsort(flat, stable=True)
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        keep[order[:n_zero]] = False                      # exactly n_zero zeros over all layers
+        masks, at = {}, 0
+        for n, s in scores.items():
+            masks[n] = keep[at:at + s.numel()].view(s.shape).to(s.device)
+            at += s.numel()
     else:
         masks = {n: make_mask(s, config.method, config.sparsity_of(n), n=config.n, m=config.m,
                               keep=config.pattern_keep, num_patterns=config.num_patterns, layer=n)
                  for n, s in scores.items()}
+    return masks, skipped
+
+
+def _prune_masks(model: nn.Module, config: PruneConfig, criterion: Any, batches: list) -> PruneResult:
+    state = criterion.prepare(model, batches) if not criterion.channel_only else {}
+    masks, skipped = compute_masks(model, config, criterion, state)
     return PruneResult(model, config, masks=MaskSet(model, masks), skipped=skipped)
 
 

@@ -237,24 +237,30 @@ def _params_after(mod: nn.Module, k_in: list[int] | None, k_out: list[int] | Non
     return sum(p.numel() for p in mod.parameters(recurse=False))
 
 
-def resize_like(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Rebuild the conv/linear/BN layers of ``model`` at the shapes found in ``state`` (a pruned
-    model's state dict), so ``model.load_state_dict(state)`` then fits. Works on the zoo's models and
-    any model whose pruned layers are Conv/Linear/BatchNorm (and option-A shortcuts)."""
-    if not CHANNEL_OPS:
-        from efficientml.prune.graph import _default_ops
+def channel_attrs(model: nn.Module) -> dict[str, list[int]]:
+    """Channel counts of weightless layers that surgery changes (option-A shortcuts): saved beside a
+    pruned state dict so :func:`resize_like` can restore them."""
+    try:
+        from efficientml.models.resnet_cifar import PadShortcut
+    except ImportError:
+        return {}
+    return {n: [m.in_channels, m.out_channels] for n, m in model.named_modules() if isinstance(m, PadShortcut)}
 
-        _default_ops()
+
+def resize_like(model: nn.Module, state: dict[str, torch.Tensor],
+                attrs: dict[str, list[int]] | None = None) -> nn.Module:
+    """Rebuild the conv/linear/BN layers of ``model`` at the shapes found in ``state`` (a pruned
+    model's state dict), so ``model.load_state_dict(state)`` then fits; ``attrs`` (from
+    :func:`channel_attrs`) restores weightless layers such as option-A shortcuts."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and f"{name}.weight" in state:
             w = state[f"{name}.weight"]
             if tuple(w.shape) == tuple(mod.weight.shape):
                 continue
             depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
-            new = type(mod)(w.shape[0] if not depthwise else w.shape[0],
-                            w.shape[0] if depthwise else w.shape[1], mod.kernel_size, mod.stride,
-                            mod.padding, mod.dilation, w.shape[0] if depthwise else 1,
-                            mod.bias is not None, mod.padding_mode)
+            cin = w.shape[0] if depthwise else w.shape[1]
+            new = type(mod)(cin, w.shape[0], mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                            w.shape[0] if depthwise else 1, mod.bias is not None, mod.padding_mode)
             set_module(model, name, new)
         elif isinstance(mod, nn.Linear) and f"{name}.weight" in state:
             w = state[f"{name}.weight"]
@@ -265,18 +271,7 @@ def resize_like(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
             if key in state and state[key].shape[0] != mod.num_features:
                 set_module(model, name, type(mod)(state[key].shape[0], mod.eps, mod.momentum, mod.affine,
                                                   mod.track_running_stats))
-    _fix_pad_shortcuts(model)
+    for name, (cin, cout) in (attrs or {}).items():
+        mod = get_module(model, name)
+        mod.in_channels, mod.out_channels = int(cin), int(cout)
     return model
-
-
-def _fix_pad_shortcuts(model: nn.Module) -> None:
-    """Option-A shortcuts hold no weights: infer their channel counts from the surrounding convs."""
-    try:
-        from efficientml.models.resnet_cifar import PadShortcut
-    except ImportError:
-        return
-    for name, mod in model.named_modules():
-        if hasattr(mod, "shortcut") and isinstance(mod.shortcut, PadShortcut) and hasattr(mod, "conv1") \
-                and hasattr(mod, "conv2"):
-            mod.shortcut.in_channels = mod.conv1.in_channels
-            mod.shortcut.out_channels = mod.conv2.out_channels

@@ -1,0 +1,354 @@
+"""Pruning benchmark → benchmarks/results/pruning.json (and pruning_gpu.json for 2:4 on a GPU).
+
+    nice python benchmarks/pruning.py --full               # the committed JSON (CPU, 2 threads)
+    python benchmarks/pruning.py --quick                   # minutes; random-init models if no checkpoint
+    python benchmarks/pruning.py --full --part resnet      # one part; merged into the existing JSON
+
+Parts (all on Fashion-MNIST baselines from checkpoints/, 28×28 inputs):
+- ``finegrained``: global L2 magnitude masks on every conv/linear weight of the VGG, fine-tuned with
+  the masks re-applied after every step; size = nonzero parameters / all parameters.
+- ``channel``: uniform channel pruning of the VGG (the smallest ratio giving ≥ 2× fewer MACs), L2
+  criterion, physical surgery, fine-tune; MACs (theoretical) and CPU latency (measured, 2 threads).
+- ``criteria``: accuracy before fine-tuning at 50% channel sparsity for each criterion, and the Lab1
+  effect (keep-first channels without vs with the Frobenius-norm sort).
+- ``netadapt``: NetAdapt to half the measured batch-64 latency, then a fine-tune.
+- ``resnet``: ResNet-20 channel-pruned to ≤ 60% MACs + fine-tune; pretrained CIFAR ResNet-56 at
+  ratio 0 (max |Δ| of logits) and 0.5 (params/MACs predicted by the plan vs counted by analysis).
+- ``gpu``: 2:4 semi-structured sparse linears vs dense (7B-MLP shapes) where CUDA is available.
+
+Fine-tuning budgets are small on purpose (2 shared CPU cores): each run records exactly the epochs,
+training subset, learning rate and schedule it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from efficientml.analysis import count_macs, count_parameters  # noqa: E402
+from efficientml.analysis.record import BenchmarkRecord, git_commit  # noqa: E402
+from efficientml.data import fashion_mnist_loaders  # noqa: E402
+from efficientml.prune import PruneConfig, prune  # noqa: E402
+from efficientml.prune.report import compare  # noqa: E402
+from efficientml.train import TrainConfig, evaluate, fit  # noqa: E402
+
+SAMPLE = (1, 28, 28)
+PARTS = ("finegrained", "channel", "criteria", "netadapt", "resnet", "gpu")
+
+
+def log(*a: object) -> None:
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def find_checkpoint(names: list[str]) -> Path | None:
+    for n in names:
+        p = ROOT / "checkpoints" / n
+        if p.is_file():
+            return p
+    return None
+
+
+def load_baseline(kind: str, quick: bool):
+    from efficientml.models import build_model
+    from efficientml.train import load_checkpoint
+
+    names = {"vgg": ["vgg_fmnist.safetensors", "vgg_fashionmnist.safetensors"],
+             "resnet20": ["resnet20_fmnist.safetensors", "resnet20_fashionmnist.safetensors"]}[kind]
+    path = find_checkpoint(names)
+    if path is not None:
+        model, meta = load_checkpoint(path)
+        return model.eval(), {"checkpoint": str(path.relative_to(ROOT)), "model": meta.get("model"),
+                              "model_kwargs": meta.get("model_kwargs")}
+    if not quick:
+        raise SystemExit(f"no {kind} baseline in checkpoints/ (looked for {names}); train it first")
+    kw = {"vgg": {"width": 0.25, "in_channels": 1}, "resnet20": {"in_channels": 1}}[kind]
+    return build_model("vgg" if kind == "vgg" else "resnet20", **kw).eval(), {"checkpoint": None, "note": "random init (quick)"}
+
+
+class Env:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.ft_subset = 2000 if quick else None        # None = all 60k training images
+        self.train, self.test = fashion_mnist_loaders(batch_size=128, augment=True,
+                                                      train_subset=self.ft_subset,
+                                                      test_subset=1000 if quick else None)
+        self.calib_loader, _ = fashion_mnist_loaders(batch_size=128, augment=False, train_subset=4096, seed=1)
+        self.holdout, _ = fashion_mnist_loaders(batch_size=500, augment=False, train_subset=2000, seed=2)
+        self.holdout.shuffle = False
+        self.calib = [b for _, b in zip(range(4), self.calib_loader)]
+
+    def acc(self, model: torch.nn.Module) -> float:
+        return evaluate(model, self.test)["accuracy"]
+
+    def ft(self, epochs: float, lr: float = 0.01) -> TrainConfig:
+        if self.quick:
+            epochs = min(epochs, 0.25)
+        return TrainConfig(epochs=epochs, lr=lr, schedule="cosine", warmup_frac=0.0, weight_decay=5e-4)
+
+    def ft_record(self, cfg: TrainConfig) -> dict:
+        return {"train_config": cfg.to_dict(), "train_images": self.ft_subset or 60000,
+                "augment": True, "batch_size": 128}
+
+
+def part_finegrained(env: Env, rec: BenchmarkRecord, base: torch.nn.Module, base_acc: float) -> None:
+    sparsity = 0.77
+    cfg = PruneConfig(method="fine", sparsity=sparsity, criterion="l2", scope="global")
+    res = prune(base, cfg)
+    acc0 = env.acc(res.model)
+    ft = env.ft(1.0)
+    t0 = time.perf_counter()
+    fit(res.model, env.train, ft, after_step=res.after_step, progress=False)
+    model = res.masks.remove()
+    acc1 = env.acc(model)
+    params, nonzero = count_parameters(model), count_parameters(model, nonzero_only=True)
+    ratio = nonzero / params
+    rec.results["finegrained"] = {
+        "config": cfg.to_dict(), "dense_params": params, "nonzero_params": nonzero,
+        "size_ratio_nonzero_over_dense": ratio, "layer_sparsity": res.masks.sparsity(),
+        "accuracy_dense": base_acc, "accuracy_pruned_before_ft": acc0, "accuracy_after_ft": acc1,
+        "finetune": env.ft_record(ft), "finetune_seconds": time.perf_counter() - t0,
+        "speedup": "none claimed: dense kernels run masked weights at dense speed; see sparse.py",
+    }
+    from efficientml.prune.sparse import crossover, to_csr
+
+    x64 = torch.randn(64, *SAMPLE)
+    csr_model = to_csr(copy.deepcopy(model).eval(), min_sparsity=0.5)
+    from efficientml.prune.report import measure_pair
+
+    d_ms, c_ms = measure_pair(model, csr_model, x64, threads=2, rounds=3, runs=5 if env.quick else 10)
+    rec.results["finegrained"]["csr_execution_bs64"] = {
+        "dense_ms": d_ms, "csr_ms": c_ms, "speedup": d_ms / c_ms, "kind": "measured",
+        "note": "layers with ≥ 50% zeros run as CSR sparse × dense (torch.sparse.mm, convs via im2col)"}
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1, bias=False)
+    lin = torch.nn.Linear(1024, 1024, bias=False)
+    rec.results["sparse_cpu_crossover"] = {
+        "conv128x128_3x3_7x7_bs64": crossover(conv, torch.randn(64, 128, 7, 7), runs=5 if env.quick else 10),
+        "linear1024x1024_bs64": crossover(lin, torch.randn(64, 1024), runs=5 if env.quick else 10)}
+    rec.target("finegrained_size_ratio", round(ratio, 4), "<=", 0.25,
+               note="nonzero fp32 parameters / dense fp32 parameters (all parameters, BN included)")
+    rec.target("finegrained_acc_drop", round(base_acc - acc1, 3), "<=", 0.3,
+               note=f"test accuracy points, dense {base_acc:.2f} → pruned+fine-tuned {acc1:.2f}")
+
+
+def smallest_ratio(base: torch.nn.Module, want: float, example: torch.Tensor, start: float = 0.2,
+                   stop: float = 0.8) -> tuple[float, float]:
+    """The smallest uniform channel ratio (0.01 steps) with MACs_after/MACs_before ≤ want."""
+    macs0 = count_macs(base, (1, *SAMPLE)).macs
+    r = start
+    while r < stop:
+        res = prune(base, PruneConfig(method="channel", sparsity=round(r, 2)), example_inputs=example)
+        macs = count_macs(res.model, (1, *SAMPLE)).macs
+        if macs / macs0 <= want:
+            return round(r, 2), macs / macs0
+        r += 0.01
+    raise RuntimeError("no ratio reaches the MAC target")
+
+
+def part_channel(env: Env, rec: BenchmarkRecord, base: torch.nn.Module, base_acc: float) -> None:
+    example = torch.randn(2, *SAMPLE)
+    ratio, frac = smallest_ratio(base, 0.5, example)
+    cfg = PruneConfig(method="channel", sparsity=ratio, criterion="l2")
+    res = prune(base, cfg, example_inputs=example)
+    acc0 = env.acc(res.model)
+    ft = env.ft(2.0)
+    t0 = time.perf_counter()
+    fit(res.model, env.train, ft, progress=False)
+    acc1 = env.acc(res.model)
+    ft_s = time.perf_counter() - t0
+    table = compare(base, res.model, SAMPLE, threads=2, rounds=3 if env.quick else 7,
+                    runs=5 if env.quick else 20)
+    table["before"]["accuracy"], table["after"]["accuracy"] = base_acc, acc1
+    mac_red = table["ratios"]["mac_reduction"]["value"]
+    speed = table["ratios"]["speedup_bs64"]["value"]
+    rec.results["channel"] = {
+        "config": cfg.to_dict(), "channels": res.summary()["channels"], "table": table,
+        "accuracy_pruned_before_ft": acc0, "finetune": env.ft_record(ft), "finetune_seconds": ft_s,
+    }
+    rec.target("channel_mac_reduction", round(mac_red, 3), ">=", 2.0,
+               note=f"theoretical: MACs {table['before']['macs']:,} → {table['after']['macs']:,} (analysis.count_macs)")
+    rec.target("channel_acc_drop", round(base_acc - acc1, 3), "<=", 1.0,
+               note=f"test accuracy points, {base_acc:.2f} → {acc1:.2f} after fine-tuning")
+    rec.target("channel_cpu_speedup_bs64", round(speed, 3), ">=", 1.5,
+               note=f"measured: median latency at batch 64, 2 threads, {table['before']['latency_ms_bs64']:.2f} → "
+                    f"{table['after']['latency_ms_bs64']:.2f} ms, interleaved rounds")
+
+
+def part_criteria(env: Env, rec: BenchmarkRecord, base: torch.nn.Module, base_acc: float) -> None:
+    example = torch.randn(2, *SAMPLE)
+    rows = {}
+    for name, kw in [("magnitude_l2", {"criterion": "l2"}), ("magnitude_l1", {"criterion": "l1"}),
+                     ("bn_gamma", {"criterion": "bn_gamma"}), ("taylor_fisher", {"criterion": "taylor"}),
+                     ("apoz", {"criterion": "apoz"}), ("thinet_refit", {"criterion": "thinet"}),
+                     ("thinet_no_refit", {"criterion": "thinet", "refit": False}),
+                     ("unsorted_keep_first", {"criterion": "first"}),
+                     ("lab1_sorted_keep_first", {"criterion": "first", "sort_inputs": True})]:
+        t0 = time.perf_counter()
+        cfg = PruneConfig(method="channel", sparsity=0.5, **kw)
+        res = prune(base, cfg, example_inputs=example, calib=env.calib)
+        rows[name] = {"accuracy_before_ft": env.acc(res.model), "seconds": time.perf_counter() - t0,
+                      "params": count_parameters(res.model), "config": cfg.to_dict()}
+        log("criteria", name, rows[name]["accuracy_before_ft"])
+    rec.results["criteria"] = {"dense_accuracy": base_acc, "channel_sparsity": 0.5,
+                               "calibration": "4 batches × 128 training images (no augmentation)",
+                               "rows": rows}
+
+
+def part_netadapt(env: Env, rec: BenchmarkRecord, base: torch.nn.Module, base_acc: float) -> None:
+    from efficientml.prune.netadapt import NetAdaptConfig, netadapt
+
+    cfg = NetAdaptConfig(target_ratio=0.5, initial_step=0.1, step_decay=0.96, batch_size=64, threads=2,
+                         grid=4 if env.quick else 6, short_steps=5 if env.quick else 15,
+                         eval_batches=4, runs=5 if env.quick else 10, max_iterations=4 if env.quick else 25)
+    t0 = time.perf_counter()
+    res = netadapt(base, cfg, SAMPLE, env.train, env.holdout, log=lambda i: log("netadapt", i))
+    search_s = time.perf_counter() - t0
+    acc_search = env.acc(res.model)
+    ft = env.ft(1.0)
+    fit(res.model, env.train, ft, progress=False)
+    acc1 = env.acc(res.model)
+    table = compare(base, res.model, SAMPLE, threads=2, batch_sizes=(64,), rounds=3 if env.quick else 7,
+                    runs=5 if env.quick else 20)
+    reduction = table["ratios"]["speedup_bs64"]["value"]
+    rec.results["netadapt"] = {
+        "config": cfg.to_dict(), "iterations": res.iterations, "search_seconds": search_s,
+        "initial_latency_ms": res.initial_latency_ms, "final_latency_ms_in_search": res.final_latency_ms,
+        "lookup_table": res.table, "accuracy_after_search": acc_search, "accuracy_after_long_ft": acc1,
+        "dense_accuracy": base_acc, "long_finetune": env.ft_record(ft), "final_comparison": table,
+    }
+    rec.target("netadapt_latency_reduction", round(reduction, 3), ">=", 2.0,
+               note="measured: dense / NetAdapt median latency at batch 64, 2 threads, re-measured "
+                    f"side by side after the search; accuracy {base_acc:.2f} → {acc1:.2f}")
+
+
+def part_resnet(env: Env, rec: BenchmarkRecord) -> None:
+    from efficientml.data.cifar_samples import load_cifar_samples
+    from efficientml.models import build_model
+    from efficientml.models.resnet_cifar import PRETRAINED_MEAN, PRETRAINED_STD
+
+    # ResNet-20 on Fashion-MNIST
+    base, meta = load_baseline("resnet20", env.quick)
+    base_acc = env.acc(base)
+    example = torch.randn(2, *SAMPLE)
+    ratio, frac = smallest_ratio(base, 0.6, example, start=0.1)
+    cfg = PruneConfig(method="channel", sparsity=ratio, criterion="l2")
+    res = prune(base, cfg, example_inputs=example)
+    acc0 = env.acc(res.model)
+    ft = env.ft(1.0)
+    fit(res.model, env.train, ft, progress=False)
+    acc1 = env.acc(res.model)
+    macs0, macs1 = count_macs(base, (1, *SAMPLE)).macs, count_macs(res.model, (1, *SAMPLE)).macs
+    rec.results["resnet20"] = {"baseline": meta, "config": cfg.to_dict(), "channels": res.summary()["channels"],
+                               "macs_before": macs0, "macs_after": macs1, "params_before": count_parameters(base),
+                               "params_after": count_parameters(res.model), "accuracy_dense": base_acc,
+                               "accuracy_pruned_before_ft": acc0, "accuracy_after_ft": acc1,
+                               "finetune": env.ft_record(ft)}
+    rec.target("resnet20_mac_ratio", round(macs1 / macs0, 4), "<=", 0.6,
+               note=f"theoretical: MACs {macs0:,} → {macs1:,}; residual streams pruned per stage, option-A pads in pairs")
+    rec.target("resnet20_acc_drop", round(base_acc - acc1, 3), "<=", 1.0,
+               note=f"test accuracy points, {base_acc:.2f} → {acc1:.2f}")
+
+    # pretrained CIFAR ResNet-56
+    r56 = build_model("resnet56", pretrained=True).eval()
+    x, labels = load_cifar_samples(normalize=True, mean=PRETRAINED_MEAN, std=PRETRAINED_STD)
+    with torch.no_grad():
+        ref = r56(x)
+        same = prune(r56, PruneConfig(method="channel", sparsity=0.0), example_inputs=x[:2]).model
+        diff0 = (same(x) - ref).abs().max().item()
+        half = prune(r56, PruneConfig(method="channel", sparsity=0.5), example_inputs=x[:1])
+        out = half.model.eval()(x)
+    counted_p, counted_m = count_parameters(half.model), count_macs(half.model, (1, 3, 32, 32)).macs
+    pred_p, pred_m = half.plan.predicted_params(r56), half.plan.predicted_macs()
+    rec.results["resnet56"] = {
+        "inputs": "the 20 CIFAR-10 test samples in shared/data, normalized as the pretrained weights expect",
+        "ratio0_max_abs_diff": diff0, "sample_accuracy_dense": float((ref.argmax(1) == labels).float().mean() * 100),
+        "ratio05": {"runs": bool(torch.isfinite(out).all()), "output_shape": list(out.shape),
+                    "params_predicted_by_plan": pred_p, "params_counted_by_analysis": counted_p,
+                    "macs_predicted_by_plan": pred_m, "macs_counted_by_analysis": counted_m,
+                    "params_dense": count_parameters(r56), "macs_dense": count_macs(r56, (1, 3, 32, 32)).macs,
+                    "match": pred_p == counted_p and pred_m == counted_m},
+    }
+    rec.target("resnet56_ratio0_max_abs_diff", diff0, "<=", 1e-6,
+               note="max |logits(original) − logits(pruned at ratio 0)| on 20 CIFAR-10 samples")
+
+
+def part_gpu(quick: bool) -> None:
+    from efficientml.prune.sparse import semi_structured_available, sparse24_benchmark
+
+    rec = BenchmarkRecord("pruning_gpu", device="cuda" if torch.cuda.is_available() else "cpu")
+    ok, why = semi_structured_available()
+    if not ok:
+        rec.results["sparse24"] = {"available": False, "reason": why}
+        rec.target("sparse24_speedup_4096tok_11008x4096", None, ">=", 1.0,
+                   note=f"not measured: {why}; the code path is efficientml.prune.sparse.sparse24_benchmark")
+    else:
+        res = sparse24_benchmark(tokens=(1, 16, 256, 4096), quick=quick)
+        rec.results["sparse24"] = res
+        v = res["layers"]["11008x4096"]["4096"]["speedup"]
+        rec.target("sparse24_speedup_4096tok_11008x4096", round(v, 3), ">=", 1.0,
+                   note="measured: dense fp16 / 2:4 fp16 median latency, nn.Linear(11008→4096) "
+                        "(weight 4096×11008) at 4096 tokens" + ("" if v >= 1 else "; slower than dense"))
+    rec.write()
+    log("wrote", ROOT / "benchmarks" / "results" / "pruning_gpu.json")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny budgets, for tests and CI")
+    mode.add_argument("--full", action="store_true", help="the budgets of the committed JSON")
+    ap.add_argument("--part", action="append", choices=PARTS, help="run only these parts (repeatable)")
+    ap.add_argument("--out", default=None, help="where to write the JSON (default benchmarks/results/)")
+    args = ap.parse_args()
+    parts = args.part or list(PARTS)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    if "gpu" in parts:
+        part_gpu(args.quick)
+        parts = [p for p in parts if p != "gpu"]
+        if not parts:
+            return 0
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / ("pruning_quick.json" if args.quick else "pruning.json")
+    rec = BenchmarkRecord("pruning")
+    if out.is_file() and args.part:  # merge into the previous run's other parts
+        old = json.loads(out.read_text())
+        rec.results = old.get("results", {})
+        rec.targets = old.get("targets", [])
+        rec.command = old.get("command", rec.command) + " ; " + rec.command
+    rec.results.setdefault("runs", []).append({"parts": parts, "git_commit": git_commit(),
+                                               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    env = Env(args.quick)
+    if any(p in parts for p in ("finegrained", "channel", "criteria", "netadapt")):
+        base, meta = load_baseline("vgg", args.quick)
+        base_acc = env.acc(base)
+        rec.results["vgg_baseline"] = {**meta, "test_accuracy": base_acc, "macs": count_macs(base, (1, *SAMPLE)).macs,
+                                       "params": count_parameters(base)}
+        log("vgg baseline", base_acc)
+        for name, fn in (("finegrained", part_finegrained), ("channel", part_channel),
+                         ("criteria", part_criteria), ("netadapt", part_netadapt)):
+            if name in parts:
+                t0 = time.perf_counter()
+                fn(env, rec, base, base_acc)
+                rec.results.setdefault("seconds", {})[name] = time.perf_counter() - t0
+                log(name, "done", [t for t in rec.targets][-3:])
+                rec.write(out)
+    if "resnet" in parts:
+        t0 = time.perf_counter()
+        part_resnet(env, rec)
+        rec.results.setdefault("seconds", {})["resnet"] = time.perf_counter() - t0
+        log("resnet done", rec.targets[-3:])
+    rec.write(out)
+    log("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
