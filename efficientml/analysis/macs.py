@@ -73,8 +73,13 @@ def matmul_macs(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
     k = a_shape[-1]
     a = tuple(a_shape) if len(a_shape) > 1 else (1, k)           # (..., n, k)
     b = tuple(b_shape) if len(b_shape) > 1 else (k, 1)           # (..., k, m)
-    batch = torch.broadcast_shapes(a[:-2], b[:-2])
-    return math.prod(batch) * a[-2] * k * b[-1]
+    return _broadcast_numel(a[:-2], b[:-2]) * a[-2] * k * b[-1]
+
+
+def _broadcast_numel(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return math.prod(max(x, y) if min(x, y) != 0 else 0 for x, y in zip(a, b))
 
 
 def attention_macs(q_shape: tuple[int, ...], k_shape: tuple[int, ...],

@@ -174,6 +174,13 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(o)
 
 
+def _ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def _window(name: str, args: tuple, kwargs: dict, out: Any) -> WindowGeometry | None:
     y = out[0] if isinstance(out, (tuple, list)) else out
     x = _arg(args, kwargs, 0, "input")
@@ -280,6 +287,12 @@ class _Tracer(TorchFunctionMode):
         name = op_name(func)
         if name in METADATA:
             return out
+        ins = [t for t in _tensors((args, kwargs))]
+        if all(_ptr(t) in self.skip for t in ins):
+            # computed from weights and constants only (a pruning mask applied in a pre-hook,
+            # a causal mask built by torch.ones): a derived weight, not activation work
+            self.skip.update(_ptr(t) for t in _tensors(out))
+            return out
         cost = op_cost(name, getattr(func, "__name__", ""), args, kwargs, out)
         window = _window(name, args, kwargs, out) if (name in CONVS or name in POOLS) else None
         if self.leaf is not None:
@@ -334,7 +347,9 @@ def trace_model(model: nn.Module, input_shape: Any = None, *, inputs: Any = None
     tracer = _Tracer(model)
     handles = []
     for m in tracer.names:
-        handles.append(m.register_forward_pre_hook(tracer.pre_hook, with_kwargs=True))
+        # prepend: a leaf's own pre-hooks (pruning masks, fake quant) run inside its step
+        handles.append(m.register_forward_pre_hook(tracer.pre_hook, with_kwargs=True,
+                                                   prepend=True))
         handles.append(m.register_forward_hook(tracer.hook, with_kwargs=True))
     try:
         with _eval_no_fastpath(model):

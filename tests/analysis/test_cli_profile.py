@@ -50,3 +50,29 @@ def test_bad_shape_text(capsys):
 def test_list(capsys):
     assert main(["profile", "--list"]) == 0
     assert "resnet20" in capsys.readouterr().out.split()
+
+
+def test_profile_checkpoint_counts_nonzeros(tmp_path, capsys):
+    import torch
+
+    from efficientml.models import build_model
+    from efficientml.train import save_checkpoint
+
+    model = build_model("resnet20")
+    with torch.no_grad():
+        model.conv1.weight.zero_()                       # 16·3·3·3 = 432 weights
+    path = tmp_path / "r20.safetensors"
+    save_checkpoint(path, model, {"model": "resnet20", "model_kwargs": {}})
+    assert main(["profile", "--checkpoint", str(path), "--json", "--no-layers",
+                 "--sparse-format", "bitmask", "--threads", "1"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == "resnet20" and d["params"] == 269_722
+    assert d["nonzero_params"] == count_nonzero(model)
+    # weights: 8 bits per nonzero + a 1-bit mask per element; 1-D parameters stay dense
+    expect = sum((int((p != 0).sum()) * 8 + p.numel()) / 8 if p.dim() >= 2 else p.numel()
+                 for p in model.parameters())
+    assert d["size_bytes"]["int8_bitmask"] == expect
+
+
+def count_nonzero(model):
+    return sum(int((p != 0).sum()) for p in model.parameters())

@@ -131,3 +131,14 @@ def test_zoo_macs_rounded(zoo):
 
 def test_batch_scales_macs(zoo):
     assert count_macs(zoo("resnet20"), (4, 3, 32, 32)).macs == 4 * 40_551_040
+
+
+def test_weight_computations_are_not_activation_work():
+    from torch.nn.utils import prune
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    prune.l1_unstructured(net[0], "weight", amount=0.5)   # weight = weight_orig * mask, in a pre-hook
+    rep = count_macs(net, (1, 3, 8, 8))
+    assert [n for n, _, _ in rep.layers] == ["0", "1"]
+    assert rep.macs == 8 * 8 * 8 * 27                      # dense MACs: masks are simulated sparsity
+    assert rep.total.elementwise == 8 * 8 * 8              # only the ReLU

@@ -64,3 +64,13 @@ def test_wrong_channel_count_is_a_shape_error(zoo):
 def test_non_positive_shape_rejected():
     with pytest.raises(ShapeError, match="positive"):
         profile(nn.Linear(2, 2), (1, 0))
+
+
+def test_plot_layers_is_lazy_and_writes_a_file(tmp_path, zoo):
+    pytest.importorskip("matplotlib")
+    from efficientml.analysis import plot_layers
+
+    p = profile(zoo("resnet20"), (1, 3, 32, 32), name="resnet20")
+    out = tmp_path / "macs.png"
+    plot_layers(p, out)
+    assert out.stat().st_size > 1000
