@@ -1,0 +1,200 @@
+"""``efficientml llm {info,ppl,generate,chat,convert} MODEL …`` — MODEL is a built-in name
+(``smollm2-135m``), a GGUF file or a Hugging Face folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from efficientml.cli.common import add_json_flag, positive_int, print_json
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("llm", help="LLaMA-family models: perplexity, generation, chat, conversion",
+                       description="Load a LLaMA-family model (built-in name, GGUF file or Hugging Face "
+                                   "folder) and evaluate, run or convert it.")
+    s = p.add_subparsers(dest="llm_command", metavar="ACTION")
+    p.set_defaults(func=lambda a: (p.print_help(), 0)[1])
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("model", help="smollm2-135m, a .gguf file, or a Hugging Face model folder")
+        q.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+        q.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch)")
+
+    def sampling(q: argparse.ArgumentParser, max_new: int) -> None:
+        q.add_argument("--max-new-tokens", type=positive_int, default=max_new)
+        q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        q.add_argument("--top-k", type=positive_int, default=None)
+        q.add_argument("--top-p", type=float, default=None)
+        q.add_argument("--seed", type=int, default=None)
+
+    q = s.add_parser("info", help="configuration, parameter count, tokenizer")
+    common(q)
+    add_json_flag(q)
+    q.set_defaults(func=run_info)
+
+    q = s.add_parser("ppl", help="perplexity on a corpus or a text file",
+                     description="Perplexity with the protocol of efficientml.llm.eval: the text is "
+                                 "tokenized whole, cut into windows of --context tokens every --stride "
+                                 "tokens; each token with context in its window is scored once.")
+    common(q)
+    src = q.add_mutually_exclusive_group()
+    src.add_argument("--dataset", default="wikitext2-raw-test",
+                     help="wikitext2-raw-test (default), tinyshakespeare, …")
+    src.add_argument("--text-file", default=None, help="any UTF-8 text file")
+    q.add_argument("--context", type=positive_int, default=1024)
+    q.add_argument("--stride", type=positive_int, default=None, help="default: = context (no overlap)")
+    q.add_argument("--bos", action="store_true", help="put BOS at the start of every window")
+    q.add_argument("--batch-size", type=positive_int, default=1)
+    q.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows")
+    add_json_flag(q)
+    q.set_defaults(func=run_ppl)
+
+    q = s.add_parser("generate", help="complete a prompt (streamed)")
+    common(q)
+    q.add_argument("prompt", help="the prompt text")
+    q.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    sampling(q, 128)
+    add_json_flag(q)
+    q.set_defaults(func=run_generate)
+
+    q = s.add_parser("chat", help="multi-turn chat in the terminal (reads stdin when piped)")
+    common(q)
+    q.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    q.add_argument("--max-context", type=positive_int, default=2048)
+    sampling(q, 256)
+    q.set_defaults(func=run_chat)
+
+    q = s.add_parser("convert", help="save as a Hugging Face folder (config.json, safetensors, tokenizer)")
+    common(q)
+    q.add_argument("output", help="output folder (written atomically)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=run_convert)
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from efficientml.core.device import resolve_device
+    from efficientml.llm import load as L
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return L.load(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=resolve_device(args.device))
+
+
+def _sampling(args: argparse.Namespace, stops: tuple[int, ...] = ()):
+    from efficientml.llm.generate import SamplingConfig
+
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from efficientml.llm.load import load_config, load_tokenizer, resolve_source
+
+    cfg = load_config(args.model)
+    tok = load_tokenizer(args.model)
+    info = {"source": str(resolve_source(args.model)), "model_type": cfg.model_type,
+            "parameters": cfg.num_parameters(), "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+            "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.dim_per_head,
+            "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size, "context": cfg.max_position_embeddings,
+            "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "tied_embeddings": cfg.tie_word_embeddings,
+            "bos": tok.bos_token, "eos": tok.eos_token, "chat_template": bool(tok.chat_template)}
+    if args.json:
+        print_json(info)
+    else:
+        for k, v in info.items():
+            print(f"{k:16s} {v}")
+    return 0
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from efficientml.data.text import load_text
+    from efficientml.llm.eval import PerplexityProtocol, text_perplexity
+
+    text = load_text(args.text_file or args.dataset)
+    proto = PerplexityProtocol(args.context, args.stride, args.bos)
+    model, tok = _load(args)
+    r = text_perplexity(model, tok, text, proto, batch_size=args.batch_size, max_windows=args.max_windows)
+    if args.json:
+        print_json({"model": args.model, "text": args.text_file or args.dataset, **r.to_dict()})
+    else:
+        print(f"perplexity {r.perplexity:.4f}  ({r.tokens_scored} tokens scored in {r.windows} windows of "
+              f"{proto.context}, stride {proto.step}; {r.seconds:.1f} s, {r.tokens_per_s:.0f} tok/s)")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from efficientml.llm.generate import generate
+
+    model, tok = _load(args)
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tok.encode(text)
+    stops = tuple(t for t in {tok.eos_id, *model.config.eos_token_ids} if t is not None)
+    stream = tok.stream()
+
+    def on_token(new: list[int]) -> None:
+        if not args.json and new[0] not in stops:
+            sys.stdout.write(stream.put(new[0]))
+            sys.stdout.flush()
+
+    res = generate(model, ids, _sampling(args, stops), on_token=on_token)
+    out = [t for t in res.tokens[0] if t not in stops]
+    if args.json:
+        print_json({"prompt": args.prompt, "completion": tok.decode(out, skip_special_tokens=True),
+                    "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens, "ttft_s": res.ttft_s,
+                    "decode_tok_s": res.decode_tok_s})
+    else:
+        print()
+        print(f"[{res.prompt_tokens} prompt tokens, TTFT {res.ttft_s:.2f} s, {res.new_tokens} tokens, "
+              f"{res.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from efficientml.llm.chat import ChatSession
+
+    model, tok = _load(args)
+    chat = ChatSession(model, tok, system=args.system, sampling=_sampling(args), max_context=args.max_context)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; /reset clears the conversation, /quit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            chat.reset()
+            continue
+
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        reply = chat.send(line, on_text=show)
+        r = reply.result
+        print()
+        print(f"[TTFT {r.ttft_s:.2f} s ({reply.prefilled_tokens} prompt tokens) · {r.new_tokens} tokens · "
+              f"{r.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from efficientml.llm.load import save_hf
+
+    model, tok = _load(args)
+    out = save_hf(model, tok, args.output, overwrite=args.overwrite)
+    print(f"saved {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
+    return 0

