@@ -227,7 +227,8 @@ class _Tracer(TorchFunctionMode):
         self.leaf: Step | None = None           # the leaf module step being executed
         self.quiet = False                      # our own bookkeeping calls are not the model's
         self.calls: dict[str, int] = {}
-        self.seen_params: set[nn.Module] = set()
+        self.seen_params: set[nn.Module] = set()   # leaf modules whose parameters are counted
+        self.counted: set[int] = set()              # ids of parameters attributed to a step
 
     # tensors → refs (called with quiet=True)
     def refs(self, obj: Any) -> list[TensorRef]:
@@ -259,7 +260,9 @@ class _Tracer(TorchFunctionMode):
                 params = 0
                 if module not in self.seen_params:
                     self.seen_params.add(module)
-                    params = sum(p.numel() for p in module.parameters())
+                    params = sum(p.numel() for p in module.parameters()
+                                 if id(p) not in self.counted)
+                    self.counted.update(id(p) for p in module.parameters())
                 self.leaf = Step(len(self.steps), self.unique(path or type(module).__name__),
                                  type(module).__name__, path, True, params=params,
                                  inputs=self.refs((args, kwargs)))
@@ -367,7 +370,24 @@ def trace_model(model: nn.Module, input_shape: Any = None, *, inputs: Any = None
     finally:
         for h in handles:
             h.remove()
+    _attribute_functional_params(model, tracer)
     return Trace(tracer.steps, in_refs, out_refs)
+
+
+def _attribute_functional_params(model: nn.Module, tracer: _Tracer) -> None:
+    """Parameters no leaf call owns (``nn.MultiheadAttention.in_proj_weight``, a raw
+    ``nn.Parameter`` used in a functional matmul) go to the first functional step of the module
+    holding them that does work, so the per-step parameters add up to the model's total."""
+    for pname, p in model.named_parameters():
+        if id(p) in tracer.counted:
+            continue
+        owner = pname.rpartition(".")[0]
+        fits = [s for s in tracer.steps if not s.is_module and s.cost and (
+            s.module == "" or owner == s.module or owner.startswith(s.module + "."))]
+        if fits:  # the innermost module holding the parameter, its first step doing work
+            best = max(fits, key=lambda s: (len(s.module), -s.index))
+            best.params += p.numel()
+            tracer.counted.add(id(p))
 
 
 def shape_error(model: nn.Module, args: tuple, kwargs: dict, err: Exception) -> ShapeError:

@@ -74,3 +74,29 @@ def test_plot_layers_is_lazy_and_writes_a_file(tmp_path, zoo):
     out = tmp_path / "macs.png"
     plot_layers(p, out)
     assert out.stat().st_size > 1000
+
+
+def test_layer_params_add_up_with_functional_weights():
+    import torch
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 16)
+            self.enc = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.scale = nn.Parameter(torch.ones(16, 16))     # used in a functional matmul
+            self.head = nn.Linear(16, 100, bias=False)
+            self.head.weight = self.emb.weight                # tied: counted once
+
+        def forward(self, ids):
+            h = self.enc(self.emb(ids)) @ self.scale
+            return self.head(h)
+
+    p = profile(LM(), inputs=torch.randint(0, 100, (1, 12)))
+    assert p.params == 1600 + 16 * 16 + (4 * 16 * 16 + 4 * 16) + (16 * 32 + 32 + 32 * 16 + 16) + 4 * 16
+    assert sum(l.params for l in p.layers) == p.params
+    mha = next(l for l in p.layers if l.kind == "multi_head_attention_forward")
+    assert mha.params == 4 * 16 * 16 + 4 * 16
+    assert mha.macs == 12 * 4 * 16 * 16 + 2 * 12 * 12 * 16
+    assert p.peak_activation_step == "head"
+    assert p.peak_activation_elements == 12 * 16 + 12 * 100
