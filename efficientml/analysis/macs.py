@@ -8,7 +8,8 @@ that contract weights or activations against each other count as MACs:
 - ``conv_transpose{1,2,3}d``: ``in.numel() · (C_out / groups) · ∏kernel``;
 - ``linear``: ``out.numel() · in_features``;
 - matmuls (``matmul``/``@``, ``mm``, ``bmm``, ``addmm``, ``baddbmm``, ``mv``, ``dot``, ``einsum``):
-  ``out.numel() · K`` for the contracted size K;
+  ``out.numel() · K`` for the contracted size K; with a sparse (CSR/COO) 2-D operand, as in
+  ``torch.sparse.mm``, only stored nonzeros count: ``nnz · N`` for the other operand's N columns;
 - ``scaled_dot_product_attention``: ``B·L·S·E`` for QKᵀ plus ``B·L·S·E_v`` for AV;
 - ``multi_head_attention_forward`` (``nn.MultiheadAttention``): the q/k/v and output projections plus
   QKᵀ and AV.
@@ -157,7 +158,7 @@ REDUCTIONS = frozenset("mean sum amax amin logsumexp prod norm var std".split())
 
 CONVS = frozenset({"conv1d", "conv2d", "conv3d"})
 CONV_TRANSPOSES = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
-MATMULS = frozenset({"matmul", "mm", "bmm", "mv", "dot", "inner", "vdot"})
+MATMULS = frozenset({"matmul", "mm", "bmm", "mv", "dot", "inner", "vdot", "_sparse_mm", "smm", "spmm"})
 
 # Calls that only read metadata or build nothing worth a row.
 METADATA = frozenset("""
@@ -223,6 +224,10 @@ def op_cost(name: str, func_name: str, args: tuple, kwargs: dict, out: Any) -> O
             a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return ZERO
+        if a.layout != torch.strided and a.dim() == 2:     # sparse (O, K) @ dense (K, N): nnz·N
+            return OpCost(macs=_nnz(a) * (b.shape[-1] if b.dim() > 1 else 1))
+        if b.layout != torch.strided and b.dim() == 2:     # dense (N, K) @ sparse (K, M): N·nnz
+            return OpCost(macs=_nnz(b) * (a.shape[-2] if a.dim() > 1 else 1))
         return OpCost(macs=matmul_macs(tuple(a.shape), tuple(b.shape)))
     if name in {"addmm", "baddbmm", "addbmm", "addmv", "addr"}:
         a = _arg(args, kwargs, 1, "mat1")
@@ -261,6 +266,13 @@ def op_cost(name: str, func_name: str, args: tuple, kwargs: dict, out: Any) -> O
         if isinstance(x, torch.Tensor):
             return OpCost(pool=x.numel())
     return ZERO
+
+
+def _nnz(t: torch.Tensor) -> int:
+    """Stored nonzeros of a sparse (COO, CSR, CSC, BSR) tensor."""
+    if t.layout == torch.sparse_coo:
+        return int(t._nnz())
+    return int(t.values().numel())
 
 
 def pool_kernel(name: str, args: tuple, kwargs: dict) -> tuple[int, ...] | None:

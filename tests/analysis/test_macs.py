@@ -142,3 +142,20 @@ def test_weight_computations_are_not_activation_work():
     assert [n for n, _, _ in rep.layers] == ["0", "1"]
     assert rep.macs == 8 * 8 * 8 * 27                      # dense MACs: masks are simulated sparsity
     assert rep.total.elementwise == 8 * 8 * 8              # only the ReLU
+
+
+def test_sparse_csr_matmul_counts_nonzeros_only():
+    lin = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        lin.weight[:, :48] = 0                                  # 16 nonzeros per row remain
+
+    class CSRLinear(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w = w.detach().to_sparse_csr()                 # (out, in)
+
+        def forward(self, x):
+            return torch.sparse.mm(self.w, x.T).T               # (N, out)
+
+    assert count_macs(lin, (4, 64)).macs == 4 * 32 * 64
+    assert count_macs(CSRLinear(lin.weight), (4, 64)).macs == 4 * 32 * 16
