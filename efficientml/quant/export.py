@@ -1,0 +1,148 @@
+"""ONNX export of an :class:`~efficientml.quant.integer.IntegerModel` as a QDQ graph:
+QuantizeLinear/DequantizeLinear around float ops, int8 weights with per-channel scales, int32 biases
+with S_bias = S_in·S_w. onnxruntime fuses the QDQ pairs into its integer kernels (QLinearConv…).
+
+    export_onnx(int_model, "vgg_int8.onnx", example)          # needs the ``export`` extra
+    run_onnx("vgg_int8.onnx", x)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from efficientml.core.errors import UnsupportedError
+from efficientml.core.lazy import optional_import
+from efficientml.core.serialization import atomic_path
+from efficientml.quant.integer import (AddStep, ConvStep, InputStep, Instr, IntegerModel, LinearStep, MeanStep,
+                                       PassStep, QParams, _run)
+
+
+class _Graph:
+    def __init__(self, onnx: Any):
+        self.onnx, self.h = onnx, onnx.helper
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.n = 0
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(self.onnx.numpy_helper.from_array(arr, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
+        self.n += 1
+        out = out or f"{op.lower()}_{self.n}"
+        self.nodes.append(self.h.make_node(op, inputs, [out], name=f"{op}_{self.n}", **attrs))
+        return out
+
+    def qparams(self, tag: str, qp: QParams) -> tuple[str, str]:
+        return (self.const(f"{tag}_scale", np.array(qp.scale, dtype=np.float32)),
+                self.const(f"{tag}_zp", np.array(qp.zero_point, dtype=np.uint8)))
+
+    def dq(self, q: str, qp: QParams, tag: str) -> str:
+        s, z = self.qparams(tag + "_dq", qp)
+        return self.node("DequantizeLinear", [q, s, z])
+
+    def q(self, x: str, qp: QParams, tag: str, lo: int, hi: int, out: str | None = None) -> str:
+        # clamp to the integer range the reference uses (reduce_range, fused ReLU/ReLU6), then quantize
+        cmin = self.const(f"{tag}_cmin", np.array((lo - qp.zero_point) * qp.scale, dtype=np.float32))
+        cmax = self.const(f"{tag}_cmax", np.array((hi - qp.zero_point) * qp.scale, dtype=np.float32))
+        x = self.node("Clip", [x, cmin, cmax])
+        s, z = self.qparams(tag + "_q", qp)
+        return self.node("QuantizeLinear", [x, s, z], out)
+
+
+def _weighted(g: _Graph, st: ConvStep | LinearStep, x_q: str, tag: str) -> str:
+    x = g.dq(x_q, st.in_qp[0], tag + "_in")
+    wq = g.const(f"{tag}_w", st.w_q.numpy().astype(np.int8))
+    ws = g.const(f"{tag}_w_scale", st.w_scale.numpy().astype(np.float32))
+    wz = g.const(f"{tag}_w_zp", np.zeros(st.w_q.shape[0], dtype=np.int8))
+    w = g.node("DequantizeLinear", [wq, ws, wz], axis=0)
+    bq = g.const(f"{tag}_b", st.b_q.numpy().astype(np.int32))
+    bs = g.const(f"{tag}_b_scale", st.b_scale.numpy().astype(np.float32))
+    bz = g.const(f"{tag}_b_zp", np.zeros(st.b_q.shape[0], dtype=np.int32))
+    b = g.node("DequantizeLinear", [bq, bs, bz], axis=0)
+    if isinstance(st, ConvStep):
+        kh, kw = st.w_q.shape[2:]
+        ph, pw = st.padding
+        y = g.node("Conv", [x, w, b], kernel_shape=[kh, kw], strides=list(st.stride), pads=[ph, pw, ph, pw],
+                   dilations=list(st.dilation), group=st.groups)
+    else:
+        y = g.node("Gemm", [x, w, b], transB=1)
+    return g.q(y, st.out_qp, tag, st.lo, st.hi)
+
+
+def export_onnx(model: IntegerModel, path: str | os.PathLike, example: torch.Tensor, opset: int = 17) -> Path:
+    """Write the integer model as ONNX QDQ; ``example`` fixes the input shape (batch is dynamic)."""
+    onnx = optional_import("onnx", "export", "ONNX export")
+    g = _Graph(onnx)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(ins: Instr, out: Any, args: list[Any]) -> None:
+        if isinstance(out, torch.Tensor):
+            shapes[ins.out] = tuple(out.shape)
+
+    _run(model.program, "integer", (example,), hook)
+    names: dict[str, str] = {}
+    for i, ins in enumerate(model.program.instrs):
+        st, tag = ins.step, f"s{i}"
+        args = [names[a] for a in ins.args if isinstance(a, str) and a in names]
+        if isinstance(st, InputStep):
+            names[ins.out] = g.q("input", st.out_qp, tag, st.out_qp.qmin, st.out_qp.qmax)
+        elif isinstance(st, (ConvStep, LinearStep)):
+            names[ins.out] = _weighted(g, st, args[0], tag)
+        elif isinstance(st, AddStep):
+            y = g.node("Add", [g.dq(args[0], st.in_qp[0], tag + "_a"), g.dq(args[1], st.in_qp[1], tag + "_b")])
+            names[ins.out] = g.q(y, st.out_qp, tag, st.lo, st.hi)
+        elif isinstance(st, MeanStep):
+            if {d % len(shapes[ins.args[0]]) for d in st.dims} != {2, 3}:
+                raise UnsupportedError(f"ONNX export handles means over H and W only, not dims {st.dims}")
+            y = g.node("GlobalAveragePool", [g.dq(args[0], st.in_qp[0], tag)])
+            if not st.keepdim:
+                y = g.node("Flatten", [y], axis=1)
+            names[ins.out] = g.q(y, st.out_qp, tag, st.out_qp.qmin, st.out_qp.qmax)
+        elif isinstance(st, PassStep) and st.mode == "max":
+            mp = st.fn
+            k = getattr(mp, "kernel_size", 2)
+            s = getattr(mp, "stride", k) or k
+            p = getattr(mp, "padding", 0)
+            k, s, p = [(v, v) if isinstance(v, int) else tuple(v) for v in (k, s, p)]
+            names[ins.out] = g.node("MaxPool", [args[0]], kernel_shape=list(k), strides=list(s),
+                                    pads=[p[0], p[1], p[0], p[1]])
+        elif isinstance(st, PassStep) and st.mode in ("relu", "relu6"):
+            qp = st.in_qp[0]
+            y = g.node("Relu", [g.dq(args[0], qp, tag)])
+            lo, hi = (qp.zero_point, qp.qmax) if st.mode == "relu" else (qp.zero_point, min(qp.qmax, qp.zero_point + round(6 / qp.scale)))
+            names[ins.out] = g.q(y, qp, tag, lo, hi)
+        elif isinstance(st, PassStep) and st.mode == "move" and len(shapes.get(ins.out, ())) == 2:
+            names[ins.out] = g.node("Flatten", [args[0]], axis=1)       # (B, …) → (B, K): flatten/view
+        elif isinstance(st, PassStep) and st.mode == "move" and shapes.get(ins.out) == shapes.get(ins.args[0]):
+            names[ins.out] = args[0]                                     # identity, dropout, contiguous
+        else:
+            raise UnsupportedError(f"step {st.name!r} ({st.kind}) has no ONNX QDQ export")
+    out_name = model.program.output
+    final = g.node("DequantizeLinear", [names[out_name], *g.qparams("out", model.output_qparams)], "output")
+    inp = g.h.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", *example.shape[1:]])
+    out = g.h.make_tensor_value_info(final, onnx.TensorProto.FLOAT, ["batch", *shapes[out_name][1:]])
+    graph = g.h.make_graph(g.nodes, "efficientml_int8", [inp], [out], g.inits)
+    m = g.h.make_model(graph, opset_imports=[g.h.make_opsetid("", opset)], producer_name="efficientml")
+    onnx.checker.check_model(m)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(m.SerializeToString())
+    return path
+
+
+def run_onnx(path: str | os.PathLike, x: torch.Tensor, optimize: bool = True, threads: int = 1) -> torch.Tensor:
+    """Run the exported model in onnxruntime on CPU; returns the float output."""
+    ort = optional_import("onnxruntime", "export", "running ONNX models")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
