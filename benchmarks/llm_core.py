@@ -1,0 +1,333 @@
+"""LLM core benchmark: SmolLM2-135M (GGUF → fp32) against Hugging Face transformers on the same weights.
+
+Parts (``--part``), each recorded in benchmarks/results/llm_core.json with the commit it ran on:
+
+- ``ppl``: WikiText-2 raw test perplexity at context 1024, non-overlapping windows (the protocol of
+  efficientml.llm.eval), ours and transformers' scored on the same windows. The two run alternately
+  window by window, so load from other processes on the machine hits both alike; the time of each is
+  the sum over its windows.
+- ``decode``: batch-1 greedy generation from the same prompt; prefill tok/s = prompt / t(1 token),
+  decode tok/s = (N − 1) / (t(N tokens) − t(1 token)), the same external timing for both; median of
+  interleaved repeats. Achieved GB/s = bytes read per decode step × tok/s, against the machine's
+  measured read bandwidth.
+- ``gpu``: on a CUDA machine, bf16 decode at batch 1 and 16 for SmolLM2-135M and a random model with
+  Llama-2-7B's shapes, with the decode step in a CUDA graph, against transformers' ``generate``;
+  written to llm_core_gpu.json.
+
+    python benchmarks/llm_core.py --part ppl      # ≈ 2 × 80 TFLOP on CPU: long
+    python benchmarks/llm_core.py --part decode
+    python benchmarks/llm_core.py --quick         # a few windows / tokens, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from efficientml.analysis.record import REPO_ROOT, BenchmarkRecord, git_commit
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+PROMPT = ("The history of the Roman Empire spans more than a thousand years, from the founding of the "
+          "city to the fall of Constantinople. In this essay we describe its institutions, its army, "
+          "its economy and the reasons for its long survival.")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def read_bandwidth_gbs(device: str = "cpu", mb: int = 512, reps: int = 7) -> dict:
+    """Read bandwidth (sum over a large fp32 tensor) and copy bandwidth (read + write), median."""
+    n = mb * (1 << 20) // 4
+    x = torch.ones(n, device=device)
+    y = torch.empty_like(x)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(fn) -> float:
+        fn()
+        sync()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    t_read = timed(lambda: x.sum())
+    t_copy = timed(lambda: y.copy_(x))
+    nbytes = n * 4
+    return {"read_gbs": nbytes / t_read / 1e9, "copy_gbs": 2 * nbytes / t_copy / 1e9, "buffer_mb": mb}
+
+
+def decode_bytes_per_token(model, context_len: int) -> int:
+    """Bytes a decode step must read: every weight except the embedding table (one row is gathered;
+    when tied, lm_head reads the table once), plus the cached keys/values."""
+    cfg = model.config
+    n = 0
+    for name, p in model.named_parameters():
+        if name == "model.embed_tokens.weight":
+            continue
+        n += p.numel() * p.element_size()
+    if cfg.tie_word_embeddings:
+        w = model.model.embed_tokens.weight
+        n += w.numel() * w.element_size()
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.dim_per_head * context_len
+    return n + kv * next(model.parameters()).element_size()
+
+
+def load_pair(dtype=torch.float32, device="cpu"):
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from efficientml.llm.load import load, save_hf
+
+    t = time.perf_counter()
+    model, tok = load("smollm2-135m", dtype=dtype, device=device)
+    load_s = time.perf_counter() - t
+    tmp = Path(tempfile.mkdtemp(prefix="llm_core_"))
+    save_hf(model, tok, tmp / "hf")
+    hf = HFLlama.from_pretrained(str(tmp / "hf"), dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return model, tok, hf, tmp / "hf", load_s
+
+
+@torch.inference_mode()
+def hf_score(hf, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """transformers' logits for the window, scored exactly like ours (fp32 log-softmax, sum)."""
+    from efficientml.llm.eval import IGNORE
+
+    logits = hf(input_ids=x.to(hf.device)).logits.float()  # (B, T, V)
+    y = y.to(logits.device)
+    keep = y != IGNORE
+    return float(F.cross_entropy(logits[keep], y[keep], reduction="sum").double()), int(keep.sum())
+
+
+def part_ppl(rec: BenchmarkRecord, quick: bool) -> None:
+    from transformers import AutoTokenizer
+
+    from efficientml.data.text import load_text
+    from efficientml.llm.eval import PerplexityProtocol, _batches, num_windows, score_window_batch
+
+    model, tok, hf, hf_dir, _ = load_pair()
+    text = load_text("wikitext2-raw-test")
+    proto = PerplexityProtocol(context=1024)
+    ids = tok.encode(text, add_bos=False)
+    hf_tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    hf_ids = hf_tok(text, add_special_tokens=False).input_ids
+    n_win = num_windows(len(ids), proto)
+    max_win = 3 if quick else n_win
+    log(f"ppl: {len(ids)} tokens, {n_win} windows of {proto.context}; evaluating {max_win}")
+    sums = {"ours": [0.0, 0, 0.0], "transformers": [0.0, 0, 0.0]}  # nll, count, seconds
+    score = {"ours": lambda x, y: score_window_batch(model, x, y),
+             "transformers": lambda x, y: hf_score(hf, x, y)}
+    t_start = time.perf_counter()
+    for i, (x, y) in enumerate(_batches(ids, proto, tok.bos_id, 1)):
+        if i >= max_win:
+            break
+        order = ["ours", "transformers"] if i % 2 == 0 else ["transformers", "ours"]
+        for who in order:
+            t = time.perf_counter()
+            nll, n = score[who](x, y)
+            dt = time.perf_counter() - t
+            s = sums[who]
+            s[0] += nll
+            s[1] += n
+            s[2] += dt
+        if i % 10 == 0 or i == max_win - 1:
+            el = time.perf_counter() - t_start
+            log(f"window {i + 1}/{max_win}: ours {sums['ours'][2]:.0f} s, transformers "
+                f"{sums['transformers'][2]:.0f} s, elapsed {el:.0f} s, eta {el / (i + 1) * (max_win - i - 1):.0f} s")
+    import math
+
+    res = {}
+    for who, (nll, cnt, secs) in sums.items():
+        res[who] = {"perplexity": math.exp(nll / cnt), "nll_sum": nll, "tokens_scored": cnt,
+                    "seconds": secs, "tokens_per_s": cnt / secs}
+    diff = abs(res["ours"]["perplexity"] - res["transformers"]["perplexity"])
+    ratio = res["ours"]["seconds"] / res["transformers"]["seconds"]
+    rec.results["ppl"] = {
+        "commit": git_commit(), "text": "wikitext2-raw-test (full file)" if not quick else "first 3 windows",
+        "characters": len(text), "tokens": len(ids), "windows": min(max_win, n_win),
+        "token_ids_identical_to_transformers_tokenizer": ids == hf_ids,
+        "protocol": {"context": proto.context, "stride": proto.step, "bos": proto.add_bos,
+                     "scored": "every token except the first of each window",
+                     "batch_size": 1, "dtype": "float32", "threads": torch.get_num_threads()},
+        **res, "abs_diff": diff, "time_ratio_ours_over_transformers": ratio,
+    }
+    rec.target("wikitext2_ppl_abs_diff_vs_transformers", diff, "<=", 0.01,
+               note="|ours − transformers| perplexity, same windows, fp32" + (" (quick: 3 windows)" if quick else ""))
+    rec.target("ppl_eval_time_ratio_vs_transformers", ratio, "<=", 1.0,
+               note="our total seconds ÷ transformers', alternating window by window, 2 threads"
+               + (" (quick: 3 windows)" if quick else ""))
+
+
+def _time_generate(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+@torch.inference_mode()
+def part_decode(rec: BenchmarkRecord, quick: bool) -> None:
+    from efficientml.llm.generate import SamplingConfig, generate
+
+    model, tok, hf, _, load_s = load_pair()
+    ids = tok.encode(PROMPT)
+    x = torch.tensor([ids])
+    N = 16 if quick else 128
+    reps = 2 if quick else 5
+    ours = {1: [], N: []}
+    theirs = {1: [], N: []}
+    same = None
+    generate(model, ids, SamplingConfig(max_new_tokens=4))  # warm-up
+    hf.generate(x, max_new_tokens=4, do_sample=False)
+    for r in range(reps):  # interleaved, so both see the same machine load
+        for n in (1, N):
+            t = time.perf_counter()
+            out = generate(model, ids, SamplingConfig(max_new_tokens=n))
+            ours[n].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            o = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, top_p=None, top_k=None,
+                            temperature=None)
+            theirs[n].append(time.perf_counter() - t)
+            if n == N and same is None:
+                same = o[0, len(ids):].tolist() == out.tokens[0]
+        log(f"decode rep {r + 1}/{reps}: ours {ours[N][-1]:.2f} s, transformers {theirs[N][-1]:.2f} s for {N} tokens")
+    bw = read_bandwidth_gbs("cpu")
+    bpt = decode_bytes_per_token(model, len(ids) + N // 2)
+
+    def summary(d: dict) -> dict:
+        t1, tn = statistics.median(d[1]), statistics.median(d[N])
+        dec = (N - 1) / (tn - t1)
+        return {"t_1_token_s": t1, f"t_{N}_tokens_s": tn, "prefill_tok_s": len(ids) / t1, "decode_tok_s": dec,
+                "achieved_gbs": bpt * dec / 1e9, "runs_1": d[1], f"runs_{N}": d[N]}
+
+    so, st = summary(ours), summary(theirs)
+    speedup = so["decode_tok_s"] / st["decode_tok_s"]
+    rec.results["decode"] = {
+        "commit": git_commit(), "prompt_tokens": len(ids), "new_tokens": N, "batch": 1, "dtype": "float32",
+        "threads": torch.get_num_threads(), "greedy_tokens_identical": same, "repeats": reps,
+        "ours": so, "transformers": st, "speedup": speedup, "our_load_s": load_s,
+        "bandwidth": bw, "bytes_per_token": bpt,
+        "bandwidth_bound_tok_s": bw["read_gbs"] * 1e9 / bpt,
+        "ours_fraction_of_read_bandwidth": so["achieved_gbs"] / bw["read_gbs"],
+        "transformers_cache": "DynamicCache (generate default)",
+    }
+    rec.target("cpu_decode_speedup_vs_transformers", speedup, ">=", 1.5,
+               note=f"decode tok/s ours ÷ transformers generate, batch 1, greedy, {N} new tokens, fp32, "
+                    f"2 threads; ours {so['decode_tok_s']:.1f} tok/s = {so['achieved_gbs']:.1f} GB/s of "
+                    f"{bw['read_gbs']:.1f} GB/s measured read bandwidth" + (" (quick)" if quick else ""))
+
+
+@torch.inference_mode()
+def part_gpu(quick: bool) -> None:
+    rec = BenchmarkRecord("llm_core_gpu", device="cuda" if torch.cuda.is_available() else None)
+    if not torch.cuda.is_available():
+        why = "no CUDA device on the machine that ran this; run `python benchmarks/llm_core.py --part gpu` on a GPU"
+        rec.target("gpu_7b_decode_bandwidth_fraction", None, ">=", 0.70, note=why)
+        rec.target("gpu_smollm2_decode_speedup_vs_transformers", None, ">=", 10.0, note=why)
+        rec.write(RESULTS / "llm_core_gpu.json")
+        return
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from efficientml.llm.config import LlamaConfig
+    from efficientml.llm.generate import SamplingConfig, generate
+    from efficientml.llm.load import load
+    from efficientml.llm.model import build_model
+
+    dev = "cuda"
+    bw = read_bandwidth_gbs(dev, mb=2048)
+    rec.results["bandwidth"] = bw
+    N = 32 if quick else 256
+    prompt_len = 128
+
+    def run(model, hf, tag: str) -> dict:
+        out = {}
+        for B in (1, 16):
+            x = torch.randint(100, 1000, (B, prompt_len), device=dev)
+
+            def ours(n):
+                return generate(model, x, SamplingConfig(max_new_tokens=n))
+
+            def theirs(n):
+                return hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   attention_mask=torch.ones_like(x))
+
+            row = {}
+            for who, fn in (("ours", ours), ("transformers", theirs)):
+                fn(4)
+                torch.cuda.synchronize()
+                t1 = _time_generate(lambda: (fn(1), torch.cuda.synchronize()), 3)
+                tn = _time_generate(lambda: (fn(N), torch.cuda.synchronize()), 3)
+                row[who] = {"t1_s": t1, "tN_s": tn, "decode_tok_s_per_row": (N - 1) / (tn - t1)}
+            bpt = decode_bytes_per_token(model, prompt_len + N // 2)
+            row["bytes_per_token_step"] = bpt
+            row["ours"]["achieved_gbs"] = bpt * row["ours"]["decode_tok_s_per_row"] / 1e9
+            row["speedup"] = row["ours"]["decode_tok_s_per_row"] / row["transformers"]["decode_tok_s_per_row"]
+            out[f"batch{B}"] = row
+            log(f"gpu {tag} batch {B}: {row}")
+        return out
+
+    model, _ = load("smollm2-135m", dtype=torch.bfloat16, device=dev)
+    tmp = Path(tempfile.mkdtemp(prefix="llm_core_gpu_"))
+    from efficientml.llm.load import save_hf
+
+    save_hf(model, None, tmp / "hf")
+    hf = HFLlama.from_pretrained(str(tmp / "hf"), dtype=torch.bfloat16).to(dev).eval()
+    rec.results["smollm2_135m"] = run(model, hf, "smollm2")
+    del model, hf
+    torch.cuda.empty_cache()
+    cfg7 = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    model = build_model(cfg7, device=dev, dtype=torch.bfloat16)
+    hf = HFLlama(HFConfig(**{k: v for k, v in cfg7.to_hf_dict().items() if k != "architectures"})).to(
+        dev, torch.bfloat16).eval()
+    rec.results["llama2_7b_shapes"] = run(model, hf, "7b")
+    frac = rec.results["llama2_7b_shapes"]["batch1"]["ours"]["achieved_gbs"] / bw["read_gbs"]
+    rec.target("gpu_7b_decode_bandwidth_fraction", frac, ">=", 0.70,
+               note="bf16 batch-1 decode bytes/step × tok/s ÷ measured read bandwidth")
+    rec.target("gpu_smollm2_decode_speedup_vs_transformers", rec.results["smollm2_135m"]["batch1"]["speedup"],
+               ">=", 10.0, note="bf16 batch-1 decode tok/s ÷ transformers generate")
+    rec.write(RESULTS / "llm_core_gpu.json")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=["ppl", "decode", "gpu", "all"], default="all")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/llm_core.json (quick: a temp file)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else (RESULTS / "llm_core.json" if not args.quick
+                                           else Path(tempfile.gettempdir()) / "llm_core_quick.json")
+    rec = BenchmarkRecord("llm_core")
+    if out.is_file():  # parts run separately accumulate into one file
+        old = json.loads(out.read_text())
+        rec.results, rec.targets = old.get("results", {}), old.get("targets", [])
+    parts = ["ppl", "decode", "gpu"] if args.part == "all" else [args.part]
+    for p in parts:
+        log(f"part {p}")
+        if p == "gpu":
+            part_gpu(args.quick)
+            continue
+        {"ppl": part_ppl, "decode": part_decode}[p](rec, args.quick)
+        rec.results.setdefault("commands", {})[p] = rec.command
+        rec.write(out)  # after each part, so a long run keeps what it finished
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

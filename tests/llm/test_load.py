@@ -1,0 +1,107 @@
+"""Hugging Face folders: sharded checkpoints, bad input (unknown architecture, truncated safetensors),
+atomic saving (an existing folder is refused, a failed save leaves nothing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from efficientml.core.errors import CheckpointError, ConfigError, DataNotFoundError, UnsupportedError
+from efficientml.llm.config import LlamaConfig
+from efficientml.llm.load import load_hf, resolve_source, save_hf
+from efficientml.llm.model import build_model, init_weights
+
+CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    m = build_model(CFG, device="cpu")
+    init_weights(m, seed=3)
+    save_hf(m, None, tmp_path / "m")
+    return m, tmp_path / "m"
+
+
+def test_sharded_index(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m, folder = saved
+    sd = load_file(str(folder / "model.safetensors"))
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    (shard / "config.json").write_text((folder / "config.json").read_text())
+    keys = sorted(sd)
+    parts = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+             "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for fname, ks in parts.items():
+        save_file({k: sd[k] for k in ks}, str(shard / fname))
+        weight_map.update({k: fname for k in ks})
+    (shard / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    loaded = load_hf(shard)
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_bf16_load_and_meta_free(saved):
+    _, folder = saved
+    m = load_hf(folder, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in m.parameters())
+
+
+def test_unknown_architecture(saved):
+    _, folder = saved
+    conf = json.loads((folder / "config.json").read_text())
+    conf["model_type"] = "gpt_neox"
+    conf["architectures"] = ["GPTNeoXForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(UnsupportedError, match="gpt_neox"):
+        load_hf(folder)
+
+
+def test_truncated_safetensors(saved):
+    _, folder = saved
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_hf(folder)
+    f.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError):
+        load_hf(folder)
+
+
+def test_missing_tensor(saved):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved
+    sd = load_file(str(folder / "model.safetensors"))
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="up_proj"):
+        load_hf(folder)
+
+
+def test_save_is_atomic(saved, tmp_path, monkeypatch):
+    m, folder = saved
+    with pytest.raises(ConfigError, match="already exists"):
+        save_hf(m, None, folder)
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        save_hf(m, None, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".new")] == []
+
+
+def test_unknown_source():
+    with pytest.raises(DataNotFoundError, match="built-in"):
+        resolve_source("no-such-model-xyz")
