@@ -1,0 +1,112 @@
+"""One entry point per verb: ``quantize(model, config, calib)`` and ``prune(model, config, calib)``.
+
+    from efficientml.llm.compress import AWQConfig, CalibConfig, calibration_tokens, quantize, save_compressed
+    calib = calibration_tokens(tok, CalibConfig(n_samples=128, seq_len=512))
+    quantize(model, AWQConfig(w_bits=4, group_size=128), calib)      # in place; linears become QuantLinear
+    save_compressed(model, tok, "smollm2-awq-w4g128")
+
+``pack=True`` (default) ends in real storage (packed QuantLinear / W8A8Linear modules);
+``pack=False`` leaves plain nn.Linear layers holding the fake-quantized weights (for search and for
+checking the packed path). Calibration runs one block at a time (calib.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from efficientml.core.errors import ConfigError, UnsupportedError
+from efficientml.llm.compress.awq import AWQConfig, awq_processor
+from efficientml.llm.compress.calib import check_calib, run_blockwise
+from efficientml.llm.compress.gptq import GPTQConfig, gptq_processor
+from efficientml.llm.compress.magnitude import PruneConfig, magnitude_prune
+from efficientml.llm.compress.mappings import BLOCK_LINEARS, scaling_groups
+from efficientml.llm.compress.qlinear import install_quantized
+from efficientml.llm.compress.rtn import RTNConfig, quantize_weight
+from efficientml.llm.compress.smoothquant import SmoothQuantConfig, smoothquant_processor
+from efficientml.llm.compress.sparsegpt import sparsegpt_processor
+from efficientml.llm.compress.wanda import wanda_processor
+
+QUANT_CONFIGS = (RTNConfig, AWQConfig, GPTQConfig, SmoothQuantConfig)
+
+
+def _check_model(model: nn.Module) -> None:
+    scaling_groups(model)  # UnsupportedError for a family without a mapping
+    spec = getattr(getattr(model, "model", None), "layers", None)
+    if spec is None:
+        raise UnsupportedError(f"{type(model).__name__} has no model.layers; expected an efficientml LlamaForCausalLM")
+
+
+def _check_groups(model: nn.Module, config: Any) -> None:
+    spec = getattr(config, "spec", None)
+    if spec is None:
+        return
+    block = model.model.layers[0]
+    for name in BLOCK_LINEARS:
+        spec.group_len(block.get_submodule(name).in_features, f"model.layers.0.{name}")
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | SmoothQuantConfig,
+             calib: torch.Tensor | None = None, *, pack: bool = True, batch_size: int = 8,
+             device: str | torch.device | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Quantize every decoder-block linear of ``model`` in place; returns a report (method, config,
+    seconds, per-block search results)."""
+    if not isinstance(config, QUANT_CONFIGS):
+        raise ConfigError(f"quantize() takes one of {[c.__name__ for c in QUANT_CONFIGS]}, got {type(config).__name__}")
+    _check_model(model)
+    _check_groups(model, config)
+    model.eval()
+    t0 = time.perf_counter()
+    log: dict = {}
+    if isinstance(config, RTNConfig):
+        for i, block in enumerate(model.model.layers):
+            for name in BLOCK_LINEARS:
+                w = block.get_submodule(name).weight.detach().float()
+                install_quantized(block, name, quantize_weight(w, config.spec, name=name), pack)
+    else:
+        method = type(config).kind
+        tokens = check_calib(calib, method)
+        proc = {AWQConfig: awq_processor, GPTQConfig: gptq_processor,
+                SmoothQuantConfig: smoothquant_processor}[type(config)](model, config, pack, log)
+        run_blockwise(model, tokens, proc, batch_size, device, desc=method, progress=progress)
+    return {"method": type(config).kind, "config": config.to_dict(), "pack": pack,
+            "seconds": time.perf_counter() - t0, "blocks": log}
+
+
+@torch.no_grad()
+def prune(model: nn.Module, config: PruneConfig, calib: torch.Tensor | None = None, *, batch_size: int = 8,
+          device: str | torch.device | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Prune every decoder-block linear of ``model`` in place (zeros in the dense weights)."""
+    if not isinstance(config, PruneConfig):
+        raise ConfigError(f"prune() takes a PruneConfig, got {type(config).__name__}")
+    _check_model(model)
+    model.eval()
+    t0 = time.perf_counter()
+    if config.n_m is not None:
+        for name in BLOCK_LINEARS:
+            n = model.model.layers[0].get_submodule(name).in_features
+            if n % config.n_m[1]:
+                raise ConfigError(f"N:M sparsity with M={config.n_m[1]} needs {name}'s input dimension ({n}) to be a multiple of M")
+    if config.method == "magnitude":
+        magnitude_prune(model, config)
+    else:
+        tokens = check_calib(calib, config.method)
+        proc = {"wanda": wanda_processor, "sparsegpt": sparsegpt_processor}[config.method](model, config)
+        run_blockwise(model, tokens, proc, batch_size, device, desc=config.method, progress=progress)
+    return {"method": config.method, "config": config.to_dict(), "seconds": time.perf_counter() - t0,
+            "sparsity": sparsity_of(model)}
+
+
+def sparsity_of(model: nn.Module) -> float:
+    """Fraction of zeros over all decoder-block linear weights."""
+    zeros = total = 0
+    for block in model.model.layers:
+        for name in BLOCK_LINEARS:
+            w = block.get_submodule(name).weight
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / max(total, 1)

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from efficientml.core.errors import ConfigError, UnsupportedError
+from efficientml.llm.compress import (AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig, load_compressed,
+                                      quantize, save_compressed)
+from efficientml.llm.compress.qlinear import QuantLinear, W8A8Linear
+
+from .conftest import tiny_model
+
+
+@pytest.mark.parametrize("conf", [RTNConfig(4, 32), RTNConfig(3, 32, True), GPTQConfig(4, None)])
+def test_save_load_round_trip(tmp_path, conf, ids, calib):
+    m = tiny_model()
+    quantize(m, conf, calib, progress=False)
+    with torch.no_grad():
+        ref = m(ids)
+    save_compressed(m, None, tmp_path / "q")
+    hf = json.loads((tmp_path / "q" / "config.json").read_text())
+    qc = hf["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["num_bits"] == conf.w_bits
+    m2, _ = load_compressed(tmp_path / "q")
+    assert sum(isinstance(x, QuantLinear) for x in m2.modules()) == 14
+    with torch.no_grad():
+        assert (m2(ids) - ref).abs().max().item() <= 1e-5
+
+
+def test_w8a8_round_trip(tmp_path, ids, calib):
+    m = tiny_model()
+    quantize(m, SmoothQuantConfig(act="static"), calib, progress=False)
+    with torch.no_grad():
+        ref = m(ids)
+    save_compressed(m, None, tmp_path / "w8")
+    m2, _ = load_compressed(tmp_path / "w8")
+    assert sum(isinstance(x, W8A8Linear) for x in m2.modules()) == 14
+    with torch.no_grad():
+        assert (m2(ids) - ref).abs().max().item() <= 1e-5
+
+
+def test_existing_output_folder_refused(tmp_path):
+    m = tiny_model()
+    quantize(m, RTNConfig(4, 32))
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="already exists"):
+        save_compressed(m, None, tmp_path / "q")
+    assert [p.name for p in (tmp_path / "q").iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_compressed_tensors_reader_agrees(tmp_path):
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    m = tiny_model()
+    quantize(m, RTNConfig(4, 32))
+    save_compressed(m, None, tmp_path / "q")
+    qc = QuantizationConfig.model_validate(json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"])
+    scheme = qc.config_groups["group_0"]
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    local = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.startswith(name + ".")}
+    theirs = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    ours = m.get_submodule(name).dequantize()
+    # they dequantize in the scale's dtype (fp16): our exact fp32 values rounded to fp16 must match
+    torch.testing.assert_close(theirs, ours.to(theirs.dtype), rtol=0, atol=0)
+    assert ct.__version__
+
+
+def test_family_without_mapping(calib):
+    m = tiny_model()
+    object.__setattr__(m.config, "model_type", "gpt2")
+    with pytest.raises(UnsupportedError, match="no scaling-group mapping"):
+        quantize(m, AWQConfig(4, 32), calib)
+
+
+def test_too_few_calibration_tokens():
+    m = tiny_model()
+    with pytest.raises(ConfigError, match="needs at least 128"):
+        quantize(m, GPTQConfig(4, 32), torch.zeros(2, 16, dtype=torch.long))
+    with pytest.raises(ConfigError, match="needs calibration tokens"):
+        quantize(m, AWQConfig(4, 32), None)
