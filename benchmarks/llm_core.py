@@ -109,7 +109,13 @@ def hf_score(hf, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     return float(F.cross_entropy(logits[keep], y[keep], reduction="sum").double()), int(keep.sum())
 
 
-def part_ppl(rec: BenchmarkRecord, quick: bool) -> None:
+def part_ppl(rec: BenchmarkRecord, quick: bool, progress_path: Path | None = None,
+             stop_after_s: float | None = None) -> None:
+    """Ours and transformers' perplexity window by window. Sums are saved to ``progress_path`` after
+    every window, and a rerun resumes from there (the windows are deterministic), so a long run can be
+    interrupted. ``stop_after_s`` ends early and records how many windows were evaluated."""
+    import math
+
     from transformers import AutoTokenizer
 
     from efficientml.data.text import load_text
@@ -123,38 +129,52 @@ def part_ppl(rec: BenchmarkRecord, quick: bool) -> None:
     hf_ids = hf_tok(text, add_special_tokens=False).input_ids
     n_win = num_windows(len(ids), proto)
     max_win = 3 if quick else n_win
+    state = {"done": 0, "ours": [0.0, 0, 0.0], "transformers": [0.0, 0, 0.0], "commits": []}  # nll, count, s
+    if progress_path is not None and progress_path.is_file():
+        state = json.loads(progress_path.read_text())
+        log(f"resuming after {state['done']} windows from {progress_path}")
+    if git_commit() not in state["commits"]:
+        state["commits"].append(git_commit())
     log(f"ppl: {len(ids)} tokens, {n_win} windows of {proto.context}; evaluating {max_win}")
-    sums = {"ours": [0.0, 0, 0.0], "transformers": [0.0, 0, 0.0]}  # nll, count, seconds
     score = {"ours": lambda x, y: score_window_batch(model, x, y),
              "transformers": lambda x, y: hf_score(hf, x, y)}
     t_start = time.perf_counter()
     for i, (x, y) in enumerate(_batches(ids, proto, tok.bos_id, 1)):
-        if i >= max_win:
+        if i >= max_win or (stop_after_s is not None and time.perf_counter() - t_start > stop_after_s):
             break
+        if i < state["done"]:
+            continue
         order = ["ours", "transformers"] if i % 2 == 0 else ["transformers", "ours"]
         for who in order:
             t = time.perf_counter()
             nll, n = score[who](x, y)
             dt = time.perf_counter() - t
-            s = sums[who]
+            s = state[who]
             s[0] += nll
             s[1] += n
             s[2] += dt
-        if i % 10 == 0 or i == max_win - 1:
+        state["done"] = i + 1
+        if progress_path is not None:
+            progress_path.write_text(json.dumps(state))
+        if i % 5 == 0 or i == max_win - 1:
             el = time.perf_counter() - t_start
-            log(f"window {i + 1}/{max_win}: ours {sums['ours'][2]:.0f} s, transformers "
-                f"{sums['transformers'][2]:.0f} s, elapsed {el:.0f} s, eta {el / (i + 1) * (max_win - i - 1):.0f} s")
-    import math
-
+            log(f"window {i + 1}/{max_win}: ours {state['ours'][2]:.0f} s, transformers "
+                f"{state['transformers'][2]:.0f} s, ppl {math.exp(state['ours'][0] / state['ours'][1]):.4f} vs "
+                f"{math.exp(state['transformers'][0] / state['transformers'][1]):.4f}, elapsed {el:.0f} s")
+    done = state["done"]
     res = {}
-    for who, (nll, cnt, secs) in sums.items():
+    for who in ("ours", "transformers"):
+        nll, cnt, secs = state[who]
         res[who] = {"perplexity": math.exp(nll / cnt), "nll_sum": nll, "tokens_scored": cnt,
                     "seconds": secs, "tokens_per_s": cnt / secs}
     diff = abs(res["ours"]["perplexity"] - res["transformers"]["perplexity"])
     ratio = res["ours"]["seconds"] / res["transformers"]["seconds"]
+    full = done == n_win
+    scope = "full file" if full else f"first {done} of {n_win} windows"
     rec.results["ppl"] = {
-        "commit": git_commit(), "text": "wikitext2-raw-test (full file)" if not quick else "first 3 windows",
-        "characters": len(text), "tokens": len(ids), "windows": min(max_win, n_win),
+        "commits": state["commits"], "text": f"wikitext2-raw-test ({scope})",
+        "characters": len(text), "tokens": len(ids), "windows_total": n_win, "windows_evaluated": done,
+        "complete": full,
         "token_ids_identical_to_transformers_tokenizer": ids == hf_ids,
         "protocol": {"context": proto.context, "stride": proto.step, "bos": proto.add_bos,
                      "scored": "every token except the first of each window",
@@ -162,10 +182,9 @@ def part_ppl(rec: BenchmarkRecord, quick: bool) -> None:
         **res, "abs_diff": diff, "time_ratio_ours_over_transformers": ratio,
     }
     rec.target("wikitext2_ppl_abs_diff_vs_transformers", diff, "<=", 0.01,
-               note="|ours − transformers| perplexity, same windows, fp32" + (" (quick: 3 windows)" if quick else ""))
+               note=f"|ours − transformers| perplexity, same windows, fp32 ({scope})")
     rec.target("ppl_eval_time_ratio_vs_transformers", ratio, "<=", 1.0,
-               note="our total seconds ÷ transformers', alternating window by window, 2 threads"
-               + (" (quick: 3 windows)" if quick else ""))
+               note=f"our total seconds ÷ transformers', alternating window by window, 2 threads ({scope})")
 
 
 def _time_generate(fn, reps: int) -> float:
@@ -307,6 +326,8 @@ def main() -> int:
     ap.add_argument("--part", choices=["ppl", "decode", "gpu", "all"], default="all")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--progress", default=None, help="ppl: save/resume window sums in this JSON file")
+    ap.add_argument("--stop-after", type=float, default=None, help="ppl: stop after this many seconds")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/llm_core.json (quick: a temp file)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -322,7 +343,10 @@ def main() -> int:
         if p == "gpu":
             part_gpu(args.quick)
             continue
-        {"ppl": part_ppl, "decode": part_decode}[p](rec, args.quick)
+        if p == "ppl":
+            part_ppl(rec, args.quick, Path(args.progress) if args.progress else None, args.stop_after)
+        else:
+            part_decode(rec, args.quick)
         rec.results.setdefault("commands", {})[p] = rec.command
         rec.write(out)  # after each part, so a long run keeps what it finished
     log(f"wrote {out}")
