@@ -20,11 +20,14 @@ from efficientml.analysis.params import (SPARSE_FORMATS, count_parameters, model
 from efficientml.analysis.profile import LayerStats, ModelProfile, profile
 from efficientml.analysis.receptive_field import (WindowLayer, conv_output_size, receptive_field,
                                                   receptive_fields)
+from efficientml.analysis.roofline import (LayerRoofline, Roofline, arithmetic_intensity,
+                                           layer_rooflines)
 from efficientml.analysis.report import format_bytes, format_count, markdown_table, plot_layers
 from efficientml.analysis.trace import Trace, trace_model
 
 __all__ = [
-    "ActivationMemory", "LatencyResult", "LayerStats", "MacReport", "ModelProfile", "OpCost",
+    "ActivationMemory", "LatencyResult", "LayerRoofline", "LayerStats", "Roofline",
+    "arithmetic_intensity", "layer_rooflines", "MacReport", "ModelProfile", "OpCost",
     "OutputComparison", "SPARSE_FORMATS", "Trace", "WindowLayer", "accuracy", "activation_memory",
     "attention_macs", "compare_models", "compare_outputs", "conv_macs", "conv_output_size",
     "count_macs", "count_parameters", "format_bytes", "format_count", "linear_macs",

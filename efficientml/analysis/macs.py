@@ -12,7 +12,10 @@ that contract weights or activations against each other count as MACs:
   ``torch.sparse.mm``, only stored nonzeros count: ``nnz · N`` for the other operand's N columns;
 - ``scaled_dot_product_attention``: ``B·L·S·E`` for QKᵀ plus ``B·L·S·E_v`` for AV;
 - ``multi_head_attention_forward`` (``nn.MultiheadAttention``): the q/k/v and output projections plus
-  QKᵀ and AV.
+  QKᵀ and AV;
+- ``lstm``/``gru``/``rnn_*`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): every timestep of every layer and
+  direction multiplies its input and hidden state by its weight matrices, so
+  ``timesteps · batch · Σ weight-matrix sizes`` (gate nonlinearities not counted).
 
 Biases are not counted. Elementwise operations (add, mul, activations, normalizations, softmax) are
 counted separately as one op per output element, and pooling and reductions (max/avg pools, adaptive
@@ -158,6 +161,7 @@ REDUCTIONS = frozenset("mean sum amax amin logsumexp prod norm var std".split())
 
 CONVS = frozenset({"conv1d", "conv2d", "conv3d"})
 CONV_TRANSPOSES = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
+RNNS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 MATMULS = frozenset({"matmul", "mm", "bmm", "mv", "dot", "inner", "vdot", "_sparse_mm", "smm", "spmm"})
 
 # Calls that only read metadata or build nothing worth a row.
@@ -250,6 +254,12 @@ def op_cost(name: str, func_name: str, args: tuple, kwargs: dict, out: Any) -> O
         scores = n * heads * q.shape[0] * k.shape[0]
         return OpCost(macs=mha_macs(tuple(q.shape), tuple(k.shape), tuple(v.shape)),
                       elementwise=scores)
+    if name in RNNS:
+        packed = len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].dim() == 1 \
+            and not args[1].is_floating_point()            # (data, batch_sizes, hx, params, …)
+        x, weights = args[0], args[3] if packed else args[2]
+        steps = x.shape[0] if packed else x.numel() // x.shape[-1]   # timesteps × batch
+        return OpCost(macs=steps * sum(w.numel() for w in weights if w.dim() == 2))
     if name in ELEMENTWISE:
         return OpCost(elementwise=y.numel())
     if name in {"max", "min"}:  # binary max/min is elementwise; with a dim it reduces

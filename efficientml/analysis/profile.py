@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +35,14 @@ class LayerStats:
     pool_ops: int
     output_elements: int     # elements of the new buffers this step writes
     live_elements: int       # activation elements live while this step runs
+    input_elements: int = 0  # elements of the activations this step reads
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind,
                 "output_shape": list(self.output_shape) if self.output_shape else None,
                 "params": self.params, "macs": self.macs, "elementwise_ops": self.elementwise_ops,
                 "pool_ops": self.pool_ops, "output_elements": self.output_elements,
-                "live_elements": self.live_elements}
+                "live_elements": self.live_elements, "input_elements": self.input_elements}
 
 
 @dataclass
@@ -157,7 +159,8 @@ def profile(model: nn.Module, input_shape: Any = None, *, inputs: Any = None,
     mem = activation_memory_from_trace(trace)
     tot = trace.total
     layers = [LayerStats(s.name, s.kind, s.output_shape, s.params, s.cost.macs, s.cost.elementwise,
-                         s.cost.pool, mem.output_elements[i], mem.live_elements[i])
+                         s.cost.pool, mem.output_elements[i], mem.live_elements[i],
+                         sum(math.prod(r.shape) for r in s.inputs))
               for i, s in enumerate(trace.steps)]
     sizes = {"fp32": model_size_bytes(model, 32), "int8": model_size_bytes(model, 8)}
     if sparse_format != "dense":

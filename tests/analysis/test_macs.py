@@ -159,3 +159,11 @@ def test_sparse_csr_matmul_counts_nonzeros_only():
 
     assert count_macs(lin, (4, 64)).macs == 4 * 32 * 64
     assert count_macs(CSRLinear(lin.weight), (4, 64)).macs == 4 * 32 * 16
+
+
+@pytest.mark.parametrize("cls,gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+def test_recurrent_layers(cls, gates):
+    i, h, t, b = 6, 5, 7, 3
+    rnn = cls(i, h, num_layers=2, batch_first=True)
+    per_step = gates * h * (i + h) + gates * h * (h + h)    # layer 1 sees x, layer 2 sees h
+    assert count_macs(rnn, (b, t, i)).macs == t * b * per_step
