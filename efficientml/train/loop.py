@@ -70,11 +70,12 @@ def fit(model: nn.Module, train_loader: Iterable, cfg: TrainConfig | None = None
     seed_everything(cfg.seed)
     device = _device_of(model)
     opt = optimizer or make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, SCHEDULES[cfg.schedule](total, cfg.warmup_frac))
+    lr_at = SCHEDULES[cfg.schedule](total, cfg.warmup_frac)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     if start_step:  # resuming: jump the schedule to where the checkpoint left it
         sched.last_epoch = start_step
-        for group, lr in zip(opt.param_groups, sched.get_lr()):
-            group["lr"] = lr
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_at(start_step)
     use_amp = cfg.amp and device.type == "cuda"
     hist, step, t0 = History(steps=start_step), start_step, time.perf_counter()
     epoch = 0
