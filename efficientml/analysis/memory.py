@@ -31,7 +31,7 @@ class ActivationMemory:
 
     steps: list[str]                 # step names in execution order
     live_elements: list[int]         # elements live during each step
-    output_elements: list[int]       # elements of each step's outputs (new buffers only)
+    new_elements: list[int]          # elements of the new buffers each step writes
     peak_elements: int
     peak_step: str
 
@@ -54,7 +54,7 @@ def activation_memory_from_trace(trace: Trace) -> ActivationMemory:
         size[r.storage] = max(size.get(r.storage, 0), r.storage_elements)
         born.setdefault(r.storage, 0)
         last.setdefault(r.storage, 0)
-    new_out = []
+    new_bufs = []
     for i, step in enumerate(trace.steps):
         for r in step.inputs:  # a buffer read here stays live at least until here
             size[r.storage] = max(size.get(r.storage, 0), r.storage_elements)
@@ -67,7 +67,7 @@ def activation_memory_from_trace(trace: Trace) -> ActivationMemory:
                 fresh += r.storage_elements
             size[r.storage] = max(size.get(r.storage, 0), r.storage_elements)
             last[r.storage] = max(last.get(r.storage, i), i)
-        new_out.append(fresh)
+        new_bufs.append(fresh)
     for r in trace.outputs:
         if r.storage in born:
             last[r.storage] = max(n - 1, 0)
@@ -80,7 +80,7 @@ def activation_memory_from_trace(trace: Trace) -> ActivationMemory:
         total = sum(size.values())
         return ActivationMemory([], [], [], total, "")
     peak_i = max(range(n), key=lambda i: live[i])
-    return ActivationMemory([s.name for s in trace.steps], live, new_out, live[peak_i],
+    return ActivationMemory([s.name for s in trace.steps], live, new_bufs, live[peak_i],
                             trace.steps[peak_i].name)
 
 

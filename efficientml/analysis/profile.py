@@ -33,7 +33,7 @@ class LayerStats:
     macs: int
     elementwise_ops: int
     pool_ops: int
-    output_elements: int     # elements of the new buffers this step writes
+    output_elements: int     # activation size: elements of the tensors this step returns
     live_elements: int       # activation elements live while this step runs
     input_elements: int = 0  # elements of the activations this step reads
 
@@ -159,8 +159,8 @@ def profile(model: nn.Module, input_shape: Any = None, *, inputs: Any = None,
     mem = activation_memory_from_trace(trace)
     tot = trace.total
     layers = [LayerStats(s.name, s.kind, s.output_shape, s.params, s.cost.macs, s.cost.elementwise,
-                         s.cost.pool, mem.output_elements[i], mem.live_elements[i],
-                         sum(math.prod(r.shape) for r in s.inputs))
+                         s.cost.pool, sum(math.prod(r.shape) for r in s.outputs),
+                         mem.live_elements[i], sum(math.prod(r.shape) for r in s.inputs))
               for i, s in enumerate(trace.steps)]
     sizes = {"fp32": model_size_bytes(model, 32), "int8": model_size_bytes(model, 8)}
     if sparse_format != "dense":

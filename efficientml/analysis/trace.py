@@ -13,7 +13,9 @@ hooks on every module that keep a stack of the modules being executed. A **step*
 Each step records its cost (:class:`~efficientml.analysis.macs.OpCost`), the tensors it read and wrote
 (Python id, storage address and storage size, so views and in-place results are recognized as the same
 memory), and for convolutions and pools the window geometry. Parameters and buffers are not
-activations and are left out of the tensor lists. All tensors are kept alive until the pass ends, so
+activations and are left out of the tensor lists; so is anything computed from them and constants
+alone (``weight_orig * mask`` in a pruning pre-hook, a causal mask from ``torch.ones``), which is
+neither counted as work nor as activation memory. All tensors are kept alive until the pass ends, so
 ids and storage addresses are unique within one trace.
 """
 

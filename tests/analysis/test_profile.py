@@ -20,6 +20,9 @@ def test_profile_vgg_figures(zoo):
     conv0 = p.layers[0]
     assert (conv0.name, conv0.kind, conv0.output_shape, conv0.params, conv0.macs) == \
         ("backbone.conv0", "Conv2d", (1, 64, 32, 32), 1728, 32 * 32 * 64 * 27)
+    relu0 = p.layers[2]                                  # in place: no new buffer, same size
+    assert (relu0.name, relu0.output_elements, relu0.input_elements) == \
+        ("backbone.relu0", 64 * 32 * 32, 64 * 32 * 32)
     assert sum(l.macs for l in p.layers) == p.macs
     assert sum(l.params for l in p.layers) == p.params
     assert [w.receptive_field for w in p.windows][:3] == [(3, 3), (5, 5), (6, 6)]
