@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=run_convert)
 
+    from efficientml.cli import llm_compress  # `llm quantize` / `llm prune` (efficientml.llm.compress)
+    llm_compress.register(s)
+
 
 def _load(args: argparse.Namespace):
     import torch

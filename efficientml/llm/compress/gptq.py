@@ -93,7 +93,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp:
 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     L = torch.linalg.cholesky(H)
+    del H  # (in, in) temporaries dominate memory for wide layers: keep at most two alive
     Hinv = torch.cholesky_inverse(L)
+    del L
     Hinv = torch.linalg.cholesky(Hinv, upper=True)  # rows of the upper factor drive the updates
 
     Q = torch.zeros_like(W)
@@ -138,11 +140,12 @@ def gptq_processor(model, cfg: GPTQConfig, pack: bool = True, log: dict | None =
         hess = {s[0]: HessianAccumulator(block.get_submodule(s[0]).in_features, data.device) for s in sets}
         fp_out = data.run({k: h.add for k, h in hess.items()}, keep_outputs=cfg.propagate == "fp")
         for names in sets:
-            H = hess[names[0]].value()
+            H = hess.pop(names[0]).value()
             for name in names:
                 w = block.get_submodule(name).weight.detach().float()
                 qw = gptq_quantize(w, H, spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups, name)
                 install_quantized(block, name, qw, pack)
+            del H
         return fp_out  # None: run_blockwise re-runs the quantized block
 
     return process

@@ -1,0 +1,153 @@
+"""``efficientml llm quantize`` and ``efficientml llm prune`` — thin over efficientml.llm.compress.
+
+    efficientml llm quantize smollm2-135m --method awq --w-bits 4 --group-size 64 --out DIR
+    efficientml llm prune smollm2-135m --method wanda --n-m 2:4 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from efficientml.cli.common import positive_int, print_json
+
+METHODS = ("rtn", "awq", "gptq", "awq-gptq", "smoothquant")
+
+
+def _group_size(s: str) -> int | None:
+    if s.lower() in ("channel", "none", "0", "-1"):
+        return None
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'channel', got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'channel', got {s!r}")
+    return v
+
+
+def _n_m(s: str) -> tuple[int, int]:
+    try:
+        n, m = (int(x) for x in s.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:M such as 2:4, got {s!r}") from None
+    return n, m
+
+
+def register(llm_sub: argparse._SubParsersAction) -> None:
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("model", help="smollm2-135m, a .gguf file, or a Hugging Face model folder")
+        q.add_argument("--out", required=True, help="output folder (must not exist; written atomically)")
+        q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        q.add_argument("--calib", default="wikitext2-valid",
+                       help="calibration corpus (wikitext2-valid, tinyshakespeare, …) or a text file")
+        q.add_argument("--calib-samples", type=positive_int, default=128)
+        q.add_argument("--calib-len", type=positive_int, default=512)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--batch-size", type=positive_int, default=8)
+        q.add_argument("--device", default="cpu", help="where each block is processed: cpu or cuda")
+        q.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch)")
+        q.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    q = llm_sub.add_parser("quantize", help="quantize (RTN, AWQ, GPTQ, AWQ+GPTQ, SmoothQuant W8A8) and save packed",
+                           description="Quantize every decoder-block linear, calibrating one block at a time, "
+                                       "and save a compressed-tensors checkpoint (pack-quantized or int-quantized).")
+    common(q)
+    q.add_argument("--method", choices=METHODS, default="awq")
+    q.add_argument("--w-bits", type=int, default=4)
+    q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale, or 'channel'")
+    q.add_argument("--symmetric", action="store_true")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    q.add_argument("--act", choices=("dynamic", "static"), default="dynamic", help="SmoothQuant activations")
+    q.add_argument("--no-smooth", action="store_true", help="SmoothQuant: W8A8 without smoothing")
+    q.add_argument("--float-dtype", choices=("float32", "float16", "bfloat16"), default="float16",
+                   help="dtype of the unquantized tensors (embeddings, norms) in the checkpoint")
+    q.set_defaults(func=run_quantize)
+
+    q = llm_sub.add_parser("prune", help="prune (magnitude, Wanda, SparseGPT; unstructured or N:M) and save",
+                           description="Prune every decoder-block linear and save a Hugging Face folder.")
+    common(q)
+    q.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="wanda")
+    q.add_argument("--sparsity", type=float, default=0.5)
+    q.add_argument("--n-m", type=_n_m, default=None, help="N:M sparsity, e.g. 2:4")
+    q.set_defaults(func=run_prune)
+
+
+def _config(args: argparse.Namespace):
+    from efficientml.llm.compress import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
+
+    wq = dict(w_bits=args.w_bits, group_size=args.group_size, symmetric=args.symmetric)
+    if args.method == "rtn":
+        return RTNConfig(**wq)
+    if args.method == "awq":
+        return AWQConfig(**wq)
+    if args.method == "awq-gptq":
+        return AWQConfig(**wq, use_gptq=True)
+    if args.method == "gptq":
+        static = args.act_order and args.group_size is not None
+        return GPTQConfig(**wq, act_order=args.act_order, static_groups=static)
+    return SmoothQuantConfig(alpha=args.alpha, smooth=not args.no_smooth, act=args.act)
+
+
+def _prepare(args: argparse.Namespace):
+    """Validate everything cheap before loading the model (so bad input fails in a second)."""
+    import torch
+
+    from efficientml.core.errors import ConfigError
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise ConfigError(f"output folder {args.out!r} already exists; choose a new path or pass --overwrite")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _calib(args: argparse.Namespace, tok, needed: bool):
+    from efficientml.llm.compress import CalibConfig, calibration_tokens
+
+    if not needed:
+        return None, None
+    cc = CalibConfig(args.calib, args.calib_samples, args.calib_len, args.seed)
+    return calibration_tokens(tok, cc), cc
+
+
+def _report(args: argparse.Namespace, rep: dict) -> None:
+    if args.json:
+        print_json(rep)
+        return
+    print(f"{rep['method']}: {rep['seconds']:.1f} s → {args.out}")
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from efficientml.llm.compress import quantize, save_compressed
+    from efficientml.llm.load import load
+
+    conf = _config(args)  # bad bits / group size fail here, before loading
+    _prepare(args)
+    model, tok = load(args.model)
+    calib, cc = _calib(args, tok, args.method != "rtn")
+    rep = quantize(model, conf, calib, batch_size=args.batch_size, device=args.device)
+    rep["calibration"] = None if cc is None else cc.to_dict()
+    rep["model"] = args.model
+    save_compressed(model.cpu(), tok, args.out, overwrite=args.overwrite,
+                    float_dtype=getattr(torch, args.float_dtype), recipe=json.loads(json.dumps(rep, default=str)))
+    _report(args, rep)
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from efficientml.llm.compress import PruneConfig, prune
+    from efficientml.llm.load import load, save_hf
+
+    conf = PruneConfig(args.method, args.sparsity, n_m=args.n_m)
+    _prepare(args)
+    model, tok = load(args.model)
+    calib, cc = _calib(args, tok, args.method != "magnitude")
+    rep = prune(model, conf, calib, batch_size=args.batch_size, device=args.device)
+    rep["calibration"] = None if cc is None else cc.to_dict()
+    save_hf(model.cpu(), tok, args.out, overwrite=args.overwrite)
+    _report(args, rep)
+    return 0
