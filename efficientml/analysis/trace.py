@@ -221,8 +221,9 @@ class _Tracer(TorchFunctionMode):
         self.model = model
         self.names = {m: n for n, m in model.named_modules()}
         self.leaves = {m for m in self.names if not any(True for _ in m.children())}
-        self.skip = {t.untyped_storage().data_ptr() for t in
-                     list(model.parameters()) + list(model.buffers())}
+        weights = list(model.parameters()) + list(model.buffers())
+        self.skip = {p for p in map(_ptr, weights) if p}   # weight storages (not activations)
+        self.weight_ids = {id(t) for t in weights}          # for tensors without storage (meta)
         self.steps: list[Step] = []
         self.keep: list[torch.Tensor] = []     # keeps ids and storage addresses unique
         self.stack: list[nn.Module] = []
@@ -241,12 +242,21 @@ class _Tracer(TorchFunctionMode):
                 ptr, nbytes = st.data_ptr(), st.nbytes()
             except (RuntimeError, NotImplementedError):  # tensors without storage
                 continue
-            if ptr in self.skip:
+            if self.is_weight(t):
                 continue
             self.keep.append(t)
-            out.append(TensorRef(id(t), ptr, nbytes // max(1, t.element_size()),
-                                 tuple(t.shape), str(t.dtype).replace("torch.", "")))
+            elements = nbytes // max(1, t.element_size())
+            if ptr == 0:  # meta or empty: no address to share, so every tensor is its own buffer
+                ptr, elements = -id(t), t.numel()
+            out.append(TensorRef(id(t), ptr, elements, tuple(t.shape),
+                                 str(t.dtype).replace("torch.", "")))
         return out
+
+    def is_weight(self, t: torch.Tensor) -> bool:
+        if id(t) in self.weight_ids:
+            return True
+        p = _ptr(t)
+        return bool(p) and p in self.skip
 
     def unique(self, name: str) -> str:
         n = self.calls.get(name, 0) + 1
@@ -292,11 +302,14 @@ class _Tracer(TorchFunctionMode):
         name = op_name(func)
         if name in METADATA:
             return out
-        ins = [t for t in _tensors((args, kwargs))]
-        if all(_ptr(t) in self.skip for t in ins):
+        if all(self.is_weight(t) for t in _tensors((args, kwargs))):
             # computed from weights and constants only (a pruning mask applied in a pre-hook,
             # a causal mask built by torch.ones): a derived weight, not activation work
-            self.skip.update(_ptr(t) for t in _tensors(out))
+            for t in _tensors(out):
+                self.keep.append(t)  # pins the id
+                self.weight_ids.add(id(t))
+                if _ptr(t):
+                    self.skip.add(_ptr(t))
             return out
         cost = op_cost(name, getattr(func, "__name__", ""), args, kwargs, out)
         window = _window(name, args, kwargs, out) if (name in CONVS or name in POOLS) else None

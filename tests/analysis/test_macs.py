@@ -167,3 +167,10 @@ def test_recurrent_layers(cls, gates):
     rnn = cls(i, h, num_layers=2, batch_first=True)
     per_step = gates * h * (i + h) + gates * h * (h + h)    # layer 1 sees x, layer 2 sees h
     assert count_macs(rnn, (b, t, i)).macs == t * b * per_step
+
+
+def test_meta_device_model_counts_macs(zoo):
+    import copy
+
+    model = copy.deepcopy(zoo("resnet20")).to("meta")
+    assert count_macs(model, inputs=torch.empty(1, 3, 32, 32, device="meta")).macs == 40_551_040
