@@ -37,9 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--train-subset", type=positive_int, default=None, help="fine-tune on N images")
+    p.add_argument("--test-subset", type=positive_int, default=None, help="evaluate on N test images")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="model builder argument when no checkpoint is given, e.g. width=0.25")
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (latency is measured with 2)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for pruning and fine-tuning (latency is always measured with 2)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--out", default=None, help="pruned checkpoint path (default checkpoints/MODEL_pruned.safetensors)")
     p.add_argument("--report", default=None, help="write the JSON report here")
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from efficientml.prune.report import compare, format_table
     from efficientml.train import TrainConfig, evaluate, fit, load_checkpoint
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = get_dataset(args.dataset)
     if args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint)
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                          layers=_names(args.layers), exclude=_names(args.exclude), sort_inputs=args.sort,
                          on_unsupported="skip" if args.skip_unsupported else "error")
     train, test = spec.loaders(batch_size=args.batch_size, augment=True, train_subset=args.train_subset,
-                               pad_to=meta.get("pad_to"))
+                               test_subset=args.test_subset, pad_to=meta.get("pad_to"))
     sample = next(iter(test))[0][:1]
     sample_shape = tuple(sample.shape[1:])
     result = prune(model, config, example_inputs=sample.repeat(2, 1, 1, 1), calib=train)

@@ -8,7 +8,7 @@ surgery, schedules, sensitivity scans, automatic ratio search (NetAdapt, AMC) an
 Heavier pieces (sensitivity, netadapt, amc, sparse, report) are imported from their modules.
 """
 
-from efficientml.prune.apply import PruneResult, channels_to_keep, prune
+from efficientml.prune.apply import PruneResult, channels_to_keep, compute_masks, prune, recalibrate_bn
 from efficientml.prune.config import GRANULARITIES, PruneConfig
 from efficientml.prune.criteria import CRITERIA, Criterion, bn_l1_penalty
 from efficientml.prune.graph import ChannelGroup, DependencyGraph, register_channel_op
@@ -17,6 +17,6 @@ from efficientml.prune.surgery import ChannelPlan, channel_attrs, resize_like
 
 __all__ = [
     "CRITERIA", "ChannelGroup", "ChannelPlan", "Criterion", "DependencyGraph", "GRANULARITIES",
-    "MaskSet", "PruneConfig", "PruneResult", "bn_l1_penalty", "channel_attrs", "channels_to_keep", "make_mask", "prune",
+    "MaskSet", "PruneConfig", "PruneResult", "bn_l1_penalty", "channel_attrs", "channels_to_keep", "compute_masks", "make_mask", "prune", "recalibrate_bn",
     "register_channel_op", "resize_like",
 ]

@@ -125,6 +125,30 @@ def _prune_masks(model: nn.Module, config: PruneConfig, criterion: Any, batches:
     return PruneResult(model, config, masks=MaskSet(model, masks), skipped=skipped)
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int = 8) -> nn.Module:
+    """Re-estimate BatchNorm running statistics on a few batches (no weights change): removing
+    channels shifts the statistics the next layers see, and stale ones can hide a good selection."""
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.track_running_stats]
+    if not bns:
+        return model
+    was = model.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                                  # cumulative average over the batches
+    model.train()
+    dev = next(model.parameters()).device
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(dev))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was)
+    return model
+
+
 def channels_to_keep(n: int, sparsity: float, round_to: int = 1) -> int:
     keep = n - int(round(sparsity * n))
     if round_to > 1:

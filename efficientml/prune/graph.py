@@ -258,16 +258,19 @@ def _op_name(node: fx.Node) -> str:
     t = node.target
     if node.op == "call_method":
         return f"Tensor.{t}"
-    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
+    name = getattr(t, "__name__", None) or str(t)
+    mod = (getattr(t, "__module__", None) or "").replace("_operator", "operator")
+    return f"{mod}.{name}" if mod else name
 
 
-def _layer_of(node: fx.Node) -> str:
+def _layer_of(node: fx.Node, root: nn.Module) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
         last = list(stack.values())[-1]
         path = last[0] if isinstance(last, tuple) else str(last)
-        return path or "<model>"
-    return "<model>"
+        if path:
+            return path
+    return f"{type(root).__name__}.forward"
 
 
 class _Tracer(fx.Tracer):
@@ -511,7 +514,7 @@ class _Builder:
         return ids
 
     def unsupported(self, node: fx.Node, tensor_inputs: list[fx.Node], shape: tuple[int, ...] | None) -> list[int] | None:
-        op, layer = _op_name(node), (str(node.target) if node.op == "call_module" else _layer_of(node))
+        op, layer = _op_name(node), (str(node.target) if node.op == "call_module" else _layer_of(node, self.model))
         if node.op == "call_module":
             op = type(self.gm.get_submodule(str(node.target))).__name__
         if self.mode != "skip":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,13 +105,19 @@ def sparse24_benchmark(shapes: tuple[tuple[int, int], ...] = ((4096, 11008), (11
 # --------------------------------------------------------------------------------------------------
 # unstructured CSR (CPU)
 
+def _csr(w: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and measured here
+        warnings.simplefilter("ignore", UserWarning)
+        return w.to_sparse_csr()
+
+
 class CSRLinear(nn.Module):
     """``y = x Wᵀ + b`` with W in CSR (inference only)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight.detach().to_sparse_csr()
+        self.weight = _csr(linear.weight.detach())
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +137,7 @@ class CSRConv2d(nn.Module):
             raise UnsupportedError("CSRConv2d handles groups=1 convs with numeric padding only")
         self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.weight = conv.weight.detach().reshape(conv.out_channels, -1).to_sparse_csr()  # (O, C·k·k)
+        self.weight = _csr(conv.weight.detach().reshape(conv.out_channels, -1))  # (O, C·k·k)
         self.bias = None if conv.bias is None else conv.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -140,18 +140,12 @@ class ChannelPlan:
     def layer_keep(self) -> dict[str, Keep]:
         """Per layer: the input and output channel indices that survive (``None``: all of them)."""
         picks: dict[tuple[str, str], list[int]] = {}
-        for g in self.graph.groups:
-            if g.id not in self.kept:
-                continue
-            sides: dict[tuple[str, str], list[int]] = {}
-            for ch in g.channels:
-                for m in ch:
-                    sides.setdefault((m.module, m.role), [])
-            for pos in self.kept[g.id]:
+        for g in self.graph.groups:  # a layer side may span groups (after a concat): merge them
+            for pos in self.kept.get(g.id, range(len(g))):
                 for m in sorted(g.channels[pos], key=lambda m: m.index):
-                    sides[(m.module, m.role)].append(m.index)
-            for key, idx in sides.items():
-                picks[key] = idx if self.permute else sorted(idx)
+                    picks.setdefault((m.module, m.role), []).append(m.index)
+        if not self.permute:
+            picks = {k: sorted(v) for k, v in picks.items()}
         out: dict[str, Keep] = {}
         for (name, role), idx in picks.items():
             in_shape, out_shape = self.graph.shapes[name]

@@ -6,7 +6,7 @@ from efficientml.cli.main import main
 def test_cli_prune_channel_writes_report(tmp_path, capsys):
     out, rep = tmp_path / "p.safetensors", tmp_path / "r.json"
     rc = main(["prune", "vgg", "--model-arg", "width=0.125", "--method", "channel", "--ratio", "0.5",
-               "--train-subset", "256", "--finetune-epochs", "0.1", "--no-latency", "--out", str(out),
+               "--train-subset", "256", "--test-subset", "200", "--threads", "1", "--finetune-epochs", "0.1", "--no-latency", "--out", str(out),
                "--report", str(rep), "--json"])
     assert rc == 0
     report = json.loads(rep.read_text())
@@ -29,6 +29,6 @@ def test_cli_bad_ratio_is_one_line(capsys):
 
 def test_cli_nm_not_divisible_error(capsys):
     rc = main(["prune", "vgg", "--model-arg", "width=0.125", "--method", "nm", "--layers", "backbone.conv0",
-               "--no-latency", "--train-subset", "64"])
+               "--no-latency", "--train-subset", "64", "--test-subset", "64", "--threads", "1"])
     assert rc == 2
     assert "not divisible by M=4" in capsys.readouterr().err
