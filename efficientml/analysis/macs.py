@@ -164,12 +164,11 @@ CONV_TRANSPOSES = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_trans
 RNNS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 MATMULS = frozenset({"matmul", "mm", "bmm", "mv", "dot", "inner", "vdot", "_sparse_mm", "smm", "spmm"})
 
-# Calls that only read metadata or build nothing worth a row.
+# Calls that only read metadata (names as op_name normalizes them: ``__len__`` → ``len``).
 METADATA = frozenset("""
 size dim numel shape dtype device is_contiguous stride storage_offset data_ptr untyped_storage
 element_size nelement is_floating_point is_complex requires_grad grad_fn is_leaf layout is_cuda
-ndim ndimension T_ __len__ __iter__ __bool__ __int__ __float__ __index__ __format__ __repr__ __hash__
-item tolist __eq__ equal
+is_sparse ndim ndimension len iter format repr hash item tolist get_device
 """.split())
 
 

@@ -58,7 +58,7 @@ def activation_memory_from_trace(trace: Trace) -> ActivationMemory:
     for i, step in enumerate(trace.steps):
         for r in step.inputs:  # a buffer read here stays live at least until here
             size[r.storage] = max(size.get(r.storage, 0), r.storage_elements)
-            born.setdefault(r.storage, 0)
+            born.setdefault(r.storage, i)  # a tensor the trace did not see made (a constant)
             last[r.storage] = max(last.get(r.storage, i), i)
         fresh = 0
         for r in step.outputs:
