@@ -154,8 +154,10 @@ def part_ppl(rec: BenchmarkRecord, quick: bool, progress_path: Path | None = Non
             s[1] += n
             s[2] += dt
         state["done"] = i + 1
-        if progress_path is not None:
-            progress_path.write_text(json.dumps(state))
+        if progress_path is not None:  # atomically: the run may be stopped at any moment
+            tmp = progress_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state))
+            tmp.replace(progress_path)
         if i % 5 == 0 or i == max_win - 1:
             el = time.perf_counter() - t_start
             log(f"window {i + 1}/{max_win}: ours {state['ours'][2]:.0f} s, transformers "
@@ -197,14 +199,14 @@ def _time_generate(fn, reps: int) -> float:
 
 
 @torch.inference_mode()
-def part_decode(rec: BenchmarkRecord, quick: bool) -> None:
+def part_decode(rec: BenchmarkRecord, quick: bool, args_new_tokens: int = 64, args_repeats: int = 3) -> None:
     from efficientml.llm.generate import SamplingConfig, generate
 
     model, tok, hf, _, load_s = load_pair()
     ids = tok.encode(PROMPT)
     x = torch.tensor([ids])
-    N = 16 if quick else 128
-    reps = 2 if quick else 5
+    N = 8 if quick else args_new_tokens
+    reps = 2 if quick else args_repeats
     ours = {1: [], N: []}
     theirs = {1: [], N: []}
     same = None
@@ -328,6 +330,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--progress", default=None, help="ppl: save/resume window sums in this JSON file")
     ap.add_argument("--stop-after", type=float, default=None, help="ppl: stop after this many seconds")
+    ap.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated per run")
+    ap.add_argument("--repeats", type=int, default=3, help="decode: interleaved repeats (median)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/llm_core.json (quick: a temp file)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -346,7 +350,7 @@ def main() -> int:
         if p == "ppl":
             part_ppl(rec, args.quick, Path(args.progress) if args.progress else None, args.stop_after)
         else:
-            part_decode(rec, args.quick)
+            part_decode(rec, args.quick, args.new_tokens, args.repeats)
         rec.results.setdefault("commands", {})[p] = rec.command
         rec.write(out)  # after each part, so a long run keeps what it finished
     log(f"wrote {out}")

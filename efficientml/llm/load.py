@@ -22,7 +22,7 @@ from efficientml.core.errors import CheckpointError, DataNotFoundError
 from efficientml.core.lazy import optional_import
 from efficientml.core.serialization import atomic_dir
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.model import LlamaForCausalLM, build_model
+from efficientml.llm.model import LlamaForCausalLM, build_model, pack_projections
 from efficientml.llm.tokenizer import Tokenizer
 
 
@@ -105,6 +105,7 @@ def _fill(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str,
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.to(device)
+    pack_projections(model)
     return model.eval().requires_grad_(False)
 
 

@@ -15,8 +15,10 @@ quantized-module swaps are plain data::
     model.norm                               RMSNorm(d)
     lm_head                                  nn.Linear(d, vocab), sharing embed_tokens.weight when tied
 
-Every linear is a plain ``nn.Linear`` and is only ever called as ``module(x)``, so it can be swapped for
-a quantized module with the same call.
+Every linear is a plain ``nn.Linear``, so it can be swapped for a quantized module with the same call.
+Loaded models are *packed* (:func:`pack_projections`): q/k/v (and gate/up) weights become row views of
+one buffer and run as one matmul — same names, same ``state_dict``, no extra memory. Replacing any of
+those modules (or moving/casting the model) silently returns to one call per module.
 
 **A decoder block runs on its own** (calibration captures and transforms one block at a time)::
 
@@ -123,6 +125,59 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+class _Packed:
+    """Runs several ``nn.Linear`` s that read the same input as one matmul (fewer, larger kernels: the
+    decode step is bound by per-kernel overhead as much as by bandwidth). :func:`pack_projections`
+    moves their weights into one buffer and makes each module's weight a view of its rows, so names,
+    ``state_dict`` and memory are unchanged. The packed path is used only while every module is still
+    a plain ``nn.Linear`` whose weight is that view — swap one for a quantized module, or assign it a
+    new weight, and the modules run separately again."""
+
+    def __init__(self) -> None:
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.sizes: list[int] = []
+        self.ptrs: tuple[int, ...] = ()
+
+    def pack(self, mods: tuple[nn.Linear, ...]) -> None:
+        if any(type(m) is not nn.Linear for m in mods) or any(m.weight.is_meta for m in mods):
+            return
+        if len({m.weight.dtype for m in mods}) != 1 or len({m.bias is None for m in mods}) != 1:
+            return
+        with torch.no_grad():
+            w = torch.cat([m.weight for m in mods])  # (sum out, in)
+            b = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
+            self.sizes = [m.out_features for m in mods]
+            o = 0
+            for m, n in zip(mods, self.sizes):
+                m.weight = nn.Parameter(w[o:o + n], requires_grad=m.weight.requires_grad)
+                if b is not None:
+                    m.bias = nn.Parameter(b[o:o + n], requires_grad=m.bias.requires_grad)
+                o += n
+        self.weight, self.bias = w, b
+        self.ptrs = tuple(m.weight.data_ptr() for m in mods)
+
+    def __call__(self, x: torch.Tensor, mods: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...] | None:
+        if self.weight is None or any(type(m) is not nn.Linear for m in mods):
+            return None
+        if tuple(m.weight.data_ptr() for m in mods) != self.ptrs or mods[0].weight.dtype != self.weight.dtype:
+            self.weight = self.bias = None  # a weight was replaced (moved, cast, reassigned): unpack for good
+            return None
+        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods):
+            return None  # training: let autograd see each module's own weight
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def pack_projections(model: nn.Module) -> nn.Module:
+    """Pack q/k/v and gate/up of every block (see :class:`_Packed`); idempotent, in place."""
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mod.packed.pack((mod.q_proj, mod.k_proj, mod.v_proj))
+        elif isinstance(mod, MLP):
+            mod.packed.pack((mod.gate_proj, mod.up_proj))
+    return model
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -134,14 +189,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=cfg.o_bias)
         self.use_rope = cfg.position_embedding == "rope"
+        self.packed = _Packed()  # one matmul for q, k, v while they are views of one buffer
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        qkv = self.packed(x, (self.q_proj, self.k_proj, self.v_proj))
+        if qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = qkv
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.use_rope:
             cos, sin = rope  # type: ignore[misc]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -175,9 +236,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
         self.act = {"silu": F.silu, "gelu": F.gelu,
                     "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[cfg.hidden_act]
+        self.packed = _Packed()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gu = self.packed(x, (self.gate_proj, self.up_proj))
+        g, u = gu if gu is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(g) * u)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):

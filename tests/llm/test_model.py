@@ -129,3 +129,31 @@ def test_logits_match_transformers(name, tmp_path):
         again = load_hf(tmp_path / "m")(ids)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, ours, rtol=0, atol=0)  # save → load is exact
+
+
+def test_packed_projections_same_logits_and_state():
+    from efficientml.llm.model import pack_projections
+
+    cfg = CONFIGS["qwen2-bias"]
+    m = make(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = m(ids)
+        keys = list(m.state_dict())
+        pack_projections(m)
+        att = m.model.layers[0].self_attn
+        assert att.packed.weight is not None and att.q_proj.weight.data_ptr() == att.packed.weight.data_ptr()
+        assert list(m.state_dict()) == keys
+        storages = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        assert len(storages) == 2 * 7 + 3  # per layer: qkv w, qkv b, o, gate_up, down, 2 norms (27 unpacked)
+        torch.testing.assert_close(m(ids), ref, rtol=1e-5, atol=1e-5)
+        # swapping a projection (as quantization does) falls back to separate calls
+        new = torch.nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+        new.weight.copy_(att.q_proj.weight)
+        new.bias.copy_(att.q_proj.bias)
+        att.q_proj = new
+        torch.testing.assert_close(m(ids), ref, rtol=1e-5, atol=1e-5)
+        assert att.packed.weight is None or att.packed(torch.zeros(1, cfg.hidden_size),
+                                                        (att.q_proj, att.k_proj, att.v_proj)) is None
+        m.model.layers[1].mlp.up_proj.weight.mul_(2)  # in-place edits (AWQ-style scaling) stay visible
+        assert not torch.allclose(m(ids), ref)

