@@ -163,7 +163,12 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
         gen = torch.Generator(device=dev)
         gen.manual_seed(config.seed)
     stops = torch.tensor(sorted(set(config.stop_token_ids)), dtype=torch.long, device=dev)
-    step = _GraphStep(model, cache, B, use_compile) if use_graph and max_new > 1 else None
+    step = None
+    if use_graph and max_new > 1:  # captured once per cache: reuse the cache (reset()) to reuse the graph
+        step = getattr(cache, "_graph_step", None)
+        if step is None or step.ids.shape[0] != B or step.model is not model:
+            step = _GraphStep(model, cache, B, use_compile)
+            cache._graph_step = step  # type: ignore[attr-defined]
 
     t0 = time.perf_counter()
     logits = model(ids, cache, num_logits=1)[:, -1]  # (B, V)

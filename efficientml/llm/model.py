@@ -373,8 +373,14 @@ def build_model(cfg: LlamaConfig, device: str | torch.device = "meta",
                 dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """Construct without allocating (``device="meta"``); a loader then fills it with
     ``load_state_dict(…, assign=True)``. Any other device gets randomly initialized weights."""
-    with torch.device(device):
-        m = LlamaForCausalLM(cfg)
+    old = torch.get_default_dtype()
+    try:
+        if dtype.is_floating_point:
+            torch.set_default_dtype(dtype)  # allocate in the target dtype: no fp32 copy first
+        with torch.device(device):
+            m = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
     if str(device) != "meta":
         init_weights(m)
     return m.to(dtype)
@@ -382,15 +388,21 @@ def build_model(cfg: LlamaConfig, device: str | torch.device = "meta",
 
 @torch.no_grad()
 def init_weights(model: LlamaForCausalLM, std: float = 0.02, seed: int | None = None) -> None:
-    """Normal(0, std) linears and embeddings, ones for norms, zero biases (for random-weight tests)."""
-    g = torch.Generator(device="cpu")
+    """Normal(0, std) linears and embeddings, ones for norms, zero biases (for random-weight tests and
+    speed benchmarks). With ``seed`` the values come from a CPU generator (reproducible anywhere);
+    without, they are drawn in place on the weights' device (fast for large models)."""
+    g = None
     if seed is not None:
+        g = torch.Generator(device="cpu")
         g.manual_seed(seed)
     for mod in model.modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)):
             if mod is model.lm_head and model.config.tie_word_embeddings:
                 continue
-            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+            if g is None:
+                mod.weight.normal_(0.0, std)
+            else:
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
             if getattr(mod, "bias", None) is not None:
                 mod.bias.zero_()
         elif isinstance(mod, RMSNorm):

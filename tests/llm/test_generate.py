@@ -86,3 +86,23 @@ def test_prompt_longer_than_context(smollm2):
         generate(model, [5] * 20, SamplingConfig(max_new_tokens=1), cache=model.new_cache(1, 16))
     with pytest.raises(ShapeError, match="empty"):
         generate(model, [], SamplingConfig(max_new_tokens=1))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_decode_matches_eager():
+    from efficientml.llm.config import LlamaConfig
+    from efficientml.llm.model import build_model, init_weights
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    m = build_model(cfg, device="cpu")
+    init_weights(m, std=0.2, seed=0)
+    m = m.cuda().eval()
+    prompt = list(range(10, 30))
+    eager = generate(m, prompt, SamplingConfig(max_new_tokens=16), cuda_graph=False)
+    cache = m.new_cache(1, 64, static_shapes=True)
+    graphed = generate(m, prompt, SamplingConfig(max_new_tokens=16), cache=cache, cuda_graph=True)
+    assert graphed.tokens == eager.tokens
+    cache.reset()
+    again = generate(m, prompt, SamplingConfig(max_new_tokens=16), cache=cache, cuda_graph=True)
+    assert again.tokens == eager.tokens and cache._graph_step is not None
