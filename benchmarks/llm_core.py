@@ -121,12 +121,15 @@ def part_ppl(rec: BenchmarkRecord, quick: bool, progress_path: Path | None = Non
     from efficientml.data.text import load_text
     from efficientml.llm.eval import PerplexityProtocol, _batches, num_windows, score_window_batch
 
-    model, tok, hf, hf_dir, _ = load_pair()
+    from efficientml.llm.load import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    tok_dir = Path(tempfile.mkdtemp(prefix="llm_core_tok_"))
+    tok.save(tok_dir)
     text = load_text("wikitext2-raw-test")
     proto = PerplexityProtocol(context=1024)
     ids = tok.encode(text, add_bos=False)
-    hf_tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    hf_ids = hf_tok(text, add_special_tokens=False).input_ids
+    hf_ids = AutoTokenizer.from_pretrained(str(tok_dir))(text, add_special_tokens=False).input_ids
     n_win = num_windows(len(ids), proto)
     max_win = 3 if quick else n_win
     state = {"done": 0, "ours": [0.0, 0, 0.0], "transformers": [0.0, 0, 0.0], "commits": []}  # nll, count, s
@@ -136,14 +139,16 @@ def part_ppl(rec: BenchmarkRecord, quick: bool, progress_path: Path | None = Non
     if git_commit() not in state["commits"]:
         state["commits"].append(git_commit())
     log(f"ppl: {len(ids)} tokens, {n_win} windows of {proto.context}; evaluating {max_win}")
-    score = {"ours": lambda x, y: score_window_batch(model, x, y),
-             "transformers": lambda x, y: hf_score(hf, x, y)}
     t_start = time.perf_counter()
+    if state["done"] < max_win and (stop_after_s is None or stop_after_s > 0):  # models only if work remains
+        model, _, hf, _, _ = load_pair()
+        score = {"ours": lambda x, y: score_window_batch(model, x, y),
+                 "transformers": lambda x, y: hf_score(hf, x, y)}
     for i, (x, y) in enumerate(_batches(ids, proto, tok.bos_id, 1)):
-        if i >= max_win or (stop_after_s is not None and time.perf_counter() - t_start > stop_after_s):
-            break
         if i < state["done"]:
             continue
+        if i >= max_win or (stop_after_s is not None and time.perf_counter() - t_start >= stop_after_s):
+            break
         order = ["ours", "transformers"] if i % 2 == 0 else ["transformers", "ours"]
         for who in order:
             t = time.perf_counter()
