@@ -109,19 +109,55 @@ def mem_worker(method: str, tokens: int, blocks: int, threads: int) -> None:
                       "ratio": rss_peak_bytes() / model_bytes}))
 
 
-def run_mem(method: str, tokens: int, blocks: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--mem-worker", method, "--mem-tokens", str(tokens), "--mem-blocks",
-           str(blocks), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        return {"error": out.stderr[-2000:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def start_mem(methods: tuple[str, ...], tokens: int, blocks: int, threads: int) -> subprocess.Popen:
+    """The 1B workers run one after the other in the background while the perplexity table runs:
+    each is its own process, so its peak RSS is its own."""
+    inner = " && ".join(
+        f"{sys.executable} {__file__} --mem-worker {m} --mem-tokens {tokens} --mem-blocks {blocks} --threads {threads}"
+        for m in methods)
+    return subprocess.Popen(["bash", "-c", inner], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def collect_mem(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    res = {}
+    for line in out.strip().splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            res[d["method"]] = d
+    if proc.returncode != 0:
+        res["error"] = err[-2000:]
+    return res
+
+
+def merge(paths: list[str], out: str | None) -> None:
+    """One record from section runs of the same commit and protocol (run side by side to share the
+    CPU budget); each part's command is kept, results are merged key by key."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rec = BenchmarkRecord("llm_compression")
+    rec.results = {"parts": [{"command": p["command"], "git_commit": p["git_commit"], "created": p["created"]}
+                             for p in parts]}
+    for p in parts:
+        for k, v in p["results"].items():
+            if isinstance(v, dict) and isinstance(rec.results.get(k), dict):
+                rec.results[k] = {**rec.results[k], **v}
+            else:
+                rec.results.setdefault(k, v)
+        for t in p["targets"]:
+            if t["value"] is not None or t["id"] not in {x["id"] for x in rec.targets}:
+                rec.targets = [x for x in rec.targets if x["id"] != t["id"]] + [t]
+    rec.commit = parts[0]["git_commit"]
+    rec.write(Path(out) if out else None)
 
 
 # --------------------------------------------------------------------------------------------- main
+# the α / clip searches sized for this CPU budget (defaults: n_grid 20, 4 search samples, 512 clip tokens)
+AWQ_FAST = dict(n_grid=10, search_samples=1, clip_grid=10, clip_tokens=256)
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="smoke-test the script on a tiny random model")
     ap.add_argument("--windows", type=int, default=None)
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
@@ -130,14 +166,21 @@ def main() -> None:
     ap.add_argument("--mem-worker", default=None)
     ap.add_argument("--mem-tokens", type=int, default=128)
     ap.add_argument("--mem-blocks", type=int, default=2)
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="combine JSONs written by runs over disjoint --sections into the final file")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if args.mem_worker:
         mem_worker(args.mem_worker, args.mem_tokens, args.mem_blocks, args.threads)
         return
     torch.set_num_threads(args.threads)
-    windows = args.windows or (2 if args.quick else 8)
-    n_calib = args.calib_samples or (2 if args.quick else 8)
+    windows = args.windows or 2
+    n_calib = args.calib_samples or 2
     sections = set(args.sections.split(","))
+    mem_proc = start_mem(("awq", "gptq"), 64 if args.quick else 128, 1 if args.quick else 2, args.threads) \
+        if "mem" in sections else None
 
     from efficientml.data.text import load_text
     from efficientml.llm.compress import (AWQConfig, CalibConfig, GPTQConfig, PruneConfig, RTNConfig,
@@ -151,6 +194,14 @@ def main() -> None:
     rec = BenchmarkRecord("llm_compression")
     out_path = Path(args.out) if args.out else None
     base, tok = load("smollm2-135m")
+    if args.tiny:  # smoke test of this script: a 2-layer random model with SmolLM2's vocabulary
+        from efficientml.llm.config import LlamaConfig
+        from efficientml.llm.model import build_model
+
+        torch.manual_seed(0)
+        base = build_model(LlamaConfig(vocab_size=49152, hidden_size=192, intermediate_size=384, num_hidden_layers=2,
+                                       num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True,
+                                       max_position_embeddings=1024), "cpu").eval()
     ids = tok.encode(load_text("wikitext2-raw-test"), add_bos=False)
     proto = PerplexityProtocol(context=512)
     calib_cfg = CalibConfig("wikitext2-valid", n_calib, 512, 0)
@@ -185,17 +236,22 @@ def main() -> None:
                 "w4pc_sym": dict(w_bits=4, group_size=None, symmetric=True)}
     order = [("w3", "w3g128"), ("w4", "w4g128"), ("w4pc", "w4pc_sym")]
     gaps = {}
+    caches: dict[str, dict] = {}  # AWQ scales/clips per setting, reused by AWQ+GPTQ and the packed run
+    R["awq_search"] = {"fast_settings": AWQ_FAST, "note": "AWQ+GPTQ reuses the AWQ run's searched scales "
+                       "(same calibration and setting); it skips clipping and uses GPTQ instead of RTN"}
     for key, sname in order:
         if key not in sections:
             continue
         wq = settings[sname]
         R.setdefault("settings", {})[sname] = wq
-        rows = {"rtn": RTNConfig(**wq), "awq": AWQConfig(**wq), "gptq": GPTQConfig(**wq),
-                "awq+gptq": AWQConfig(**wq, use_gptq=True)}
+        rows = {"rtn": RTNConfig(**wq), "awq": AWQConfig(**wq, **AWQ_FAST), "gptq": GPTQConfig(**wq),
+                "awq+gptq": AWQConfig(**wq, **AWQ_FAST, use_gptq=True)}
+        R["method_configs"] = {k: v.to_dict() for k, v in rows.items()}
         p = {}
+        caches[sname] = {}
         for meth, conf in rows.items():
             m = copy.deepcopy(base)
-            rep = quantize(m, conf, calib, pack=False, progress=False)
+            rep = quantize(m, conf, calib, pack=False, progress=False, search_cache=caches[sname])
             R["quant_seconds"][f"{meth}_{sname}"] = rep["seconds"]
             p[meth] = ppl(m, f"{meth}_{sname}")
             del m
@@ -258,8 +314,8 @@ def main() -> None:
     if "real" in sections:
         real = {}
         m = copy.deepcopy(base)
-        conf = AWQConfig(**settings["w4g128"])
-        quantize(m, conf, calib, pack=True, progress=False)
+        conf = AWQConfig(**settings["w4g128"], **AWQ_FAST)
+        quantize(m, conf, calib, pack=True, progress=False, search_cache=caches.get("w4g128"))
         with tempfile.TemporaryDirectory() as td:
             qdir = Path(td) / "awq-w4"
             save_compressed(m, tok, qdir, float_dtype=torch.float16, recipe=conf.to_dict())
@@ -269,7 +325,7 @@ def main() -> None:
         real["fp32_weight_bytes"] = sum(p.numel() * 4 for p in base.parameters())
         real["bf16_weight_bytes"] = real["fp32_weight_bytes"] // 2
         prompt = calib[0, :32].tolist()
-        n_new = 16
+        n_new = 8
         for name, model in (("fp32", base), ("bf16", copy.deepcopy(base).to(torch.bfloat16)), ("w4_packed", packed)):
             generate(model, prompt, SamplingConfig(max_new_tokens=2))  # warm-up
             runs = [generate(model, prompt, SamplingConfig(max_new_tokens=n_new)) for _ in range(3)]
@@ -279,14 +335,15 @@ def main() -> None:
         R["real_path"] = real
         save()
 
-    if "mem" in sections:
-        mem = {meth: run_mem(meth, 128, 2, args.threads) for meth in ("awq", "gptq")}
+    if mem_proc is not None:
+        mem = collect_mem(mem_proc)
         R["memory_1b"] = mem
-        ratios = [mem[k].get("ratio") for k in mem]
+        ratios = [mem.get(k, {}).get("ratio") for k in ("awq", "gptq")]
         ok = all(r is not None for r in ratios)
         rec.target("calib_peak_rss_ratio_1b", max(ratios) if ok else None, "<=", 1.5,
                    note="max over AWQ and GPTQ of peak RSS / bf16 model bytes; random Llama-3.2-1B shapes, "
-                        "128 calibration tokens, first 2 of 16 blocks transformed (per-block memory repeats)")
+                        f"{mem.get('awq', {}).get('calib_tokens')} calibration tokens, first blocks transformed "
+                        "(blocks_transformed; the per-block memory pattern repeats)")
         save()
 
     for meth in ("awq", "gptq"):

@@ -52,9 +52,11 @@ def _check_groups(model: nn.Module, config: Any) -> None:
 @torch.no_grad()
 def quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | SmoothQuantConfig,
              calib: torch.Tensor | None = None, *, pack: bool = True, batch_size: int = 8,
-             device: str | torch.device | None = None, progress: bool | None = None) -> dict[str, Any]:
+             device: str | torch.device | None = None, progress: bool | None = None,
+             search_cache: dict | None = None) -> dict[str, Any]:
     """Quantize every decoder-block linear of ``model`` in place; returns a report (method, config,
-    seconds, per-block search results)."""
+    seconds, per-block search results). ``search_cache`` (AWQ): a dict in which searched scales and
+    clip thresholds are kept and reused by a later run with the same calibration and bits/group."""
     if not isinstance(config, QUANT_CONFIGS):
         raise ConfigError(f"quantize() takes one of {[c.__name__ for c in QUANT_CONFIGS]}, got {type(config).__name__}")
     _check_model(model)
@@ -70,8 +72,11 @@ def quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | Smoo
     else:
         method = type(config).kind
         tokens = check_calib(calib, method)
-        proc = {AWQConfig: awq_processor, GPTQConfig: gptq_processor,
-                SmoothQuantConfig: smoothquant_processor}[type(config)](model, config, pack, log)
+        if isinstance(config, AWQConfig):
+            proc = awq_processor(model, config, pack, log, search_cache)
+        else:
+            proc = {GPTQConfig: gptq_processor,
+                    SmoothQuantConfig: smoothquant_processor}[type(config)](model, config, pack, log)
         run_blockwise(model, tokens, proc, batch_size, device, desc=method, progress=progress)
     return {"method": type(config).kind, "config": config.to_dict(), "pack": pack,
             "seconds": time.perf_counter() - t0, "blocks": log}

@@ -26,7 +26,7 @@ from torch import nn
 from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
 from efficientml.llm.compress.calib import BlockData
-from efficientml.llm.compress.gptq import HessianAccumulator, gptq_quantize
+from efficientml.llm.compress.gptq import HessianAccumulator, gptq_quantize_shared
 from efficientml.llm.compress.mappings import ScalingGroup, scaling_groups, usable
 from efficientml.llm.compress.qlinear import install_quantized
 from efficientml.llm.compress.rtn import WeightQuantSpec, fake_quantize, quantize_weight
@@ -148,8 +148,14 @@ def _input_sets(model: nn.Module) -> list[tuple[str, ...]]:
     return [g.linears for g in scaling_groups(model)]
 
 
-def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict | None = None):
-    """A ``process(data)`` for :func:`run_blockwise` applying AWQ (optionally + GPTQ) to one block."""
+def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict | None = None,
+                  search_cache: dict | None = None):
+    """A ``process(data)`` for :func:`run_blockwise` applying AWQ (optionally + GPTQ) to one block.
+
+    ``search_cache``: searched scales and clip thresholds by (block, layer); a later run with the same
+    model, calibration tokens and bit width/group size reuses them instead of searching again (AWQ then
+    AWQ+GPTQ, or a fake-quant run then a packed one)."""
+    cache = search_cache if search_cache is not None else {}
     groups = scaling_groups(model)
     sets = _input_sets(model)
     spec = cfg.spec
@@ -194,8 +200,11 @@ def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
                 a = None
             elif cfg.salient_mode == "fp16":
                 continue
+            elif (data.index, "scale", k) in cache:
+                s, a = cache[data.index, "scale", k]
             else:
                 s, a, _ = search_scale(data, grp, X[k], x_mean[k], spec, cfg.n_grid)
+                cache[data.index, "scale", k] = (s, a)
             scales[k] = s
             info[grp.inspect] = a
         for grp in groups:  # apply all scales after all searches (each search saw the fp block)
@@ -209,19 +218,27 @@ def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
             k = names[0]
             s = scales.get(k)
             xs = X[k].reshape(-1, X[k].shape[-1])
+            gq = {}
+            if cfg.use_gptq:
+                H = hess.pop(k).value()
+                if s is not None:
+                    H = H / (s[:, None] * s[None, :])  # inputs are x / s now
+                ws = [block.get_submodule(n).weight.detach().float() for n in names]
+                gq = dict(zip(names, gptq_quantize_shared(ws, H, spec, cfg.gptq_damp, cfg.gptq_block_size, name=k)))
+                del H
             for name in names:
                 lin = block.get_submodule(name)
                 w = lin.weight.detach().float()
                 if cfg.use_gptq:
-                    H = hess[k].value()
-                    if s is not None:
-                        H = H / (s[:, None] * s[None, :])  # inputs are x / s now
-                    qw = gptq_quantize(w, H, spec, cfg.gptq_damp, cfg.gptq_block_size, name=name)
+                    qw = gq[name]
                 else:
                     max_abs = None
                     if cfg.clip and not name.endswith(("q_proj", "k_proj")):
-                        step = max(1, xs.shape[0] // cfg.clip_tokens)
-                        max_abs = search_clip(w, xs[::step], spec, cfg.clip_grid, cfg.max_shrink)
+                        if (data.index, "clip", name) not in cache:
+                            step = max(1, xs.shape[0] // cfg.clip_tokens)
+                            cache[data.index, "clip", name] = search_clip(w, xs[::step], spec, cfg.clip_grid,
+                                                                          cfg.max_shrink)
+                        max_abs = cache[data.index, "clip", name]
                     qw = quantize_weight(w, spec, max_abs, name)
                 if cfg.salient_mode == "fp16":
                     keep = _salient(x_mean[k], cfg.salient_fraction)

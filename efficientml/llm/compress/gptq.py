@@ -126,6 +126,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp:
     return QuantizedWeight(codes, scale, zero, spec)
 
 
+def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, spec: WeightQuantSpec, damp: float = 0.01,
+                         block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+                         name: str = "layer") -> list[QuantizedWeight]:
+    """GPTQ for linears sharing one input (q/k/v, gate/up): their rows are independent given H, so
+    they are quantized as one stacked weight — the same result with one column loop."""
+    qw = gptq_quantize(torch.cat(ws), H, spec, damp, block_size, act_order, static_groups, name)
+    out, i = [], 0
+    for w in ws:
+        r = slice(i, i + w.shape[0])
+        out.append(QuantizedWeight(qw.codes[r], qw.scale[r], qw.zero[r], spec))
+        i += w.shape[0]
+    return out
+
+
 def gptq_processor(model, cfg: GPTQConfig, pack: bool = True, log: dict | None = None):
     """A ``process(data)`` for :func:`~efficientml.llm.compress.calib.run_blockwise`."""
     from efficientml.llm.compress.mappings import scaling_groups
@@ -141,9 +155,10 @@ def gptq_processor(model, cfg: GPTQConfig, pack: bool = True, log: dict | None =
         fp_out = data.run({k: h.add for k, h in hess.items()}, keep_outputs=cfg.propagate == "fp")
         for names in sets:
             H = hess.pop(names[0]).value()
-            for name in names:
-                w = block.get_submodule(name).weight.detach().float()
-                qw = gptq_quantize(w, H, spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups, name)
+            ws = [block.get_submodule(n).weight.detach().float() for n in names]
+            qws = gptq_quantize_shared(ws, H, spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups,
+                                       names[0])
+            for name, qw in zip(names, qws):
                 install_quantized(block, name, qw, pack)
             del H
         return fp_out  # None: run_blockwise re-runs the quantized block
