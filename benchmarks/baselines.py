@@ -37,7 +37,7 @@ RECIPES = {
 
 
 def checkpoint_path(name: str) -> Path:
-    return ROOT / "checkpoints" / f"{name}_fashionmnist.safetensors"
+    return ROOT / "checkpoints" / f"{name}_fmnist.safetensors"
 
 
 def train_baseline(name: str, out: Path, quick: bool = False):

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keyword argument for the model builder (repeatable), e.g. width=0.25")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=None, help="checkpoint path (default checkpoints/MODEL_DATASET.safetensors)")
+    p.add_argument("--out", default=None, help="checkpoint path (default checkpoints/MODEL_DATASET.safetensors, e.g. vgg_fmnist)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last saved epoch")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files")
     add_json_flag(p)
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     train, test = spec.loaders(batch_size=args.batch_size, augment=not args.no_augment,
                                pad_to=args.pad_to, train_subset=args.train_subset, seed=args.seed,
                                root=args.data_root)
-    out = Path(args.out or f"checkpoints/{args.model}_{args.dataset.replace('-', '')}.safetensors")
+    out = Path(args.out or f"checkpoints/{args.model}_{spec.short}.safetensors")
     meta = {"model": args.model, "model_kwargs": kwargs, "dataset": args.dataset,
             "pad_to": args.pad_to, "train_config": cfg.to_dict(), "batch_size": args.batch_size,
             "augment": not args.no_augment, "train_subset": args.train_subset,

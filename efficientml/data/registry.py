@@ -15,6 +15,7 @@ class DatasetSpec:
     in_channels: int
     num_classes: int
     image_size: int
+    short: str                                # used in default file names: checkpoints/vgg_fmnist…
     loaders: Callable[..., tuple[Any, Any]]   # (batch_size=, augment=, ...) -> (train, test)
 
 
@@ -27,7 +28,7 @@ def _fmnist(**kw: Any) -> tuple[Any, Any]:
     return fashion_mnist_loaders(**kw)
 
 
-DATASETS.register("fashion-mnist", DatasetSpec("fashion-mnist", 1, 10, 28, _fmnist))
+DATASETS.register("fashion-mnist", DatasetSpec("fashion-mnist", 1, 10, 28, "fmnist", _fmnist))
 
 
 def _digits(batch_size: int = 128, augment: bool = False, pad_to: int | None = None,
@@ -52,7 +53,7 @@ def _digits(batch_size: int = 128, augment: bool = False, pad_to: int | None = N
             TensorLoader(test, eval_batch_size, pad_to=pad_to))
 
 
-DATASETS.register("digits", DatasetSpec("digits", 1, 10, 8, _digits))
+DATASETS.register("digits", DatasetSpec("digits", 1, 10, 8, "digits", _digits))
 
 
 def get_dataset(name: str) -> DatasetSpec:
