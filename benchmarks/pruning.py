@@ -142,7 +142,7 @@ def part_finegrained(env: Env, rec: BenchmarkRecord, base: torch.nn.Module, base
     csr_model = to_csr(copy.deepcopy(model).eval(), min_sparsity=0.5)
     from efficientml.prune.report import measure_pair
 
-    d_ms, c_ms = measure_pair(model, csr_model, x64, threads=2, rounds=3, runs=5 if env.quick else 10)
+    d_ms, c_ms = measure_pair(model, csr_model, x64, threads=2, rounds=3, runs=5)
     rec.results["finegrained"]["csr_execution_bs64"] = {
         "dense_ms": d_ms, "csr_ms": c_ms, "speedup": d_ms / c_ms, "kind": "measured",
         "note": "layers with ≥ 50% zeros run as CSR sparse × dense (torch.sparse.mm, convs via im2col)"}
@@ -339,6 +339,27 @@ def part_gpu(quick: bool) -> None:
     log("wrote", ROOT / "benchmarks" / "results" / "pruning_gpu.json")
 
 
+def merge(sources: list[str], out: Path) -> int:
+    """Fold separately run parts into one record (each part keeps its own commit in results.runs)."""
+    rec = BenchmarkRecord("pruning")
+    if out.is_file():
+        old = json.loads(out.read_text())
+        rec.results, rec.targets, rec.command = old["results"], old["targets"], old["command"]
+        rec.created, rec.commit = old["created"], old["git_commit"]
+    for src in sources:
+        d = json.loads(Path(src).read_text())
+        runs = rec.results.get("runs", []) + d["results"].get("runs", [])
+        secs = {**rec.results.get("seconds", {}), **d["results"].get("seconds", {})}
+        rec.results.update(d["results"])
+        rec.results["runs"], rec.results["seconds"] = runs, secs
+        for t in d["targets"]:
+            rec.targets = [x for x in rec.targets if x["id"] != t["id"]] + [t]
+        rec.command += " ; " + d["command"]
+    rec.write(out)
+    log("merged", sources, "into", out)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
@@ -347,9 +368,13 @@ def main() -> int:
     ap.add_argument("--part", action="append", choices=PARTS, help="run only these parts (repeatable)")
     ap.add_argument("--vgg-checkpoint", default=None, help="VGG baseline (default checkpoints/vgg_f*mnist)")
     ap.add_argument("--resnet-checkpoint", default=None, help="ResNet-20 baseline (default checkpoints/resnet20_f*mnist)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge the results and targets of these runs (e.g. parts run in parallel) into --out")
     ap.add_argument("--out", default=None, help="where to write the JSON (default benchmarks/results/)")
     args = ap.parse_args()
     parts = args.part or list(PARTS)
+    if args.merge:
+        return merge(args.merge, Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "pruning.json")
     # 1 intra-op thread for pruning, training and evaluation: on the shared 2-core machine two threads
     # spin-wait against other processes and run several times slower. Latency is always measured
     # with threads=2 (analysis.measure_latency sets it for the measurement only).

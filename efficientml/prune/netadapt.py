@@ -50,6 +50,7 @@ class NetAdaptConfig(Config):
     runs: int = 10                   # timed runs per latency measurement
     final_epochs: float = 0.0        # long fine-tune at the end (0: leave it to the caller)
     final_lr: float = 0.01
+    lookup: str = "measured"         # "measured" here, or "macs" (a theoretical table, for tests)
 
     def validate(self) -> None:
         check_range("target_ratio", self.target_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
@@ -58,6 +59,8 @@ class NetAdaptConfig(Config):
         for name in ("batch_size", "threads", "grid", "max_iterations", "runs", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lookup not in ("measured", "macs"):
+            raise ConfigError(f"lookup must be 'measured' or 'macs', got {self.lookup!r}")
         if self.grid < 2:
             raise ConfigError(f"grid must be ≥ 2 channel counts per side, got {self.grid}")
 
@@ -66,9 +69,10 @@ class LatencyTable:
     """Per-layer latency (ms) on a grid of (c_in, c_out), measured here; bilinear in between."""
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, batch_size: int, threads: int,
-                 grid: int, runs: int):
+                 grid: int, runs: int, measured: bool = True):
         from efficientml.analysis import measure_latency
 
+        self.kind = "measured" if measured else "theoretical (MACs / 1e6)"
         self.table: dict[str, dict[str, Any]] = {}
         for name in graph.order:
             mod = get_module(model, name)
@@ -86,7 +90,13 @@ class LatencyTable:
                         continue
                     layer = _layer_like(mod, ci, co)
                     x = torch.randn(batch_size, ci, *in_shape[2:])
-                    ms[i, j] = measure_latency(layer, x, warmup=2, runs=runs, threads=threads).median_ms
+                    if measured:
+                        ms[i, j] = measure_latency(layer, x, warmup=2, runs=runs, threads=threads).median_ms
+                    else:
+                        fan_in = 1 if depthwise else ci
+                        k = layer.weight[0].numel() // max(1, layer.weight.shape[1]) if isinstance(layer, nn.Conv2d) else 1
+                        out_hw = graph.shapes[name][1][2:]
+                        ms[i, j] = batch_size * co * fan_in * k * float(torch.tensor(out_hw).prod()) / 1e6
             self.table[name] = {"in": ins, "out": outs, "ms": ms, "depthwise": depthwise}
 
     def layer(self, name: str, cin: int, cout: int) -> float:
@@ -99,7 +109,8 @@ class LatencyTable:
         return sum(self.layer(n, *counts[n]) for n in self.table if n in counts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {n: {"in": t["in"], "out": t["out"], "ms": t["ms"].tolist()} for n, t in self.table.items()}
+        return {"kind": self.kind,
+                "layers": {n: {"in": t["in"], "out": t["out"], "ms": t["ms"].tolist()} for n, t in self.table.items()}}
 
 
 def _channels(mod: nn.Module) -> tuple[int, int]:
@@ -168,15 +179,16 @@ def netadapt(model: nn.Module, config: NetAdaptConfig, sample_shape: tuple[int, 
     example = torch.randn(2, *sample_shape)
     graph = DependencyGraph.build(model, example)
     t0 = time.perf_counter()
-    table = LatencyTable(model, graph, config.batch_size, config.threads, config.grid, config.runs)
+    table = LatencyTable(model, graph, config.batch_size, config.threads, config.grid, config.runs,
+                         measured=config.lookup == "measured")
     lut_seconds = time.perf_counter() - t0
-    l0 = _measure(model, x, config)
+    l0 = _measure(model, x, config) if config.lookup == "measured" else table.estimate(_counts(model, table.table))
     offset = l0 - table.estimate(_counts(model, table.table))
     target = config.target_ratio * l0
     criterion = CRITERIA.get(config.criterion)
     short = TrainConfig(epochs=1.0, lr=config.short_lr, schedule="constant", max_steps=config.short_steps,
                         weight_decay=0.0, warmup_frac=0.0)
-    result = NetAdaptResult(model, l0, l0, table={"seconds": lut_seconds, "layers": table.to_dict()})
+    result = NetAdaptResult(model, l0, l0, table={"seconds": lut_seconds, **table.to_dict()})
     current = l0
     for it in range(config.max_iterations):
         if current <= target:
@@ -208,7 +220,7 @@ def netadapt(model: nn.Module, config: NetAdaptConfig, sample_shape: tuple[int, 
         if best is None:
             break
         acc, model, info = best
-        current = _measure(model, x, config)
+        current = _measure(model, x, config) if config.lookup == "measured" else info["estimated_latency_ms"]
         info.update({"iteration": it + 1, "requested_drop_ms": want, "measured_latency_ms": current,
                      "accuracy": acc})
         result.iterations.append(info)
