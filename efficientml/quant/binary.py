@@ -38,7 +38,8 @@ def binarize(x: torch.Tensor, stochastic: bool = False, generator: torch.Generat
 
 def _ste_sign(x: torch.Tensor) -> torch.Tensor:
     """sign forward; gradient passes where |x| ≤ 1."""
-    return (binarize(x) - x).detach() + x * (x.detach().abs() <= 1)
+    through = x * (x.detach().abs() <= 1)
+    return binarize(x.detach()) + through - through.detach()
 
 
 def _channel_mean_abs(w: torch.Tensor) -> torch.Tensor:

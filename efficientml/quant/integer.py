@@ -678,7 +678,9 @@ def calibrate_program(program: Program, batches: Iterable[torch.Tensor], cfg: In
         names = _tensor_inputs(ins) if not isinstance(ins.step, InputStep) else []
         ins.step.in_qp = [qps[a] for a in names if a in qps]
         if ins.step.observe:
-            rlo, rhi = observers[ins.out].range()
+            obs = observers[ins.out]
+            # the network's output keeps its full range: clipping logits changes predictions
+            rlo, rhi = (obs.min_val, obs.max_val) if ins.out == program.output else obs.range()
             s, z = scale_zero_point(torch.tensor(rlo), torch.tensor(rhi), lo, hi, symmetric=False)
             qps[ins.out] = QParams(float(s), int(z), lo, hi)
         else:

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from efficientml.core.errors import DataNotFoundError
+from efficientml.quant import IntegerConfig, convert_integer
+
+
+@pytest.fixture(scope="module")
+def resnet_and_samples():
+    from efficientml.data.cifar_samples import load_cifar_samples
+    from efficientml.models import build_model
+    from efficientml.models.resnet_cifar import PRETRAINED_MEAN, PRETRAINED_STD
+
+    try:
+        model = build_model("resnet20", pretrained=True).eval()
+        x, y = load_cifar_samples(normalize=True, mean=PRETRAINED_MEAN, std=PRETRAINED_STD)
+    except DataNotFoundError as e:
+        pytest.skip(f"pretrained weights or samples unavailable: {e}")
+    return model, x
+
+
+def test_pretrained_resnet20_int8_keeps_predictions(resnet_and_samples):
+    model, x = resnet_and_samples
+    im = convert_integer(model, [x], IntegerConfig(observer="minmax", reduce_range=False))
+    with torch.no_grad():
+        ref, out = model(x), im(x)
+    agree = int((out.argmax(1) == ref.argmax(1)).sum())
+    sqnr = float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+    assert agree >= 19 and sqnr >= 25, (agree, sqnr)
