@@ -85,17 +85,21 @@ class Env:
 
     def __init__(self, quick: bool):
         self.quick = quick
-        self.ft_subset = 512 if quick else 20000
-        self.ft_epochs = 0.5 if quick else 2.0
+        # Sized for 2 CPU cores shared by six engineers' jobs (this process got 5-20% of one core):
+        # one fine-tuning epoch over 10k training images, accuracy on a fixed 2,000-image test subset.
+        self.ft_subset = 512 if quick else 10000
+        self.ft_epochs = 0.5 if quick else 1.0
+        self.test_subset = 500 if quick else 2000
         self.train, self.test = fashion_mnist_loaders(batch_size=128, augment=True,
                                                       train_subset=self.ft_subset,
-                                                      test_subset=500 if quick else None)
+                                                      test_subset=self.test_subset)
         self.calib_loader, _ = fashion_mnist_loaders(batch_size=128, augment=False, train_subset=4096, seed=1)
         self.holdout, _ = fashion_mnist_loaders(batch_size=500, augment=False, train_subset=2000, seed=2)
         self.holdout.shuffle = False
         self.calib = [b for _, b in zip(range(4), self.calib_loader)]
 
     def acc(self, model: torch.nn.Module) -> float:
+        """Top-1 % on the fixed test subset (the same images for every model)."""
         return evaluate(model, self.test)["accuracy"]
 
     def ft(self, lr: float = 0.01) -> TrainConfig:
@@ -146,8 +150,8 @@ def part_finegrained(env: Env, rec: BenchmarkRecord, base: torch.nn.Module, base
     rec.results["finegrained"]["csr_execution_bs64"] = {
         "dense_ms": d_ms, "csr_ms": c_ms, "speedup": d_ms / c_ms, "kind": "measured",
         "note": "layers with ≥ 50% zeros run as CSR sparse × dense (torch.sparse.mm, convs via im2col)"}
-    grid = (0.9, 0.99) if env.quick else (0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
-    runs = 2 if env.quick else 5
+    grid = (0.9, 0.99) if env.quick else (0.9, 0.98, 0.99)
+    runs = 2 if env.quick else 3
     conv = torch.nn.Conv2d(128, 128, 3, padding=1, bias=False)
     lin = torch.nn.Linear(1024, 1024, bias=False)
     rec.results["sparse_cpu_crossover"] = {
@@ -185,15 +189,16 @@ def part_channel(env: Env, rec: BenchmarkRecord, base: torch.nn.Module, base_acc
     cfg = PruneConfig(method="channel", sparsity=ratio, criterion="l2")
     res = prune(base, cfg, example_inputs=example)
     acc0 = env.acc(res.model)
+    recalibrate_bn(res.model, env.calib)
     ft = env.ft()
     t0 = time.perf_counter()
     fit(res.model, env.train, ft, progress=False)
     acc1 = env.acc(res.model)
     ft_s = time.perf_counter() - t0
-    table = compare(base, res.model, SAMPLE, threads=2, rounds=3 if env.quick else 7,
-                    runs=5 if env.quick else 20)
+    table = compare(base, res.model, SAMPLE, threads=2, rounds=3 if env.quick else 5,
+                    runs=5 if env.quick else 10)
     table["before"]["accuracy"], table["after"]["accuracy"] = base_acc, acc1
-    t1 = compare(base, res.model, SAMPLE, threads=1, batch_sizes=(64,), rounds=3, runs=5 if env.quick else 20)
+    t1 = compare(base, res.model, SAMPLE, threads=1, batch_sizes=(64,), rounds=3, runs=5 if env.quick else 10)
     table["supplementary_1_thread_bs64"] = t1["ratios"]["speedup_bs64"] | {
         "before_ms": t1["before"]["latency_ms_bs64"], "after_ms": t1["after"]["latency_ms_bs64"]}
     mac_red = table["ratios"]["mac_reduction"]["value"]
@@ -241,8 +246,8 @@ def part_netadapt(env: Env, rec: BenchmarkRecord, base: torch.nn.Module, base_ac
     from efficientml.prune.netadapt import NetAdaptConfig, netadapt
 
     cfg = NetAdaptConfig(target_ratio=0.5, initial_step=0.1, step_decay=0.96, batch_size=64, threads=2,
-                         grid=3 if env.quick else 5, short_steps=2 if env.quick else 10,
-                         eval_batches=1 if env.quick else 2, runs=5 if env.quick else 10, max_iterations=4 if env.quick else 25)
+                         grid=3 if env.quick else 4, short_steps=2 if env.quick else 5,
+                         eval_batches=1, runs=5, max_iterations=4 if env.quick else 12)
     t0 = time.perf_counter()
     res = netadapt(base, cfg, SAMPLE, env.train, env.holdout, log=lambda i: log("netadapt", i))
     search_s = time.perf_counter() - t0
@@ -250,8 +255,8 @@ def part_netadapt(env: Env, rec: BenchmarkRecord, base: torch.nn.Module, base_ac
     ft = env.ft()
     fit(res.model, env.train, ft, progress=False)
     acc1 = env.acc(res.model)
-    table = compare(base, res.model, SAMPLE, threads=2, batch_sizes=(64,), rounds=3 if env.quick else 7,
-                    runs=5 if env.quick else 20)
+    table = compare(base, res.model, SAMPLE, threads=2, batch_sizes=(64,), rounds=3 if env.quick else 5,
+                    runs=5 if env.quick else 10)
     reduction = table["ratios"]["speedup_bs64"]["value"]
     rec.results["netadapt"] = {
         "config": cfg.to_dict(), "iterations": res.iterations, "search_seconds": search_s,
@@ -280,6 +285,7 @@ def part_resnet(env: Env, rec: BenchmarkRecord, checkpoint: str | None = None) -
     cfg = PruneConfig(method="channel", sparsity=ratio, criterion="l2")
     res = prune(base, cfg, example_inputs=example)
     acc0 = env.acc(res.model)
+    recalibrate_bn(res.model, env.calib)
     ft = env.ft()
     fit(res.model, env.train, ft, progress=False)
     acc1 = env.acc(res.model)
@@ -395,6 +401,10 @@ def main() -> int:
     rec.results.setdefault("runs", []).append({"parts": parts, "git_commit": git_commit(),
                                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     env = Env(args.quick)
+    rec.results["protocol"] = {
+        "test_images": env.test_subset, "finetune_images": env.ft_subset, "finetune_epochs": env.ft_epochs,
+        "torch_threads_for_training_and_eval": 1, "latency_threads": 2,
+        "why": "2 CPU cores shared with five other engineers' training jobs; budgets sized to finish"}
     if any(p in parts for p in ("finegrained", "channel", "criteria", "netadapt")):
         base, meta = load_baseline("vgg", args.quick, args.vgg_checkpoint)
         base_acc = env.acc(base)
@@ -407,7 +417,7 @@ def main() -> int:
             rec.results["vgg_reference"] = info
             log("vgg reference", info)
         for name, fn in (("finegrained", part_finegrained), ("channel", part_channel),
-                         ("criteria", part_criteria), ("netadapt", part_netadapt)):
+                         ("netadapt", part_netadapt), ("criteria", part_criteria)):
             if name in parts:
                 t0 = time.perf_counter()
                 fn(env, rec, base, base_acc if name == "criteria" else ref_acc)
