@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     spec = get_dataset(args.dataset)
     if args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint)
+        if meta.get("model") not in (None, args.model):
+            from efficientml.core.errors import ConfigError
+
+            raise ConfigError(f"checkpoint {args.checkpoint!r} holds a {meta['model']!r} model, not {args.model!r}")
         base_lr = (meta.get("train_config") or {}).get("lr", 0.1)
     else:
         kwargs = {"num_classes": spec.num_classes, "in_channels": spec.in_channels,
