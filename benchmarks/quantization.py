@@ -86,7 +86,9 @@ def bench_kmeans(base, train, test, fp32, q) -> dict:
         kmeans_quantize(m, KMeansConfig(bits=bits))
         row = {"bits": bits, "accuracy_before_finetune": acc(m, test)}
         if ft > 0:
-            row["finetune"] = finetune(m, train, ft, lr=0.01)
+            # centroid gradients are sums over whole clusters (thousands of weights): Adam's per-parameter
+            # normalization keeps the step size sane where plain SGD would blow the centroids up
+            row["finetune"] = finetune(m, train, ft, lr=2e-4, optimizer="adamw")
         row["accuracy"] = acc(m, test)
         row["drop"] = round(fp32 - row["accuracy"], 2)
         books = kmeans_codebooks(m)
@@ -165,7 +167,7 @@ def bench_deep_compression(base, train, test, fp32, q, tmp: Path) -> dict:
     res["accuracy_pruned"] = acc(m, test)
     kmeans_quantize(m, KMeansConfig(bits=4, prune_aware=True))
     res["accuracy_pruned_kmeans_no_finetune"] = acc(m, test)
-    res["kmeans_finetune"] = finetune(m, train, q["dc_kmeans_epochs"], lr=0.005)
+    res["kmeans_finetune"] = finetune(m, train, q["dc_kmeans_epochs"], lr=2e-4, optimizer="adamw")
     books = kmeans_codebooks(m)
     strip_kmeans(m)
     res["accuracy_before_save"] = acc(m, test)
