@@ -220,11 +220,12 @@ def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
             xs = X[k].reshape(-1, X[k].shape[-1])
             gq = {}
             if cfg.use_gptq:
-                H = hess.pop(k).value()
+                H = hess.pop(k).value(inplace=True)
                 if s is not None:
-                    H = H / (s[:, None] * s[None, :])  # inputs are x / s now
+                    H.div_(s[:, None]).div_(s[None, :])  # inputs are x / s now: H' = diag(1/s) H diag(1/s)
                 ws = [block.get_submodule(n).weight.detach().float() for n in names]
-                gq = dict(zip(names, gptq_quantize_shared(ws, H, spec, cfg.gptq_damp, cfg.gptq_block_size, name=k)))
+                gq = dict(zip(names, gptq_quantize_shared(ws, H, spec, cfg.gptq_damp, cfg.gptq_block_size, name=k,
+                                                          overwrite_h=True)))
                 del H
             for name in names:
                 lin = block.get_submodule(name)

@@ -59,7 +59,10 @@ class HessianAccumulator:
         self.H.addmm_(x.t(), x)
         self.count += x.shape[0]
 
-    def value(self) -> torch.Tensor:
+    def value(self, inplace: bool = False) -> torch.Tensor:
+        """H; ``inplace`` scales the accumulator itself (no second (n, n) buffer; it is then spent)."""
+        if inplace:
+            return self.H.mul_(2.0 / max(self.count, 1))
         return self.H * (2.0 / max(self.count, 1))
 
 
@@ -70,10 +73,11 @@ def _qdq_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) ->
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-                  name: str = "layer") -> QuantizedWeight:
-    """GPTQ on one weight (out, in) given its input Hessian (in, in)."""
+                  name: str = "layer", overwrite_h: bool = False) -> QuantizedWeight:
+    """GPTQ on one weight (out, in) given its input Hessian (in, in); ``overwrite_h`` lets it use H's
+    memory as scratch (the caller's H is then garbage) — for wide layers H dominates peak memory."""
     W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    H = H.detach().float() if overwrite_h else H.detach().clone().float()
     out, n = W.shape
     gs = spec.group_len(n, name)
     G = n // gs
@@ -92,11 +96,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp:
         W, H = W[:, perm], H[perm][:, perm]
 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L = torch.linalg.cholesky(H)
-    del H  # (in, in) temporaries dominate memory for wide layers: keep at most two alive
-    Hinv = torch.cholesky_inverse(L)
-    del L
-    Hinv = torch.linalg.cholesky(Hinv, upper=True)  # rows of the upper factor drive the updates
+    # (in, in) buffers dominate memory for wide layers (8192² fp32 = 268 MB): factor in place, two alive
+    torch.linalg.cholesky(H, out=H)
+    H.tril_()  # L
+    Hinv = torch.cholesky_inverse(H)
+    del H
+    torch.linalg.cholesky(Hinv, upper=True, out=Hinv)
+    Hinv.triu_()  # rows of the upper Cholesky factor of H⁻¹ drive the updates
 
     Q = torch.zeros_like(W)
     qmax = spec.qmax
@@ -128,10 +134,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp:
 
 def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, spec: WeightQuantSpec, damp: float = 0.01,
                          block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-                         name: str = "layer") -> list[QuantizedWeight]:
+                         name: str = "layer", overwrite_h: bool = False) -> list[QuantizedWeight]:
     """GPTQ for linears sharing one input (q/k/v, gate/up): their rows are independent given H, so
     they are quantized as one stacked weight — the same result with one column loop."""
-    qw = gptq_quantize(torch.cat(ws), H, spec, damp, block_size, act_order, static_groups, name)
+    qw = gptq_quantize(torch.cat(ws), H, spec, damp, block_size, act_order, static_groups, name, overwrite_h)
     out, i = [], 0
     for w in ws:
         r = slice(i, i + w.shape[0])
@@ -154,10 +160,10 @@ def gptq_processor(model, cfg: GPTQConfig, pack: bool = True, log: dict | None =
         hess = {s[0]: HessianAccumulator(block.get_submodule(s[0]).in_features, data.device) for s in sets}
         fp_out = data.run({k: h.add for k, h in hess.items()}, keep_outputs=cfg.propagate == "fp")
         for names in sets:
-            H = hess.pop(names[0]).value()
+            H = hess.pop(names[0]).value(inplace=True)
             ws = [block.get_submodule(n).weight.detach().float() for n in names]
             qws = gptq_quantize_shared(ws, H, spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups,
-                                       names[0])
+                                       names[0], overwrite_h=True)
             for name, qw in zip(names, qws):
                 install_quantized(block, name, qw, pack)
             del H
