@@ -131,7 +131,7 @@ def test_logits_match_transformers(name, tmp_path):
     loaded = load_hf(tmp_path / "m")
     for k, v in m.state_dict().items():  # save → load is exact
         assert torch.equal(loaded.state_dict()[k], v), k
-    torch.testing.assert_close(again, ours, rtol=1e-5, atol=1e-6)  # loaded models run packed q/k/v
+    torch.testing.assert_close(again, ours, rtol=1e-4, atol=1e-5)  # loaded models run packed q/k/v
 
 
 def test_packed_projections_same_logits_and_state():
