@@ -295,6 +295,8 @@ def main() -> int:
     ap.add_argument("--partial", default="/tmp/quantization_partial.json",
                     help="sections finished so far are saved here; --resume reuses them")
     ap.add_argument("--resume", action="store_true", help="skip sections already in --partial")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these sections (saved to --partial, no JSON)")
+    ap.add_argument("--dc-prune-epochs", type=float, default=None, help="override the pruning fine-tune length")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -344,7 +346,7 @@ def main() -> int:
     models: dict = {}
 
     def run(name: str, fn) -> None:
-        if name in sections:
+        if name in sections or (args.only is not None and name not in args.only):
             return
         sections[name] = fn()
         log(name, "done")
@@ -358,13 +360,19 @@ def main() -> int:
         models.update(ms)
         return out
 
-    if "int8" not in sections or "speed" not in sections or "speed_1thread" not in sections:
+    if args.dc_prune_epochs is not None:
+        q["dc_prune_epochs"] = args.dc_prune_epochs
+        rec.results["setup"]["schedule"]["dc_prune_epochs"] = args.dc_prune_epochs
+    if args.only is None and ("int8" not in sections or "speed" not in sections or "speed_1thread" not in sections):
         sections.update(ints())
     run("speed", lambda: bench_speed(base, models["best"], calib, args.latency_threads, q["speed_rounds"],
                                      q["speed_runs"]))
     run("speed_1thread", lambda: bench_speed(base, models["best"], calib, 1, max(1, q["speed_rounds"] // 2),
                                              q["speed_runs"]))
-    log("speed", sections["speed"]["median_ms"], sections["speed_1thread"]["median_ms"])
+    if args.only is not None:
+        pass
+    else:
+        log("speed", sections["speed"]["median_ms"], sections["speed_1thread"]["median_ms"])
     run("kmeans", lambda: bench_kmeans(base, train, test, fp32, q))
     run("deep_compression", lambda: bench_deep_compression(base, train, test, fp32, q, tmp))
     run("rounding", lambda: bench_rounding(base, calib, test, fp32, q))
@@ -373,6 +381,9 @@ def main() -> int:
     plot_path = ROOT / "benchmarks" / "results" / "quantization_pareto.png"
     run("mixed_precision", lambda: bench_mixed(base, calib, test_small, fp32_small,
                                                plot_path if not quick else tmp / "p.png"))
+    if args.only is not None:
+        log("only", args.only, "done; saved to", partial)
+        return 0
     sections["seconds_total"] = round(time.perf_counter() - t0, 1)
     rec.results.update(sections)
 
