@@ -140,14 +140,14 @@ class Tokenizer:
         if not self.chat_template:
             raise ConfigError("this tokenizer has no chat template; pass plain text instead of messages")
         if self._template is None:
-            jinja2 = optional_import("jinja2", "llm", "chat templates")
+            ext = optional_import("jinja2.ext", "llm", "chat templates")
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def raise_exception(msg: str) -> None:
                 raise ConfigError(f"chat template: {msg}")
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
+                                                extensions=[ext.loopcontrols])
             env.globals["raise_exception"] = raise_exception
             env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
             self._template = env.from_string(self.chat_template)
