@@ -88,12 +88,13 @@ def load_baseline(kind: str, quick: bool, override: str | None = None):
 class Env:
     """Data and the one fine-tuning recipe every part uses (so a dense control is comparable)."""
 
-    def __init__(self, quick: bool, netadapt_step: float = 0.1):
+    def __init__(self, quick: bool, netadapt_step: float = 0.1, ft_images: int | None = None,
+                 ft_epochs: float | None = None):
         self.quick, self.netadapt_step = quick, netadapt_step
         # Sized for 2 CPU cores shared by six engineers' jobs (this process got 5-20% of one core):
         # one fine-tuning epoch over 10k training images, accuracy on a fixed 2,000-image test subset.
-        self.ft_subset = 512 if quick else 10000
-        self.ft_epochs = 0.5 if quick else 1.0
+        self.ft_subset = ft_images or (512 if quick else 10000)
+        self.ft_epochs = ft_epochs or (0.5 if quick else 1.0)
         self.test_subset = 500 if quick else 2000
         self.train, self.test = fashion_mnist_loaders(batch_size=128, augment=True,
                                                       train_subset=self.ft_subset,
@@ -384,6 +385,9 @@ def main() -> int:
     ap.add_argument("--part", action="append", choices=PARTS, help="run only these parts (repeatable)")
     ap.add_argument("--vgg-checkpoint", default=None, help="VGG baseline (default checkpoints/vgg_f*mnist)")
     ap.add_argument("--resnet-checkpoint", default=None, help="ResNet-20 baseline (default checkpoints/resnet20_f*mnist)")
+    ap.add_argument("--ft-images", type=int, default=None,
+                    help="training images used for every fine-tune (default 10,000; 60000 = all)")
+    ap.add_argument("--ft-epochs", type=float, default=None, help="fine-tuning epochs (default 1)")
     ap.add_argument("--netadapt-step", type=float, default=0.1,
                     help="NetAdapt's first per-iteration latency drop, as a fraction of the initial latency")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -412,11 +416,14 @@ def main() -> int:
         rec.command = old.get("command", rec.command) + " ; " + rec.command
     rec.results.setdefault("runs", []).append({"parts": parts, "git_commit": git_commit(),
                                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    env = Env(args.quick, args.netadapt_step)
-    rec.results["protocol"] = {
+    env = Env(args.quick, args.netadapt_step, args.ft_images, args.ft_epochs)
+    protocol = {
         "test_images": env.test_subset, "finetune_images": env.ft_subset, "finetune_epochs": env.ft_epochs,
         "torch_threads_for_training_and_eval": 1, "latency_threads": 2,
         "why": "2 CPU cores shared with five other engineers' training jobs; budgets sized to finish"}
+    rec.results.setdefault("protocol", protocol)
+    for p in parts:  # parts rerun with another budget say so
+        rec.results.setdefault("protocol_by_part", {})[p] = protocol
     if any(p in parts for p in ("finegrained", "channel", "criteria", "netadapt")):
         base, meta = load_baseline("vgg", args.quick, args.vgg_checkpoint)
         base_acc = env.acc(base)
