@@ -2,15 +2,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    """The test machine's cores are shared; one intra-op thread avoids oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 _ZOO: dict = {}
 
 

@@ -5,15 +5,6 @@ import torch
 import torch.nn as nn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two intra-op threads on a shared, busy 2-core machine spin-wait and run ~10× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BatchNorms non-trivial statistics so that surgery errors show up in outputs."""
     g = torch.Generator().manual_seed(seed)

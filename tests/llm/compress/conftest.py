@@ -7,15 +7,6 @@ from efficientml.llm.config import LlamaConfig
 from efficientml.llm.model import build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine's cores are shared; one thread avoids OpenMP spinning against other processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_config(**kw) -> LlamaConfig:
     base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
