@@ -43,6 +43,11 @@ stage2)
     timeout 240 $PY benchmarks/llm_core.py --part gpu --gpu-sections smollm2 \
         --gpu-out "$OUT/llm_core_gpu_smollm2.json" 2>&1 | tee "$OUT/llm_core_gpu_smollm2.log"
     ;;
+light)  # when little device time is left: batch-1 decode only, 7B shapes and SmolLM2 (real if carried)
+    export EFFICIENTML_DATA=${EFFICIENTML_DATA:-$PWD/.gpu/b/data}
+    timeout 280 $PY benchmarks/llm_core.py --part gpu --gpu-light --gpu-sections 7b,smollm2 \
+        --gpu-out "$OUT/llm_core_gpu_light.json" 2>&1 | tee "$OUT/llm_core_gpu_light.log"
+    ;;
 *)
     echo "usage: $0 stage1|stage2" >&2
     exit 2

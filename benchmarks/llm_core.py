@@ -311,7 +311,7 @@ def _hf_random(cfg, dev: str):
 
 
 @torch.inference_mode()
-def part_gpu(quick: bool, sections: list[str], out: Path) -> None:
+def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -> None:
     """bf16 decode on CUDA, section by section (``7b``: random weights with Llama-2-7B's shapes;
     ``smollm2``: the real SmolLM2-135M). Sections run separately accumulate into ``out``."""
     rec = BenchmarkRecord("llm_core_gpu", device="cuda" if torch.cuda.is_available() else None)
@@ -367,11 +367,15 @@ def part_gpu(quick: bool, sections: list[str], out: Path) -> None:
             res["batch1"] = _decode_rates(model, None, 1, 128, n, n, reps)
             log(f"7b batch1 graph: {res['batch1']}")
             save()
+            if not quick and not light:
+                res["batch1_compile"] = _decode_rates(model, None, 1, 128, n, n, reps, use_compile=True)
+                log(f"7b batch1 compile: {res['batch1_compile']}")
+                save()
             res["batch16"] = _decode_rates(model, None, 16, 128, n, n, reps)
             log(f"7b batch16 graph: {res['batch16']}")
             save()
             hf = _hf_random(cfg7, dev)
-            for B in (1, 16):  # transformers at ~10 tok/s: fewer tokens and one repeat
+            for B in ((1,) if light else (1, 16)):  # transformers at ~10 tok/s: fewer tokens and one repeat
                 r = _decode_rates(model, hf, B, 128, n, 32, 1)
                 res[f"batch{B}"]["transformers"] = r["transformers"]
                 res[f"batch{B}"]["speedup"] = (res[f"batch{B}"]["ours"]["decode_tok_s_per_row"]
@@ -380,10 +384,6 @@ def part_gpu(quick: bool, sections: list[str], out: Path) -> None:
                 save()
             del hf
             torch.cuda.empty_cache()
-            if not quick:
-                res["batch1_compile"] = _decode_rates(model, None, 1, 128, n, n, reps, use_compile=True)
-                log(f"7b batch1 compile: {res['batch1_compile']}")
-                save()
         except Exception as e:  # keep what was measured
             res["error"] = f"{type(e).__name__}: {e}"
             log(f"7b section failed: {res['error']}")
@@ -408,11 +408,11 @@ def part_gpu(quick: bool, sections: list[str], out: Path) -> None:
 
             hf = HFLlama.from_pretrained(str(tmp / "hf"), dtype=torch.bfloat16).to(dev).eval()
             n = 64 if quick else 256
-            for B in (1, 16):
+            for B in ((1,) if light else (1, 16)):
                 res[f"batch{B}"] = _decode_rates(model, hf, B, 128, n, 64 if quick else 128, reps)
                 log(f"smollm2 batch{B}: {res[f'batch{B}']}")
                 save()
-            if not quick:
+            if not quick and not light:
                 res["batch1_compile"] = _decode_rates(model, None, 1, 128, n, n, reps, use_compile=True)
                 log(f"smollm2 batch1 compile: {res['batch1_compile']}")
         except Exception as e:
@@ -434,6 +434,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/llm_core.json (quick: a temp file)")
     ap.add_argument("--device", default="cpu", help="ppl: run both implementations on this device (cpu, cuda)")
     ap.add_argument("--gpu-sections", default="7b,smollm2", help="gpu: comma-separated sections (7b, smollm2)")
+    ap.add_argument("--gpu-light", action="store_true", help="gpu: batch 1 only, no torch.compile variant")
     ap.add_argument("--gpu-out", default=None, help="gpu: default benchmarks/results/llm_core_gpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -448,7 +449,7 @@ def main() -> int:
         log(f"part {p}")
         if p == "gpu":
             part_gpu(args.quick, args.gpu_sections.split(","),
-                     Path(args.gpu_out) if args.gpu_out else RESULTS / "llm_core_gpu.json")
+                     Path(args.gpu_out) if args.gpu_out else RESULTS / "llm_core_gpu.json", args.gpu_light)
             continue
         if p == "ppl":
             part_ppl(rec, args.quick, Path(args.progress) if args.progress else None, args.stop_after,
