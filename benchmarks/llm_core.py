@@ -295,6 +295,10 @@ def _decode_rates(model, hf, batch: int, prompt_len: int, n_ours: int, n_theirs:
     return row
 
 
+class _Done(Exception):
+    """Ends a section early (light mode) without an error."""
+
+
 def _hf_random(cfg, dev: str):
     """transformers' Llama with the same shapes (random weights, bf16, on ``dev``)."""
     from transformers import LlamaConfig as HFConfig
@@ -367,10 +371,12 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
             res["batch1"] = _decode_rates(model, None, 1, 128, n, n, reps)
             log(f"7b batch1 graph: {res['batch1']}")
             save()
-            if not quick and not light:
+            if not quick:
                 res["batch1_compile"] = _decode_rates(model, None, 1, 128, n, n, reps, use_compile=True)
                 log(f"7b batch1 compile: {res['batch1_compile']}")
                 save()
+            if light:
+                raise _Done
             res["batch16"] = _decode_rates(model, None, 16, 128, n, n, reps)
             log(f"7b batch16 graph: {res['batch16']}")
             save()
@@ -384,6 +390,8 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
                 save()
             del hf
             torch.cuda.empty_cache()
+        except _Done:
+            pass
         except Exception as e:  # keep what was measured
             res["error"] = f"{type(e).__name__}: {e}"
             log(f"7b section failed: {res['error']}")
