@@ -24,6 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str:
+    """HEAD (with ``-dirty`` for uncommitted changes to tracked files); ``EFFICIENTML_GIT_COMMIT`` wins,
+    for copied trees whose .git is absent or stale (e.g. a GPU machine)."""
+    if os.environ.get("EFFICIENTML_GIT_COMMIT"):
+        return os.environ["EFFICIENTML_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10)
@@ -33,8 +37,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"
         dirty = ""
-    if sha == "unknown":  # a copied tree without .git (e.g. a GPU machine): the caller may say which commit
-        return os.environ.get("EFFICIENTML_GIT_COMMIT", "unknown")
     return sha + ("-dirty" if dirty else "")
 
 

@@ -160,7 +160,9 @@ class _Packed:
     def __call__(self, x: torch.Tensor, mods: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...] | None:
         if self.weight is None or any(type(m) is not nn.Linear for m in mods):
             return None
-        if tuple(m.weight.data_ptr() for m in mods) != self.ptrs or mods[0].weight.dtype != self.weight.dtype:
+        if torch.compiler.is_compiling():  # traced once; data_ptr is not traceable
+            pass
+        elif tuple(m.weight.data_ptr() for m in mods) != self.ptrs or mods[0].weight.dtype != self.weight.dtype:
             self.weight = self.bias = None  # a weight was replaced (moved, cast, reassigned): unpack for good
             return None
         if torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods):

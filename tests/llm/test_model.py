@@ -160,3 +160,17 @@ def test_packed_projections_same_logits_and_state():
                                                         (att.q_proj, att.k_proj, att.v_proj)) is None
         m.model.layers[1].mlp.up_proj.weight.mul_(2)  # in-place edits (AWQ-style scaling) stay visible
         assert not torch.allclose(m(ids), ref)
+
+
+def test_packed_model_traces_with_torch_compile():
+    """The decode step is compiled on CUDA (torch.compile inside the CUDA graph); dynamo must trace the
+    packed projections (data_ptr is not traceable) — checked here with the eager backend on CPU."""
+    from efficientml.llm.model import pack_projections
+
+    cfg = CONFIGS["qwen2-bias"]
+    m = pack_projections(make(cfg))
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        ref = m(ids)
+        out = torch.compile(m, backend="eager", fullgraph=True)(ids)
+    torch.testing.assert_close(out, ref)
