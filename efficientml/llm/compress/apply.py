@@ -19,15 +19,16 @@ import torch
 from torch import nn
 
 from efficientml.core.errors import ConfigError, UnsupportedError
-from efficientml.llm.compress.awq import AWQConfig, awq_processor
+from efficientml.llm.compress.awq import AWQConfig, awq_processor, awq_transform
 from efficientml.llm.compress.calib import check_calib, run_blockwise
-from efficientml.llm.compress.gptq import GPTQConfig, gptq_processor
+from efficientml.llm.compress.gptq import GPTQConfig, gptq_processor, gptq_transform
 from efficientml.llm.compress.magnitude import PruneConfig, magnitude_prune
 from efficientml.llm.compress.mappings import BLOCK_LINEARS, scaling_groups
 from efficientml.llm.compress.qlinear import install_quantized
 from efficientml.llm.compress.rtn import RTNConfig, quantize_weight
 from efficientml.llm.compress.smoothquant import SmoothQuantConfig, smoothquant_processor
 from efficientml.llm.compress.sparsegpt import sparsegpt_processor
+from efficientml.llm.compress.stats import CalibStats, apply_with_stats
 from efficientml.llm.compress.wanda import wanda_processor
 
 QUANT_CONFIGS = (RTNConfig, AWQConfig, GPTQConfig, SmoothQuantConfig)
@@ -53,10 +54,16 @@ def _check_groups(model: nn.Module, config: Any) -> None:
 def quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | SmoothQuantConfig,
              calib: torch.Tensor | None = None, *, pack: bool = True, batch_size: int = 8,
              device: str | torch.device | None = None, progress: bool | None = None,
-             search_cache: dict | None = None) -> dict[str, Any]:
+             search_cache: dict | None = None, stats: CalibStats | None = None,
+             keep_stats: bool = False) -> dict[str, Any]:
     """Quantize every decoder-block linear of ``model`` in place; returns a report (method, config,
     seconds, per-block search results). ``search_cache`` (AWQ): a dict in which searched scales and
-    clip thresholds are kept and reused by a later run with the same calibration and bits/group."""
+    clip thresholds are kept and reused by a later run with the same calibration and bits/group.
+
+    ``keep_stats``: the report's ``"stats"`` holds the calibration statistics (:class:`CalibStats`);
+    ``stats``: quantize from such statistics instead of ``calib`` — no pass over the calibration set.
+    Both need fp propagation (AWQ; GPTQ with ``propagate="fp"``), where the statistics do not depend
+    on the setting."""
     if not isinstance(config, QUANT_CONFIGS):
         raise ConfigError(f"quantize() takes one of {[c.__name__ for c in QUANT_CONFIGS]}, got {type(config).__name__}")
     _check_model(model)
@@ -69,6 +76,24 @@ def quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | Smoo
             for name in BLOCK_LINEARS:
                 w = block.get_submodule(name).weight.detach().float()
                 install_quantized(block, name, quantize_weight(w, config.spec, name=name), pack)
+    elif stats is not None or keep_stats:
+        reusable = isinstance(config, AWQConfig) or (isinstance(config, GPTQConfig) and config.propagate == "fp")
+        if not reusable:
+            raise ConfigError("calibration statistics are reusable for AWQ and for GPTQ with propagate='fp' only "
+                              f"(their block inputs are the fp model's); got {type(config).__name__}"
+                              + (f"(propagate={config.propagate!r})" if isinstance(config, GPTQConfig) else ""))
+        if stats is not None:
+            _check_stats(config, stats)
+            transform = (awq_transform(model, config, pack, log, search_cache, consume=False)
+                         if isinstance(config, AWQConfig) else gptq_transform(model, config, pack, consume=False))
+            apply_with_stats(model, stats, transform, batch_size, device)
+        else:
+            tokens = check_calib(calib, type(config).kind)
+            kept: list = []
+            proc = (awq_processor(model, config, pack, log, search_cache, keep=kept) if isinstance(config, AWQConfig)
+                    else gptq_processor(model, config, pack, log, keep=kept))
+            ctx = run_blockwise(model, tokens, proc, batch_size, device, desc=type(config).kind, progress=progress)
+            stats = CalibStats(kept, ctx, int(tokens.numel()))
     else:
         method = type(config).kind
         tokens = check_calib(calib, method)
@@ -78,8 +103,25 @@ def quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | Smoo
             proc = {GPTQConfig: gptq_processor,
                     SmoothQuantConfig: smoothquant_processor}[type(config)](model, config, pack, log)
         run_blockwise(model, tokens, proc, batch_size, device, desc=method, progress=progress)
-    return {"method": type(config).kind, "config": config.to_dict(), "pack": pack,
-            "seconds": time.perf_counter() - t0, "blocks": log}
+    report = {"method": type(config).kind, "config": config.to_dict(), "pack": pack,
+              "seconds": time.perf_counter() - t0, "blocks": log}
+    if keep_stats:
+        report["stats"] = stats
+    return report
+
+
+def _check_stats(config: AWQConfig | GPTQConfig, stats: CalibStats) -> None:
+    b = stats.blocks[0] if stats.blocks else None
+    need_h = isinstance(config, GPTQConfig) or config.use_gptq
+    if b is None or (need_h and not b.hessian):
+        raise ConfigError(f"{type(config).__name__} needs Hessians in the calibration statistics; "
+                          "collect them with a GPTQ (propagate='fp') or AWQ use_gptq=True run")
+    if isinstance(config, AWQConfig) and (not b.x_mean or not b.samples):
+        raise ConfigError("AWQConfig needs mean |x| and search samples in the calibration statistics; "
+                          "collect them with an AWQ run (keep_stats=True)")
+    if isinstance(config, AWQConfig) and next(iter(b.samples.values())).shape[0] < config.search_samples:
+        raise ConfigError(f"AWQConfig(search_samples={config.search_samples}) needs that many sample sequences; "
+                          f"the statistics hold {next(iter(b.samples.values())).shape[0]}")
 
 
 @torch.no_grad()

@@ -26,10 +26,11 @@ from torch import nn
 from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
 from efficientml.llm.compress.calib import BlockData
-from efficientml.llm.compress.gptq import HessianAccumulator, gptq_quantize_shared
+from efficientml.llm.compress.gptq import gptq_quantize_shared
 from efficientml.llm.compress.mappings import ScalingGroup, scaling_groups, usable
 from efficientml.llm.compress.qlinear import install_quantized
 from efficientml.llm.compress.rtn import WeightQuantSpec, fake_quantize, quantize_weight
+from efficientml.llm.compress.stats import collect_block
 
 
 @dataclass(frozen=True)
@@ -88,31 +89,39 @@ def _salient(x_mean: torch.Tensor, frac: float) -> torch.Tensor:
 
 @torch.no_grad()
 def search_scale(data: BlockData, group: ScalingGroup, x: torch.Tensor, x_mean: torch.Tensor,
-                 spec: WeightQuantSpec, n_grid: int) -> tuple[torch.Tensor, float, list[float]]:
+                 spec: WeightQuantSpec, n_grid: int, rows: int = 1024) -> tuple[torch.Tensor, float, list[float]]:
     """Best per-channel scale for ``group`` by grid search over α. x: (n, T, in) sample inputs."""
     block = data.block
     mod = block.get_submodule(group.inspect)
     att = group.inspect == "self_attn"
     lins = [block.get_submodule(n) for n in group.linears]
-    origs = [lin.weight.detach().clone() for lin in lins]
+    # the candidates go into one scratch weight per linear, filled a slice of rows at a time; the
+    # original weights are swapped back at the end (no clones, no full-size temporaries)
+    origs = [lin.weight for lin in lins]
+    trial = [nn.Parameter(torch.empty_like(w), requires_grad=False) for w in origs]
 
     def run() -> torch.Tensor:
         return torch.cat([data.call(mod, xb.to(data.device), att).float() for xb in x.split(data.batch_size)])
 
     ref = run()
     best, best_a, best_s, errs = math.inf, 0.0, torch.ones_like(x_mean), []
-    for i in range(n_grid):
-        a = i / n_grid
-        s = x_mean.pow(a).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
+    try:
+        for lin, t in zip(lins, trial):
+            lin.weight = t
+        for i in range(n_grid):
+            a = i / n_grid
+            s = x_mean.pow(a).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for t, w in zip(trial, origs):
+                for r in range(0, w.shape[0], rows):
+                    t[r:r + rows] = fake_quantize(w[r:r + rows] * s[None, :], spec) / s[None, :]
+            err = (ref - run()).pow(2).mean().item()
+            errs.append(err)
+            if err < best:
+                best, best_a, best_s = err, a, s.clone()
+    finally:
         for lin, w in zip(lins, origs):
-            lin.weight.copy_(fake_quantize(w * s[None, :], spec) / s[None, :])
-        err = (ref - run()).pow(2).mean().item()
-        errs.append(err)
-        if err < best:
-            best, best_a, best_s = err, a, s.clone()
-    for lin, w in zip(lins, origs):
-        lin.weight.copy_(w)
+            lin.weight = w
     return best_s, best_a, errs
 
 
@@ -148,13 +157,14 @@ def _input_sets(model: nn.Module) -> list[tuple[str, ...]]:
     return [g.linears for g in scaling_groups(model)]
 
 
-def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict | None = None,
-                  search_cache: dict | None = None):
-    """A ``process(data)`` for :func:`run_blockwise` applying AWQ (optionally + GPTQ) to one block.
+def awq_transform(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict | None = None,
+                  search_cache: dict | None = None, consume: bool = True):
+    """A ``transform(data, stats)`` applying AWQ (optionally + GPTQ) to one block from its statistics
+    (mean |x| per input set, search samples, and Hessians when ``use_gptq``).
 
     ``search_cache``: searched scales and clip thresholds by (block, layer); a later run with the same
     model, calibration tokens and bit width/group size reuses them instead of searching again (AWQ then
-    AWQ+GPTQ, or a fake-quant run then a packed one)."""
+    AWQ+GPTQ, or a fake-quant run then a packed one). ``consume``: the Hessians may be overwritten."""
     cache = search_cache if search_cache is not None else {}
     groups = scaling_groups(model)
     sets = _input_sets(model)
@@ -163,30 +173,11 @@ def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
     log = log if log is not None else {}
 
     @torch.no_grad()
-    def process(data: BlockData) -> torch.Tensor:
+    def transform(data: BlockData, st) -> None:
         block = data.block
-        # pass 1 (all tokens): mean |x| per input channel (+ Hessians) and the fp outputs
-        d_in = {s[0]: block.get_submodule(s[0]).in_features for s in sets}
-        absum = {k: torch.zeros(n, device=data.device) for k, n in d_in.items()}
-        count = {k: 0 for k in d_in}
-        hess = {k: HessianAccumulator(n, data.device) for k, n in d_in.items()} if cfg.use_gptq else {}
-
-        def stat(k):
-            def fn(x):
-                absum[k] += x.abs().sum(0)
-                count[k] += x.shape[0]
-                if k in hess:
-                    hess[k].add(x)
-            return fn
-
-        fp_out = data.run({k: stat(k) for k in d_in})
-        x_mean = {k: absum[k] / count[k] for k in d_in}
-        # pass 2 (search samples only): the inputs themselves
-        feats: dict[str, list[torch.Tensor]] = {k: [] for k in d_in}
-        n_s = min(cfg.search_samples, data.inputs.shape[0])
-        T = data.inputs.shape[1]
-        data.run({k: (lambda x, k=k: feats[k].append(x)) for k in d_in}, samples=slice(0, n_s), keep_outputs=False)
-        X = {k: torch.cat(v).reshape(n_s, T, -1) for k, v in feats.items()}
+        x_mean = st.x_mean
+        n_s = min(cfg.search_samples, next(iter(st.samples.values())).shape[0])
+        X = {k: v[:n_s] for k, v in st.samples.items()}  # (n_s, T, in)
 
         scales: dict[str, torch.Tensor] = {}
         info = {}
@@ -220,18 +211,18 @@ def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
             xs = X[k].reshape(-1, X[k].shape[-1])
             gq = {}
             if cfg.use_gptq:
-                H = hess.pop(k).value(inplace=True)
+                H = st.hessian.pop(k) if consume else st.hessian[k].clone()
                 if s is not None:
                     H.div_(s[:, None]).div_(s[None, :])  # inputs are x / s now: H' = diag(1/s) H diag(1/s)
                 ws = [block.get_submodule(n).weight.detach().float() for n in names]
                 gq = dict(zip(names, gptq_quantize_shared(ws, H, spec, cfg.gptq_damp, cfg.gptq_block_size, name=k,
                                                           overwrite_h=True)))
-                del H
+                del H, ws
             for name in names:
                 lin = block.get_submodule(name)
                 w = lin.weight.detach().float()
                 if cfg.use_gptq:
-                    qw = gq[name]
+                    qw = gq.pop(name)
                 else:
                     max_abs = None
                     if cfg.clip and not name.endswith(("q_proj", "k_proj")):
@@ -248,6 +239,25 @@ def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
                     lin.weight.copy_(deq)
                 else:
                     install_quantized(block, name, qw, pack)
+                del w, qw
+
+    return transform
+
+
+def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict | None = None,
+                  search_cache: dict | None = None, keep: list | None = None):
+    """A ``process(data)`` for :func:`run_blockwise`: one pass collects the block's statistics and fp
+    outputs (the next block's inputs: scaling is exact), then :func:`awq_transform`. ``keep``: a list
+    that receives each block's statistics (then they are copied, not consumed)."""
+    sets = _input_sets(model)
+    transform = awq_transform(model, cfg, pack, log, search_cache, consume=keep is None)
+
+    @torch.no_grad()
+    def process(data: BlockData) -> torch.Tensor:
+        st, fp_out = collect_block(data, sets, x_mean=True, hessian=cfg.use_gptq, n_samples=cfg.search_samples)
+        if keep is not None:
+            keep.append(st.to("cpu"))
+        transform(data, st)
         return fp_out
 
     return process

@@ -21,6 +21,7 @@ from torch import nn
 
 from efficientml.core.config import Config
 from efficientml.core.errors import ConfigError, ShapeError
+from efficientml.core.memory import release_memory
 from efficientml.core.progress import track
 
 MIN_CALIB_TOKENS = 128
@@ -184,11 +185,11 @@ class BlockData:
 
 def run_blockwise(model: nn.Module, tokens: torch.Tensor, process: Callable[[BlockData], torch.Tensor | None],
                   batch_size: int = 8, device: torch.device | str | None = None, desc: str = "calibrating",
-                  progress: bool | None = None) -> None:
+                  progress: bool | None = None) -> BlockContext:
     """Capture block 0's inputs, then for each block: move it to ``device`` in fp32, call
     ``process(data)``, and propagate. ``process`` may return the next block's inputs (e.g. the fp
     outputs it computed anyway); if it returns None, the transformed block is run again to get them.
-    The block goes back to its original device and dtype afterwards."""
+    The block goes back to its original device and dtype afterwards. Returns the blocks' rope/mask."""
     home = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     device = torch.device(device) if device is not None else home
@@ -204,4 +205,6 @@ def run_blockwise(model: nn.Module, tokens: torch.Tensor, process: Callable[[Blo
             nxt = data.run()
         cast_block(block, dtype, home)
         inputs = nxt
-        del data
+        del data, nxt
+        release_memory()  # this block's freed scratch must not stay resident into the next block's peak
+    return ctx

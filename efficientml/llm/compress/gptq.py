@@ -18,6 +18,7 @@ import torch
 from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
 from efficientml.llm.compress.rtn import QuantizedWeight, WeightQuantSpec, compute_qparams, quantize_codes
+from efficientml.llm.compress.stats import BlockStats, HessianAccumulator, collect_block  # noqa: F401 (re-export)
 
 
 @dataclass(frozen=True)
@@ -47,89 +48,84 @@ class GPTQConfig(Config):
         return WeightQuantSpec(self.w_bits, self.group_size, self.symmetric)
 
 
-class HessianAccumulator:
-    """Running H = 2/N · Σ x xᵀ over batches of inputs (tokens, features)."""
-
-    def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.float()
-        self.H.addmm_(x.t(), x)
-        self.count += x.shape[0]
-
-    def value(self, inplace: bool = False) -> torch.Tensor:
-        """H; ``inplace`` scales the accumulator itself (no second (n, n) buffer; it is then spent)."""
-        if inplace:
-            return self.H.mul_(2.0 / max(self.count, 1))
-        return self.H * (2.0 / max(self.count, 1))
-
-
-def _qdq_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torch.Tensor:
-    return (torch.round(w / s + z).clamp(0, qmax) - z) * s
-
-
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
                   name: str = "layer", overwrite_h: bool = False) -> QuantizedWeight:
     """GPTQ on one weight (out, in) given its input Hessian (in, in); ``overwrite_h`` lets it use H's
     memory as scratch (the caller's H is then garbage) — for wide layers H dominates peak memory."""
-    W = W.detach().clone().float()
-    H = H.detach().float() if overwrite_h else H.detach().clone().float()
-    out, n = W.shape
+    Wt = torch.empty(W.shape[1], W.shape[0], dtype=torch.float32, device=W.device)
+    Wt.copy_(W.detach().t())
+    return _gptq(Wt, H, spec, damp, block_size, act_order, static_groups, name, overwrite_h)
+
+
+@torch.no_grad()
+def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp: float, block_size: int, act_order: bool,
+          static_groups: bool, name: str, overwrite_h: bool) -> QuantizedWeight:
+    """GPTQ on the transposed weight ``Wt`` (in, out), updated in place: a column of W is a contiguous
+    row of Wt, so the column updates and the lazy block update write in place (no (out, in) temporaries).
+    Memory: Wt, H (factored and inverted in place) and the uint8 codes."""
+    n, out = Wt.shape
     gs = spec.group_len(n, name)
     G = n // gs
+    H = H.detach().float() if overwrite_h else H.detach().clone().float()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    Wt[dead] = 0.0
 
-    scale = torch.zeros(out, G, dtype=torch.float32, device=W.device)
-    zero = torch.zeros(out, G, dtype=torch.int32, device=W.device)
+    scale = torch.zeros(out, G, dtype=torch.float32, device=Wt.device)
+    zero = torch.zeros(out, G, dtype=torch.int32, device=Wt.device)
     if spec.group_size is None or static_groups:  # qparams fixed up front from the original weight
-        scale, zero = compute_qparams(W, spec, name=name)
+        scale, zero = compute_qparams(Wt.t(), spec, name=name)
 
-    perm = torch.arange(n, device=W.device)
+    perm = torch.arange(n, device=Wt.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        Wt, H = Wt[perm], H[perm][:, perm]
+    group_of = (perm // gs).tolist()
 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    # (in, in) buffers dominate memory for wide layers (8192² fp32 = 268 MB): factor in place, two alive
+    # one (in, in) buffer (8192² fp32 = 268 MB): L, then H⁻¹, then its upper Cholesky factor, all in place
     torch.linalg.cholesky(H, out=H)
-    H.tril_()  # L
-    Hinv = torch.cholesky_inverse(H)
-    del H
-    torch.linalg.cholesky(Hinv, upper=True, out=Hinv)
-    Hinv.triu_()  # rows of the upper Cholesky factor of H⁻¹ drive the updates
+    H.tril_()
+    torch.cholesky_inverse(H, out=H)
+    torch.linalg.cholesky(H, upper=True, out=H)
+    Hinv = H.triu_()  # H⁻¹ = UᵀU; row i of U drives the updates after column i
 
-    Q = torch.zeros_like(W)
+    codes_t = torch.empty(n, out, dtype=torch.uint8, device=Wt.device)
     qmax = spec.qmax
     dynamic_groups = spec.group_size is not None and not static_groups
+    cur = None  # (group, scale, zero) of the current column
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty(i2 - i1, out, dtype=torch.float32, device=Wt.device)  # (cols, out) scaled errors
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            g = int(perm[col]) // gs
-            if dynamic_groups and col % gs == 0:  # group starts: qparams from its updated weights
-                span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                s_g, z_g = compute_qparams(span, spec.replace(group_size=None))
+            g = group_of[col]
+            new_group = dynamic_groups and col % gs == 0
+            if new_group:  # group starts: qparams from its updated weights
+                span = Wt[col:min(col + gs, i2)]
+                if col + gs > i2:  # the group runs past this block: add the block's pending updates
+                    rest = Wt[i2:col + gs] - Hinv[i1:col, i2:col + gs].t() @ Err1[:i]
+                    span = torch.cat([span, rest])
+                s_g, z_g = compute_qparams(span.t(), spec.replace(group_size=None))
                 scale[:, g], zero[:, g] = s_g[:, 0], z_g[:, 0]
-            w = W1[:, i]
-            q = _qdq_column(w, scale[:, g], zero[:, g].float(), qmax)
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Q[:, col] = q
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            if new_group or cur is None or cur[0] != g:
+                cur = (g, scale[:, g].contiguous(), zero[:, g].float())
+            _, s_c, z_c = cur
+            w = Wt[col]                                          # (out,) this column, with all updates so far
+            u = torch.round(w / s_c + z_c).clamp_(0, qmax)       # its codes
+            codes_t[col] = u.to(torch.uint8)
+            err = (w - (u - z_c) * s_c) / Hinv1[i, i]
+            Wt[col:i2].addr_(Hinv1[i, i:], err, alpha=-1.0)      # push the error onto this block's columns
+            Err1[i] = err
+        if i2 < n:  # lazy update of the columns after the block: one GEMM, in place
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
+    del Hinv, H
     if act_order:
-        Q = Q[:, torch.argsort(perm)]
-    codes = quantize_codes(Q, scale, zero, spec)  # Q lies on the grid: recovers the codes exactly
-    return QuantizedWeight(codes, scale, zero, spec)
+        codes_t = codes_t[torch.argsort(perm)]
+    return QuantizedWeight(codes_t.t().contiguous(), scale, zero, spec)
 
 
 def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, spec: WeightQuantSpec, damp: float = 0.01,
@@ -137,7 +133,9 @@ def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, spec: WeightQu
                          name: str = "layer", overwrite_h: bool = False) -> list[QuantizedWeight]:
     """GPTQ for linears sharing one input (q/k/v, gate/up): their rows are independent given H, so
     they are quantized as one stacked weight — the same result with one column loop."""
-    qw = gptq_quantize(torch.cat(ws), H, spec, damp, block_size, act_order, static_groups, name, overwrite_h)
+    Wt = torch.cat([w.detach().t().float() for w in ws], dim=1)  # (in, Σ out): the only fp32 copy
+    qw = _gptq(Wt, H, spec, damp, block_size, act_order, static_groups, name, overwrite_h)
+    del Wt
     out, i = [], 0
     for w in ws:
         r = slice(i, i + w.shape[0])
@@ -146,8 +144,9 @@ def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, spec: WeightQu
     return out
 
 
-def gptq_processor(model, cfg: GPTQConfig, pack: bool = True, log: dict | None = None):
-    """A ``process(data)`` for :func:`~efficientml.llm.compress.calib.run_blockwise`."""
+def gptq_transform(model, cfg: GPTQConfig, pack: bool = True, consume: bool = True):
+    """A ``transform(data, stats)``: GPTQ of one block's linears from its Hessians (``consume``: use the
+    Hessians' memory as scratch; pass False when the statistics are reused)."""
     from efficientml.llm.compress.mappings import scaling_groups
     from efficientml.llm.compress.qlinear import install_quantized
 
@@ -155,18 +154,35 @@ def gptq_processor(model, cfg: GPTQConfig, pack: bool = True, log: dict | None =
     spec = cfg.spec
 
     @torch.no_grad()
-    def process(data):
+    def transform(data, st: BlockStats) -> None:
         block = data.block
-        hess = {s[0]: HessianAccumulator(block.get_submodule(s[0]).in_features, data.device) for s in sets}
-        fp_out = data.run({k: h.add for k, h in hess.items()}, keep_outputs=cfg.propagate == "fp")
         for names in sets:
-            H = hess.pop(names[0]).value(inplace=True)
+            H = st.hessian.pop(names[0]) if consume else st.hessian[names[0]]
             ws = [block.get_submodule(n).weight.detach().float() for n in names]
             qws = gptq_quantize_shared(ws, H, spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups,
-                                       names[0], overwrite_h=True)
+                                       names[0], overwrite_h=consume)
+            del H, ws
             for name, qw in zip(names, qws):
                 install_quantized(block, name, qw, pack)
-            del H
+
+    return transform
+
+
+def gptq_processor(model, cfg: GPTQConfig, pack: bool = True, log: dict | None = None,
+                   keep: list | None = None):
+    """A ``process(data)`` for :func:`~efficientml.llm.compress.calib.run_blockwise`; ``keep``: a list
+    that receives each block's statistics (then the Hessians are copied, not consumed)."""
+    from efficientml.llm.compress.mappings import scaling_groups
+
+    sets = [g.linears for g in scaling_groups(model)]
+    transform = gptq_transform(model, cfg, pack, consume=keep is None)
+
+    @torch.no_grad()
+    def process(data):
+        st, fp_out = collect_block(data, sets, x_mean=False, hessian=True, keep_outputs=cfg.propagate == "fp")
+        if keep is not None:
+            keep.append(st.to("cpu"))
+        transform(data, st)
         return fp_out  # None: run_blockwise re-runs the quantized block
 
     return process

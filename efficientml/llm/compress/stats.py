@@ -1,0 +1,131 @@
+"""Calibration statistics of a block: what AWQ and GPTQ read from its inputs.
+
+Per set of linears sharing one input (q/k/v, o, gate/up, down; keyed by the set's first linear): the
+mean |x| per input channel (AWQ's activation scale), the Hessian 2/N·XᵀX (GPTQ), and the inputs of the
+first few calibration sequences (AWQ's α and clip searches). One pass of the block collects them all.
+
+When every block's inputs are the fp model's activations (AWQ always; GPTQ with ``propagate="fp"``),
+the statistics do not depend on the quantization setting: ``quantize(..., keep_stats=True)`` returns
+them, and ``quantize(model, config, stats=stats)`` applies another setting (bits, group size, AWQ,
+GPTQ or both) to a fresh copy of the model without running it over the calibration set again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from efficientml.core.errors import ConfigError
+from efficientml.core.memory import release_memory
+from efficientml.llm.compress.calib import BlockContext, BlockData, cast_block
+
+
+@dataclass
+class BlockStats:
+    x_mean: dict[str, torch.Tensor] = field(default_factory=dict)   # (in,) mean |x| over all tokens
+    hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # (in, in) 2/N·XᵀX, fp32
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # (n_s, T, in) first sequences' inputs
+
+    def to(self, device: torch.device | str) -> "BlockStats":
+        mv = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return BlockStats(mv(self.x_mean), mv(self.hessian), mv(self.samples))
+
+
+@dataclass
+class CalibStats:
+    """Every block's statistics from one calibration run (fp propagation) and the blocks' rope/mask."""
+
+    blocks: list[BlockStats]
+    ctx: BlockContext
+    tokens: int                    # calibration tokens the statistics cover
+
+    def merge(self, other: "CalibStats") -> "CalibStats":
+        """Statistics of two runs over the same calibration tokens (e.g. AWQ's and GPTQ's), combined."""
+        if other.tokens != self.tokens or len(other.blocks) != len(self.blocks):
+            raise ConfigError("calibration statistics to merge must come from the same tokens and model")
+        blocks = [BlockStats({**a.x_mean, **b.x_mean}, {**a.hessian, **b.hessian}, {**a.samples, **b.samples})
+                  for a, b in zip(self.blocks, other.blocks)]
+        return CalibStats(blocks, self.ctx, self.tokens)
+
+
+class HessianAccumulator:
+    """Running H = 2/N · Σ x xᵀ over batches of inputs (tokens, features).
+
+    H is symmetric, so only its block upper triangle is accumulated (feature blocks of ~``block``
+    columns: 10 of 16 block products for 4 blocks; inputs ≥ 1024 wide) and mirrored once when read —
+    on a CPU the Hessians otherwise cost as much as the block's forward pass."""
+
+    def __init__(self, n: int, device: torch.device | str = "cpu", block: int = 384) -> None:
+        self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
+        self.count = 0
+        k = max(1, round(n / block)) if n >= 1024 else 1  # narrow: one GEMM is faster than its blocks
+        self.cuts = [n * i // k for i in range(k + 1)]
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        c = self.cuts
+        for i in range(len(c) - 1):
+            xi = x[:, c[i]:c[i + 1]]
+            self.H[c[i]:c[i + 1], c[i]:].addmm_(xi.t(), x[:, c[i]:])  # row block i, upper part
+        self.count += x.shape[0]
+
+    def value(self, inplace: bool = False) -> torch.Tensor:
+        """H; ``inplace`` scales the accumulator itself (no second (n, n) buffer; it is then spent)."""
+        c = self.cuts
+        H = self.H if inplace else self.H.clone()
+        for i in range(1, len(c) - 1):  # mirror the strict upper block triangle into the lower one
+            H[c[i]:, c[i - 1]:c[i]] = H[c[i - 1]:c[i], c[i]:].t()
+        return H.mul_(2.0 / max(self.count, 1))
+
+
+@torch.no_grad()
+def collect_block(data: BlockData, sets: list[tuple[str, ...]], x_mean: bool = True, hessian: bool = False,
+                  n_samples: int = 0, keep_outputs: bool = True) -> tuple[BlockStats, torch.Tensor | None]:
+    """One pass over all calibration inputs (mean |x| and/or Hessians, and the block's fp outputs if
+    ``keep_outputs``), then one over the first ``n_samples`` sequences to keep their inputs."""
+    block = data.block
+    d_in = {s[0]: block.get_submodule(s[0]).in_features for s in sets}
+    absum = {k: torch.zeros(n, device=data.device) for k, n in d_in.items()} if x_mean else {}
+    count = dict.fromkeys(d_in, 0)
+    hess = {k: HessianAccumulator(n, data.device) for k, n in d_in.items()} if hessian else {}
+
+    def stat(k: str) -> Callable[[torch.Tensor], None]:
+        def fn(x: torch.Tensor) -> None:  # x: (tokens, in)
+            if x_mean:
+                absum[k] += x.abs().sum(0)
+            count[k] += x.shape[0]
+            if hessian:
+                hess[k].add(x)
+        return fn
+
+    out = data.run({k: stat(k) for k in d_in}, keep_outputs=keep_outputs)
+    st = BlockStats({k: absum[k] / count[k] for k in absum}, {k: h.value(inplace=True) for k, h in hess.items()})
+    del hess
+    if n_samples:
+        feats: dict[str, list[torch.Tensor]] = {k: [] for k in d_in}
+        n_s = min(n_samples, data.inputs.shape[0])
+        T = data.inputs.shape[1]
+        data.run({k: feats[k].append for k in d_in}, samples=slice(0, n_s), keep_outputs=False)
+        st.samples = {k: torch.cat(v).reshape(n_s, T, -1) for k, v in feats.items()}
+    return st, out
+
+
+def apply_with_stats(model: nn.Module, stats: CalibStats, transform: Callable[[BlockData, BlockStats], None],
+                     batch_size: int = 8, device: torch.device | str | None = None) -> None:
+    """``transform(data, block_stats)`` for every block from stored statistics: no calibration pass.
+    Each block is moved to ``device`` in fp32 for its transform and back afterwards."""
+    if len(stats.blocks) != len(model.model.layers):
+        raise ConfigError(f"calibration statistics cover {len(stats.blocks)} blocks; the model has "
+                          f"{len(model.model.layers)}")
+    home = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    device = torch.device(device) if device is not None else home
+    ctx = stats.ctx.to(device)
+    for i, block in enumerate(model.model.layers):
+        cast_block(block, torch.float32, device)
+        transform(BlockData(i, block, None, ctx, batch_size, device), stats.blocks[i].to(device))  # type: ignore[arg-type]
+        cast_block(block, dtype, home)
+        release_memory()

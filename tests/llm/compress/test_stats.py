@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from efficientml.core.errors import ConfigError
+from efficientml.llm.compress import AWQConfig, GPTQConfig, quantize
+
+from .conftest import tiny_model
+
+
+def _weights(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("conf,other", [
+    (AWQConfig(3, 32, n_grid=5, clip_grid=5, search_samples=2), AWQConfig(4, 32, n_grid=5, clip_grid=5, search_samples=2)),
+    (GPTQConfig(3, 32, propagate="fp"), GPTQConfig(4, None, True, propagate="fp")),
+])
+def test_stored_stats_reproduce_a_calibration_run(conf, other, calib):
+    """Statistics kept from one run quantize any setting exactly as a run over the calibration set would."""
+    first = tiny_model(outliers=True)
+    stats = quantize(first, conf, calib, pack=False, progress=False, keep_stats=True)["stats"]
+    assert len(stats.blocks) == 2 and stats.tokens == calib.numel()
+    for c in (conf, other):
+        direct, reused = tiny_model(outliers=True), tiny_model(outliers=True)
+        quantize(direct, c, calib, pack=False, progress=False)
+        quantize(reused, c, pack=False, progress=False, stats=stats)
+        a, b = _weights(direct), _weights(reused)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_awq_plus_gptq_from_merged_stats(calib):
+    awq = AWQConfig(3, 32, n_grid=5, clip_grid=5, search_samples=2)
+    s_awq = quantize(tiny_model(outliers=True), awq, calib, pack=False, progress=False, keep_stats=True)["stats"]
+    s_gptq = quantize(tiny_model(outliers=True), GPTQConfig(3, 32, propagate="fp"), calib, pack=False,
+                      progress=False, keep_stats=True)["stats"]
+    both = AWQConfig(3, 32, n_grid=5, clip_grid=5, search_samples=2, use_gptq=True)
+    direct, reused = tiny_model(outliers=True), tiny_model(outliers=True)
+    quantize(direct, both, calib, pack=False, progress=False)
+    quantize(reused, both, pack=False, progress=False, stats=s_awq.merge(s_gptq))
+    a, b = _weights(direct), _weights(reused)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(ConfigError, match="Hessians"):
+        quantize(tiny_model(), both, stats=s_awq, progress=False)
+
+
+def test_stats_need_fp_propagation(calib):
+    with pytest.raises(ConfigError, match="propagate='fp'"):
+        quantize(tiny_model(), GPTQConfig(4, 32), calib, keep_stats=True, progress=False)
