@@ -3,13 +3,19 @@
 On the Fashion-MNIST course VGG (width 0.25, 28×28) and the pretrained CIFAR ResNet-20:
 k-means at 8/4/2 bits (+ centroid fine-tuning), integer-only int8 per calibrator (+ int4 weights),
 int8 CPU latency vs fp32 and torch.ao, Deep Compression to a real file, RTN vs AdaRound, TWN/TTQ/
-BWN/XNOR after short QAT, LSQ QAT with export, mixed precision with a Pareto plot, ResNet-20 int8.
+BWN/XNOR after QAT, LSQ QAT with export, mixed precision with a Pareto plot, ResNet-20 int8.
 
-The CPU is shared, so every fine-tuning run uses a fraction of an epoch (recorded per run in the
-JSON as ``train_images``); training and evaluation use 1 thread, latency uses the stated threads.
+The CPU is shared, so the cheap fine-tuning runs use a fraction of an epoch (recorded per run in the
+JSON as ``train_images``). Deep Compression prunes iteratively (three steps towards the final
+sparsity, masks kept during every fine-tuning step) and fine-tunes the centroids after k-means;
+TWN gets one epoch of QAT, TTQ 1.5, BWN/XNOR one. Training and evaluation use ``--threads``; latency
+uses the stated threads.
 
-    nice python benchmarks/quantization.py            # full, writes the JSON
+    flock /tmp/efficientml-cpu.lock python benchmarks/quantization.py            # full, writes the JSON
     python benchmarks/quantization.py --quick         # seconds-to-minutes smoke run, no JSON
+
+Sections can be run one at a time under the lock (``--only deep_compression``, saved to ``--partial``)
+and assembled with ``--resume``; the JSON lists the sections taken from the partial file.
 """
 
 from __future__ import annotations
@@ -159,22 +165,39 @@ def bench_speed(base, im, calib, threads: int, rounds: int, runs: int) -> dict:
 
 def bench_deep_compression(base, train, test, fp32, q, tmp: Path) -> dict:
     m = copy.deepcopy(base)
-    cfg = DeepCompressionConfig(default_sparsity=q["dc_sparsity"], sparsity=q["dc_layer_sparsity"], conv_bits=4,
-                                linear_bits=4)
-    masks = magnitude_prune(m, cfg)
-    res = {"config": cfg.to_dict(), "accuracy_pruned_no_finetune": acc(m, test)}
-    res["prune_finetune"] = finetune(m, train, q["dc_prune_epochs"], lr=0.01, after_step=lambda mm: apply_masks(mm, masks))
-    res["accuracy_pruned"] = acc(m, test)
-    kmeans_quantize(m, KMeansConfig(bits=4, prune_aware=True))
+    dev = next(base.parameters()).device
+    cfg = DeepCompressionConfig(default_sparsity=q["dc_sparsity"], sparsity=q["dc_layer_sparsity"],
+                                conv_bits=q["dc_bits"], linear_bits=q["dc_bits"])
+    res = {"config": cfg.to_dict(), "prune_steps": []}
+    # iterative pruning (Han et al.): each step zeroes a larger share of the smallest weights (the zeros of
+    # the previous step stay among them), then fine-tunes with the masks re-applied after every step
+    for frac, epochs in zip(q["dc_prune_fracs"], q["dc_prune_epochs"]):
+        step_cfg = DeepCompressionConfig(default_sparsity=frac * cfg.default_sparsity,
+                                         sparsity={k: frac * v for k, v in cfg.sparsity.items()})
+        masks = magnitude_prune(m, step_cfg)
+        step = {"fraction_of_final_sparsity": frac, "accuracy_no_finetune": acc(m, test)}
+        step["finetune"] = finetune(m, train, epochs, lr=q["dc_lr"],
+                                    after_step=lambda mm, masks=masks: apply_masks(mm, masks))
+        step["accuracy"] = acc(m, test)
+        res["prune_steps"].append(step)
+        log("deep compression prune step", step)
+    res["accuracy_pruned"] = res["prune_steps"][-1]["accuracy"]
+    bits = {n: cfg.conv_bits if isinstance(layer, nn.Conv2d) else cfg.linear_bits
+            for n, layer in m.named_modules() if isinstance(layer, (nn.Conv2d, nn.Linear))}
+    kmeans_quantize(m.cpu(), KMeansConfig(bits=cfg.conv_bits, layer_bits=bits, prune_aware=True))
+    m.to(dev)
     res["accuracy_pruned_kmeans_no_finetune"] = acc(m, test)
+    # centroid fine-tuning: each centroid gets the summed gradient of its cluster; pruned weights stay 0
     res["kmeans_finetune"] = finetune(m, train, q["dc_kmeans_epochs"], lr=2e-4, optimizer="adamw")
+    res["accuracy_kmeans_finetuned"] = acc(m, test)
+    m.cpu()
     books = kmeans_codebooks(m)
     strip_kmeans(m)
     res["accuracy_before_save"] = acc(m, test)
     fp32_file, dc_file = tmp / "vgg_fp32.safetensors", tmp / "vgg.emdc"
-    save_state_dict(fp32_file, base.state_dict())
+    save_state_dict(fp32_file, {k: v.cpu() for k, v in base.state_dict().items()})
     breakdown = save_compressed(dc_file, m.state_dict(), books)
-    loaded = copy.deepcopy(base)
+    loaded = copy.deepcopy(base).cpu()
     state = load_compressed(dc_file)
     loaded.load_state_dict(state)
     res["identical_weights_after_load"] = all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
@@ -209,14 +232,19 @@ def bench_rounding(base, calib, test, fp32, q) -> dict:
 
 def bench_binary(base, train, test, fp32, q) -> dict:
     out = {}
-    for mode, ep in (("twn", q["tern_epochs"]), ("ttq", q["tern_epochs"]), ("bwn", q["bin_epochs"]),
+    for mode, ep in (("twn", q["tern_epochs"]), ("ttq", q["ttq_epochs"]), ("bwn", q["bin_epochs"]),
                      ("xnor", q["bin_epochs"])):
         m = quantize(base, BinaryConfig(mode=mode)).model
         row = {"accuracy_before_qat": acc(m, test)}
+        if mode == "xnor":
+            row["removed_activations"] = [n for n, mod in m.named_modules() if isinstance(mod, nn.Identity)]
         row["qat"] = finetune(m, train, ep, lr=1e-3, optimizer="adamw")
         row["accuracy"] = acc(m, test)
         row["drop"] = round(fp32 - row["accuracy"], 2)
         row["full_precision_layers"] = "first conv and classifier (as in the papers)"
+        if mode == "xnor":
+            row["activations"] = ("sign of the BN output (BN → sign → binary conv, as in XNOR-Net); the ReLUs in "
+                                  "front of binary layers are removed, β = mean|x| per sample")
         out[mode] = row
         log("binary", mode, row)
     return out
@@ -296,23 +324,31 @@ def main() -> int:
                     help="sections finished so far are saved here; --resume reuses them")
     ap.add_argument("--resume", action="store_true", help="skip sections already in --partial")
     ap.add_argument("--only", nargs="*", default=None, help="run only these sections (saved to --partial, no JSON)")
-    ap.add_argument("--dc-prune-epochs", type=float, default=None, help="override the pruning fine-tune length")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads for training and evaluation")
+    ap.add_argument("--device", default="cpu", help="device for the training sections run with --only "
+                    "(kmeans, deep_compression, binary); the committed JSON is measured on CPU")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     quick = args.quick
     # fractions of an epoch sized for a 2-core CPU shared by six engineers (see the module docstring)
-    q = dict(km4_epochs=0.1, km2_epochs=0.3, dc_prune_epochs=0.2, dc_kmeans_epochs=0.1,
-             dc_sparsity=0.92, dc_layer_sparsity={"backbone.conv0": 0.4, "backbone.conv1": 0.7,
-                                                  "backbone.conv2": 0.85, "classifier": 0.75},
-             tern_epochs=0.15, bin_epochs=0.05, qat_epochs=0.05, ada_iters=150, speed_rounds=3, speed_runs=5,
-             test_images=2000)
+    # Deep Compression sparsity per layer: conv6/conv7 see 3×3 maps and hold half of all weights, so they
+    # are pruned hardest; the 28→7-pixel layers conv1–conv4 keep more (one-shot pruning + 0.12 epoch of
+    # fine-tuning: 93.2 % with this split vs 92.05 % with 92 % everywhere)
+    q = dict(km4_epochs=0.1, km2_epochs=0.3, dc_prune_fracs=[0.6, 0.85, 1.0], dc_prune_epochs=[0.5, 0.5, 3.0],
+             dc_lr=0.01, dc_kmeans_epochs=0.5, dc_bits=5, dc_sparsity=0.9,
+             dc_layer_sparsity={"backbone.conv0": 0.4, "backbone.conv1": 0.5, "backbone.conv2": 0.7,
+                                "backbone.conv3": 0.8, "backbone.conv4": 0.85, "backbone.conv5": 0.92,
+                                "backbone.conv6": 0.97, "backbone.conv7": 0.97, "classifier": 0.6},
+             tern_epochs=1.0, ttq_epochs=1.5, bin_epochs=1.0, qat_epochs=0.05, ada_iters=150, speed_rounds=3,
+             speed_runs=5, test_images=2000)
     if quick:
-        q.update(km4_epochs=0.02, km2_epochs=0.02, dc_prune_epochs=0.02, dc_kmeans_epochs=0.02, tern_epochs=0.02,
-                 bin_epochs=0.02, qat_epochs=0.02, ada_iters=5, speed_rounds=1, speed_runs=2, test_images=500)
+        q.update(km4_epochs=0.02, km2_epochs=0.02, dc_prune_epochs=[0.02, 0.02, 0.02], dc_kmeans_epochs=0.02,
+                 tern_epochs=0.02, ttq_epochs=0.02, bin_epochs=0.02, qat_epochs=0.02, ada_iters=5, speed_rounds=1,
+                 speed_runs=2, test_images=500)
     rec = BenchmarkRecord("quantization")
     ckpt = find_checkpoint(args.checkpoint)
-    base, meta = load_checkpoint(ckpt)
+    base, meta = load_checkpoint(ckpt, device=args.device)
     base.eval()
     train, test = fashion_mnist_loaders(batch_size=128, augment=True, test_subset=q["test_images"],
                                         train_subset=2000 if quick else None, eval_batch_size=500, seed=3)
@@ -331,7 +367,7 @@ def main() -> int:
     rec.results["setup"] = {"checkpoint": str(ckpt.relative_to(ROOT)) if ckpt.is_relative_to(ROOT) else str(ckpt),
                             "model": meta.get("model"), "model_kwargs": meta.get("model_kwargs"),
                             "fp32_accuracy": fp32, "test_images": len(test.data),
-                            "train_threads": 1, "quick": quick,
+                            "train_threads": args.threads, "device": args.device, "quick": quick,
                             "calibration": f"{len(calib)} batches of 64 un-augmented training images",
                             "schedule": {k: v for k, v in q.items() if k != "ref_test"}}
 
@@ -342,6 +378,9 @@ def main() -> int:
     sections = json.loads(partial.read_text()) if args.resume and partial.is_file() else {}
     if sections:
         log("resuming with sections", sorted(sections))
+        rec.results["setup"]["sections_from_partial_file"] = {
+            "sections": sorted(sections), "note": "computed by earlier runs (--only/--resume) and reused as saved; "
+            "the other sections were computed by this run"}
     t0 = time.perf_counter()
     models: dict = {}
 
@@ -360,9 +399,6 @@ def main() -> int:
         models.update(ms)
         return out
 
-    if args.dc_prune_epochs is not None:
-        q["dc_prune_epochs"] = args.dc_prune_epochs
-        rec.results["setup"]["schedule"]["dc_prune_epochs"] = args.dc_prune_epochs
     if args.only is None and ("int8" not in sections or "speed" not in sections or "speed_1thread" not in sections):
         sections.update(ints())
     run("speed", lambda: bench_speed(base, models["best"], calib, args.latency_threads, q["speed_rounds"],
@@ -404,9 +440,12 @@ def main() -> int:
                "torch.ao FX int8 (x86) latency / ours, same model, calibration, batch and threads, same run")
     rec.target("deep_compression_ratio", round(dc["ratio"], 2), ">=", 30,
                "fp32 safetensors state dict bytes / .emdc file bytes (everything on disk)")
-    rec.target("deep_compression_acc_drop", dc["drop"], "<=", 0.5, "accuracy of the model loaded back from the file")
+    rec.target("deep_compression_acc_drop", dc["drop"], "<=", 0.5,
+               f"accuracy of the model loaded back from the file; iterative pruning with "
+               f"{sum(q['dc_prune_epochs'])} epochs of masked fine-tuning, {q['dc_bits']}-bit k-means, "
+               f"{q['dc_kmeans_epochs']} epoch of centroid fine-tuning")
     rec.target("twn_acc_drop", bn["twn"]["drop"], "<=", 2.0, f"after {q['tern_epochs']} epoch of QAT")
-    rec.target("ttq_acc_drop", bn["ttq"]["drop"], "<=", 2.0, f"after {q['tern_epochs']} epoch of QAT")
+    rec.target("ttq_acc_drop", bn["ttq"]["drop"], "<=", 2.0, f"after {q['ttq_epochs']} epochs of QAT")
     best_rn = max(rn["runs"].items(), key=lambda kv: (kv[1]["agreement"], kv[1]["sqnr_db"]))
     rec.results["resnet20"]["reported"] = best_rn[0]
     rec.target("resnet20_int8_agreement", best_rn[1]["agreement"], ">=", 19,

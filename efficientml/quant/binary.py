@@ -2,7 +2,9 @@
 
 - BWN (Rastegari et al. 2016): W ≈ α·sign(W), α = mean|W| per output channel.
 - XNOR-Net: binary weights *and* activations, y = α·β·(sign(x) ⊛ sign(W)); the ±1 dot product runs
-  as y = 2·popcount(xnor(w, x)) − n on packed bits (:func:`xnor_popcount_matmul`).
+  as y = 2·popcount(xnor(w, x)) − n on packed bits (:func:`xnor_popcount_matmul`). The sign is taken of
+  the pre-activation (the paper's block is BN → sign → binary conv → pool): a ReLU in front of an XNOR
+  layer would make every sign +1, so :func:`binarize_model` removes it (:func:`xnor_preactivations`).
 - Binarization: deterministic sign, or stochastic (+1 with probability hard_sigmoid(x)).
 - TWN (Li et al. 2016): Δ = 0.7·E|W|, W ≈ α·sign(W)·[|W| > Δ], α = mean of |W| above Δ.
 - TTQ (Zhu et al. 2017): learned positive and negative scales W_p, W_n, threshold Δ = t·max|W|.
@@ -14,15 +16,17 @@ quantized ones (clipped to |w| ≤ 1 for sign, as in BinaryConnect).
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.fx as fx
 import torch.nn.functional as F
 
 from efficientml.core.config import check_choice
-from efficientml.core.errors import ShapeError
+from efficientml.core.errors import ShapeError, UnsupportedError
 from efficientml.core.modules import named_layers, set_module
 
 MODES = ("bwn", "xnor", "twn", "ttq")
@@ -116,21 +120,93 @@ class BinaryLayer(nn.Module):
             return torch.unique(self.quant_weight())
 
 
+# ops between an activation and the layer it feeds that commute with sign() or only move elements:
+# sign(maxpool(x)) = maxpool(sign(x)), and the others change no signs that matter for the choice below
+_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity,
+                 nn.Flatten)
+_PASS_FUNCTIONS = (torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, operator.getitem)
+_PASS_METHODS = ("flatten", "view", "reshape", "contiguous")
+_ACT_MODULES = (nn.ReLU, nn.ReLU6)
+_ACT_FUNCTIONS = (F.relu, torch.relu, F.relu6)
+
+
+def _is_pass(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(mods[node.target], _PASS_MODULES)
+    if node.op == "call_function":
+        return node.target in _PASS_FUNCTIONS
+    return node.op == "call_method" and node.target in _PASS_METHODS
+
+
+def xnor_preactivations(model: nn.Module, xnor_layers: list[str]) -> list[str]:
+    """Names of the ReLU modules whose outputs reach only ``xnor_layers`` (through pooling/reshapes).
+
+    XNOR-Net binarizes the pre-activation: after a ReLU every input is ≥ 0 and sign() is +1
+    everywhere, so these ReLUs must go. A ReLU that also feeds a full-precision op, or a functional
+    ``F.relu`` (which cannot be swapped out), raises :class:`UnsupportedError` naming the layer.
+    """
+    targets = set(xnor_layers)
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types (TraceError, TypeError on data-dependent control flow)
+        raise UnsupportedError(f"{type(model).__name__} cannot be traced with torch.fx ({type(e).__name__}); "
+                               "XNOR needs the graph to find the activation in front of each binary layer") from None
+    mods = dict(gm.named_modules())
+
+    def producer(node: fx.Node) -> fx.Node:       # walk up through sign-preserving ops
+        while _is_pass(node, mods) and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        return node
+
+    def only_xnor_consumers(node: fx.Node) -> bool:
+        for user in node.users:
+            if user.op == "call_module" and user.target in targets:
+                continue
+            if not (_is_pass(user, mods) and only_xnor_consumers(user)):
+                return False
+        return True
+
+    found: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in targets or not isinstance(node.args[0], fx.Node):
+            continue
+        act = producer(node.args[0])
+        is_mod = act.op == "call_module" and isinstance(mods[act.target], _ACT_MODULES)
+        is_fn = act.op == "call_function" and act.target in _ACT_FUNCTIONS
+        if not (is_mod or is_fn):
+            continue                                  # input is signed already (BN output, a sum, …)
+        if is_fn:
+            raise UnsupportedError(f"XNOR layer {node.target!r} reads a functional {act.target.__name__} output; "
+                                   "its input would binarize to all +1. Use an nn.ReLU module so it can be removed")
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == act.target]
+        if not all(only_xnor_consumers(c) for c in calls):
+            raise UnsupportedError(f"ReLU {act.target!r} feeds XNOR layer {node.target!r} and also full-precision "
+                                   "ops; it cannot be removed for the binary layer alone")
+        if act.target not in found:
+            found.append(act.target)
+    return found
+
+
 def binarize_model(model: nn.Module, mode: str, skip_first_last: bool = True, ttq_t: float = 0.05,
                    skip: tuple[str, ...] = ()) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` with Conv2d/Linear wrapped in :class:`BinaryLayer`; the first and last
-    layers stay full precision by default (as in the papers). Returns (model, wrapped layer names)."""
+    layers stay full precision by default (as in the papers). Returns (model, wrapped layer names).
+
+    For ``"xnor"`` the ReLUs that feed only binary layers become ``nn.Identity`` so that the sign is
+    taken of the BatchNorm output (BN → sign → binary conv), as in XNOR-Net; see
+    :func:`xnor_preactivations`.
+    """
     check_choice("binary/ternary mode", mode, MODES)
     model = copy.deepcopy(model)
     layers = [n for n, _ in named_layers(model, (nn.Conv2d, nn.Linear))]
     keep = set(skip) | ({layers[0], layers[-1]} if skip_first_last and layers else set())
-    done = []
-    for n in layers:
-        if n in keep:
-            continue
+    wrap = [n for n in layers if n not in keep]
+    if mode == "xnor":
+        for act in xnor_preactivations(model, wrap):
+            set_module(model, act, nn.Identity())
+    for n in wrap:
         set_module(model, n, BinaryLayer(model.get_submodule(n), mode, ttq_t))
-        done.append(n)
-    return model, done
+    return model, wrap
 
 
 # ------------------------------------------------------------------------------------------------
