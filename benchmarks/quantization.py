@@ -8,7 +8,7 @@ BWN/XNOR after QAT, LSQ QAT with export, mixed precision with a Pareto plot, Res
 The CPU is shared, so the cheap fine-tuning runs use a fraction of an epoch (recorded per run in the
 JSON as ``train_images``). Deep Compression prunes iteratively (three steps towards the final
 sparsity, masks kept during every fine-tuning step) and fine-tunes the centroids after k-means;
-TWN gets one epoch of QAT, TTQ 1.5, BWN/XNOR one. Training and evaluation use ``--threads``; latency
+TWN gets one epoch of QAT, TTQ 1.5, BWN/XNOR half an epoch. Training and evaluation use ``--threads``; latency
 uses the stated threads.
 
     flock /tmp/efficientml-cpu.lock python benchmarks/quantization.py            # full, writes the JSON
@@ -340,7 +340,7 @@ def main() -> int:
              dc_layer_sparsity={"backbone.conv0": 0.4, "backbone.conv1": 0.5, "backbone.conv2": 0.7,
                                 "backbone.conv3": 0.8, "backbone.conv4": 0.85, "backbone.conv5": 0.92,
                                 "backbone.conv6": 0.97, "backbone.conv7": 0.97, "classifier": 0.6},
-             tern_epochs=1.0, ttq_epochs=1.5, bin_epochs=1.0, qat_epochs=0.05, ada_iters=150, speed_rounds=3,
+             tern_epochs=1.0, ttq_epochs=1.5, bin_epochs=0.5, qat_epochs=0.05, ada_iters=150, speed_rounds=3,
              speed_runs=5, test_images=2000)
     if quick:
         q.update(km4_epochs=0.02, km2_epochs=0.02, dc_prune_epochs=[0.02, 0.02, 0.02], dc_kmeans_epochs=0.02,
