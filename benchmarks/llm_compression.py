@@ -253,7 +253,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sections", default="fp,calib,w4,w3,w4pc,sq,prune,kv,real,mem")
-    ap.add_argument("--rows", default="rtn,awq,gptq,awq+gptq", help="methods evaluated in the w4/w3/w4pc sections")
+    ap.add_argument("--rows", default="rtn,awq,gptq,awq+gptq", help="methods evaluated in the w4/w3/w4pc sections: 'meth' for all, 'w4:meth' for one")
     ap.add_argument("--calib-methods", default="awq,gptq", help="the timed runs of the calib section")
     ap.add_argument("--stats", default="/tmp/efficientml_llm_compression_stats",
                     help="where the calib section keeps the calibration statistics for the table sections")
@@ -356,10 +356,11 @@ def main() -> None:
             ppl(m, f"{meth}_w4g128")
             del m
 
-    rows = [r for r in args.rows.split(",") if r]
     for key, sname in (("w4", "w4g128"), ("w3", "w3g128"), ("w4pc", "w4pc_sym")):
         if key not in sections:
             continue
+        # --rows: "meth" for every section, "section:meth" for one
+        rows = [r.split(":")[-1] for r in args.rows.split(",") if r and r.split(":")[0] in (key, r)]
         wq = settings[sname]
         stats = load_stats()
         confs = {"rtn": RTNConfig(**wq), "awq": AWQConfig(**wq, **AWQ_BENCH), "gptq": GPTQConfig(**wq, **GPTQ_BENCH),
