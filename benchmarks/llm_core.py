@@ -209,7 +209,12 @@ def _time_generate(fn, reps: int) -> float:
 def part_decode(rec: BenchmarkRecord, quick: bool, args_new_tokens: int = 64, args_repeats: int = 3) -> None:
     from efficientml.llm.generate import SamplingConfig, generate
 
+    from efficientml.llm.model import decode_layout
+
     model, tok, hf, _, load_s = load_pair()
+    t = time.perf_counter()
+    decode_layout(model)  # what `efficientml llm generate/chat` do on CPU (see its docstring)
+    layout_s = time.perf_counter() - t
     ids = tok.encode(PROMPT)
     x = torch.tensor([ids])
     N = 8 if quick else args_new_tokens
@@ -246,7 +251,8 @@ def part_decode(rec: BenchmarkRecord, quick: bool, args_new_tokens: int = 64, ar
         "commit": git_commit(), "prompt_tokens": len(ids), "new_tokens": N, "batch": 1, "dtype": "float32",
         "threads": torch.get_num_threads(), "greedy_tokens_identical": same, "repeats": reps,
         "ours": so, "transformers": st, "speedup": speedup, "our_load_s": load_s,
-        "bandwidth": bw, "bytes_per_token": bpt,
+        "bandwidth": bw, "bytes_per_token": bpt, "ours_weight_layout": "decode_layout (in, out)-contiguous",
+        "decode_layout_s": layout_s,
         "bandwidth_bound_tok_s": bw["read_gbs"] * 1e9 / bpt,
         "ours_fraction_of_read_bandwidth": so["achieved_gbs"] / bw["read_gbs"],
         "transformers_cache": "DynamicCache (generate default)",

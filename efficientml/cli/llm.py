@@ -131,10 +131,18 @@ def run_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _for_decode(model):
+    """CPU generation streams the weights once per token: re-lay them for the matrix-vector kernel."""
+    from efficientml.llm.model import decode_layout
+
+    return decode_layout(model) if model.device.type == "cpu" else model
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from efficientml.llm.generate import generate
 
     model, tok = _load(args)
+    model = _for_decode(model)
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = tok.encode(text)
     stops = tuple(t for t in {tok.eos_id, *model.config.eos_token_ids} if t is not None)
@@ -162,6 +170,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from efficientml.llm.chat import ChatSession
 
     model, tok = _load(args)
+    model = _for_decode(model)
     chat = ChatSession(model, tok, system=args.system, sampling=_sampling(args), max_context=args.max_context)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -180,6 +180,47 @@ def pack_projections(model: nn.Module) -> nn.Module:
     return model
 
 
+def decode_layout(model: nn.Module) -> nn.Module:
+    """Store every ``nn.Linear`` weight (out, in) as the transpose of a contiguous (in, out) buffer, in
+    place, for inference on CPU. A batch-1 decode step is a chain of matrix-vector products that stream
+    the weights from memory; with this layout ``F.linear`` reaches the BLAS kernel that reads the
+    weight row after row (about 2× the bandwidth of the default layout on a 2-thread x86 CPU, see
+    benchmarks/llm_core.py). Values, names, shapes and ``state_dict`` are unchanged (savers make
+    tensors contiguous), packed q/k/v and gate/up stay packed, and tied embeddings stay tied.
+
+    Call it after compression, before generation: code that ``view``-s a weight needs contiguous
+    weights. Idempotent; training still works (autograd sees ordinary, if strided, parameters)."""
+
+    def relaid(w: torch.Tensor) -> torch.Tensor:
+        return w if w.dim() != 2 or w.stride() == (1, w.shape[0]) else w.t().contiguous().t()
+
+    with torch.no_grad():
+        done: dict[int, nn.Parameter] = {}  # shared (tied) weights are re-laid once
+        for mod in model.modules():
+            if isinstance(mod, (Attention, MLP)) and mod.packed.weight is not None:
+                mods = (mod.q_proj, mod.k_proj, mod.v_proj) if isinstance(mod, Attention) else (mod.gate_proj, mod.up_proj)
+                if mod.packed(torch.zeros(0, mods[0].in_features, dtype=mod.packed.weight.dtype), mods) is None:
+                    continue  # no longer packed (a module was swapped)
+                w = relaid(mod.packed.weight)  # (sum out, in) view of an (in, sum out) buffer
+                o = 0
+                for m, n in zip(mods, mod.packed.sizes):
+                    m.weight = nn.Parameter(w[o:o + n], requires_grad=m.weight.requires_grad)
+                    done[id(m.weight)] = m.weight
+                    o += n
+                mod.packed.weight = w
+                mod.packed.ptrs = tuple(m.weight.data_ptr() for m in mods)
+        for mod in model.modules():
+            if type(mod) is nn.Linear and id(mod.weight) not in done:
+                old = mod.weight
+                new = nn.Parameter(relaid(old.detach()), requires_grad=old.requires_grad)
+                mod.weight = new
+                done[id(new)] = new
+                for other in model.modules():  # keep ties (lm_head ↔ embed_tokens)
+                    if isinstance(other, nn.Embedding) and other.weight is old:
+                        other.weight = new
+    return model
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()

@@ -174,3 +174,44 @@ def test_packed_model_traces_with_torch_compile():
         ref = m(ids)
         out = torch.compile(m, backend="eager", fullgraph=True)(ids)
     torch.testing.assert_close(out, ref)
+
+
+def test_decode_layout_keeps_values_names_ties_and_packing():
+    from efficientml.llm.model import decode_layout, pack_projections
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    m = pack_projections(make(cfg))
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    with torch.no_grad():
+        ref = m(ids)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        decode_layout(m)
+        decode_layout(m)  # idempotent
+        att = m.model.layers[0].self_attn
+        assert att.q_proj.weight.stride() == (1, att.packed.weight.shape[0])  # (out, in) view of (in, out)
+        assert att.packed(torch.zeros(1, cfg.hidden_size), (att.q_proj, att.k_proj, att.v_proj)) is not None
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+        assert m.lm_head.weight.stride() == (1, cfg.vocab_size)
+        after = m.state_dict()
+        assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+        torch.testing.assert_close(m(ids), ref, rtol=1e-5, atol=1e-5)
+        # cached decoding still equals the full forward
+        cache = m.new_cache(2, 16)
+        m(ids[:, :5], cache)
+        step = m(ids[:, 5:], cache)[:, -1]
+    torch.testing.assert_close(step, ref[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_decode_layout_model_saves_and_reloads(tmp_path):
+    from efficientml.llm.load import load_hf, save_hf
+    from efficientml.llm.model import decode_layout, pack_projections
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    m = decode_layout(pack_projections(make(cfg)))
+    save_hf(m, None, tmp_path / "hf")
+    back = load_hf(tmp_path / "hf")
+    ids = torch.randint(0, cfg.vocab_size, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), m(ids), rtol=1e-5, atol=1e-5)
