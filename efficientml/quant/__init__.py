@@ -12,7 +12,7 @@ from efficientml.quant.adaround import AdaRoundConfig, adaround, adaround_layer
 from efficientml.quant.apply import BinaryConfig, QuantizeResult, WeightOnlyConfig, quantize
 from efficientml.quant.binary import binarize, binarize_model, pack_signs, xnor_popcount_matmul
 from efficientml.quant.deep_compression import (DeepCompressionConfig, load_compressed, magnitude_prune,
-                                                save_compressed, size_breakdown)
+                                                round_to_float16, save_compressed, size_breakdown)
 from efficientml.quant.formats import FORMATS, get_format
 from efficientml.quant.integer import IntegerConfig, IntegerModel, convert_integer, fold_bn
 from efficientml.quant.kmeans import KMeansConfig, kmeans_1d, kmeans_quantize, strip_kmeans
@@ -27,6 +27,6 @@ __all__ = [
     "WeightOnlyConfig", "adaround", "adaround_layer", "binarize", "binarize_model", "convert_integer",
     "fake_quantize", "export_qat", "fold_bn", "get_format", "kmeans_1d", "kmeans_quantize",
     "layer_sensitivity", "load_compressed", "magnitude_prune", "pack_signs", "prepare_qat", "quantize",
-    "quantize_tensor", "save_compressed", "search_bits", "size_breakdown", "strip_kmeans", "vsquant",
+    "quantize_tensor", "round_to_float16", "save_compressed", "search_bits", "size_breakdown", "strip_kmeans", "vsquant",
     "xnor_popcount_matmul",
 ]

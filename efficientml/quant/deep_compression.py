@@ -11,6 +11,12 @@ the sparse-index gaps and the Huffman-coded gaps. A gap is the number of zeros b
 nonzero; gaps ≥ 255 are written as a run of the escape symbol 255 (advance 255, no weight) followed
 by the remainder. Every other tensor (BN, biases) is stored raw. :func:`size_breakdown` sums the
 segments, so it equals the file size.
+
+With ``float_dtype="float16"`` (format version 2) the codebooks and the raw float32 tensors are stored
+as float16 and read back as float32. The save refuses values that float16 does not hold exactly, so
+the round trip stays bit-identical: call :func:`round_to_float16` on the model first (it rounds every
+float parameter and buffer, k-means centroids included, to the nearest float16) and measure the
+model after that rounding. Version 1 files (all float32) still load.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from efficientml.core.serialization import atomic_path
 from efficientml.quant.huffman import HuffmanTable
 from efficientml.quant.kmeans import Codebook
 
-MAGIC, VERSION = b"EMDC", 1
+MAGIC, VERSION = b"EMDC", 2
+READABLE_VERSIONS = (1, 2)
+_FLOAT_DTYPES = ("float32", "float16")
 ESCAPE = 255
 
 
@@ -138,11 +146,40 @@ _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np
            "bool": (torch.bool, np.bool_)}
 
 
+def round_to_float16(model: nn.Module) -> nn.Module:
+    """Round every float32 parameter and buffer (k-means centroids included) to the nearest float16
+    value, in place, so that ``save_compressed(..., float_dtype="float16")`` round-trips exactly."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dtype == torch.float32:
+                h = t.half()
+                if not torch.isfinite(h).all() and torch.isfinite(t).all():
+                    raise ConfigError("a parameter or buffer exceeds float16's range (±65504); keep "
+                                      "float_dtype='float32' for this model")
+                t.copy_(h.float())
+    return model
+
+
+def _as_stored(key: str, t: torch.Tensor, float_dtype: str) -> tuple[torch.Tensor, str]:
+    """The tensor as written (float32 → ``float_dtype``, checked to be exact) and its stored dtype name."""
+    if t.dtype != torch.float32 or float_dtype == "float32":
+        return t, str(t.dtype).replace("torch.", "")
+    h = t.half()
+    if not torch.equal(h.float(), t):
+        raise ConfigError(f"{key!r} holds values float16 cannot store exactly; call round_to_float16(model) "
+                          "before saving with float_dtype='float16'")
+    return h, "float16"
+
+
 def save_compressed(path: str | os.PathLike, state: dict[str, torch.Tensor],
-                    codebooks: dict[str, Codebook]) -> dict[str, int]:
+                    codebooks: dict[str, Codebook], float_dtype: str = "float32") -> dict[str, int]:
     """Write ``state`` with each ``<layer>.weight`` of ``codebooks`` k-means + Huffman coded.
 
-    The codebook must decode to exactly the state's weight (checked). Returns :func:`size_breakdown`."""
+    The codebook must decode to exactly the state's weight (checked). ``float_dtype="float16"`` stores
+    the codebooks and the float32 raw tensors as float16 (exact values only, see
+    :func:`round_to_float16`); they load back as float32. Returns :func:`size_breakdown`."""
+    if float_dtype not in _FLOAT_DTYPES:
+        raise ConfigError(f"float_dtype must be one of {_FLOAT_DTYPES}, got {float_dtype!r}")
     w = _Writer()
     entries = []
     coded = {f"{n}.weight": cb for n, cb in codebooks.items()}
@@ -165,9 +202,10 @@ def save_compressed(path: str | os.PathLike, state: dict[str, torch.Tensor],
             gsym = encode_gaps(pos)
             gap_table = HuffmanTable.fit(gsym, 256)
             gap_bytes, gap_bits = gap_table.encode(gsym)
+            cents, cdt = _as_stored(f"{key} codebook", cb.centroids.detach().float(), float_dtype)
             entries.append({
                 "name": key, "kind": "kmeans", "shape": list(t.shape), "bits": cb.bits, "nnz": int(len(pos)),
-                "codebook": w.put(cb.centroids.float().numpy().tobytes()),
+                "codebook_dtype": cdt, "codebook": w.put(cents.numpy().tobytes()),
                 "idx_table": w.put(idx_table.lengths.tobytes()),
                 "idx": {**w.put(idx_bytes), "bits": idx_bits},
                 "gap_table": w.put(gap_table.lengths.tobytes()),
@@ -177,8 +215,9 @@ def save_compressed(path: str | os.PathLike, state: dict[str, torch.Tensor],
             dt = str(t.dtype).replace("torch.", "")
             if dt not in _DTYPES:
                 raise ConfigError(f"tensor {key!r} has dtype {dt}, which the compressed format does not store")
-            entries.append({"name": key, "kind": "raw", "dtype": dt, "shape": list(t.shape),
-                            "data": w.put(t.contiguous().numpy().tobytes())})
+            stored, sdt = _as_stored(key, t, float_dtype)
+            entries.append({"name": key, "kind": "raw", "dtype": dt, "stored_dtype": sdt, "shape": list(t.shape),
+                            "data": w.put(stored.contiguous().numpy().tobytes())})
     header = zlib.compress(json.dumps({"tensors": entries}, separators=(",", ":")).encode(), 9)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -196,8 +235,9 @@ def _read(path: str | os.PathLike) -> tuple[list[dict[str, Any]], memoryview, in
     if raw[:4] != MAGIC:
         raise CheckpointError(f"{str(p)!r} is not an efficientml Deep Compression file (bad magic)")
     version, hlen = struct.unpack("<BI", raw[4:9])
-    if version != VERSION:
-        raise CheckpointError(f"{str(p)!r} has format version {version}; this efficientml reads {VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{str(p)!r} has format version {version}; this efficientml reads versions "
+                              f"{list(READABLE_VERSIONS)}")
     try:
         header = json.loads(zlib.decompress(raw[9:9 + hlen]))
     except (zlib.error, ValueError) as e:
@@ -217,11 +257,13 @@ def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for e in entries:
         if e["kind"] == "raw":
-            tdt, ndt = _DTYPES[e["dtype"]]
+            tdt, _ = _DTYPES[e["dtype"]]
+            _, ndt = _DTYPES[e.get("stored_dtype", e["dtype"])]   # version 1: stored as its own dtype
             arr = np.frombuffer(seg(e["data"]), dtype=ndt).copy().reshape(e["shape"])
             state[e["name"]] = torch.from_numpy(arr).to(tdt)
             continue
-        cents = torch.from_numpy(np.frombuffer(seg(e["codebook"]), dtype=np.float32).copy())
+        _, cdt = _DTYPES[e.get("codebook_dtype", "float32")]
+        cents = torch.from_numpy(np.frombuffer(seg(e["codebook"]), dtype=cdt).copy()).float()
         idx_t = HuffmanTable(np.frombuffer(seg(e["idx_table"]), dtype=np.uint8).copy())
         gap_t = HuffmanTable(np.frombuffer(seg(e["gap_table"]), dtype=np.uint8).copy())
         idx = idx_t.decode(seg(e["idx"]), e["idx"]["bits"], e["nnz"])

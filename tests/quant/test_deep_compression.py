@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from efficientml.core.errors import CheckpointError
+from efficientml.core.errors import CheckpointError, ConfigError
 from efficientml.quant.deep_compression import (DeepCompressionConfig, decode_gaps, encode_gaps, load_compressed,
-                                                magnitude_prune, save_compressed, size_breakdown)
-from efficientml.quant.kmeans import KMeansConfig, kmeans_quantize, strip_kmeans
+                                                magnitude_prune, round_to_float16, save_compressed, size_breakdown)
+from efficientml.quant.kmeans import KMeansConfig, kmeans_codebooks, kmeans_quantize, strip_kmeans
 
 
 def _model():
@@ -45,3 +45,39 @@ def test_corrupt_files_are_clear_errors(tmp_path):
         load_compressed(p)
     with pytest.raises(CheckpointError, match="does not exist"):
         size_breakdown(tmp_path / "missing.emdc")
+
+
+def test_float16_storage_round_trips_exactly_and_is_smaller(tmp_path):
+    m = _model().train()
+    m(torch.randn(8, 3, 8, 8))                   # non-trivial BN running statistics
+    m.eval()
+    magnitude_prune(m, DeepCompressionConfig(default_sparsity=0.8))
+    kmeans_quantize(m, KMeansConfig(bits=4))
+    with pytest.raises(ConfigError, match="round_to_float16"):
+        save_compressed(tmp_path / "x.emdc", strip_kmeans(_clone(m)).state_dict(), kmeans_codebooks(m),
+                        float_dtype="float16")
+    round_to_float16(m)                         # centroids too, so the stripped weights are float16 values
+    books = kmeans_codebooks(m)
+    strip_kmeans(m)
+    x = torch.randn(4, 3, 8, 8)
+    y = m(x)
+    s32 = save_compressed(tmp_path / "m32.emdc", m.state_dict(), books)
+    s16 = save_compressed(tmp_path / "m16.emdc", m.state_dict(), books, float_dtype="float16")
+    state = load_compressed(tmp_path / "m16.emdc")
+    assert all(v.dtype == state[k].dtype and torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    m2 = _model().eval()
+    m2.load_state_dict(state)
+    assert torch.equal(m2(x), y)
+    assert s16["codebooks"] == 2 * 16 * 2 and s32["codebooks"] == 2 * 16 * 4
+    n_float = sum(v.numel() for k, v in m.state_dict().items() if v.dtype == torch.float32 and not k.endswith(
+        ("0.weight", "4.weight")))
+    assert s32["raw_tensors"] - s16["raw_tensors"] == 2 * n_float
+    assert s16["file_size"] == (tmp_path / "m16.emdc").stat().st_size
+    with pytest.raises(ConfigError, match="float_dtype"):
+        save_compressed(tmp_path / "b.emdc", m.state_dict(), books, float_dtype="bfloat16")
+
+
+def _clone(m):
+    import copy
+
+    return copy.deepcopy(m)
