@@ -1,7 +1,12 @@
 """Test configuration: CPU by default; ``@pytest.mark.cuda`` tests skip cleanly without a GPU."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels (where Triton is installed) run in its CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,8 +2,9 @@
 
 - :class:`QuantLinear` — W{2..8}A16: packed int32 codes (compressed-tensors layout), fp16 group scales
   and packed zero points. CPU: dequantize on the fly into ``x.dtype`` and run one GEMM (memory holds the
-  packed weight; the dense one lives for one call). CUDA: the same in torch ops (a fused Triton kernel
-  is not in this version — see the report).
+  packed weight; the dense one lives for one call). CUDA with fp16/bf16 activations and at most
+  ``FUSED_MAX_ROWS`` rows (decoding): the fused Triton kernel of :mod:`.triton_wq`, which reads the
+  packed words directly; larger batches (prefill) dequantize once and use cuBLAS.
 - :class:`W8A8Linear` — int8 per-channel symmetric weights, int8 activations (per-token dynamic or
   per-tensor static scales). CUDA: ``torch._int_mm`` (int32 accumulation); CPU: the integer product in
   fp32 (this torch build's CPU ``_int_mm`` runs at ~0.3 GFLOP/s, ~20–50× slower than fp32 GEMM), i.e.
@@ -20,8 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from efficientml.llm.compress import triton_wq
 from efficientml.llm.compress.packing import pack_int32, packed_words, unpack_int32
 from efficientml.llm.compress.rtn import QuantizedWeight, WeightQuantSpec
+
+
+FUSED_MAX_ROWS = 64  # up to this many rows (tokens) the fused kernel beats dequantize + GEMM
 
 
 class QuantLinear(nn.Module):
@@ -79,6 +84,10 @@ class QuantLinear(nn.Module):
         return ((u.to(dtype) - z.to(dtype)) * s.to(dtype)).view(out, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS
+                and triton_wq.available(x.device)):
+            return triton_wq.wq_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                       self.spec.bits, self.in_features, self.bias)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def nbytes(self) -> int:
