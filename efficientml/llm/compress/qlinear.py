@@ -2,9 +2,12 @@
 
 - :class:`QuantLinear` — W{2..8}A16: packed int32 codes (compressed-tensors layout), fp16 group scales
   and packed zero points. CPU: dequantize on the fly into ``x.dtype`` and run one GEMM (memory holds the
-  packed weight; the dense one lives for one call). CUDA with fp16/bf16 activations and at most
-  ``FUSED_MAX_ROWS`` rows (decoding): the fused Triton kernel of :mod:`.triton_wq`, which reads the
-  packed words directly; larger batches (prefill) dequantize once and use cuBLAS.
+  packed weight; the dense one lives for one call). CUDA: the same by default; ``use_fused = True``
+  (per module, or ``QuantLinear.use_fused`` for all) runs fp16/bf16 inputs of at most
+  ``FUSED_MAX_ROWS`` rows through the fused Triton kernel of :mod:`.triton_wq`, which reads the packed
+  words directly. That kernel is correct (tested on an H200) but not yet fast: 0.72–2.0 ms against
+  0.05 ms for the dense bf16 matmul at 7B-MLP decode shapes (benchmarks/results/llm_compression_gpu.json),
+  so it is off by default.
 - :class:`W8A8Linear` — int8 per-channel symmetric weights, int8 activations (per-token dynamic or
   per-tensor static scales). CUDA: ``torch._int_mm`` (int32 accumulation); CPU: the integer product in
   fp32 (this torch build's CPU ``_int_mm`` runs at ~0.3 GFLOP/s, ~20–50× slower than fp32 GEMM), i.e.
@@ -31,6 +34,8 @@ FUSED_MAX_ROWS = 64  # up to this many rows (tokens) the fused kernel beats dequ
 
 class QuantLinear(nn.Module):
     """Weight-only quantized linear; ``out = x @ dequant(W).T + b``."""
+
+    use_fused = False  # CUDA: the fused Triton kernel for small batches (see the module docstring)
 
     def __init__(self, in_features: int, out_features: int, spec: WeightQuantSpec, bias: bool = False,
                  device: torch.device | str | None = None, scale_dtype: torch.dtype = torch.float16) -> None:
@@ -84,8 +89,8 @@ class QuantLinear(nn.Module):
         return ((u.to(dtype) - z.to(dtype)) * s.to(dtype)).view(out, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS
-                and triton_wq.available(x.device)):
+        if (self.use_fused and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS and triton_wq.available(x.device)):
             return triton_wq.wq_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                        self.spec.bits, self.in_features, self.bias)
         return F.linear(x, self.dequantize(x.dtype), self.bias)

@@ -53,6 +53,7 @@ def test_fused_rejects_bad_shapes(interpreted):
 @pytest.mark.parametrize("bits,group,sym", SETTINGS)
 def test_fused_matches_dequantized_cuda(bits, group, sym):
     ql = _layer(bits, group, sym, n=256, k=384, device="cuda")
+    ql.use_fused = True
     x = torch.randn(4, ql.in_features, device="cuda", dtype=torch.float16)
     out = ql(x)  # fused path (fp16, 4 rows)
     ref = torch.nn.functional.linear(x.float(), ql.dequantize(torch.float32), ql.bias.float())
