@@ -64,11 +64,24 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32,
     """Model (eval mode, no grad needed) and tokenizer from a name, GGUF file or HF folder."""
     p = resolve_source(source)
     if p.is_dir():
+        if _is_compressed(p):  # written by `efficientml llm quantize`: real packed/int8 linears
+            from efficientml.llm.compress.checkpoint import load_compressed
+
+            model, tok = load_compressed(p, dtype, device)
+            return model, tok if tok is not None else Tokenizer.from_folder(p)
         return load_hf(p, dtype, device), Tokenizer.from_folder(p)
     from efficientml.llm.gguf import GGUFFile
 
     gf = GGUFFile(p)
     return load_gguf(gf, dtype, device), Tokenizer.from_gguf(gf)
+
+
+def _is_compressed(folder: Path) -> bool:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # load_hf reports the missing or broken config.json
+    return isinstance(cfg, dict) and isinstance(cfg.get("quantization_config"), dict)
 
 
 def load_tokenizer(source: str | Path) -> Tokenizer:

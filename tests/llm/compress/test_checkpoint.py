@@ -84,3 +84,20 @@ def test_too_few_calibration_tokens():
         quantize(m, GPTQConfig(4, 32), torch.zeros(2, 16, dtype=torch.long))
     with pytest.raises(ConfigError, match="needs calibration tokens"):
         quantize(m, AWQConfig(4, 32), None)
+
+
+def test_generic_load_opens_compressed_folders(tmp_path, ids, calib):
+    """`efficientml llm ppl/generate DIR` go through llm.load.load: a quantized folder loads its real
+    packed linears, not a dense model."""
+    from efficientml.llm.load import load, load_tokenizer
+
+    m = tiny_model()
+    quantize(m, RTNConfig(4, 32), calib, progress=False)
+    with torch.no_grad():
+        ref = m(ids)
+    save_compressed(m, load_tokenizer("smollm2-135m"), tmp_path / "q")
+    m2, tok = load(tmp_path / "q")
+    assert sum(isinstance(x, QuantLinear) for x in m2.modules()) == 14
+    assert tok.encode("Paris") == load_tokenizer("smollm2-135m").encode("Paris")
+    with torch.no_grad():
+        assert (m2(ids) - ref).abs().max().item() <= 1e-5
