@@ -119,6 +119,37 @@ class _GraphStep:
         return self.out
 
 
+class _StepCache(KVCache):
+    """A decode step's view of a static cache: the same buffers, positions taken from ``input_pos``,
+    no Python-int bookkeeping (``torch.compile`` would guard on the length and recompile every step)."""
+
+    static_shapes = True
+
+    def __init__(self, cache: StaticKVCache) -> None:
+        self.inner, self.max_length, self.length = cache, cache.max_length, 0
+
+    def update(self, layer_idx, k, v, input_pos):
+        return self.inner.update(layer_idx, k, v, input_pos)
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class _CompiledStep:
+    """CPU: the decode step compiled once per static cache (fused elementwise ops, no per-op dispatch);
+    the caller tracks positions."""
+
+    def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch: int) -> None:
+        self.model, self.view, self.batch = model, _StepCache(cache), batch
+        self.fn = torch.compile(self._eager, fullgraph=True, dynamic=False)
+
+    def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, self.view, input_pos=pos, num_logits=1)[:, -1]  # (B, V)
+
+    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.fn(ids, torch.tensor([pos], device=ids.device))
+
+
 def _as_batch(prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(prompt, torch.Tensor):
         t = prompt if prompt.dim() == 2 else prompt[None]
@@ -141,7 +172,8 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     ``config.max_new_tokens``. ``on_token`` receives each step's new ids (one per row).
 
     ``cache``: continue an existing cache (multi-turn chat); by default a new one sized for prompt +
-    new tokens. ``cuda_graph`` (default: on when the model is on CUDA) captures the decode step."""
+    new tokens. ``cuda_graph`` (default: on when the model is on CUDA) captures the decode step;
+    ``use_compile`` compiles it (inside the graph on CUDA; on CPU over a static-shape cache)."""
     dev = next(model.parameters()).device
     ids = _as_batch(prompt, dev)
     B, T = ids.shape
@@ -150,8 +182,9 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
         need = T + config.max_new_tokens
         if T > ctx:
             raise ShapeError(f"the prompt has {T} tokens; the model's context is {ctx} tokens")
+        graphable = bool(cuda_graph if cuda_graph is not None else dev.type == "cuda")
         cache = StaticKVCache.for_model(model, B, min(need, ctx),
-                                        static_shapes=bool(cuda_graph if cuda_graph is not None else dev.type == "cuda"))
+                                        static_shapes=graphable or (use_compile and dev.type == "cpu"))
     if cache.length + T > cache.max_length:
         raise ShapeError(f"the prompt has {T} tokens but only {cache.max_length - cache.length} of the "
                          f"context ({cache.max_length} tokens) are free")
@@ -169,6 +202,12 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
         if step is None or step.ids.shape[0] != B or step.model is not model:
             step = _GraphStep(model, cache, B, use_compile)
             cache._graph_step = step  # type: ignore[attr-defined]
+    elif use_compile and dev.type == "cpu" and isinstance(cache, StaticKVCache) and cache.static_shapes \
+            and max_new > 1:  # compiled once per cache: reuse the cache (reset()) to reuse it
+        step = getattr(cache, "_compiled_step", None)
+        if step is None or step.batch != B or step.model is not model:
+            step = _CompiledStep(model, cache, B)
+            cache._compiled_step = step  # type: ignore[attr-defined]
 
     t0 = time.perf_counter()
     logits = model(ids, cache, num_logits=1)[:, -1]  # (B, V)

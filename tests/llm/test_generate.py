@@ -3,6 +3,8 @@ stop tokens end a row, and a prompt longer than the context is refused."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -106,3 +108,26 @@ def test_cuda_graph_decode_matches_eager():
     cache.reset()
     again = generate(m, prompt, SamplingConfig(max_new_tokens=16), cache=cache, cuda_graph=True)
     assert again.tokens == eager.tokens and cache._graph_step is not None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
+def test_compiled_cpu_decode_matches_eager():
+    """generate(use_compile=True) on CPU: the step is compiled once per static cache (positions are
+    inputs, not guards) and decodes the same tokens as the eager path, also on reuse."""
+    from efficientml.llm.config import LlamaConfig
+    from efficientml.llm.kv_cache import StaticKVCache
+    from efficientml.llm.model import build_model, decode_layout, pack_projections
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    m = decode_layout(pack_projections(build_model(cfg, device="cpu"))).eval()
+    prompt = [1, 5, 7, 9, 11]
+    eager = generate(m, prompt, SamplingConfig(max_new_tokens=10)).tokens
+    cache = StaticKVCache.for_model(m, 1, 24, static_shapes=True)
+    first = generate(m, prompt, SamplingConfig(max_new_tokens=10), cache=cache, use_compile=True)
+    step = cache._compiled_step
+    cache.reset()
+    again = generate(m, prompt, SamplingConfig(max_new_tokens=10), cache=cache, use_compile=True)
+    assert first.tokens == eager and again.tokens == eager
+    assert cache._compiled_step is step  # compiled once for this cache
