@@ -31,3 +31,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def pretrained_cifar():
+    """``pretrained_cifar(name)`` → (model, x, y): a pretrained CIFAR ResNet from ../shared (eval
+    mode) and the 20 CIFAR-10 samples, normalized as it was trained. Missing files fail the test
+    (CI has them) instead of skipping it."""
+    from efficientml.data.cifar_samples import load_cifar_samples
+    from efficientml.models import build_model
+    from efficientml.models.resnet_cifar import PRETRAINED_MEAN, PRETRAINED_STD
+
+    def load(name: str):
+        model = build_model(name, pretrained=True).eval()
+        x, y = load_cifar_samples(normalize=True, mean=PRETRAINED_MEAN, std=PRETRAINED_STD)
+        return model, x, y
+
+    return load
+

@@ -5,17 +5,8 @@ from efficientml.prune import PruneConfig, prune
 
 
 @pytest.fixture(scope="module")
-def r56_and_x():
-    from efficientml.core.errors import DataNotFoundError
-    from efficientml.data.cifar_samples import load_cifar_samples
-    from efficientml.models import build_model
-    from efficientml.models.resnet_cifar import PRETRAINED_MEAN, PRETRAINED_STD
-
-    try:
-        model = build_model("resnet56", pretrained=True).eval()
-        x, _ = load_cifar_samples(normalize=True, mean=PRETRAINED_MEAN, std=PRETRAINED_STD)
-    except DataNotFoundError as e:
-        pytest.skip(f"pretrained weights or samples missing: {e}")
+def r56_and_x(pretrained_cifar):
+    model, x, _ = pretrained_cifar("resnet56")
     return model, x[:8]
 
 

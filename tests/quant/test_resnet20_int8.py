@@ -1,21 +1,12 @@
 import pytest
 import torch
 
-from efficientml.core.errors import DataNotFoundError
 from efficientml.quant import IntegerConfig, convert_integer
 
 
 @pytest.fixture(scope="module")
-def resnet_and_samples():
-    from efficientml.data.cifar_samples import load_cifar_samples
-    from efficientml.models import build_model
-    from efficientml.models.resnet_cifar import PRETRAINED_MEAN, PRETRAINED_STD
-
-    try:
-        model = build_model("resnet20", pretrained=True).eval()
-        x, y = load_cifar_samples(normalize=True, mean=PRETRAINED_MEAN, std=PRETRAINED_STD)
-    except DataNotFoundError as e:
-        pytest.skip(f"pretrained weights or samples unavailable: {e}")
+def resnet_and_samples(pretrained_cifar):
+    model, x, _ = pretrained_cifar("resnet20")
     return model, x
 
 
