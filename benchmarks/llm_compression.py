@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
 import subprocess
 import sys
 import tempfile

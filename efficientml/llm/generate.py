@@ -85,40 +85,6 @@ class GenerationResult:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
-class _GraphStep:
-    """A decode step captured as a CUDA graph over a static-shape cache. Inputs are copied into fixed
-    buffers, then the graph replays: no Python, no kernel launches per layer."""
-
-    def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch: int, use_compile: bool) -> None:
-        dev = cache.k.device
-        self.model, self.cache = model, cache
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        # warm-up and capture write one slot; use the last one, which the mask hides until it is reached
-        self.pos = torch.full((1,), cache.max_length - 1, dtype=torch.long, device=dev)
-        self.fn = torch.compile(self._eager, fullgraph=True, dynamic=False) if use_compile else self._eager
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up (allocations, rope tables, autotuning) off the capture
-            for _ in range(3):
-                self.out = self.fn()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.fn()
-
-    def _eager(self) -> torch.Tensor:
-        n = self.cache.length
-        logits = self.model(self.ids, self.cache, input_pos=self.pos, num_logits=1)[:, -1]  # (B, V)
-        self.cache.length = n  # the caller tracks positions; the graph has no Python bookkeeping
-        return logits
-
-    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        self.ids.copy_(ids.view_as(self.ids))
-        self.pos.fill_(pos)
-        self.graph.replay()
-        return self.out
-
-
 class _StepCache(KVCache):
     """A decode step's view of a static cache: the same buffers, positions taken from ``input_pos``,
     no Python-int bookkeeping (``torch.compile`` would guard on the length and recompile every step)."""
@@ -133,6 +99,37 @@ class _StepCache(KVCache):
 
     def advance(self, n: int) -> None:
         pass
+
+
+class _GraphStep:
+    """A decode step captured as a CUDA graph over a static-shape cache. Inputs are copied into fixed
+    buffers, then the graph replays: no Python, no kernel launches per layer."""
+
+    def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch: int, use_compile: bool) -> None:
+        dev = cache.k.device
+        self.model, self.cache, self.view = model, cache, _StepCache(cache)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        # warm-up and capture write one slot; use the last one, which the mask hides until it is reached
+        self.pos = torch.full((1,), cache.max_length - 1, dtype=torch.long, device=dev)
+        self.fn = torch.compile(self._eager, fullgraph=True, dynamic=False) if use_compile else self._eager
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up (allocations, rope tables, autotuning) off the capture
+            for _ in range(3):
+                self.out = self.fn()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.fn()
+
+    def _eager(self) -> torch.Tensor:  # the caller tracks positions; the graph has no Python bookkeeping
+        return self.model(self.ids, self.view, input_pos=self.pos, num_logits=1)[:, -1]  # (B, V)
+
+    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        self.ids.copy_(ids.view_as(self.ids))
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.out
 
 
 class _CompiledStep:

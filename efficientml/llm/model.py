@@ -157,13 +157,19 @@ class _Packed:
         self.weight, self.bias = w, b
         self.ptrs = tuple(m.weight.data_ptr() for m in mods)
 
-    def __call__(self, x: torch.Tensor, mods: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...] | None:
+    def active(self, mods: tuple[nn.Module, ...]) -> bool:
+        """Whether ``mods`` still run as one matmul (unpacks for good once a weight was replaced)."""
         if self.weight is None or any(type(m) is not nn.Linear for m in mods):
-            return None
+            return False
         if torch.compiler.is_compiling():  # traced once; data_ptr is not traceable
-            pass
-        elif tuple(m.weight.data_ptr() for m in mods) != self.ptrs or mods[0].weight.dtype != self.weight.dtype:
-            self.weight = self.bias = None  # a weight was replaced (moved, cast, reassigned): unpack for good
+            return True
+        if tuple(m.weight.data_ptr() for m in mods) != self.ptrs or mods[0].weight.dtype != self.weight.dtype:
+            self.weight = self.bias = None  # a weight was replaced (moved, cast, reassigned)
+            return False
+        return True
+
+    def __call__(self, x: torch.Tensor, mods: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...] | None:
+        if not self.active(mods):
             return None
         if torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods):
             return None  # training: let autograd see each module's own weight
@@ -197,9 +203,9 @@ def decode_layout(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         done: dict[int, nn.Parameter] = {}  # shared (tied) weights are re-laid once
         for mod in model.modules():
-            if isinstance(mod, (Attention, MLP)) and mod.packed.weight is not None:
+            if isinstance(mod, (Attention, MLP)):
                 mods = (mod.q_proj, mod.k_proj, mod.v_proj) if isinstance(mod, Attention) else (mod.gate_proj, mod.up_proj)
-                if mod.packed(torch.zeros(0, mods[0].in_features, dtype=mod.packed.weight.dtype), mods) is None:
+                if not mod.packed.active(mods):
                     continue  # no longer packed (a module was swapped)
                 w = relaid(mod.packed.weight)  # (sum out, in) view of an (in, sum out) buffer
                 o = 0

@@ -17,8 +17,8 @@ import torch
 
 from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
-from efficientml.llm.compress.rtn import QuantizedWeight, WeightQuantSpec, compute_qparams, quantize_codes
-from efficientml.llm.compress.stats import BlockStats, HessianAccumulator, collect_block  # noqa: F401 (re-export)
+from efficientml.llm.compress.rtn import QuantizedWeight, WeightQuantSpec, compute_qparams
+from efficientml.llm.compress.stats import BlockStats, collect_block
 
 
 @dataclass(frozen=True)

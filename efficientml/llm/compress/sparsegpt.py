@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from efficientml.llm.compress.gptq import HessianAccumulator
+from efficientml.llm.compress.stats import HessianAccumulator
 from efficientml.llm.compress.magnitude import PruneConfig, nm_mask
 
 

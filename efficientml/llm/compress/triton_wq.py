@@ -19,6 +19,8 @@ Correctness is tested against :meth:`QuantLinear.dequantize` (on CPU with Triton
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from efficientml.core.errors import ShapeError, UnsupportedError
@@ -80,8 +82,6 @@ if triton is not None:
 
 def available(device: torch.device | str) -> bool:
     """Triton is installed and can run here (a CUDA tensor, or the CPU interpreter when enabled)."""
-    import os
-
     if triton is None:
         return False
     if torch.device(device).type == "cuda":

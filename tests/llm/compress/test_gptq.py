@@ -3,7 +3,8 @@ import torch
 
 from efficientml.core.errors import ConfigError
 from efficientml.llm.compress import GPTQConfig
-from efficientml.llm.compress.gptq import HessianAccumulator, gptq_quantize
+from efficientml.llm.compress.gptq import gptq_quantize
+from efficientml.llm.compress.stats import HessianAccumulator
 from efficientml.llm.compress.rtn import WeightQuantSpec, compute_qparams, fake_quantize
 
 

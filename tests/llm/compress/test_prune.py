@@ -3,7 +3,7 @@ import torch
 
 from efficientml.core.errors import ConfigError
 from efficientml.llm.compress import PruneConfig, prune, sparsity_of
-from efficientml.llm.compress.gptq import HessianAccumulator
+from efficientml.llm.compress.stats import HessianAccumulator
 from efficientml.llm.compress.magnitude import magnitude_mask, nm_mask
 from efficientml.llm.compress.sparsegpt import sparsegpt_prune
 from efficientml.llm.compress.wanda import wanda_score
