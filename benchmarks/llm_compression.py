@@ -141,7 +141,7 @@ def collect_mem(proc: subprocess.Popen) -> dict:
     return res
 
 
-def merge(paths: list[str], out: str | None, carry: str | None = None) -> None:
+def merge(paths: list[str], out: str | None, carry: str | None = None, ablation: bool = False) -> None:
     """One record from section runs of the same commit and protocol (run side by side to share the
     CPU budget); each part's command is kept, results are merged key by key, and every target is
     recomputed from the merged raw results — a target whose rows did not finish gets value null."""
@@ -160,16 +160,26 @@ def merge(paths: list[str], out: str | None, carry: str | None = None) -> None:
                 rec.results.setdefault(k, v)
     if mem_parts:
         rec.results["memory_1b"] = {**rec.results.get("memory_1b", {}), **mem_parts}
-    if carry:  # an earlier record's SmoothQuant / pruning / KV sections, each with its own fp, unchanged
+    if carry:  # an earlier record's sections that were not rerun, unchanged (each with its own fp)
         old = json.loads(Path(carry).read_text())
         R0 = old["results"]
-        keys = [k for k in ("smoothquant", "prune_ppl", "prune_sparsity", "kv_cache") if k in R0]
+        keys = [k for k in ("smoothquant", "prune_ppl", "prune_sparsity", "kv_cache", "memory_1b", "real_path")
+                if k in R0 and k not in rec.results]
         rec.results["carried"] = {"from": carry, "git_commit": old["git_commit"], "created": old["created"],
                                   "parts": R0.get("parts"), "protocol": R0.get("protocol"), "sections": keys,
-                                  "note": "SmoothQuant, pruning and KV-cache rows were not rerun: they keep the "
-                                          "protocol above (its own fp perplexity inside each section)"}
+                                  "note": "these sections were not rerun: they keep the protocol above (SmoothQuant, "
+                                          "pruning and KV cache: their own fp perplexity inside each section)"}
         for k in keys:
             rec.results[k] = R0[k]
+        if ablation:
+            P0 = R0.get("ppl", {})
+            rows = {k: v for k, v in P0.items() if k.split("_")[0] in ("fp", "rtn", "gptq", "awq+gptq")}
+            rec.results["ablation"] = {
+                "from": carry, "git_commit": old["git_commit"], "ppl": rows,
+                "method_configs": {k: v for k, v in R0.get("method_configs", {}).items() if "gptq" in k},
+                "gap_closed": {s: {m: g for m, g in v.items() if "gptq" in m} for s, v in R0.get("gap_closed", {}).items()},
+                "note": "plain GPTQ (no act-order, every calibration token weighted once) and AWQ+plain GPTQ on the "
+                        "same protocol, calibration tokens and fp: the rows these settings replaced"}
     rec.commit = parts[0]["git_commit"]
     compute_targets(rec)
     rec.write(Path(out) if out else None)
@@ -241,7 +251,10 @@ def compute_targets(rec: BenchmarkRecord) -> None:
 # --------------------------------------------------------------------------------------------- main
 # the α / clip searches (library defaults: n_grid 20, 4 search samples, 20 clip steps, 512 clip tokens)
 AWQ_BENCH = dict(n_grid=20, search_samples=2, clip_grid=20, clip_tokens=512)
-GPTQ_BENCH = dict(propagate="fp")
+# GPTQ with act-order (static groups: the packed layout's column order) and the default sink share
+# (0.05 of each sequence's Hessian weight on its first token): plain GPTQ's rows are in results.ablation
+GPTQ_BENCH = dict(propagate="fp", act_order=True, static_groups=True)
+AWQ_GPTQ_BENCH = dict(AWQ_BENCH, use_gptq=True, gptq_act_order=True)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -257,6 +270,8 @@ def main() -> None:
                     help="where the calib section keeps the calibration statistics for the table sections")
     ap.add_argument("--carry", default=None, help="with --merge: a JSON whose SmoothQuant/pruning/KV results "
                     "(their own protocol and fp) are carried over unchanged")
+    ap.add_argument("--ablation", action="store_true", help="with --merge --carry: keep the carried record's "
+                    "GPTQ rows as results.ablation (the GPTQ settings they were measured with are kept too)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--mem-worker", default=None)
     ap.add_argument("--mem-tokens", type=int, default=128)
@@ -265,7 +280,7 @@ def main() -> None:
                     help="combine JSONs written by runs over disjoint --sections into the final file")
     args = ap.parse_args()
     if args.merge:
-        merge(args.merge, args.out, args.carry)
+        merge(args.merge, args.out, args.carry, args.ablation)
         return
     if args.mem_worker:
         mem_worker(args.mem_worker, args.mem_tokens, args.mem_blocks, args.threads)
@@ -331,7 +346,7 @@ def main() -> None:
                 "w4pc_sym": dict(w_bits=4, group_size=None, symmetric=True)}
     R["settings"] = settings
     R["method_configs"] = {"awq": AWQConfig(**AWQ_BENCH).to_dict(), "gptq": GPTQConfig(**GPTQ_BENCH).to_dict(),
-                           "awq+gptq": AWQConfig(**AWQ_BENCH, use_gptq=True).to_dict(),
+                           "awq+gptq": AWQConfig(**AWQ_GPTQ_BENCH).to_dict(),
                            "note": "w_bits/group_size/symmetric per setting (results.settings); GPTQ propagates the "
                                    "fp block outputs, so every method sees the fp model's activations and the "
                                    "statistics of the two timed runs serve every setting (results.stats_reuse)"}
@@ -362,7 +377,7 @@ def main() -> None:
         wq = settings[sname]
         stats = load_stats()
         confs = {"rtn": RTNConfig(**wq), "awq": AWQConfig(**wq, **AWQ_BENCH), "gptq": GPTQConfig(**wq, **GPTQ_BENCH),
-                 "awq+gptq": AWQConfig(**wq, **AWQ_BENCH, use_gptq=True)}
+                 "awq+gptq": AWQConfig(**wq, **AWQ_GPTQ_BENCH)}
         cache: dict = {}  # AWQ's searched scales, reused by AWQ+GPTQ (same statistics and setting)
         for meth in ("awq", "rtn", "gptq", "awq+gptq"):
             if meth not in rows and not (meth == "awq" and "awq+gptq" in rows):

@@ -58,7 +58,11 @@ def register(llm_sub: argparse._SubParsersAction) -> None:
     q.add_argument("--w-bits", type=int, default=4)
     q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale, or 'channel'")
     q.add_argument("--symmetric", action="store_true")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ, AWQ+GPTQ: columns by decreasing Hessian diagonal (static groups)")
+    q.add_argument("--sink-share", type=float, default=None,
+                   help="GPTQ, AWQ+GPTQ: share of each calibration sequence's Hessian weight on its first "
+                        "token (the attention sink), in [0, 1); 0 = plain GPTQ (default: 0.05)")
     q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     q.add_argument("--act", choices=("dynamic", "static"), default="dynamic", help="SmoothQuant activations")
     q.add_argument("--no-smooth", action="store_true", help="SmoothQuant: W8A8 without smoothing")
@@ -83,11 +87,13 @@ def _config(args: argparse.Namespace):
         return RTNConfig(**wq)
     if args.method == "awq":
         return AWQConfig(**wq)
+    sink = {} if args.sink_share is None else {"sink_share": args.sink_share}
     if args.method == "awq-gptq":
-        return AWQConfig(**wq, use_gptq=True)
+        return AWQConfig(**wq, use_gptq=True, gptq_act_order=args.act_order,
+                         **{f"gptq_{k}": v for k, v in sink.items()})
     if args.method == "gptq":
         static = args.act_order and args.group_size is not None
-        return GPTQConfig(**wq, act_order=args.act_order, static_groups=static)
+        return GPTQConfig(**wq, act_order=args.act_order, static_groups=static, **sink)
     return SmoothQuantConfig(alpha=args.alpha, smooth=not args.no_smooth, act=args.act)
 
 

@@ -93,7 +93,7 @@ def quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | Smoo
             proc = (awq_processor(model, config, pack, log, search_cache, keep=kept) if isinstance(config, AWQConfig)
                     else gptq_processor(model, config, pack, log, keep=kept))
             ctx = run_blockwise(model, tokens, proc, batch_size, device, desc=type(config).kind, progress=progress)
-            stats = CalibStats(kept, ctx, int(tokens.numel()))
+            stats = CalibStats(kept, ctx, int(tokens.numel()), _sink_share(config))
     else:
         method = type(config).kind
         tokens = check_calib(calib, method)
@@ -110,12 +110,19 @@ def quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | Smoo
     return report
 
 
+def _sink_share(config: AWQConfig | GPTQConfig) -> float:
+    return config.sink_share if isinstance(config, GPTQConfig) else config.gptq_sink_share
+
+
 def _check_stats(config: AWQConfig | GPTQConfig, stats: CalibStats) -> None:
     b = stats.blocks[0] if stats.blocks else None
     need_h = isinstance(config, GPTQConfig) or config.use_gptq
     if b is None or (need_h and not b.hessian):
         raise ConfigError(f"{type(config).__name__} needs Hessians in the calibration statistics; "
                           "collect them with a GPTQ (propagate='fp') or AWQ use_gptq=True run")
+    if need_h and stats.sink_share != _sink_share(config):
+        raise ConfigError(f"the statistics' Hessians were collected with sink_share {stats.sink_share}; "
+                          f"{type(config).__name__} asks for {_sink_share(config)} (collect them again)")
     if isinstance(config, AWQConfig) and (not b.x_mean or not b.samples):
         raise ConfigError("AWQConfig needs mean |x| and search samples in the calibration statistics; "
                           "collect them with an AWQ run (keep_stats=True)")

@@ -51,6 +51,8 @@ class AWQConfig(Config):
     use_gptq: bool = False          # AWQ scales, then GPTQ instead of RTN (+clip)
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
+    gptq_act_order: bool = False    # with a group size: static groups (the packed layout's order)
+    gptq_sink_share: float = 0.05   # see GPTQConfig.sink_share
 
     def validate(self) -> None:
         self.spec  # noqa: B018
@@ -60,6 +62,7 @@ class AWQConfig(Config):
         check_choice("salient_mode", self.salient_mode, ("none", "fp16", "scale"))
         check_range("salient_fraction", self.salient_fraction, 0.0, 1.0, lo_open=True)
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)
+        check_range("gptq_sink_share", self.gptq_sink_share, 0.0, 1.0, hi_open=True)
 
     @property
     def spec(self) -> WeightQuantSpec:
@@ -215,7 +218,8 @@ def awq_transform(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
                 if s is not None:
                     H.div_(s[:, None]).div_(s[None, :])  # inputs are x / s now: H' = diag(1/s) H diag(1/s)
                 ws = [block.get_submodule(n).weight.detach().float() for n in names]
-                gq = dict(zip(names, gptq_quantize_shared(ws, H, spec, cfg.gptq_damp, cfg.gptq_block_size, name=k,
+                gq = dict(zip(names, gptq_quantize_shared(ws, H, spec, cfg.gptq_damp, cfg.gptq_block_size,
+                                                          cfg.gptq_act_order, cfg.gptq_act_order, name=k,
                                                           overwrite_h=True)))
                 del H, ws
             for name in names:
@@ -254,7 +258,8 @@ def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
 
     @torch.no_grad()
     def process(data: BlockData) -> torch.Tensor:
-        st, fp_out = collect_block(data, sets, x_mean=True, hessian=cfg.use_gptq, n_samples=cfg.search_samples)
+        st, fp_out = collect_block(data, sets, x_mean=True, hessian=cfg.use_gptq, n_samples=cfg.search_samples,
+                                   sink_share=cfg.gptq_sink_share)
         if keep is not None:
             keep.append(st.to("cpu"))
         transform(data, st)

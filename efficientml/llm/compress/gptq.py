@@ -4,7 +4,9 @@ columns not yet quantized, weighted by the inverse Hessian of the layer's recons
 
 Lazy blocked updates (``block_size`` columns at a time), dampening (``damp``·mean diag H), optional
 act-order (columns by decreasing diag H) with static groups (group qparams from the original weight
-in the original column order, so a packed checkpoint needs no column permutation). Hessians of all
+in the original column order, so a packed checkpoint needs no column permutation), and a heavier
+weight for the first position of each calibration sequence (``sink_share``, see stats.py: GPTQ
+otherwise trades that attention-sink token's accuracy for the others'). Hessians of all
 linears of a block come from one pass of the unquantized block; the quantized block is then run to
 produce the next block's inputs.
 """
@@ -32,6 +34,7 @@ class GPTQConfig(Config):
     act_order: bool = False
     static_groups: bool = False
     propagate: str = "quantized"  # next block's inputs from the quantized block, or "fp"
+    sink_share: float = 0.05      # share of each sequence's Hessian weight on its first token (0: plain GPTQ)
 
     def validate(self) -> None:
         self.spec  # noqa: B018
@@ -39,6 +42,7 @@ class GPTQConfig(Config):
         if self.block_size <= 0:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         check_choice("propagate", self.propagate, ("quantized", "fp"))
+        check_range("sink_share", self.sink_share, 0.0, 1.0, hi_open=True)
         if self.act_order and self.group_size is not None and not self.static_groups:
             raise ConfigError("act_order with a group size needs static_groups=True (the packed layout keeps "
                               "groups in the original column order)")
@@ -179,7 +183,8 @@ def gptq_processor(model, cfg: GPTQConfig, pack: bool = True, log: dict | None =
 
     @torch.no_grad()
     def process(data):
-        st, fp_out = collect_block(data, sets, x_mean=False, hessian=True, keep_outputs=cfg.propagate == "fp")
+        st, fp_out = collect_block(data, sets, x_mean=False, hessian=True, keep_outputs=cfg.propagate == "fp",
+                                   sink_share=cfg.sink_share)
         if keep is not None:
             keep.append(st.to("cpu"))
         transform(data, st)

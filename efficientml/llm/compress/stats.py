@@ -4,6 +4,15 @@ Per set of linears sharing one input (q/k/v, o, gate/up, down; keyed by the set'
 mean |x| per input channel (AWQ's activation scale), the Hessian 2/N·XᵀX (GPTQ), and the inputs of the
 first few calibration sequences (AWQ's α and clip searches). One pass of the block collects them all.
 
+GPTQ's Hessians can weight the first position of every calibration sequence more (``sink_share``: the
+share of each sequence's weight that its first token carries, so w = share·(T − 1)/(1 − share) for
+sequences of T tokens, at least 1):
+that token becomes the attention sink (every later query attends to it), so an error in its q/k/v
+outputs reaches every position; an unweighted Hessian counts it as one token in 512 and GPTQ, which
+moves error into directions that ordinary tokens rarely use, leaves it up to 10× the RTN error there
+(SmolLM2-135M, T = 512: plain GPTQ ends above RTN's perplexity at W4 and W3; shares of 1–20 % all
+fix it; the default 5 % is w ≈ 27 — benchmarks/results/llm_compression.json has the rows).
+
 When every block's inputs are the fp model's activations (AWQ always; GPTQ with ``propagate="fp"``),
 the statistics do not depend on the quantization setting: ``quantize(..., keep_stats=True)`` returns
 them, and ``quantize(model, config, stats=stats)`` applies another setting (bits, group size, AWQ,
@@ -41,14 +50,19 @@ class CalibStats:
     blocks: list[BlockStats]
     ctx: BlockContext
     tokens: int                    # calibration tokens the statistics cover
+    sink_share: float = 0.0        # share of each sequence's Hessian weight on its first position
 
     def merge(self, other: "CalibStats") -> "CalibStats":
         """Statistics of two runs over the same calibration tokens (e.g. AWQ's and GPTQ's), combined."""
         if other.tokens != self.tokens or len(other.blocks) != len(self.blocks):
             raise ConfigError("calibration statistics to merge must come from the same tokens and model")
+        has_h = [s for s in (self, other) if s.blocks and s.blocks[0].hessian]
+        if len({s.sink_share for s in has_h}) > 1:
+            raise ConfigError(f"calibration statistics to merge hold Hessians with different sink shares "
+                              f"({has_h[0].sink_share} and {has_h[1].sink_share})")
         blocks = [BlockStats({**a.x_mean, **b.x_mean}, {**a.hessian, **b.hessian}, {**a.samples, **b.samples})
                   for a, b in zip(self.blocks, other.blocks)]
-        return CalibStats(blocks, self.ctx, self.tokens)
+        return CalibStats(blocks, self.ctx, self.tokens, has_h[-1].sink_share if has_h else 0.0)
 
 
 class HessianAccumulator:
@@ -64,13 +78,16 @@ class HessianAccumulator:
         k = max(1, round(n / block)) if n >= 1024 else 1  # narrow: one GEMM is faster than its blocks
         self.cuts = [n * i // k for i in range(k + 1)]
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.float()
+    def add(self, x: torch.Tensor, weight: float = 1.0) -> None:
+        """Add the rows of ``x`` (tokens, features), each counted ``weight`` times (N grows by the
+        number of rows only when ``weight`` is 1: extra weight does not dilute the other tokens)."""
+        counted = x.shape[0] if weight == 1.0 else 0
+        x = x.float() if weight == 1.0 else x.float() * weight ** 0.5
         c = self.cuts
         for i in range(len(c) - 1):
             xi = x[:, c[i]:c[i + 1]]
             self.H[c[i]:c[i + 1], c[i]:].addmm_(xi.t(), x[:, c[i]:])  # row block i, upper part
-        self.count += x.shape[0]
+        self.count += counted
 
     def value(self, inplace: bool = False) -> torch.Tensor:
         """H; ``inplace`` scales the accumulator itself (no second (n, n) buffer; it is then spent)."""
@@ -81,12 +98,24 @@ class HessianAccumulator:
         return H.mul_(2.0 / max(self.count, 1))
 
 
+def sink_weight(share: float, seq_len: int) -> float:
+    """How many times the first of ``seq_len`` tokens counts so that it carries ``share`` of the
+    sequence's weight (the others count once); never below 1."""
+    return max(1.0, share * (seq_len - 1) / (1.0 - share))
+
+
 @torch.no_grad()
 def collect_block(data: BlockData, sets: list[tuple[str, ...]], x_mean: bool = True, hessian: bool = False,
-                  n_samples: int = 0, keep_outputs: bool = True) -> tuple[BlockStats, torch.Tensor | None]:
+                  n_samples: int = 0, keep_outputs: bool = True,
+                  sink_share: float = 0.0) -> tuple[BlockStats, torch.Tensor | None]:
     """One pass over all calibration inputs (mean |x| and/or Hessians, and the block's fp outputs if
-    ``keep_outputs``), then one over the first ``n_samples`` sequences to keep their inputs."""
+    ``keep_outputs``), then one over the first ``n_samples`` sequences to keep their inputs.
+    ``sink_share``: the share of each sequence's weight in the Hessians on its first position."""
+    if not 0.0 <= sink_share < 1.0:
+        raise ConfigError(f"sink_share must be in [0, 1) (0: every token counts once), got {sink_share}")
     block = data.block
+    T = data.inputs.shape[1]
+    sink_w = sink_weight(sink_share, T)
     d_in = {s[0]: block.get_submodule(s[0]).in_features for s in sets}
     absum = {k: torch.zeros(n, device=data.device) for k, n in d_in.items()} if x_mean else {}
     count = dict.fromkeys(d_in, 0)
@@ -99,6 +128,8 @@ def collect_block(data: BlockData, sets: list[tuple[str, ...]], x_mean: bool = T
             count[k] += x.shape[0]
             if hessian:
                 hess[k].add(x)
+                if sink_w > 1.0:  # (B·T, in) → the B first positions, counted sink_w − 1 more times
+                    hess[k].add(x.view(-1, T, x.shape[-1])[:, 0], sink_w - 1.0)
         return fn
 
     out = data.run({k: stat(k) for k in d_in}, keep_outputs=keep_outputs)

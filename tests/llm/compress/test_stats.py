@@ -14,6 +14,8 @@ def _weights(m):
 @pytest.mark.parametrize("conf,other", [
     (AWQConfig(3, 32, n_grid=5, clip_grid=5, search_samples=2), AWQConfig(4, 32, n_grid=5, clip_grid=5, search_samples=2)),
     (GPTQConfig(3, 32, propagate="fp"), GPTQConfig(4, None, True, propagate="fp")),
+    (GPTQConfig(3, 32, propagate="fp", sink_share=0.2, act_order=True, static_groups=True),
+     GPTQConfig(4, None, True, propagate="fp", sink_share=0.2)),
 ])
 def test_stored_stats_reproduce_a_calibration_run(conf, other, calib):
     """Statistics kept from one run quantize any setting exactly as a run over the calibration set would."""
@@ -48,3 +50,25 @@ def test_awq_plus_gptq_from_merged_stats(calib):
 def test_stats_need_fp_propagation(calib):
     with pytest.raises(ConfigError, match="propagate='fp'"):
         quantize(tiny_model(), GPTQConfig(4, 32), calib, keep_stats=True, progress=False)
+
+
+def test_sink_share_counts_the_first_position_more(calib):
+    """H(share) − H(0) = 2/N·(w − 1)·Σ x₀x₀ᵀ, x₀ the first position's input (computed here
+    independently), w = share·(T − 1)/(1 − share): the first token then holds ``share`` of its sequence."""
+    share, T = 0.2, calib.shape[1]
+    w = share * (T - 1) / (1 - share)
+    assert w / (w + T - 1) == pytest.approx(share)
+    h1 = quantize(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=0.0), calib, pack=False, progress=False,
+                  keep_stats=True)["stats"]
+    hw = quantize(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=share), calib, pack=False,
+                  progress=False, keep_stats=True)["stats"]
+    assert (h1.sink_share, hw.sink_share) == (0.0, share)
+    m = tiny_model()
+    with torch.no_grad():  # block 0's q/k/v input at position 0: the normed embeddings of the first tokens
+        x0 = m.model.layers[0].input_layernorm(m.model.embed_tokens(calib[:, 0])).float()
+    diff = hw.blocks[0].hessian["self_attn.q_proj"] - h1.blocks[0].hessian["self_attn.q_proj"]
+    torch.testing.assert_close(diff, 2.0 / calib.numel() * (w - 1.0) * x0.t() @ x0, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="sink"):
+        quantize(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=share), stats=h1, progress=False)
+    with pytest.raises(ConfigError, match="sink_share"):
+        GPTQConfig(4, 32, sink_share=1.0)
