@@ -19,6 +19,12 @@ Layout of ``DIR/``::
     efficientml_compression.json the config that produced it, for reproducibility
 
 Written to a temporary folder and renamed: an existing ``DIR`` is refused unless ``overwrite``.
+
+Checked against the established readers (tests/llm/compress/test_checkpoint.py): compressed-tensors'
+``PackedQuantizationCompressor.decompress`` gives our dequantized weights bit for bit, and
+transformers' ``AutoModelForCausalLM.from_pretrained(DIR)`` reproduces our logits for symmetric
+weights (transformers 5.x + compressed-tensors 0.20 refuse asymmetric ones, their own included: the
+model they build on the meta device expects unpacked zero points).
 """
 
 from __future__ import annotations

@@ -71,6 +71,26 @@ def test_compressed_tensors_reader_agrees(tmp_path):
     assert ct.__version__
 
 
+def test_transformers_loads_the_checkpoint(tmp_path, ids):
+    """transformers (with compressed-tensors installed) builds its own model from our folder and
+    decompresses the packed weights: its logits equal ours. Symmetric weights: transformers 5.x with
+    compressed-tensors 0.20 allocates asymmetric zero points unpacked on the meta device and then
+    refuses the packed (out/8, G) tensor that compressed-tensors' own compressor writes (and reads:
+    test_compressed_tensors_reader_agrees)."""
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+
+    m = tiny_model()
+    quantize(m, RTNConfig(4, 32, symmetric=True))
+    with torch.no_grad():
+        ref = m(ids)
+    save_compressed(m, None, tmp_path / "q", float_dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    assert (theirs - ref).abs().max().item() <= 1e-5
+
+
 def test_family_without_mapping(calib):
     m = tiny_model()
     object.__setattr__(m.config, "model_type", "gpt2")
