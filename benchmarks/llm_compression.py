@@ -297,6 +297,7 @@ def main() -> None:
                                           SmoothQuantConfig, calibration_tokens, load_compressed, prune, quantize,
                                           save_compressed)
     from efficientml.llm.compress.kv_cache import kv_quant_score_fn
+    from efficientml.llm.compress.qlinear import QuantLinear
     from efficientml.llm.eval import PerplexityProtocol, perplexity
     from efficientml.llm.generate import SamplingConfig, generate
     from efficientml.llm.load import load
@@ -455,15 +456,29 @@ def main() -> None:
             real["packed_dir_bytes"] = sum(f.stat().st_size for f in qdir.iterdir())
             real["packed_safetensors_bytes"] = (qdir / "model.safetensors").stat().st_size
             packed, _ = load_compressed(qdir)
+            # W4 g64 RTN in bf16: a group size torch's int4 CPU kernel takes (32/64/128/256; 192 is not)
+            m64 = copy.deepcopy(base)
+            quantize(m64, RTNConfig(4, 64), pack=True, progress=False)
+            save_compressed(m64, tok, Path(td) / "rtn-w4g64", float_dtype=torch.bfloat16)
+            real["w4g64_packed_dir_bytes"] = sum(f.stat().st_size for f in (Path(td) / "rtn-w4g64").iterdir())
+            packed64, _ = load_compressed(Path(td) / "rtn-w4g64", dtype=torch.bfloat16)
+            del m64
         real["fp32_weight_bytes"] = sum(p.numel() * 4 for p in base.parameters())
         real["bf16_weight_bytes"] = real["fp32_weight_bytes"] // 2
         prompt = calib[0, :32].tolist()
         n_new = 32
-        for name, model in (("fp32", base), ("bf16", copy.deepcopy(base).to(torch.bfloat16)), ("w4_packed", packed)):
+        rows = (("fp32", base, True), ("bf16", copy.deepcopy(base).to(torch.bfloat16), True), ("w4_packed", packed, True),
+                ("w4g64_bf16_int4_kernel", packed64, True), ("w4g64_bf16_dequant", packed64, False))
+        for name, model, int4 in rows:
+            QuantLinear.use_cpu_int4 = int4
             generate(model, prompt, SamplingConfig(max_new_tokens=2))  # warm-up
             runs = [generate(model, prompt, SamplingConfig(max_new_tokens=n_new)) for _ in range(3)]
             real[f"{name}_decode_tok_s"] = sorted(r.decode_tok_s for r in runs)[1]
             print(f"{name}: decode {real[f'{name}_decode_tok_s']:.2f} tok/s", flush=True)
+        QuantLinear.use_cpu_int4 = True
+        real["rows"] = {"w4_packed": "AWQ W4 g192 (the table's g128 setting), fp32 activations: dequantize + GEMM",
+                        "w4g64_bf16_int4_kernel": "RTN W4 g64, bf16: torch's int4 CPU kernel (QuantLinear.use_cpu_int4)",
+                        "w4g64_bf16_dequant": "the same model with use_cpu_int4=False: dequantize to bf16 + GEMM"}
         real["decode_protocol"] = f"batch 1, prompt 32 tokens, {n_new} new tokens greedy, median of 3, {args.threads} thread(s)"
         R["real_path"] = real
         save()

@@ -7,7 +7,11 @@
   ``FUSED_MAX_ROWS`` rows through the fused Triton kernel of :mod:`.triton_wq`, which reads the packed
   words directly. That kernel is correct (tested on an H200) but not yet fast: 0.72–2.0 ms against
   0.05 ms for the dense bf16 matmul at 7B-MLP decode shapes (benchmarks/results/llm_compression_gpu.json),
-  so it is off by default.
+  so it is off by default. CPU with bf16 inputs, 4 bits and groups of 32/64/128/256: torch's int4 CPU
+  kernel (``_weight_int4pack_mm_for_cpu``, the one torchao's int4 weight-only path uses), on a copy of
+  the weight in its tile layout built on the first such call (as many bytes as ``weight_packed``; bf16
+  scales and float zeros ``(8 − z)·s``, so it matches fake quantization to bf16 precision, not 1e-3).
+  ``use_cpu_int4 = False`` turns it off.
 - :class:`W8A8Linear` — int8 per-channel symmetric weights, int8 activations (per-token dynamic or
   per-tensor static scales). CUDA: ``torch._int_mm`` (int32 accumulation); CPU: the integer product in
   fp32 (this torch build's CPU ``_int_mm`` runs at ~0.3 GFLOP/s, ~20–50× slower than fp32 GEMM), i.e.
@@ -36,6 +40,7 @@ class QuantLinear(nn.Module):
     """Weight-only quantized linear; ``out = x @ dequant(W).T + b``."""
 
     use_fused = False  # CUDA: the fused Triton kernel for small batches (see the module docstring)
+    use_cpu_int4 = True  # CPU, bf16 inputs, W4 with groups of 32/64/128/256: torch's int4 kernel
 
     def __init__(self, in_features: int, out_features: int, spec: WeightQuantSpec, bias: bool = False,
                  device: torch.device | str | None = None, scale_dtype: torch.dtype = torch.float16) -> None:
@@ -93,7 +98,31 @@ class QuantLinear(nn.Module):
                 and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS and triton_wq.available(x.device)):
             return triton_wq.wq_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                        self.spec.bits, self.in_features, self.bias)
+        if self.use_cpu_int4 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and self._cpu_int4_ok():
+            w, sz = self._cpu_int4_weight()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), w,
+                                                           self.in_features // self.weight_scale.shape[1], sz)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def _cpu_int4_ok(self) -> bool:
+        g = self.in_features // self.weight_scale.shape[1]
+        return self.spec.bits == 4 and g in (32, 64, 128, 256) and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+    def _cpu_int4_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight in the int4 CPU kernel's layout: (packed codes, (G, out, 2) bf16 scale and zero),
+        rebuilt when a buffer was replaced or written in place (``load_state_dict`` copies in place)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_packed, self.weight_scale, self.weight_zero_point)
+                    if t is not None)
+        cached = getattr(self, "_int4_cache", None)
+        if cached is None or cached[0] != key:
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+            s = self.weight_scale.float()                          # (out, G)
+            z = (8.0 - self.zeros().float()) * s                   # (u − z)·s = (u − 8)·s + (8 − z)·s
+            sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
+            cached = self._int4_cache = (key, w, sz)
+        return cached[1], cached[2]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

@@ -63,3 +63,28 @@ def test_bad_bits_and_group_size(model):
     with pytest.raises(ConfigError, match="group_size 48 does not divide"):
         quantize(model, RTNConfig(4, 48))
     assert all(type(m).__name__ != "QuantLinear" for m in model.modules())  # nothing half done
+
+
+@pytest.mark.parametrize("spec", [WeightQuantSpec(4, 64), WeightQuantSpec(4, 32, True), WeightQuantSpec(4, None, True)])
+def test_cpu_int4_kernel_matches_fake_quant_in_bf16(spec):
+    """bf16 inputs on CPU run torch's int4 kernel on the same codes; against the fp32 product of the
+    fake-quantized weight the error is bf16 rounding (scales, zeros, inputs, output), like the bf16
+    dequantize-then-GEMM path, and the kernel's weight copy follows a reload."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no int4 CPU kernel")
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 256, generator=g), torch.randn(96, generator=g)
+    q = QuantLinear.from_quantized(quantize_weight(w, spec), b.bfloat16())
+    x = torch.randn(3, 5, 256, generator=g).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), fake_quantize(w, spec), b.bfloat16().float())
+    y = q(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 96) and q._int4_cache is not None
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 1.5e-2
+    other = QuantLinear.from_quantized(quantize_weight(-w, spec), b.bfloat16())
+    q.load_state_dict(other.state_dict())  # new buffers: the kernel's copy is rebuilt
+    torch.testing.assert_close(q(x), other(x), rtol=0, atol=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(QuantLinear, "use_cpu_int4", False)
+        y_deq = q(x)
+    ref2 = torch.nn.functional.linear(x.float(), fake_quantize(-w, spec), b.bfloat16().float())
+    assert ((y_deq.float() - ref2).abs().max() / ref2.abs().max()).item() < 1.5e-2
