@@ -24,3 +24,24 @@ def test_prune_bad_n_m(capsys, tmp_path):
 def test_subcommands_registered():
     with pytest.raises(SystemExit):
         main(["llm", "quantize", "--help"])
+
+
+def test_gptq_flags_reach_the_configs():
+    import argparse
+
+    from efficientml.cli.llm_compress import _config
+
+    base = dict(w_bits=4, group_size=64, symmetric=False, alpha=0.5, act="dynamic", no_smooth=False)
+    g = _config(argparse.Namespace(method="gptq", act_order=True, sink_share=0.0, **base))
+    assert (g.act_order, g.static_groups, g.sink_share) == (True, True, 0.0)
+    a = _config(argparse.Namespace(method="awq-gptq", act_order=True, sink_share=0.1, **base))
+    assert (a.use_gptq, a.gptq_act_order, a.gptq_sink_share) == (True, True, 0.1)
+    assert _config(argparse.Namespace(method="gptq", act_order=False, sink_share=None, **base)).sink_share == 0.05
+
+
+def test_quantize_bad_sink_share_is_one_line_error(capsys, tmp_path):
+    assert main(["llm", "quantize", "smollm2-135m", "--method", "gptq", "--sink-share", "1.5",
+                 "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "sink_share must be in [0.0, 1.0)" in err and "Traceback" not in err
+    assert not (tmp_path / "q").exists()
