@@ -392,6 +392,23 @@ def main() -> None:
             del m
         del stats
         save()
+    if "ablate" in sections:  # GPTQ with act-order but every calibration token weighted once (sink_share=0)
+        conf0 = GPTQConfig(**settings["w4g128"], **{**GPTQ_BENCH, "sink_share": 0.0})
+        m = copy.deepcopy(base)
+        st0 = quantize(m, conf0, calib, pack=False, progress=False, keep_stats=True)["stats"]
+        del m
+        abl = {"config": conf0.to_dict(), "ppl": {},
+               "note": "GPTQ as in the table (act-order, static groups) with sink_share=0: each calibration token "
+                       "weighted once; with results.ablation (plain GPTQ) and the table this separates the two changes"}
+        for sname, wq in settings.items():
+            m = copy.deepcopy(base)
+            quantize(m, GPTQConfig(**wq, **{**GPTQ_BENCH, "sink_share": 0.0}), pack=False, progress=False, stats=st0)
+            abl["ppl"][f"gptq_actorder_nosink_{sname}"] = perplexity(m, ids, proto, batch_size=4, max_windows=windows).perplexity
+            print(f"gptq act-order, sink_share 0, {sname}: ppl {abl['ppl'][f'gptq_actorder_nosink_{sname}']:.3f}", flush=True)
+            del m
+        R["ablation_sink"] = abl
+        del st0
+        save()
     R["stats_reuse"] = {"note": "table rows other than the timed ones are quantized from the statistics (mean |x|, "
                         "search samples, Hessians) kept by the timed AWQ and GPTQ runs; tests check that this gives "
                         "the same weights as a calibration run (tests/llm/compress/test_stats.py)"}
