@@ -10,8 +10,9 @@ sequences of T tokens, at least 1):
 that token becomes the attention sink (every later query attends to it), so an error in its q/k/v
 outputs reaches every position; an unweighted Hessian counts it as one token in 512 and GPTQ, which
 moves error into directions that ordinary tokens rarely use, leaves it up to 10× the RTN error there
-(SmolLM2-135M, T = 512: plain GPTQ ends above RTN's perplexity at W4 and W3; shares of 1–20 % all
-fix it; the default 5 % is w ≈ 27 — benchmarks/results/llm_compression.json has the rows).
+(SmolLM2-135M, T = 512: plain GPTQ ends above RTN's perplexity at W4 and W3; in a sweep on 10 test
+windows, shares of 1–20 % all fixed it; the default 5 % is w ≈ 27. benchmarks/results/
+llm_compression.json has the table with it, plain GPTQ, and act-order without it).
 
 When every block's inputs are the fp model's activations (AWQ always; GPTQ with ``propagate="fp"``),
 the statistics do not depend on the quantization setting: ``quantize(..., keep_stats=True)`` returns
