@@ -87,12 +87,13 @@ def _config(args: argparse.Namespace):
         return RTNConfig(**wq)
     if args.method == "awq":
         return AWQConfig(**wq)
-    sink = {} if args.sink_share is None else {"sink_share": args.sink_share}
+    keep_default = args.sink_share is None
     if args.method == "awq-gptq":
-        return AWQConfig(**wq, use_gptq=True, gptq_act_order=args.act_order,
-                         **{f"gptq_{k}": v for k, v in sink.items()})
+        sink = {} if keep_default else {"gptq_sink_share": args.sink_share}
+        return AWQConfig(**wq, use_gptq=True, gptq_act_order=args.act_order, **sink)
     if args.method == "gptq":
         static = args.act_order and args.group_size is not None
+        sink = {} if keep_default else {"sink_share": args.sink_share}
         return GPTQConfig(**wq, act_order=args.act_order, static_groups=static, **sink)
     return SmoothQuantConfig(alpha=args.alpha, smooth=not args.no_smooth, act=args.act)
 

@@ -219,8 +219,9 @@ def awq_transform(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
                     H.div_(s[:, None]).div_(s[None, :])  # inputs are x / s now: H' = diag(1/s) H diag(1/s)
                 ws = [block.get_submodule(n).weight.detach().float() for n in names]
                 gq = dict(zip(names, gptq_quantize_shared(ws, H, spec, cfg.gptq_damp, cfg.gptq_block_size,
-                                                          cfg.gptq_act_order, cfg.gptq_act_order, name=k,
-                                                          overwrite_h=True)))
+                                                          act_order=cfg.gptq_act_order,
+                                                          static_groups=cfg.gptq_act_order,  # packed order
+                                                          name=k, overwrite_h=True)))
                 del H, ws
             for name in names:
                 lin = block.get_submodule(name)

@@ -6,8 +6,8 @@ first few calibration sequences (AWQ's α and clip searches). One pass of the bl
 
 GPTQ's Hessians can weight the first position of every calibration sequence more (``sink_share``: the
 share of each sequence's weight that its first token carries, so w = share·(T − 1)/(1 − share) for
-sequences of T tokens, at least 1):
-that token becomes the attention sink (every later query attends to it), so an error in its q/k/v
+sequences of T tokens, at least 1). That token becomes the attention sink (every later query attends
+to it), so an error in its q/k/v
 outputs reaches every position; an unweighted Hessian counts it as one token in 512 and GPTQ, which
 moves error into directions that ordinary tokens rarely use, leaves it up to 10× the RTN error there
 (SmolLM2-135M, T = 512: plain GPTQ ends above RTN's perplexity at W4 and W3; in a sweep on 10 test
@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from efficientml.core.config import check_range
 from efficientml.core.errors import ConfigError
 from efficientml.core.memory import release_memory
 from efficientml.llm.compress.calib import BlockContext, BlockData, cast_block
@@ -79,16 +80,21 @@ class HessianAccumulator:
         k = max(1, round(n / block)) if n >= 1024 else 1  # narrow: one GEMM is faster than its blocks
         self.cuts = [n * i // k for i in range(k + 1)]
 
-    def add(self, x: torch.Tensor, weight: float = 1.0) -> None:
-        """Add the rows of ``x`` (tokens, features), each counted ``weight`` times (N grows by the
-        number of rows only when ``weight`` is 1: extra weight does not dilute the other tokens)."""
-        counted = x.shape[0] if weight == 1.0 else 0
-        x = x.float() if weight == 1.0 else x.float() * weight ** 0.5
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` (tokens, features); N grows by their number."""
+        self._accumulate(x.float())
+        self.count += x.shape[0]
+
+    def add_extra(self, x: torch.Tensor, weight: float) -> None:
+        """Add ``weight``·x xᵀ for rows already added, without growing N: those rows then count
+        1 + ``weight`` times and the others' weight is not diluted."""
+        self._accumulate(x.float() * weight ** 0.5)
+
+    def _accumulate(self, x: torch.Tensor) -> None:
         c = self.cuts
         for i in range(len(c) - 1):
             xi = x[:, c[i]:c[i + 1]]
             self.H[c[i]:c[i + 1], c[i]:].addmm_(xi.t(), x[:, c[i]:])  # row block i, upper part
-        self.count += counted
 
     def value(self, inplace: bool = False) -> torch.Tensor:
         """H; ``inplace`` scales the accumulator itself (no second (n, n) buffer; it is then spent)."""
@@ -112,8 +118,7 @@ def collect_block(data: BlockData, sets: list[tuple[str, ...]], x_mean: bool = T
     """One pass over all calibration inputs (mean |x| and/or Hessians, and the block's fp outputs if
     ``keep_outputs``), then one over the first ``n_samples`` sequences to keep their inputs.
     ``sink_share``: the share of each sequence's weight in the Hessians on its first position."""
-    if not 0.0 <= sink_share < 1.0:
-        raise ConfigError(f"sink_share must be in [0, 1) (0: every token counts once), got {sink_share}")
+    check_range("sink_share", sink_share, 0.0, 1.0, hi_open=True)
     block = data.block
     T = data.inputs.shape[1]
     sink_w = sink_weight(sink_share, T)
@@ -130,16 +135,15 @@ def collect_block(data: BlockData, sets: list[tuple[str, ...]], x_mean: bool = T
             if hessian:
                 hess[k].add(x)
                 if sink_w > 1.0:  # (B·T, in) → the B first positions, counted sink_w − 1 more times
-                    hess[k].add(x.view(-1, T, x.shape[-1])[:, 0], sink_w - 1.0)
+                    hess[k].add_extra(x.view(-1, T, x.shape[-1])[:, 0], sink_w - 1.0)
         return fn
 
     out = data.run({k: stat(k) for k in d_in}, keep_outputs=keep_outputs)
+    # value(inplace=True) hands over each accumulator's own buffer: no second (n, n) copy
     st = BlockStats({k: absum[k] / count[k] for k in absum}, {k: h.value(inplace=True) for k, h in hess.items()})
-    del hess
     if n_samples:
         feats: dict[str, list[torch.Tensor]] = {k: [] for k in d_in}
         n_s = min(n_samples, data.inputs.shape[0])
-        T = data.inputs.shape[1]
         data.run({k: feats[k].append for k in d_in}, samples=slice(0, n_s), keep_outputs=False)
         st.samples = {k: torch.cat(v).reshape(n_s, T, -1) for k, v in feats.items()}
     return st, out

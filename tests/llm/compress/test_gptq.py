@@ -47,7 +47,7 @@ def test_weighted_rows_count_more_without_diluting_the_others():
     x = torch.randn(100, 16)
     h = HessianAccumulator(16)
     h.add(x)
-    h.add(x[:10], weight=4.0)
+    h.add_extra(x[:10], 4.0)
     ref = 2 * (x.t() @ x + 4.0 * x[:10].t() @ x[:10]) / 100
     torch.testing.assert_close(h.value(), ref, rtol=1e-5, atol=1e-5)
 
