@@ -68,6 +68,43 @@ def read_bandwidth_gbs(device: str = "cpu", mb: int = 512, reps: int = 7) -> dic
     return {"read_gbs": nbytes / t_read / 1e9, "copy_gbs": 2 * nbytes / t_copy / 1e9, "buffer_mb": mb}
 
 
+@torch.inference_mode()
+def gemv_chain(model, reps: int = 15) -> dict:
+    """One decode step's matrix-vector products alone (the model's own weights, one fp32 row each),
+    three ways: the cpu_gemv kernel on (out, in) weights, F.linear on (out, in) weights (MKL, the
+    default layout) and F.linear on (in, out)-contiguous weights (MKL, decode_layout). GB/s = weight
+    bytes ÷ median time."""
+    import torch.nn.functional as F
+
+    from efficientml.llm import cpu_gemv
+
+    ws = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        ws += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
+               torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+    ws.append(model.lm_head.weight)
+    ws = [w.detach().contiguous() for w in ws]  # (out, in)
+    wt = [w.t().contiguous().t() for w in ws]  # same values, (in, out)-contiguous
+    xs = [torch.randn(1, w.shape[1]) for w in ws]
+    nbytes = sum(w.numel() * w.element_size() for w in ws)
+    ways = {"mkl_out_in": lambda: [F.linear(x, w) for x, w in zip(xs, ws)],
+            "mkl_in_out_decode_layout": lambda: [F.linear(x, w) for x, w in zip(xs, wt)]}
+    if cpu_gemv.available():
+        ways["cpu_gemv_out_in"] = lambda: [cpu_gemv.gemv(x, w) for x, w in zip(xs, ws)]
+    out = {}
+    for name, fn in ways.items():
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        med = statistics.median(ts)
+        out[name] = {"ms": med * 1e3, "gbs": nbytes / med / 1e9, "matrices": len(ws), "bytes": nbytes}
+    return out
+
+
 def decode_bytes_per_token(model, context_len: int) -> int:
     """Bytes a decode step must read: every weight except the embedding table (one row is gathered;
     when tied, lm_head reads the table once), plus the cached keys/values."""
@@ -209,12 +246,14 @@ def _time_generate(fn, reps: int) -> float:
 def part_decode(rec: BenchmarkRecord, quick: bool, args_new_tokens: int = 64, args_repeats: int = 3) -> None:
     from efficientml.llm.generate import SamplingConfig, generate
 
-    from efficientml.llm.model import decode_layout
+    from efficientml.llm import cpu_gemv
+    from efficientml.llm.model import prepare_cpu_decode
 
     model, tok, hf, _, load_s = load_pair()
     t = time.perf_counter()
-    decode_layout(model)  # what `efficientml llm generate/chat` do on CPU (see its docstring)
-    layout_s = time.perf_counter() - t
+    path = prepare_cpu_decode(model)  # what `efficientml llm generate/chat` do on CPU
+    prepare_s = time.perf_counter() - t
+    log(f"decode path: {path}")
     ids = tok.encode(PROMPT)
     x = torch.tensor([ids])
     N = 8 if quick else args_new_tokens
@@ -248,6 +287,8 @@ def part_decode(rec: BenchmarkRecord, quick: bool, args_new_tokens: int = 64, ar
         log(f"decode rep {r + 1}/{reps}: ours {ours[N][-1]:.2f} s, transformers {theirs[N][-1]:.2f} s for {N} tokens")
     bw = read_bandwidth_gbs("cpu")
     bpt = decode_bytes_per_token(model, len(ids) + N // 2)
+    chain = gemv_chain(model, reps=5 if quick else 15)
+    log("matrix-vector chain GB/s: " + ", ".join(f"{k} {v['gbs']:.1f}" for k, v in chain.items()))
 
     def summary(d: dict) -> dict:
         t1, tn = statistics.median(d[1]), statistics.median(d[N])
@@ -261,17 +302,18 @@ def part_decode(rec: BenchmarkRecord, quick: bool, args_new_tokens: int = 64, ar
         "commit": git_commit(), "prompt_tokens": len(ids), "new_tokens": N, "batch": 1, "dtype": "float32",
         "threads": torch.get_num_threads(), "greedy_tokens_identical": same, "repeats": reps,
         "ours": so, "transformers": st, "speedup": speedup, "our_load_s": load_s,
-        "bandwidth": bw, "bytes_per_token": bpt, "ours_weight_layout": "decode_layout (in, out)-contiguous",
+        "bandwidth": bw, "bytes_per_token": bpt, "ours_decode_path": path, "cpu_gemv": cpu_gemv.status(),
         "ours_decode_step": "torch.compile (inductor, CPU) over a static-shape cache, compiled once in the warm-up",
         "ours_compile_s": compile_s,
-        "decode_layout_s": layout_s,
+        "prepare_s": prepare_s,
+        "matrix_vector_chain": chain,
         "bandwidth_bound_tok_s": bw["read_gbs"] * 1e9 / bpt,
         "ours_fraction_of_read_bandwidth": so["achieved_gbs"] / bw["read_gbs"],
         "transformers_cache": "DynamicCache (generate default)",
     }
     rec.target("cpu_decode_speedup_vs_transformers", speedup, ">=", 1.5,
                note=f"decode tok/s ours ÷ transformers generate, batch 1, greedy, {N} new tokens, fp32, "
-                    f"2 threads; ours {so['decode_tok_s']:.1f} tok/s = {so['achieved_gbs']:.1f} GB/s of "
+                    f"2 threads; ours ({path.split(',')[0]}) {so['decode_tok_s']:.1f} tok/s = {so['achieved_gbs']:.1f} GB/s of "
                     f"{bw['read_gbs']:.1f} GB/s measured read bandwidth" + (" (quick)" if quick else ""))
 
 

@@ -132,10 +132,13 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def _for_decode(model):
-    """CPU generation streams the weights once per token: re-lay them for the matrix-vector kernel."""
-    from efficientml.llm.model import decode_layout
+    """CPU generation streams the weights once per token: run them on the matrix-vector kernel (or
+    re-lay them for MKL's where it cannot be built)."""
+    from efficientml.llm.model import prepare_cpu_decode
 
-    return decode_layout(model) if model.device.type == "cpu" else model
+    if model.device.type == "cpu":
+        prepare_cpu_decode(model)
+    return model
 
 
 def run_generate(args: argparse.Namespace) -> int:

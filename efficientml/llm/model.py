@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from efficientml.core.errors import ShapeError
+from efficientml.llm import cpu_gemv
 from efficientml.llm.config import LlamaConfig, alibi_slopes
 from efficientml.llm.kv_cache import KVCache
 
@@ -138,6 +139,7 @@ class _Packed:
         self.bias: torch.Tensor | None = None
         self.sizes: list[int] = []
         self.ptrs: tuple[int, ...] = ()
+        self.cpu_gemv = False  # one-row fp32 inputs on the CPU matrix-vector kernel (use_cpu_gemv)
 
     def pack(self, mods: tuple[nn.Linear, ...]) -> None:
         if any(type(m) is not nn.Linear for m in mods) or any(m.weight.is_meta for m in mods):
@@ -173,7 +175,18 @@ class _Packed:
             return None
         if torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods):
             return None  # training: let autograd see each module's own weight
+        if self.cpu_gemv and cpu_gemv.eligible(x, self.weight, self.bias):
+            return cpu_gemv.gemv(x, self.weight, self.bias).split(self.sizes, dim=-1)
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)``; a plain ``nn.Linear`` marked by :func:`use_cpu_gemv` (and without hooks) runs a
+    one-row fp32 input on the CPU matrix-vector kernel instead — the same product, faster."""
+    if getattr(mod, "cpu_gemv", False) and type(mod) is nn.Linear and not mod._forward_hooks \
+            and not mod._forward_pre_hooks and cpu_gemv.eligible(x, mod.weight, mod.bias):
+        return cpu_gemv.gemv(x, mod.weight, mod.bias)
+    return mod(x)
 
 
 def pack_projections(model: nn.Module) -> nn.Module:
@@ -227,6 +240,32 @@ def decode_layout(model: nn.Module) -> nn.Module:
     return model
 
 
+def use_cpu_gemv(model: nn.Module, enable: bool = True) -> bool:
+    """Run every plain ``nn.Linear`` of ``model`` (and the packed q/k/v, gate/up) on the CPU
+    matrix-vector kernel (:mod:`efficientml.llm.cpu_gemv`) whenever its input is one fp32 row —
+    batch-1 decoding — and through ``F.linear`` otherwise. Builds the kernel on first use; returns
+    False (and changes nothing) when it is off, ``cpu_gemv.status()`` says why. Weights keep
+    nn.Linear's (out, in) layout; a weight that is not contiguous (see :func:`decode_layout`) or
+    not fp32, and a module that was swapped or has hooks, runs as before. ``enable=False`` undoes it."""
+    if enable and not cpu_gemv.available():
+        return False
+    for mod in model.modules():
+        if type(mod) is nn.Linear:
+            mod.cpu_gemv = enable
+        elif isinstance(mod, (Attention, MLP)):
+            mod.packed.cpu_gemv = enable
+    return True
+
+
+def prepare_cpu_decode(model: nn.Module) -> str:
+    """Make batch-1 CPU decoding fast, in place, and say how: the matrix-vector kernel when it
+    builds (:func:`use_cpu_gemv`), else :func:`decode_layout` for MKL's kernel."""
+    if use_cpu_gemv(model):
+        return "cpu_gemv kernel, (out, in) weights"
+    decode_layout(model)
+    return f"decode_layout (in, out) weights for MKL; the kernel is {cpu_gemv.status()}"
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -246,7 +285,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.packed(x, (self.q_proj, self.k_proj, self.v_proj))
         if qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = _linear(self.q_proj, x), _linear(self.k_proj, x), _linear(self.v_proj, x)
         else:
             q, k, v = qkv
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
@@ -273,7 +312,7 @@ class Attention(nn.Module):
             kw = {"enable_gqa": True} if g > 1 and _HAS_GQA else {}
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, **kw)
             o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, nh*hd)
-        return self.o_proj(o)
+        return _linear(self.o_proj, o)
 
 
 class MLP(nn.Module):
@@ -289,8 +328,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.packed(x, (self.gate_proj, self.up_proj))
-        g, u = gu if gu is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(self.act(g) * u)  # SwiGLU
+        g, u = gu if gu is not None else (_linear(self.gate_proj, x), _linear(self.up_proj, x))
+        return _linear(self.down_proj, self.act(g) * u)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):
@@ -400,7 +439,7 @@ class LlamaForCausalLM(nn.Module):
         h = self.model(input_ids, cache, input_pos)  # (B, T, d)
         if num_logits is not None:
             h = h[:, -num_logits:]
-        return self.lm_head(h)  # (B, T', vocab)
+        return _linear(self.lm_head, h)  # (B, T', vocab)
 
     def new_cache(self, batch_size: int = 1, max_length: int | None = None,
                   static_shapes: bool = False) -> KVCache:

@@ -1,0 +1,182 @@
+"""The fp32 matrix-vector kernel for batch-1 decoding on CPU (``csrc/gemv_f32.c``).
+
+A batch-1 decode step is a chain of matrix-vector products that stream every weight from memory
+once. MKL's sgemv reaches about 11 GB/s of this machine's 17 GB/s on SmolLM2's shapes (576×576 to
+576×49152) with two threads, and less on the small ones; the kernel here reaches about 15 GB/s on
+the same chain (``benchmarks/llm_core.py`` records both), because each thread streams one
+contiguous block of rows and prefetches ahead of it.
+
+The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``, ``gcc``,
+``clang``) for this CPU (``-march=native``, OpenMP) into ``$EFFICIENTML_CACHE/kernels`` (written
+atomically, keyed by source, flags and CPU), then loaded with ``ctypes``. Without a compiler,
+:func:`available` is False, :func:`status` says why, and callers fall back to ``F.linear``.
+``EFFICIENTML_CPU_GEMV=0`` turns the kernel off.
+
+:func:`gemv` is also the custom op ``torch.ops.efficientml.gemv_f32`` so a ``torch.compile``-d decode
+step calls it directly (an opaque extern call in the graph).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+from efficientml.core.errors import ShapeError
+from efficientml.core.serialization import atomic_path
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv_f32.c"
+SYMBOL = "efficientml_gemv_f32"
+# tried in order; the first that builds wins (no OpenMP: one thread; no -march=native: portable code)
+FLAG_SETS = (
+    ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"),
+    ("-O3", "-ffp-contract=fast", "-fopenmp"),
+    ("-O3", "-march=native", "-ffp-contract=fast"),
+    ("-O3", "-ffp-contract=fast"),
+)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "fn": the ctypes function or None, "status": one line, "flags"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+class _BuildFailed(Exception):
+    """One flag set did not compile (the next one is tried)."""
+
+
+def _load() -> object:
+    with _lock:
+        if "fn" in _state:
+            return _state["fn"]
+        fn, status = None, ""
+        if os.environ.get("EFFICIENTML_CPU_GEMV", "1") == "0":
+            status = "off (EFFICIENTML_CPU_GEMV=0)"
+        elif not hasattr(torch.library, "custom_op"):
+            status = f"off (torch {torch.__version__} has no torch.library.custom_op; needs ≥ 2.4)"
+        elif (cc := _compiler()) is None:
+            status = "off (no C compiler found: set CC or install gcc/clang)"
+        else:
+            from efficientml.data.paths import cache_dir
+
+            try:
+                lib, flags = _build_any(cc, cache_dir() / "kernels")
+                f = getattr(ctypes.CDLL(str(lib)), SYMBOL)
+                f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                f.restype = None
+                fn, status = f, f"on ({Path(cc).name} {' '.join(flags)}; {lib})"
+                _state["openmp"] = "-fopenmp" in flags
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                status = f"off (could not build {SOURCE.name} with {cc}: {e})"
+        _state["fn"], _state["status"] = fn, status
+        return fn
+
+
+def _build_any(cc: str, out_dir: Path) -> tuple[Path, tuple[str, ...]]:
+    """Build with the first flag set the compiler accepts (cached per source, flags and CPU)."""
+    src = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()]))
+        lib = out_dir / f"gemv_f32-{key.hexdigest()[:16]}.so"
+        if lib.is_file():
+            return lib, flags
+        try:
+            with atomic_path(lib) as tmp:
+                r = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)],
+                                   capture_output=True, text=True, timeout=120)
+                if r.returncode != 0:
+                    last = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+                    raise _BuildFailed(f"[{' '.join(flags)}] {last}")
+        except _BuildFailed as e:
+            errors.append(str(e))
+            continue
+        return lib, flags
+    raise RuntimeError("; ".join(errors))
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (builds it on the first call)."""
+    return _load() is not None
+
+
+def status() -> str:
+    """One line: on (compiler, flags, library) or off (why)."""
+    _load()
+    return str(_state["status"])
+
+
+def eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``F.linear(x, weight, bias)`` can run on the kernel: one fp32 CPU row, an fp32
+    contiguous (out, in) weight, no gradient needed. (Whether the kernel is built is
+    :func:`available`'s question, asked once by whoever turns it on.)"""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
+        return False
+    if x.shape[-1] != weight.shape[1] or x.numel() != x.shape[-1]:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))
+
+
+def _gemv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fn = _load()
+    if fn is None:
+        raise RuntimeError(f"the CPU matrix-vector kernel is {status()}")
+    out_f, in_f = weight.shape
+    if x.numel() != in_f or x.shape[-1] != in_f:
+        raise ShapeError(f"gemv takes one row of {in_f} features for a ({out_f}, {in_f}) weight, "
+                         f"got an input of shape {tuple(x.shape)}")
+    if not (x.dtype == weight.dtype == torch.float32) or (bias is not None and bias.dtype != torch.float32):
+        raise ShapeError(f"gemv is fp32 only, got input {x.dtype}, weight {weight.dtype}")
+    if not weight.is_contiguous():
+        raise ShapeError("gemv needs a contiguous (out, in) weight (nn.Linear's layout, not decode_layout's)")
+    xc = x.contiguous()
+    b = None if bias is None else bias.contiguous()
+    y = torch.empty(*x.shape[:-1], out_f, dtype=torch.float32)
+    fn(weight.data_ptr(), xc.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+       out_f, in_f, torch.get_num_threads())
+    return y
+
+
+if hasattr(torch.library, "custom_op"):
+    @torch.library.custom_op("efficientml::gemv_f32", mutates_args=())
+    def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _gemv_impl(x, weight, bias)
+
+    @_gemv_op.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for one fp32 row ``x`` (…, in) on the kernel → (…, out).
+    Raises if the kernel is off (see :func:`status`) or the inputs are not :func:`eligible`."""
+    if not torch.compiler.is_compiling() and not available():
+        raise RuntimeError(f"the CPU matrix-vector kernel is {status()}")
+    return torch.ops.efficientml.gemv_f32(x, weight, bias)
