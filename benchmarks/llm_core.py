@@ -355,6 +355,96 @@ def _decode_rates(model, hf, batch: int, prompt_len: int, n_ours: int, n_theirs:
     return row
 
 
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    if "gemv" in n or "gemm" in n or "cutlass" in n or "sm90_xmma" in n or "cublas" in n or "nvjet" in n:
+        return "matmul"
+    if "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n:
+        return "attention"
+    return "other"
+
+
+@torch.inference_mode()
+def profile_decode_step(model, steps: int = 20, prompt_len: int = 128) -> dict:
+    """Where a batch-1 decode step's time goes on the GPU: kernel time by kind (matmul, attention,
+    other: norms, RoPE, cache writes, elementwise), kernels per step, and the wall time per step (the
+    difference is launch gaps and host work). Profiles ``generate`` (CUDA-graph step) with 1 and with
+    ``steps + 1`` new tokens and divides the difference by ``steps``, so the prefill drops out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from efficientml.llm.generate import SamplingConfig, generate
+    from efficientml.llm.kv_cache import StaticKVCache
+
+    x = torch.randint(100, 1000, (1, prompt_len), device=model.device)
+    cache = StaticKVCache.for_model(model, 1, prompt_len + steps + 1, static_shapes=True)
+    generate(model, x, SamplingConfig(max_new_tokens=4), cache=cache)  # capture outside the profile
+
+    def run(n_new: int) -> tuple[dict, dict, int, float]:
+        cache.reset()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            generate(model, x, SamplingConfig(max_new_tokens=n_new), cache=cache)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        kinds: dict[str, float] = {}
+        names: dict[str, float] = {}
+        count = 0
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                us = getattr(e, "device_time_total", None) or e.cuda_time_total
+                kinds[_kernel_kind(e.name)] = kinds.get(_kernel_kind(e.name), 0.0) + us
+                names[e.name[:80]] = names.get(e.name[:80], 0.0) + us
+                count += 1
+        return kinds, names, count, wall
+
+    k1, n1, c1, w1 = run(1)
+    kn, nn_, cn, wn = run(steps + 1)
+    per = {k: (kn.get(k, 0.0) - k1.get(k, 0.0)) / steps for k in sorted(set(kn) | set(k1))}
+    top = {k: (v - n1.get(k, 0.0)) / steps for k, v in nn_.items()}
+    return {"steps": steps,
+            "per_step_us": per | {"kernels_total": sum(per.values()), "wall": (wn - w1) * 1e6 / steps},
+            "kernels_per_step": (cn - c1) / steps,
+            "top_kernels_us_per_step": dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])}
+
+
+@torch.inference_mode()
+def gpu_gemv_shapes(model, iters: int = 50) -> dict:
+    """Each distinct matrix-vector shape of ``model`` alone: cuBLAS (F.linear) vs the Triton kernel,
+    GB/s = weight bytes ÷ median time (CUDA events), 4 copies of the weight used in turn so the
+    reads come from memory, not L2."""
+    import torch.nn.functional as F
+
+    from efficientml.llm import triton_gemv
+
+    a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    shapes = {"qkv": a.packed.weight if a.packed.weight is not None else a.q_proj.weight,
+              "o": a.o_proj.weight, "gate_up": m.packed.weight if m.packed.weight is not None else m.gate_proj.weight,
+              "down": m.down_proj.weight, "lm_head": model.lm_head.weight}
+    out = {}
+    for name, w0 in shapes.items():
+        ws = [torch.randn_like(w0) for _ in range(4)]
+        x = torch.randn(1, w0.shape[1], device=w0.device, dtype=w0.dtype)
+        row = {"shape": list(w0.shape), "mb": w0.numel() * w0.element_size() / 1e6}
+        for who, fn in (("cublas", lambda w: F.linear(x, w)), ("triton", lambda w: triton_gemv.gemv(x, w))):
+            for w in ws:
+                fn(w)
+            ts = []
+            for i in range(iters):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn(ws[i % 4])
+                e.record()
+                e.synchronize()
+                ts.append(s.elapsed_time(e) / 1e3)
+            t = statistics.median(ts)
+            row[f"{who}_us"] = t * 1e6
+            row[f"{who}_gbs"] = w0.numel() * w0.element_size() / t / 1e9
+        out[name] = row
+        del ws
+    return out
+
+
 class _Done(Exception):
     """Ends a section early (light mode) without an error."""
 
@@ -454,7 +544,8 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
 
     from efficientml.llm.config import LlamaConfig
     from efficientml.llm.load import load, save_hf
-    from efficientml.llm.model import build_model, pack_projections
+    from efficientml.llm import triton_gemv
+    from efficientml.llm.model import build_model, pack_projections, use_gpu_gemv
 
     dev = "cuda"
     reps = 2 if quick else 3
@@ -488,6 +579,27 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
             if not quick:
                 res["batch1_compile"] = _decode_rates(model, None, 1, 128, n, n, reps, use_compile=True)
                 log(f"7b batch1 compile: {res['batch1_compile']}")
+                save()
+
+            def attempt(key: str, fn) -> None:  # a failed experiment is recorded, the section goes on
+                try:
+                    res[key] = fn()
+                    log(f"7b {key}: {res[key]}")
+                except Exception as e:
+                    res[f"error ({key})"] = f"{type(e).__name__}: {e}"
+                    log(f"7b {key} failed: {res[f'error ({key})']}")
+                save()
+
+            attempt("profile_batch1_graph", lambda: profile_decode_step(model))
+            if use_gpu_gemv(model):  # the Triton matrix-vector kernel instead of cuBLAS at M = 1
+                attempt("gemv_shapes", lambda: gpu_gemv_shapes(model))
+                attempt("batch1_triton_gemv", lambda: _decode_rates(model, None, 1, 128, n, n, reps))
+                attempt("profile_batch1_graph_triton_gemv", lambda: profile_decode_step(model))
+                if not quick:
+                    attempt("batch1_compile_triton_gemv",
+                            lambda: _decode_rates(model, None, 1, 128, n, n, reps, use_compile=True))
+                res["triton_gemv_configs"] = triton_gemv.tuned()
+                use_gpu_gemv(model, enable=False)
                 save()
             if light:
                 raise _Done

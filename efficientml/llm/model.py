@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from efficientml.core.errors import ShapeError
-from efficientml.llm import cpu_gemv
+from efficientml.llm import cpu_gemv, triton_gemv
 from efficientml.llm.config import LlamaConfig, alibi_slopes
 from efficientml.llm.kv_cache import KVCache
 
@@ -139,7 +139,8 @@ class _Packed:
         self.bias: torch.Tensor | None = None
         self.sizes: list[int] = []
         self.ptrs: tuple[int, ...] = ()
-        self.cpu_gemv = False  # one-row fp32 inputs on the CPU matrix-vector kernel (use_cpu_gemv)
+        self.cpu_gemv = False  # one-row inputs on a matrix-vector kernel (use_cpu_gemv / use_gpu_gemv)
+        self.gpu_gemv = False
 
     def pack(self, mods: tuple[nn.Linear, ...]) -> None:
         if any(type(m) is not nn.Linear for m in mods) or any(m.weight.is_meta for m in mods):
@@ -175,17 +176,29 @@ class _Packed:
             return None
         if torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods):
             return None  # training: let autograd see each module's own weight
-        if self.cpu_gemv and cpu_gemv.eligible(x, self.weight, self.bias):
-            return cpu_gemv.gemv(x, self.weight, self.bias).split(self.sizes, dim=-1)
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        y = _gemv(self, x, self.weight, self.bias)
+        return (y if y is not None else F.linear(x, self.weight, self.bias)).split(self.sizes, dim=-1)
+
+
+def _gemv(owner: object, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear(x, w, b)`` on the matrix-vector kernel ``owner`` was switched to (:func:`use_cpu_gemv`,
+    :func:`use_gpu_gemv`) when it can take this call (one row, see each kernel's ``eligible``), else None."""
+    if x.numel() != x.shape[-1]:
+        return None
+    if getattr(owner, "cpu_gemv", False) and cpu_gemv.eligible(x, w, b):
+        return cpu_gemv.gemv(x, w, b)
+    if getattr(owner, "gpu_gemv", False) and triton_gemv.eligible(x, w, b):
+        return triton_gemv.gemv(x, w, b)
+    return None
 
 
 def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)``; a plain ``nn.Linear`` marked by :func:`use_cpu_gemv` (and without hooks) runs a
-    one-row fp32 input on the CPU matrix-vector kernel instead — the same product, faster."""
-    if getattr(mod, "cpu_gemv", False) and type(mod) is nn.Linear and not mod._forward_hooks \
-            and not mod._forward_pre_hooks and cpu_gemv.eligible(x, mod.weight, mod.bias):
-        return cpu_gemv.gemv(x, mod.weight, mod.bias)
+    """``mod(x)``; a plain ``nn.Linear`` switched to a matrix-vector kernel (and without hooks) runs a
+    one-row input on it instead — the same product, faster."""
+    if type(mod) is nn.Linear and not mod._forward_hooks and not mod._forward_pre_hooks:
+        y = _gemv(mod, x, mod.weight, mod.bias)
+        if y is not None:
+            return y
     return mod(x)
 
 
@@ -254,6 +267,22 @@ def use_cpu_gemv(model: nn.Module, enable: bool = True) -> bool:
             mod.cpu_gemv = enable
         elif isinstance(mod, (Attention, MLP)):
             mod.packed.cpu_gemv = enable
+    return True
+
+
+def use_gpu_gemv(model: nn.Module, enable: bool = True) -> bool:
+    """Like :func:`use_cpu_gemv`, for CUDA: one-row inputs of plain ``nn.Linear`` s (and the packed
+    q/k/v, gate/up) run on the Triton matrix-vector kernel (:mod:`efficientml.llm.triton_gemv`, block
+    sizes tuned per shape on first use) instead of cuBLAS. False (nothing changed) without Triton or
+    a GPU (or the CPU interpreter, ``TRITON_INTERPRET=1``)."""
+    dev = next(model.parameters()).device
+    if enable and not triton_gemv.available(dev):
+        return False
+    for mod in model.modules():
+        if type(mod) is nn.Linear:
+            mod.gpu_gemv = enable
+        elif isinstance(mod, (Attention, MLP)):
+            mod.packed.gpu_gemv = enable
     return True
 
 
