@@ -31,6 +31,7 @@ import torch
 
 from efficientml.core.errors import ShapeError
 from efficientml.core.serialization import atomic_path
+from efficientml.llm import gemv_op
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv_f32.c"
 SYMBOL = "efficientml_gemv_f32"
@@ -164,14 +165,7 @@ def _gemv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return y
 
 
-if hasattr(torch.library, "custom_op"):
-    @torch.library.custom_op("efficientml::gemv_f32", mutates_args=())
-    def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _gemv_impl(x, weight, bias)
-
-    @_gemv_op.register_fake
-    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+_op = gemv_op.register("gemv_f32", _gemv_impl)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,4 +173,4 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     Raises if the kernel is off (see :func:`status`) or the inputs are not :func:`eligible`."""
     if not torch.compiler.is_compiling() and not available():
         raise RuntimeError(f"the CPU matrix-vector kernel is {status()}")
-    return torch.ops.efficientml.gemv_f32(x, weight, bias)
+    return _op(x, weight, bias)

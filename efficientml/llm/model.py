@@ -262,11 +262,7 @@ def use_cpu_gemv(model: nn.Module, enable: bool = True) -> bool:
     not fp32, and a module that was swapped or has hooks, runs as before. ``enable=False`` undoes it."""
     if enable and not cpu_gemv.available():
         return False
-    for mod in model.modules():
-        if type(mod) is nn.Linear:
-            mod.cpu_gemv = enable
-        elif isinstance(mod, (Attention, MLP)):
-            mod.packed.cpu_gemv = enable
+    _mark(model, "cpu_gemv", enable)
     return True
 
 
@@ -278,12 +274,17 @@ def use_gpu_gemv(model: nn.Module, enable: bool = True) -> bool:
     dev = next(model.parameters()).device
     if enable and not triton_gemv.available(dev):
         return False
+    _mark(model, "gpu_gemv", enable)
+    return True
+
+
+def _mark(model: nn.Module, flag: str, enable: bool) -> None:
+    """Set a kernel flag on every plain nn.Linear and every packed projection group."""
     for mod in model.modules():
         if type(mod) is nn.Linear:
-            mod.gpu_gemv = enable
+            setattr(mod, flag, enable)
         elif isinstance(mod, (Attention, MLP)):
-            mod.packed.gpu_gemv = enable
-    return True
+            setattr(mod.packed, flag, enable)
 
 
 def prepare_cpu_decode(model: nn.Module) -> str:

@@ -24,6 +24,7 @@ import os
 import torch
 
 from efficientml.core.errors import ShapeError, UnsupportedError
+from efficientml.llm import gemv_op
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None  # imported on first use (~0.3 s)
 
@@ -156,19 +157,10 @@ def _gemv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return y
 
 
-if hasattr(torch.library, "custom_op"):
-    @torch.library.custom_op("efficientml::triton_gemv", mutates_args=())
-    def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _gemv_impl(x, weight, bias)
-
-    @_gemv_op.register_fake
-    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+_op = gemv_op.register("triton_gemv", _gemv_impl)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for one row ``x`` (…, in) → (…, out), in ``x.dtype`` with fp32
     accumulation."""
-    if hasattr(torch.library, "custom_op"):
-        return torch.ops.efficientml.triton_gemv(x, weight, bias)
-    return _gemv_impl(x, weight, bias)
+    return _op(x, weight, bias)
