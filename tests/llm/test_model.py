@@ -162,6 +162,24 @@ def test_packed_projections_same_logits_and_state():
         assert not torch.allclose(m(ids), ref)
 
 
+def test_packed_runs_one_row_on_cpu_and_several_rows_separately():
+    """CPU: one row (decoding) runs as one packed matmul; several rows run the separate matmuls
+    (faster under MKL); both give the modules' own outputs."""
+    from efficientml.llm.model import pack_projections
+
+    cfg = CONFIGS["qwen2-bias"]
+    m = pack_projections(make(cfg))
+    att = m.model.layers[0].self_attn
+    mods = (att.q_proj, att.k_proj, att.v_proj)
+    with torch.no_grad():
+        one = torch.randn(1, 1, cfg.hidden_size)
+        out = att.packed(one, mods)
+        assert out is not None
+        for o, mod in zip(out, mods):
+            torch.testing.assert_close(o, mod(one))
+        assert att.packed(torch.randn(1, 3, cfg.hidden_size), mods) is None
+
+
 def test_packed_model_traces_with_torch_compile():
     """The decode step is compiled on CUDA (torch.compile inside the CUDA graph); dynamo must trace the
     packed projections (data_ptr is not traceable) — checked here with the eager backend on CPU."""
