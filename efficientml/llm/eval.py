@@ -14,7 +14,7 @@ Protocol (the same for every model and for the transformers comparison):
    log-softmax over the full vocabulary.
 
 Windows of equal length are batched (``batch_size``); the vocabulary projection and log-softmax run
-over ``logits_chunk`` positions at a time, so memory is bounded by the batch, not by the text.
+over at most 1024 scored positions at a time, so memory is bounded by the batch, not by the text.
 """
 
 from __future__ import annotations
@@ -119,22 +119,26 @@ def num_windows(n_tokens: int, protocol: PerplexityProtocol) -> int:
 
 @torch.inference_mode()
 def score_window_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                       logits_chunk: int = 256) -> tuple[float, int]:
-    """Our model: (sum of target NLL, number of targets) for a (B, T) batch; the vocabulary
-    projection runs ``logits_chunk`` positions at a time."""
+                       logits_rows: int = 1024) -> tuple[float, int]:
+    """Our model: (sum of target NLL, number of targets) for a (B, T) batch."""
     dev = next(model.parameters()).device
     input_ids, labels = input_ids.to(dev), labels.to(dev)
-    h = model.model(input_ids)  # (B, T, d)
-    total = torch.zeros((), dtype=torch.float64, device=dev)
-    for s in range(0, h.shape[1], logits_chunk):
-        y = labels[:, s:s + logits_chunk]  # (B, t)
-        keep = y != IGNORE
-        if not bool(keep.any()):
-            continue
-        hs = h[:, s:s + logits_chunk][keep]  # (n, d) only positions with a target
-        logits = model.lm_head(hs).float()  # (n, V)
-        total += F.cross_entropy(logits, y[keep], reduction="sum").double()
-    return float(total), int((labels != IGNORE).sum())
+    return nll_from_hidden(model, model.model(input_ids), labels, logits_rows)
+
+
+def nll_from_hidden(model: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor,
+                    logits_rows: int = 1024) -> tuple[float, int]:
+    """(sum of target NLL, number of targets) from the trunk's hidden states ``h`` (B, T, d): the
+    scored positions are gathered, then projected to the vocabulary and log-softmaxed in fp32
+    ``logits_rows`` at a time (memory bounded by rows × vocab, whatever the batch; 1024 rows keep
+    the CPU matmul as efficient as one window at once — 256 cost SmolLM2-135M 7% of its time)."""
+    keep = labels != IGNORE
+    hs, ys = h[keep], labels[keep]  # (n, d), (n,)
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    for s in range(0, hs.shape[0], logits_rows):
+        logits = model.lm_head(hs[s:s + logits_rows]).float()  # (rows, V)
+        total += F.cross_entropy(logits, ys[s:s + logits_rows], reduction="sum").double()
+    return float(total), int(ys.numel())
 
 
 def perplexity(model: torch.nn.Module, ids: Sequence[int], protocol: PerplexityProtocol = PerplexityProtocol(),

@@ -88,13 +88,11 @@ class QuantizedKVCache(KVCache):
         return sum(t.numel() * t.element_size() for t in ts)
 
 
-def kv_quant_score_fn(model: torch.nn.Module, bits: int, group_size: int | None = None, logits_chunk: int = 256):
+def kv_quant_score_fn(model: torch.nn.Module, bits: int, group_size: int | None = None):
     """A ``score_fn`` for :func:`efficientml.llm.eval.perplexity` that runs each window through a
     quantized KV cache, so every attention reads dequantized keys/values (the same protocol, only the
     cache differs)."""
-    import torch.nn.functional as F
-
-    from efficientml.llm.eval import IGNORE
+    from efficientml.llm.eval import nll_from_hidden
 
     @torch.inference_mode()
     def score(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -102,14 +100,6 @@ def kv_quant_score_fn(model: torch.nn.Module, bits: int, group_size: int | None 
         input_ids, labels = input_ids.to(dev), labels.to(dev)
         B, T = input_ids.shape
         cache = QuantizedKVCache.for_model(model, B, T, bits, group_size)
-        h = model.model(input_ids, cache)  # (B, T, d)
-        total = 0.0
-        for s in range(0, T, logits_chunk):
-            y = labels[:, s:s + logits_chunk]
-            keep = y != IGNORE
-            if bool(keep.any()):
-                logits = model.lm_head(h[:, s:s + logits_chunk][keep]).float()
-                total += float(F.cross_entropy(logits, y[keep], reduction="sum"))
-        return total, int((labels != IGNORE).sum())
+        return nll_from_hidden(model, model.model(input_ids, cache), labels)  # h: (B, T, d)
 
     return score
