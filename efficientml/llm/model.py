@@ -17,8 +17,10 @@ quantized-module swaps are plain data::
 
 Every linear is a plain ``nn.Linear``, so it can be swapped for a quantized module with the same call.
 Loaded models are *packed* (:func:`pack_projections`): q/k/v (and gate/up) weights become row views of
-one buffer and run as one matmul — same names, same ``state_dict``, no extra memory. Replacing any of
-those modules (or moving/casting the model) silently returns to one call per module.
+one buffer and run as one matmul (on CPU: for one-row inputs) — same names, same ``state_dict``, no
+extra memory. Replacing any of those modules (or moving/casting the model) silently returns to one call
+per module. For batch-1 decoding, :func:`use_cpu_gemv` / :func:`use_gpu_gemv` route one-row inputs of
+the linears to efficientml's matrix-vector kernels (:func:`prepare_cpu_decode` picks the CPU path).
 
 **A decoder block runs on its own** (calibration captures and transforms one block at a time)::
 
