@@ -44,7 +44,7 @@ FLAG_SETS = (
 )
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "fn": the ctypes function or None, "status": one line, "flags"
+_state: dict[str, object] = {}  # "fn": the ctypes function or None, "status": one line
 
 
 def _compiler() -> str | None:
@@ -88,7 +88,6 @@ def _load() -> object:
                 f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                 f.restype = None
                 fn, status = f, f"on ({Path(cc).name} {' '.join(flags)}; {lib})"
-                _state["openmp"] = "-fopenmp" in flags
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 status = f"off (could not build {SOURCE.name} with {cc}: {e})"
         _state["fn"], _state["status"] = fn, status
