@@ -69,6 +69,8 @@ class _BuildFailed(Exception):
 
 
 def _load() -> object:
+    if "fn" in _state:  # built (or refused) already: no lock on the decode path
+        return _state["fn"]
     with _lock:
         if "fn" in _state:
             return _state["fn"]
@@ -129,33 +131,19 @@ def status() -> str:
 
 
 def eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether ``F.linear(x, weight, bias)`` can run on the kernel: one fp32 CPU row, an fp32
-    contiguous (out, in) weight, no gradient needed. (Whether the kernel is built is
+    """Whether ``F.linear(x, weight, bias)`` can run on the kernel: one fp32 CPU row and an fp32
+    contiguous (out, in) weight (:func:`gemv_op.fits`). (Whether the kernel is built is
     :func:`available`'s question, asked once by whoever turns it on.)"""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
-        return False
-    if x.shape[-1] != weight.shape[1] or x.numel() != x.shape[-1]:
-        return False
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad)))
+    return x.device.type == "cpu" and x.dtype == torch.float32 and gemv_op.fits(x, weight, bias)
 
 
 def _gemv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     fn = _load()
     if fn is None:
         raise RuntimeError(f"the CPU matrix-vector kernel is {status()}")
-    out_f, in_f = weight.shape
-    if x.numel() != in_f or x.shape[-1] != in_f:
-        raise ShapeError(f"gemv takes one row of {in_f} features for a ({out_f}, {in_f}) weight, "
-                         f"got an input of shape {tuple(x.shape)}")
-    if not (x.dtype == weight.dtype == torch.float32) or (bias is not None and bias.dtype != torch.float32):
-        raise ShapeError(f"gemv is fp32 only, got input {x.dtype}, weight {weight.dtype}")
-    if not weight.is_contiguous():
-        raise ShapeError("gemv needs a contiguous (out, in) weight (nn.Linear's layout, not decode_layout's)")
+    out_f, in_f = gemv_op.check(x, weight, bias)
+    if x.dtype != torch.float32:
+        raise ShapeError(f"gemv is fp32 only, got {x.dtype}")
     xc = x.contiguous()
     b = None if bias is None else bias.contiguous()
     y = torch.empty(*x.shape[:-1], out_f, dtype=torch.float32)
@@ -170,6 +158,4 @@ _op = gemv_op.register("gemv_f32", _gemv_impl)
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for one fp32 row ``x`` (…, in) on the kernel → (…, out).
     Raises if the kernel is off (see :func:`status`) or the inputs are not :func:`eligible`."""
-    if not torch.compiler.is_compiling() and not available():
-        raise RuntimeError(f"the CPU matrix-vector kernel is {status()}")
     return _op(x, weight, bias)

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from efficientml.core.errors import ShapeError, UnsupportedError
+from efficientml.core.errors import UnsupportedError
 from efficientml.llm import gemv_op
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None  # imported on first use (~0.3 s)
@@ -73,18 +73,10 @@ def available(device: torch.device | str) -> bool:
 
 
 def eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether ``F.linear(x, weight, bias)`` can run here: one row, a contiguous (out, in) weight of
-    the input's dtype on its device, no gradient needed; CUDA, or CPU under Triton's interpreter."""
-    if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype != x.dtype or weight.device != x.device:
-        return False
-    if x.shape[-1] != weight.shape[1] or x.numel() != x.shape[-1]:
-        return False
-    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    return HAVE_TRITON and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
+    """Whether ``F.linear(x, weight, bias)`` can run here (:func:`gemv_op.fits`): CUDA, or CPU under
+    Triton's interpreter."""
+    return HAVE_TRITON and (x.is_cuda or (x.device.type == "cpu" and _interpreting())) \
+        and gemv_op.fits(x, weight, bias)
 
 
 def _interpreting() -> bool:
@@ -133,14 +125,7 @@ def tuned() -> dict[str, tuple[int, int, int, int]]:
 def _gemv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if not HAVE_TRITON:
         raise UnsupportedError("the Triton matrix-vector kernel needs Triton (pip install triton)")
-    N, K = weight.shape
-    if x.numel() != K or x.shape[-1] != K:
-        raise ShapeError(f"gemv takes one row of {K} features for a ({N}, {K}) weight, got {tuple(x.shape)}")
-    if not weight.is_contiguous():
-        raise ShapeError("gemv needs a contiguous (out, in) weight")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ShapeError(f"gemv needs one dtype, got input {x.dtype}, weight {weight.dtype}"
-                         + (f", bias {bias.dtype}" if bias is not None else ""))
+    N, K = gemv_op.check(x, weight, bias)
     xc = x.contiguous()
     b = None if bias is None else bias.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
