@@ -1,14 +1,8 @@
 """GGUF files: metadata, tensors dequantized by our own vectorized numpy code, names mapped to the
 Hugging Face Llama layout, and llama.cpp's Q/K row permutation undone.
 
-The container (header, key/values, tensor table) is parsed by :class:`GGUFFile` and the block
-formats are decoded here, vectorized over all blocks of a tensor at once. Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1.
-
-Block layouts (32 weights per block, along a row):
-  Q8_0: f16 scale d, 32 × int8 q                 → w = d·q
-  Q4_0: f16 scale d, 16 bytes of nibbles         → w = d·(q − 8)
-  Q4_1: f16 scale d, f16 min m, 16 bytes nibbles → w = d·q + m
-Nibbles: byte j holds weight j in its low half and weight j+16 in its high half.
+The container (header, key/values, tensor table) is parsed by :class:`GGUFFile`; the block formats
+(Q4_0 … Q8_0, the k-quants Q2_K … Q6_K, IQ4_NL/IQ4_XS) are decoded by :mod:`efficientml.llm.ggml_quants`.
 """
 
 from __future__ import annotations
@@ -23,37 +17,7 @@ import torch
 
 from efficientml.core.errors import CheckpointError, UnsupportedError
 from efficientml.llm.config import LlamaConfig
-
-QK = 32  # weights per block in every format handled here
-_BLOCK_BYTES = {"Q8_0": 2 + QK, "Q4_0": 2 + QK // 2, "Q4_1": 4 + QK // 2}
-
-
-def dequantize_blocks(raw: np.ndarray, kind: str, n_elements: int) -> np.ndarray:
-    """Decode a quantized tensor's bytes (any shape, uint8) into ``n_elements`` float32 weights."""
-    nb = _BLOCK_BYTES[kind]
-    buf = np.asarray(raw).reshape(-1)
-    if buf.size * QK != n_elements * nb:
-        raise CheckpointError(f"{kind} tensor has {buf.size} bytes, expected {n_elements // QK * nb}")
-    blocks = buf.reshape(-1, nb)  # (nblocks, bytes per block)
-    d = np.ascontiguousarray(blocks[:, 0:2]).view(np.float16).astype(np.float32)  # (nblocks, 1)
-    out = np.empty((blocks.shape[0], QK), dtype=np.float32)  # (nblocks, 32), filled in place
-    if kind == "Q8_0":
-        out[:] = np.ascontiguousarray(blocks[:, 2:]).view(np.int8)
-        out *= d
-    elif kind == "Q4_0":
-        qs = blocks[:, 2:]
-        out[:, : QK // 2] = qs & 0x0F
-        out[:, QK // 2:] = qs >> 4
-        out -= 8.0
-        out *= d
-    else:  # Q4_1
-        m = np.ascontiguousarray(blocks[:, 2:4]).view(np.float16).astype(np.float32)
-        qs = blocks[:, 4:]
-        out[:, : QK // 2] = qs & 0x0F
-        out[:, QK // 2:] = qs >> 4
-        out *= d
-        out += m
-    return out.reshape(-1)
+from efficientml.llm.ggml_quants import BLOCK_FORMATS, BLOCK_SIZES, SUPPORTED, UNDECODED, dequantize_blocks
 
 
 @dataclass
@@ -78,11 +42,15 @@ def tensor_to_torch(t: TensorInfo) -> torch.Tensor:
     if kind == "BF16":
         u = raw.view(np.uint16).astype(np.uint32) << 16  # bf16 is the top half of an fp32
         return torch.from_numpy(u.view(np.float32).reshape(shape))
-    if kind in _BLOCK_BYTES:
-        if shape[-1] % QK:
-            raise CheckpointError(f"tensor {t.name!r}: row length {shape[-1]} is not a multiple of {QK}")
+    if kind == "F64":
+        return torch.from_numpy(raw.view(np.float64).reshape(shape).astype(np.float32))
+    if kind in BLOCK_FORMATS:
+        n = BLOCK_FORMATS[kind][1]
+        if shape[-1] % n:
+            raise CheckpointError(f"tensor {t.name!r}: row length {shape[-1]} is not a multiple of {kind}'s "
+                                  f"block of {n}")
         return torch.from_numpy(dequantize_blocks(raw, kind, t.numel).reshape(shape))
-    raise UnsupportedError(f"GGUF tensor {t.name!r} has type {kind}; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1")
+    raise UnsupportedError(f"GGUF tensor {t.name!r} has type {kind}, which is not decoded; decoded: {SUPPORTED}")
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -116,8 +84,9 @@ def hf_name(gguf_name: str) -> str | None:
 # GGUF value types → struct format (8: string, 9: array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
             12: "<d"}
-_TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
-_ELEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+_TENSOR_TYPES = {0: "F32", 1: "F16", 28: "F64", 30: "BF16", **{v[0]: k for k, v in BLOCK_FORMATS.items()},
+                 **{i: v[0] for i, v in UNDECODED.items()}}
+_ELEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
 class _Cursor:
@@ -203,8 +172,13 @@ class GGUFFile:
             kind = _TENSOR_TYPES.get(ttype, f"type{ttype}")
             shape = tuple(int(x) for x in reversed(dims))  # GGUF lists the fastest dimension first
             n = int(np.prod(shape))
-            nbytes = n * _ELEM_BYTES[kind] if kind in _ELEM_BYTES else (
-                n // QK * _BLOCK_BYTES[kind] if kind in _BLOCK_BYTES else 0)
+            if kind in _ELEM_BYTES:
+                nbytes = n * _ELEM_BYTES[kind]
+            elif kind in BLOCK_SIZES:
+                per, size_b = BLOCK_SIZES[kind]
+                nbytes = -(-n // per) * size_b
+            else:
+                nbytes = 0  # unknown type: its size is unknown; loading the tensor says so
             start = data_start + offset
             if start + nbytes > size:
                 raise CheckpointError(f"{str(self.path)!r} is truncated: tensor {name!r} needs bytes "

@@ -1,6 +1,7 @@
-"""GGUF: our block dequantization equals the gguf package's reference decoder bit for bit, a written
-tiny Llama GGUF (llama.cpp's Q/K permutation applied) loads back to the original weights, and broken
-files raise CheckpointError."""
+"""GGUF: our block dequantization equals the gguf package's reference decoder bit for bit (every
+decoded format), a written tiny Llama GGUF (llama.cpp's Q/K permutation applied) loads back to the
+original weights, a k-quant GGUF loads to exactly the tensors transformers' own GGUF loader makes,
+and broken or undecodable files raise clear errors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from efficientml.core.errors import CheckpointError
+from efficientml.core.errors import CheckpointError, UnsupportedError
+from efficientml.llm.ggml_quants import BLOCK_FORMATS, BLOCK_SIZES
 from efficientml.llm.gguf import GGUFFile, dequantize_blocks, unpermute_rope_rows
 from efficientml.llm.model import build_model, init_weights
 from efficientml.llm.config import LlamaConfig
@@ -17,7 +19,7 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_dequantize_equals_reference(kind):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((48, 256)).astype(np.float32)
@@ -26,7 +28,53 @@ def test_dequantize_equals_reference(kind):
     ours = dequantize_blocks(q, kind, w.size).reshape(w.shape)
     np.testing.assert_array_equal(ours, ref)
     rel = np.abs(ours - w).max() / np.abs(w).max()
-    assert rel < {"Q8_0": 0.01, "Q4_0": 0.2, "Q4_1": 0.2}[kind]
+    assert rel < {"Q8_0": 0.01, "Q4_0": 0.2, "Q4_1": 0.2, "Q5_0": 0.1, "Q5_1": 0.1}[kind]
+
+
+# byte offsets of each format's f16 scale fields, and a scale that keeps |w| around 0.1
+F16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "IQ4_NL": [0], "Q2_K": [80, 82],
+          "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
+SCALE = {"Q4_0": 0.1 / 8, "Q4_1": 0.1 / 15, "Q5_0": 0.1 / 16, "Q5_1": 0.1 / 31, "Q8_0": 0.1 / 127,
+         "IQ4_NL": 0.1 / 127, "Q2_K": 0.1 / 45, "Q3_K": 0.1 / 128, "Q4_K": 0.1 / 945, "Q5_K": 0.1 / 1953,
+         "Q6_K": 0.1 / 4064, "IQ4_XS": 0.1 / 4064}
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng, signed: bool = True) -> np.ndarray:
+    """Random bytes in ``kind``'s block layout (every quant, sub-scale and bit pattern occurs), with
+    finite f16 scales: (rows, bytes per row) uint8."""
+    n, nbytes = BLOCK_SIZES[kind]
+    raw = rng.integers(0, 256, (rows, cols // n * nbytes), dtype=np.uint8)
+    blocks = raw.reshape(-1, nbytes)
+    for at in F16_AT.get(kind, []):
+        lo = -SCALE[kind] if signed else 0.0
+        blocks[:, at:at + 2] = rng.uniform(lo, SCALE[kind], (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("kind", [k for k in BLOCK_FORMATS if k != "Q8_K"])
+def test_every_bit_pattern_equals_reference(kind):
+    rng = np.random.default_rng(1)
+    raw = random_blocks(kind, 12, 1024, rng)
+    ref = gguf.quants.dequantize(raw, Q[kind]).astype(np.float32)  # (12, 1024)
+    ours = dequantize_blocks(raw, kind, raw.shape[0] * 1024).reshape(ref.shape)
+    np.testing.assert_array_equal(ours, ref)
+    assert np.isfinite(ours).all() and (ours != 0).mean() > 0.5
+
+
+def test_q8_k():  # the gguf package does not decode Q8_K: w = d·q, d an f32, block sums ignored
+    rng = np.random.default_rng(2)
+    d = rng.uniform(-1, 1, (8, 1)).astype(np.float32)
+    q = rng.integers(-128, 128, (8, 256)).astype(np.int8)
+    raw = np.concatenate([d.view(np.uint8), q.view(np.uint8), np.zeros((8, 32), np.uint8)], axis=1)  # 8 blocks
+    np.testing.assert_array_equal(dequantize_blocks(raw, "Q8_K", 8 * 256).reshape(8, 256), d * q.astype(np.float32))
+
+
+def test_wrong_byte_count_and_undecoded_format():
+    raw = np.zeros(144 * 3 - 1, np.uint8)
+    with pytest.raises(CheckpointError, match="Q4_K tensor of 768 weights has 431 bytes, expected 432"):
+        dequantize_blocks(raw, "Q4_K", 768)
+    with pytest.raises(UnsupportedError, match="IQ2_XXS is not decoded here; decoded: F32, .*Q4_K"):
+        dequantize_blocks(raw, "IQ2_XXS", 768)
 
 
 def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -132,3 +180,78 @@ def test_truncated_and_corrupt_gguf(tmp_path):
         GGUFFile(bad)
     with pytest.raises(CheckpointError, match="does not exist"):
         GGUFFile(tmp_path / "missing.gguf")
+
+
+KCFG = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                   rope_theta=10000.0, tie_word_embeddings=False)
+KTYPES = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q3_K", "ffn_gate": "Q2_K",
+          "ffn_up": "IQ4_XS", "ffn_down": "Q5_1"}
+
+
+def write_kquant_gguf(path, cfg=KCFG, types=KTYPES, seed=0):
+    """A GGUF as llama.cpp's Q*_K_M / IQ4_XS files are mixed: random bytes in each block format."""
+    rng = np.random.default_rng(seed)
+    d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.dim_per_head
+    shapes = {"attn_q": (cfg.num_attention_heads * hd, d), "attn_k": (cfg.num_key_value_heads * hd, d),
+              "attn_v": (cfg.num_key_value_heads * hd, d), "attn_output": (d, cfg.num_attention_heads * hd),
+              "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tensor("token_embd.weight", rng.standard_normal((cfg.vocab_size, d)).astype(np.float32))
+    w.add_tensor("output_norm.weight", rng.uniform(0.5, 1.5, d).astype(np.float32))
+    w.add_tensor("output.weight", random_blocks("Q6_K", cfg.vocab_size, d, rng), raw_dtype=Q.Q6_K)
+    for i in range(cfg.num_hidden_layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", rng.uniform(0.5, 1.5, d).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", rng.uniform(0.5, 1.5, d).astype(np.float32))
+        for short, kind in types.items():
+            signed = kind not in ("Q4_K", "Q5_K", "Q2_K")  # k-quant d, dmin ≥ 0 as llama.cpp writes them
+            w.add_tensor(f"blk.{i}.{short}.weight", random_blocks(kind, *shapes[short], rng, signed), raw_dtype=Q[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_kquant_gguf_equals_transformers_loader(tmp_path):
+    """transformers' GGUF loader (gguf's decoders, its own Q/K un-permutation) gives exactly our tensors."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from efficientml.llm.load import load_gguf
+
+    path = tmp_path / "kq.gguf"
+    write_kquant_gguf(path)
+    ours = load_gguf(GGUFFile(path))
+    hf_cfg = load_gguf_checkpoint(str(path))["config"]
+    assert (hf_cfg["hidden_size"], hf_cfg["num_key_value_heads"]) == (256, 2)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in hf_cfg.items() if k != "model_type"}))
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf)["tensors"]
+    sd = ours.state_dict()
+    assert set(theirs) == set(sd)
+    for k, v in theirs.items():
+        assert torch.equal(sd[k], torch.as_tensor(np.asarray(v), dtype=torch.float32)), k
+    hf.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in theirs.items()})
+    ids = torch.tensor([list(range(3, 300, 13))])
+    with torch.no_grad():
+        a, b = ours(ids), hf.eval()(ids).logits
+    assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
+def test_undecoded_tensor_type_names_it(tmp_path):
+    from efficientml.llm.load import load_gguf
+
+    path = tmp_path / "iq2.gguf"
+    write_kquant_gguf(path, types={**KTYPES, "ffn_up": "IQ2_XXS"})
+    gf = GGUFFile(path)  # the container and its sizes are read; decoding the tensor is refused
+    assert {t.kind for t in gf.infos} >= {"IQ2_XXS", "Q4_K", "Q6_K"}
+    with pytest.raises(UnsupportedError, match="ffn_up.weight' has type IQ2_XXS, which is not decoded; decoded: F32"):
+        load_gguf(gf)

@@ -30,3 +30,22 @@ def test_hf_folder_loads_back_identically(smollm2, smollm2_hf_dir):
     files = sorted(p.name for p in smollm2_hf_dir.iterdir())
     assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                      "tokenizer_config.json"]
+
+
+def test_gguf_tensors_equal_transformers_gguf_loader(smollm2, hf_smollm2):
+    """The real Q4_1 GGUF decoded by transformers' own loader (gguf's decoders, its Q/K un-permutation)
+    gives exactly our weights: the parity above does not rest on our GGUF reading."""
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("gguf")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from efficientml.llm.load import resolve_source
+
+    theirs = load_gguf_checkpoint(str(resolve_source("smollm2-135m")), return_tensors=True,
+                                  model_to_load=hf_smollm2)["tensors"]
+    ours = smollm2[0].state_dict()
+    assert len(theirs) == 1 + 30 * 9 + 1  # embedding (tied lm_head), 30 blocks of 9, final norm
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], torch.as_tensor(np.asarray(v), dtype=torch.float32)), k
