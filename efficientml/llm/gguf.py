@@ -8,7 +8,7 @@ The container (header, key/values, tensor table) is parsed by :class:`GGUFFile`;
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,32 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     hd = rows // n_heads
     rest = w.shape[1:]
     return w.reshape(n_heads, hd // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
+def llama3_scaling(factors: torch.Tensor, cfg: LlamaConfig, where: str) -> dict[str, Any] | None:
+    """llama.cpp stores Llama-3.1-style RoPE scaling as one divisor per frequency (``rope_freqs.weight``)
+    rather than as parameters; find the llama3 parameters (factor, low/high frequency factors, original
+    context) that give exactly these divisors. None when every divisor is 1; an error when none fit,
+    rather than a model whose positions are silently wrong."""
+    from efficientml.llm.model import rope_inv_freq
+
+    f = factors.double().flatten()
+    if f.numel() != cfg.dim_per_head // 2:
+        raise CheckpointError(f"{where}: rope_freqs.weight has {f.numel()} values, expected head_dim/2 = "
+                              f"{cfg.dim_per_head // 2}")
+    if bool((f == 1).all()):
+        return None
+    plain = rope_inv_freq(replace(cfg, rope_scaling=None))[0].double()
+    factor = float(f.max())
+    for old in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+        for lo, hi in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0)):
+            sc = {"rope_type": "llama3", "factor": factor, "low_freq_factor": lo, "high_freq_factor": hi,
+                  "original_max_position_embeddings": old}
+            inv = rope_inv_freq(replace(cfg, rope_scaling=sc))[0].double()
+            if torch.allclose(plain / inv, f, rtol=1e-4, atol=0):
+                return sc
+    raise UnsupportedError(f"{where}: rope_freqs.weight holds per-frequency RoPE divisors (up to {factor:g}) "
+                           "that no llama3 scaling reproduces; such RoPE scaling is not supported")
 
 
 _LAYER_NAMES = {
@@ -210,9 +236,13 @@ class GGUFFile:
         if vocab is None:
             vocab = len(self.meta.get("tokenizer.ggml.tokens", []))
         scaling = None
-        if get("rope.scaling.type") in ("linear",):
+        kind = get("rope.scaling.type")
+        if kind == "linear":
             scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-        return LlamaConfig(
+        elif kind not in (None, "none"):
+            raise UnsupportedError(f"{self.path.name}: RoPE scaling {kind!r} is not supported; linear, and "
+                                   "llama3 (a rope_freqs.weight tensor) are")
+        cfg = LlamaConfig(
             vocab_size=int(vocab), hidden_size=d, intermediate_size=int(get("feed_forward_length")),
             num_hidden_layers=int(get("block_count")), num_attention_heads=n_heads,
             num_key_value_heads=int(get("attention.head_count_kv", n_heads)),
@@ -227,6 +257,13 @@ class GGUFFile:
             bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_id=m.get("tokenizer.ggml.eos_token_id"),
             pad_token_id=m.get("tokenizer.ggml.padding_token_id"),
         )
+        freqs = next((t for t in self.infos if t.name == "rope_freqs.weight"), None)
+        if freqs is not None:
+            llama3 = llama3_scaling(tensor_to_torch(freqs), cfg, self.path.name)
+            if llama3 is not None and scaling is not None:
+                raise UnsupportedError(f"{self.path.name}: both rope.scaling.type {kind!r} and rope_freqs.weight")
+            cfg = replace(cfg, rope_scaling=llama3 or scaling)
+        return cfg
 
     def tensors(self, cfg: LlamaConfig | None = None):
         """Yield ``(hf_name, float32 tensor)`` one at a time (bounded memory)."""

@@ -5,6 +5,9 @@ and broken or undecodable files raise clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -95,8 +98,10 @@ TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "F
          "ffn_up": "F32", "ffn_down": "Q8_0"}
 
 
-def write_tiny_gguf(path, model, cfg=CFG):
+def write_tiny_gguf(path, model, cfg=CFG, extra=None):
     w = gguf.GGUFWriter(str(path), "llama")
+    if extra is not None:
+        extra(w)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -158,6 +163,53 @@ def test_tiny_gguf_roundtrip(tmp_path):
     # rows un-permuted: per-head structure of Q matches the original, not a shuffled one
     q = loaded.model.layers[0].self_attn.q_proj.weight
     assert torch.corrcoef(torch.stack([q.flatten(), ref["model.layers.0.self_attn.q_proj.weight"].flatten()]))[0, 1] > 0.999
+
+
+def _llamacpp_rope_factors(hd, base, factor, lo, hi, old):
+    """The per-frequency divisors llama.cpp's converter writes for a llama3 rope_scaling."""
+    out = []
+    for i in range(0, hd, 2):
+        wavelen = 2 * math.pi * base ** (i / hd)
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_llama3_rope_freqs_become_llama3_scaling(tmp_path):
+    from efficientml.llm.gguf import llama3_scaling
+    from efficientml.llm.load import load_gguf
+    from efficientml.llm.model import rope_inv_freq
+
+    cfg = dataclasses.replace(CFG, hidden_size=512, num_attention_heads=4, rope_theta=500000.0)  # head_dim 128
+    m = build_model(cfg, device="cpu")
+    init_weights(m, seed=1)
+    f = _llamacpp_rope_factors(128, 500000.0, 32.0, 1.0, 4.0, 8192)  # Llama-3.2's scaling
+    assert 1.0 < f.max() and (f == 1).any()
+    path = tmp_path / "l3.gguf"
+    write_tiny_gguf(path, m, cfg, extra=lambda w: w.add_tensor("rope_freqs.weight", f))
+    got = GGUFFile(path).config
+    assert got.rope_scaling == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    plain = rope_inv_freq(cfg)[0]
+    np.testing.assert_allclose((plain / rope_inv_freq(got)[0]).numpy(), f, rtol=1e-5)
+    assert load_gguf(GGUFFile(path)).config.rope_type == "llama3"
+    with pytest.raises(UnsupportedError, match="no llama3 scaling reproduces"):
+        llama3_scaling(torch.from_numpy(f[::-1].copy()), cfg, "x.gguf")
+    assert llama3_scaling(torch.ones(64), cfg, "x.gguf") is None
+
+
+def test_unsupported_rope_scaling_type_is_refused(tmp_path):
+    m = build_model(CFG, device="cpu")
+    init_weights(m, seed=1)
+    path = tmp_path / "yarn.gguf"
+    write_tiny_gguf(path, m, extra=lambda w: w.add_string("llama.rope.scaling.type", "yarn"))
+    with pytest.raises(UnsupportedError, match="RoPE scaling 'yarn' is not supported"):
+        GGUFFile(path).config
 
 
 def test_truncated_and_corrupt_gguf(tmp_path):
