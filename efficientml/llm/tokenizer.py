@@ -13,11 +13,86 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from efficientml.core.errors import CheckpointError, ConfigError
+from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
 from efficientml.core.lazy import optional_import
 
-# llama.cpp's pre-tokenizer names → the pre-tokenizer of the matching Hugging Face tokenizer.json
-_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "deepseek-coder"}
+# How a byte-level BPE splits text before merging, by llama.cpp's ``tokenizer.ggml.pre`` name: the
+# split regex of the model's own tokenizer.json (None: GPT-2's, built into ByteLevel; "digits": every
+# digit alone, then GPT-2's). Names not listed are refused rather than split the wrong way.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one at a time
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_SPLITS: dict[str, str | None] = {
+    "default": None, "gpt-2": None, "gpt2": None,
+    "smollm": "digits", "starcoder": "digits", "refact": "digits",
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+}
+
+
+def _byte_level_bpe(tk: Any, gf: Any, tokens: list[str]) -> Any:
+    merges = gf.field("tokenizer.ggml.merges")
+    if merges is None:
+        raise CheckpointError(f"{gf.path.name}: GGUF byte-level tokenizer has no merges")
+    pre = gf.meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_SPLITS:
+        raise UnsupportedError(f"{gf.path.name}: GGUF pre-tokenizer {pre!r} is not known, so text would be "
+                               f"split wrongly; known: {', '.join(PRE_SPLITS)}. Load the model's Hugging Face "
+                               "folder (tokenizer.json) instead")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = tk.Tokenizer(tk.models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+    split = PRE_SPLITS[pre]
+    if split is None:
+        backend.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif split == "digits":
+        backend.pre_tokenizer = tk.pre_tokenizers.Sequence([
+            tk.pre_tokenizers.Digits(individual_digits=True),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        backend.pre_tokenizer = tk.pre_tokenizers.Sequence([
+            tk.pre_tokenizers.Split(tk.Regex(split), behavior="isolated"),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = tk.decoders.ByteLevel()
+    return backend
+
+
+def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """SentencePiece BPE keeps no merge list: a pair of adjacent pieces merges when the joined piece is
+    in the vocabulary, higher-scored joined pieces first. Every (left, right) split of every token
+    whose halves are both tokens, ranked by the token's score (ties: longer left, then longer right
+    piece, then vocabulary order)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, (t, s) in enumerate(zip(tokens, scores)):
+        for k in range(1, len(t)):
+            left, right = t[:k], t[k:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(s), -len(left), -len(right), i, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(r[6], r[7]) for r in ranked]
+
+
+def _sentencepiece_bpe(tk: Any, gf: Any, tokens: list[str], types: list[int]) -> Any:
+    scores = gf.field("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise CheckpointError(f"{gf.path.name}: GGUF SentencePiece tokenizer needs one score per token")
+    unk = next((t for t, ty in zip(tokens, types) if ty == 2), None)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = tk.Tokenizer(tk.models.BPE(vocab, spm_merges(tokens, scores), unk_token=unk, fuse_unk=True,
+                                         byte_fallback=True))
+    prefix = bool(gf.meta.get("tokenizer.ggml.add_space_prefix", True))  # "Hi" is encoded as "▁Hi"
+    backend.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="\u2581",
+                                                         prepend_scheme="first" if prefix else "never", split=False)
+    steps = [tk.decoders.Replace("\u2581", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse()]
+    if prefix:
+        steps.append(tk.decoders.Strip(" ", 1, 0))
+    backend.decoder = tk.decoders.Sequence(steps)
+    return backend
 
 
 class Tokenizer:
@@ -66,39 +141,34 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, gf: Any) -> "Tokenizer":
-        """Build a byte-level BPE from ``tokenizer.ggml.{tokens,merges,token_type}``."""
+        """Build the tokenizer a GGUF file describes: a byte-level BPE (``tokenizer.ggml.model`` "gpt2",
+        from tokens + merges, split by the ``tokenizer.ggml.pre`` regex) or a SentencePiece BPE
+        ("llama": Llama-2, Mistral, TinyLlama; merges rebuilt from the token scores, byte fallback)."""
         tk = optional_import("tokenizers", "llm", "tokenization")
         model = gf.meta.get("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise CheckpointError(f"{gf.path.name}: GGUF tokenizer model {model!r} is not supported; "
-                                  "expected a byte-level BPE ('gpt2')")
         tokens = gf.field("tokenizer.ggml.tokens")
-        merges = gf.field("tokenizer.ggml.merges")
+        if not tokens:
+            raise CheckpointError(f"{gf.path.name}: GGUF file has no tokenizer vocabulary")
         types = gf.field("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if not tokens or merges is None:
-            raise CheckpointError(f"{gf.path.name}: GGUF file has no tokenizer vocabulary or merges")
-        vocab = {t: i for i, t in enumerate(tokens)}
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-        backend = tk.Tokenizer(tk.models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
-        pre = gf.meta.get("tokenizer.ggml.pre", "default")
-        byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if pre in _DIGIT_SPLIT_PRE:
-            backend.pre_tokenizer = tk.pre_tokenizers.Sequence(
-                [tk.pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if model == "gpt2":
+            backend = _byte_level_bpe(tk, gf, tokens)
+        elif model == "llama":
+            backend = _sentencepiece_bpe(tk, gf, tokens, types)
         else:
-            backend.pre_tokenizer = byte_level
-        backend.decoder = tk.decoders.ByteLevel()
-        # control (3) and user-defined (4) tokens are matched whole, before BPE
-        special = [tk.AddedToken(t, special=True, normalized=False)
-                   for t, ty in zip(tokens, types) if ty in (3, 4)]
-        backend.add_special_tokens(special)
+            raise CheckpointError(f"{gf.path.name}: GGUF tokenizer model {model!r} is not supported; expected "
+                                  "'gpt2' (byte-level BPE) or 'llama' (SentencePiece BPE)")
+        # matched whole before BPE: unknown (2) and control (3) tokens as special, user-defined (4) as plain
+        backend.add_special_tokens([tk.AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty in (2, 3)])
+        backend.add_tokens([tk.AddedToken(t, special=False, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == 4])
 
         def name(key: str) -> str | None:
             i = gf.meta.get(key)
             return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
         return cls(backend, name("tokenizer.ggml.bos_token_id"), name("tokenizer.ggml.eos_token_id"),
-                   bool(gf.meta.get("tokenizer.ggml.add_bos_token", False)),
+                   bool(gf.meta.get("tokenizer.ggml.add_bos_token", model == "llama")),
                    gf.meta.get("tokenizer.chat_template"), name("tokenizer.ggml.padding_token_id"))
 
     # --- ids --------------------------------------------------------------------------------------
@@ -162,7 +232,15 @@ class Tokenizer:
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (with the chat template) into ``folder``."""
         folder = Path(folder)
-        self.backend.save(str(folder / "tokenizer.json"))
+        backend = self.backend
+        if self.add_bos and self.bos_id is not None and backend.post_processor is None:
+            # transformers adds BOS through tokenizer.json's post-processor, not tokenizer_config's flag
+            tk = optional_import("tokenizers", "llm", "tokenization")
+            backend = tk.Tokenizer.from_str(backend.to_str())
+            b = self.bos_token
+            backend.post_processor = tk.processors.TemplateProcessing(
+                single=f"{b}:0 $A:0", pair=f"{b}:0 $A:0 {b}:1 $B:1", special_tokens=[(b, self.bos_id)])
+        backend.save(str(folder / "tokenizer.json"))
         added = {}
         for i, t in sorted(self.backend.get_added_tokens_decoder().items()):
             added[str(i)] = {"content": t.content, "lstrip": t.lstrip, "rstrip": t.rstrip,
