@@ -254,7 +254,7 @@ class GGUFFile:
             attention_bias="blk.0.attn_q.bias" in names,
             sliding_window=None if arch != "mistral" else get("attention.sliding_window"),
             model_type="qwen2" if arch == "qwen2" else "llama",
-            bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_id=m.get("tokenizer.ggml.eos_token_id"),
+            bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_id=self._stop_ids(),
             pad_token_id=m.get("tokenizer.ggml.padding_token_id"),
         )
         freqs = next((t for t in self.infos if t.name == "rope_freqs.weight"), None)
@@ -264,6 +264,12 @@ class GGUFFile:
                 raise UnsupportedError(f"{self.path.name}: both rope.scaling.type {kind!r} and rope_freqs.weight")
             cfg = replace(cfg, rope_scaling=llama3 or scaling)
         return cfg
+
+    def _stop_ids(self) -> int | list[int] | None:
+        """EOS, plus the end-of-turn / end-of-message tokens chat models end an answer with."""
+        keys = ("eos_token_id", "eot_token_id", "eom_token_id")
+        ids = list(dict.fromkeys(int(v) for k in keys if (v := self.meta.get(f"tokenizer.ggml.{k}")) is not None))
+        return None if not ids else ids[0] if len(ids) == 1 else ids
 
     def tensors(self, cfg: LlamaConfig | None = None):
         """Yield ``(hf_name, float32 tensor)`` one at a time (bounded memory)."""

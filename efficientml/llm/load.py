@@ -11,6 +11,7 @@ tensor (``load_state_dict(assign=True)``), so memory holds one copy of the weigh
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -160,6 +161,21 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+def _with_generation_eos(cfg: LlamaConfig, folder: Path) -> LlamaConfig:
+    """Chat models list their end-of-turn tokens in generation_config.json (Llama-3: <|eot_id|> next to
+    <|end_of_text|>); generation stops on every one of them."""
+    gc = folder / "generation_config.json"
+    try:
+        extra = json.loads(gc.read_text()).get("eos_token_id") if gc.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        extra = None  # an unreadable generation_config only loses the extra stop tokens
+    extra = [extra] if isinstance(extra, int) else extra if isinstance(extra, list) else []
+    ids = list(dict.fromkeys(cfg.eos_token_ids + [int(x) for x in extra if isinstance(x, int)]))
+    if ids == cfg.eos_token_ids:
+        return cfg
+    return dataclasses.replace(cfg, eos_token_id=ids[0] if len(ids) == 1 else ids)
+
+
 def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu") -> LlamaForCausalLM:
     """config.json + model.safetensors (or shards listed by model.safetensors.index.json)."""
@@ -167,7 +183,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
     from safetensors import safe_open
 
     folder = Path(folder)
-    cfg = LlamaConfig.from_json(folder / "config.json")
+    cfg = _with_generation_eos(LlamaConfig.from_json(folder / "config.json"), folder)
     state: dict[str, torch.Tensor] = {}
     for f in _safetensors_files(folder):
         try:

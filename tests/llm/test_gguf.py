@@ -307,3 +307,11 @@ def test_undecoded_tensor_type_names_it(tmp_path):
     assert {t.kind for t in gf.infos} >= {"IQ2_XXS", "Q4_K", "Q6_K"}
     with pytest.raises(UnsupportedError, match="ffn_up.weight' has type IQ2_XXS, which is not decoded; decoded: F32"):
         load_gguf(gf)
+
+
+def test_end_of_turn_token_stops_generation(tmp_path):
+    m = build_model(CFG, device="cpu")
+    init_weights(m, seed=1)
+    path = tmp_path / "eot.gguf"
+    write_tiny_gguf(path, m, extra=lambda w: (w.add_eos_token_id(2), w.add_eot_token_id(5)))
+    assert GGUFFile(path).config.eos_token_ids == [2, 5]

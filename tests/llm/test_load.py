@@ -105,3 +105,12 @@ def test_save_is_atomic(saved, tmp_path, monkeypatch):
 def test_unknown_source():
     with pytest.raises(DataNotFoundError, match="built-in"):
         resolve_source("no-such-model-xyz")
+
+
+def test_generation_config_stop_tokens_join_eos(saved):
+    folder = saved[1]
+    gc = folder / "generation_config.json"
+    gc.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 7, 9]}))
+    assert load_hf(folder).config.eos_token_ids == [2, 7, 9]  # Llama-3 style: <|end_of_text|>, <|eot_id|>, …
+    gc.write_text("{not json")
+    assert load_hf(folder).config.eos_token_ids == [2]
