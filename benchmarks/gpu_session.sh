@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_session.sh stage2   # SmolLM2-135M: full-file WikiText-2 perplexity and decode
 #   bash benchmarks/gpu_session.sh gemv     # #5's 7B bandwidth target: where a decode step's time goes
 #                                           # (profile), cuBLAS vs the Triton matrix-vector kernel per
-#                                           # shape, and batch-1 decode on it (graph, compile + graph)
+#                                           # shape, batch-1 decode on it (graph, compile + graph), then
+#                                           # inductor's coordinate-descent / max-autotune-GEMM variants
+#                                           # (last: cut first if the time limit hits; each is saved)
 #
 # Set EFFICIENTML_GIT_COMMIT to the commit the copy was made from (its .git may be stale). Back here,
 # fold a run into the committed file (earlier runs kept, renumbered):

@@ -617,6 +617,19 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
                 res["triton_gemv_configs"] = triton_gemv.tuned()
                 use_gpu_gemv(model, enable=False)
                 save()
+            if not quick:  # inductor's own tuning, gpt-fast style: pointwise/reduction kernels, then M = 1 GEMMs
+                def inductor(**options):
+                    def run() -> dict:
+                        torch._dynamo.reset()  # dynamo does not guard on inductor's config: compile afresh
+                        with torch._inductor.config.patch(**options):
+                            row = _decode_rates(model, None, 1, 128, n, n, reps, use_compile=True)
+                        torch._dynamo.reset()
+                        return {**row, "inductor_options": options}
+                    return run
+
+                attempt("batch1_compile_coordinate_descent", inductor(coordinate_descent_tuning=True))
+                attempt("batch1_compile_max_autotune_gemm",
+                        inductor(coordinate_descent_tuning=True, max_autotune_gemm=True))
             if light:
                 raise _Done
             res["batch16"] = _decode_rates(model, None, 16, 128, n, n, reps)
@@ -684,7 +697,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/llm_core.json (quick: a temp file)")
     ap.add_argument("--device", default="cpu", help="ppl: run both implementations on this device (cpu, cuda)")
     ap.add_argument("--gpu-sections", default="7b,smollm2", help="gpu: comma-separated sections (7b, smollm2)")
-    ap.add_argument("--gpu-light", action="store_true", help="gpu: batch 1 only, no torch.compile variant")
+    ap.add_argument("--gpu-light", action="store_true", help="gpu: batch 1 only (no batch 16; 7b without transformers' row)")
     ap.add_argument("--merge-gpu", nargs="+", default=None, metavar="JSON",
                     help="merge GPU runs' JSONs (sections run separately) into --gpu-out")
     ap.add_argument("--gpu-out", default=None, help="gpu: default benchmarks/results/llm_core_gpu.json")
