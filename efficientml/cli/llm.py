@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         q.add_argument("--top-k", type=positive_int, default=None)
         q.add_argument("--top-p", type=float, default=None)
+        q.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability")
+        q.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="> 1 discourages tokens already in the prompt or output (1 = off)")
         q.add_argument("--seed", type=int, default=None)
 
     q = s.add_parser("info", help="configuration, parameter count, tokenizer")
@@ -93,7 +96,8 @@ def _load(args: argparse.Namespace):
 def _sampling(args: argparse.Namespace, stops: tuple[int, ...] = ()):
     from efficientml.llm.generate import SamplingConfig
 
-    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed)
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed,
+                          repetition_penalty=args.repetition_penalty, min_p=args.min_p)
 
 
 def run_info(args: argparse.Namespace) -> int:

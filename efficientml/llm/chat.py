@@ -8,7 +8,7 @@ template, keeps the cached prefix that still matches, and prefills only the new 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from efficientml.core.errors import ShapeError
@@ -32,8 +32,7 @@ class ChatSession:
         for t in (tokenizer.eos_id, *model.config.eos_token_ids):
             if t is not None:
                 stops.add(int(t))
-        self.sampling = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_k,
-                                       sampling.top_p, tuple(sorted(stops)), sampling.seed)
+        self.sampling = replace(sampling, stop_token_ids=tuple(sorted(stops)))
         self.system = system
         self.messages: list[dict[str, str]] = []
         ctx = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)

@@ -8,8 +8,11 @@ the filled prefix, so nothing grows or is reallocated per token. CUDA: the decod
 captured CUDA graph (or ``torch.compile``) over a static-shape cache, which removes the per-kernel
 launch overhead that otherwise bounds a small model's decode speed.
 
-Sampling: ``temperature == 0`` is greedy (argmax); otherwise logits / temperature, then top-k, then
-top-p (the smallest set of tokens whose probability reaches p), then a multinomial draw.
+Sampling, in transformers' order: the repetition penalty (any temperature, greedy included: a logit of
+a token already in this call's prompt or output is divided by the penalty when positive, multiplied by
+it when negative), then ``temperature == 0`` is greedy (argmax); otherwise logits / temperature, then
+top-k, then top-p (the smallest set of tokens whose probability reaches p), then min-p (drop tokens
+less likely than min_p × the most likely one's probability), then a multinomial draw.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class SamplingConfig:
     top_p: float | None = None
     stop_token_ids: tuple[int, ...] = ()  # generation of a row ends after it emits one of these
     seed: int | None = None
+    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already seen (CTRL / transformers)
+    min_p: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -42,12 +47,23 @@ class SamplingConfig:
             raise ConfigError(f"top_k must be ≥ 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) → token ids (B,)."""
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
+def penalize(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:
+    """The repetition penalty on logits (B, V) for the tokens ``seen`` (B, V) bool."""
+    if cfg.repetition_penalty == 1.0 or seen is None:
+        return logits
+    p, x = cfg.repetition_penalty, logits.float()
+    return torch.where(seen, torch.where(x > 0, x / p, x * p), x)
+
+
+def sampling_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """(B, V) logits (penalized) → the distribution a token is drawn from: temperature, top-k, top-p,
+    min-p; zero outside the kept set. Needs ``temperature > 0``."""
     logits = logits.float() / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -58,8 +74,19 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
         drop = before >= cfg.top_p  # keeps the smallest prefix reaching p (always the top token)
         logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if cfg.min_p is not None and cfg.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < cfg.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) → token ids (B,). ``seen`` (B, V) bool: the tokens the repetition penalty hits."""
+    logits = penalize(logits, cfg, seen)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, cfg), 1, generator=generator).squeeze(-1)
 
 
 @dataclass
@@ -208,7 +235,10 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
 
     t0 = time.perf_counter()
     logits = model(ids, cache, num_logits=1)[:, -1]  # (B, V)
-    tok = sample(logits, config, gen)  # (B,)
+    seen = None
+    if config.repetition_penalty != 1.0:  # (B, V): tokens of this call's prompt, then of its output
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev).scatter_(1, ids, True)
+    tok = sample(logits, config, gen, seen)  # (B,)
     out = [[] for _ in range(B)]
     done = [False] * B
     t_first = 0.0
@@ -234,6 +264,8 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
             cache.length = pos + 1
         else:
             logits = model(tok[:, None], cache, num_logits=1)[:, -1]
-        tok = sample(logits, config, gen)
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
+        tok = sample(logits, config, gen, seen)
     t_end = time.perf_counter()
     return GenerationResult(out, T, t_first - t0, t_end - t_first, done)

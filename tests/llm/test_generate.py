@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from efficientml.core.errors import ConfigError, ShapeError
-from efficientml.llm.generate import SamplingConfig, generate, sample
+from efficientml.llm.generate import SamplingConfig, generate, penalize, sample, sampling_probs
 
 PROMPT = "The history of the Roman Empire"
 
@@ -25,6 +25,46 @@ def test_greedy_matches_transformers(smollm2, hf_smollm2):
     assert out.tokens[0] == ref[0, len(ids):].tolist()
     assert streamed == out.tokens[0]
     assert out.prompt_tokens == len(ids) and out.ttft_s > 0 and out.decode_tok_s > 0
+
+
+def test_repetition_penalty_greedy_matches_transformers(smollm2, hf_smollm2):
+    model, tok = smollm2
+    ids = tok.encode("List the days of the week: Monday, Tuesday,")
+    plain = generate(model, ids, SamplingConfig(max_new_tokens=32)).tokens[0]
+    out = generate(model, ids, SamplingConfig(max_new_tokens=32, repetition_penalty=1.5)).tokens[0]
+    with torch.no_grad():
+        ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                  repetition_penalty=1.5, top_p=None, top_k=None, temperature=None)
+    assert out == ref[0, len(ids):].tolist()
+    assert out != plain  # the penalty changed the continuation
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(temperature=1.3, top_k=20),
+                                dict(temperature=0.9, top_p=0.8), dict(temperature=1.0, min_p=0.05),
+                                dict(temperature=0.6, top_k=40, top_p=0.9, min_p=0.1, repetition_penalty=1.2)])
+def test_sampling_distribution_matches_transformers(kw):
+    """The distribution each token is drawn from equals transformers' logits processors + warpers."""
+    tr = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 500, generator=g) * 3
+    prev = torch.randint(0, 500, (3, 30), generator=g)
+    seen = torch.zeros(3, 500, dtype=torch.bool).scatter_(1, prev, True)
+    cfg = SamplingConfig(**kw)
+    ours = sampling_probs(penalize(logits, cfg, seen), cfg)
+    procs = [tr.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty), tr.TemperatureLogitsWarper(cfg.temperature)]
+    procs += [tr.TopKLogitsWarper(cfg.top_k)] if cfg.top_k else []
+    procs += [tr.TopPLogitsWarper(cfg.top_p)] if cfg.top_p else []
+    procs += [tr.MinPLogitsWarper(cfg.min_p)] if cfg.min_p else []
+    scores = logits.clone()
+    for proc in procs:
+        scores = proc(prev, scores)
+    theirs = scores.softmax(-1)
+    assert torch.equal(ours > 0, theirs > 0)  # the same kept tokens
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="repetition_penalty"):
+        SamplingConfig(repetition_penalty=0)
+    with pytest.raises(ConfigError, match="min_p"):
+        SamplingConfig(min_p=1.5)
 
 
 def test_static_shape_cache_same_tokens(smollm2):
