@@ -620,8 +620,10 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
             if not quick:  # inductor's own tuning, gpt-fast style: pointwise/reduction kernels, then M = 1 GEMMs
                 def inductor(**options):
                     def run() -> dict:
+                        import torch._inductor.config as inductor_config
+
                         torch._dynamo.reset()  # dynamo does not guard on inductor's config: compile afresh
-                        with torch._inductor.config.patch(**options):
+                        with inductor_config.patch(**options):
                             row = _decode_rates(model, None, 1, 128, n, n, reps, use_compile=True)
                         torch._dynamo.reset()
                         return {**row, "inductor_options": options}
