@@ -197,7 +197,9 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
 
     ``cache``: continue an existing cache (multi-turn chat); by default a new one sized for prompt +
     new tokens. ``cuda_graph`` (default: on when the model is on CUDA) captures the decode step;
-    ``use_compile`` compiles it (inside the graph on CUDA; on CPU over a static-shape cache)."""
+    ``use_compile`` compiles it (inside the graph on CUDA; on CPU over a static-shape cache). Both are
+    skipped for a dynamic-NTK model whose cache reaches past the trained context (each step needs the
+    sequence length on the host)."""
     dev = next(model.parameters()).device
     ids = _as_batch(prompt, dev)
     B, T = ids.shape
@@ -213,8 +215,11 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
         raise ShapeError(f"the prompt has {T} tokens but only {cache.max_length - cache.length} of the "
                          f"context ({cache.max_length} tokens) are free")
     max_new = min(config.max_new_tokens, cache.max_length - cache.length - T + 1)
+    # dynamic-NTK RoPE past the trained context needs the sequence length on the host every step
+    eager_only = model.config.rope_type == "dynamic" and cache.max_length > ctx
+    use_compile = use_compile and not eager_only
     use_graph = (cuda_graph if cuda_graph is not None else dev.type == "cuda") and dev.type == "cuda" \
-        and isinstance(cache, StaticKVCache) and cache.static_shapes
+        and isinstance(cache, StaticKVCache) and cache.static_shapes and not eager_only
     gen = None
     if config.seed is not None:
         gen = torch.Generator(device=dev)

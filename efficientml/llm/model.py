@@ -66,14 +66,19 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dt)
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (hd/2,) after the configured scaling, and the attention scaling factor."""
+def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (hd/2,) after the configured scaling, and the attention scaling factor.
+    ``seq_len``: the sequence length "dynamic" (NTK) scaling adapts to."""
     hd = cfg.dim_per_head
     base = float(cfg.rope_theta)
     sc = cfg.rope_scaling or {}
     kind = cfg.rope_type
-    if kind == "dynamic":  # NTK-aware: stretch the base so the lowest frequency covers factor× longer
-        base = base * float(sc["factor"]) ** (hd / (hd - 2))
+    ctx = cfg.max_position_embeddings
+    if kind == "dynamic" and seq_len is not None and seq_len > ctx:
+        # dynamic NTK (transformers' "dynamic"): within the trained context nothing changes; beyond it the
+        # base grows with the sequence so the lowest frequency still spans it
+        factor = float(sc["factor"])
+        base = base * (factor * seq_len / ctx - (factor - 1)) ** (hd / (hd - 2))
     inv = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float64, device="cpu") / hd)
     if kind == "linear":  # position interpolation: positions / factor
         inv = inv / float(sc["factor"])
@@ -89,10 +94,17 @@ def rope_inv_freq(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
 
 class Rotary(nn.Module):
     """cos/sin tables by absolute position, grown on demand; indexing by a position tensor keeps the
-    decode step free of host syncs (graph-capturable once the table is large enough)."""
+    decode step free of host syncs (graph-capturable once the table is large enough).
+
+    Dynamic NTK scaling depends on the sequence length: within the trained context the plain table
+    serves; a sequence longer than it (``seq_len``) gets cos/sin computed for its positions with the
+    base that length implies — as transformers does, whose cached keys also keep the rotation they
+    were stored with."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
+        self.cfg = cfg
+        self.dynamic = cfg.rope_type == "dynamic"
         self.inv_freq, self.scale = rope_inv_freq(cfg)  # plain CPU tensor: not a weight
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
@@ -110,7 +122,16 @@ class Rotary(nn.Module):
         return self._cos, self._sin  # type: ignore[return-value]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32,
-                max_pos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                max_pos: int | None = None, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (…, T, hd) at ``positions``; ``seq_len`` (default: the last position + 1) matters
+        only to dynamic scaling."""
+        if self.dynamic:
+            seq_len = seq_len if seq_len is not None else int(positions.max()) + 1
+            if seq_len > self.initial:
+                inv, _ = rope_inv_freq(self.cfg, seq_len)
+                f = positions.double().cpu()[..., None] * inv.double()  # (…, T, hd/2)
+                emb = torch.cat([f, f], dim=-1)
+                return (emb.cos().to(positions.device, dtype), emb.sin().to(positions.device, dtype))
         n = max_pos if max_pos is not None else int(positions.max()) + 1
         cos, sin = self.tables(n, positions.device, dtype)
         return cos[positions], sin[positions]  # (…, T, hd)
@@ -446,7 +467,13 @@ class LlamaModel(nn.Module):
             kv_len = cache.length + T
         rope = None
         if self.config.position_embedding == "rope":
-            cos, sin = self.rope(input_pos, torch.float32, max_pos=kv_len)  # (T, hd) each
+            seq_len = None  # dynamic scaling only: the length of the sequence so far
+            if self.rope.dynamic:
+                if cache is not None and not static:
+                    seq_len = kv_len
+                elif not (static and cache.max_length <= self.config.max_position_embeddings):
+                    seq_len = int(input_pos.max()) + 1  # a host sync: generate() runs such steps eagerly
+            cos, sin = self.rope(input_pos, torch.float32, max_pos=kv_len, seq_len=seq_len)  # (T, hd) each
             rope = (cos.to(x.dtype), sin.to(x.dtype))
         if static:
             mask = self.attention_mask(input_pos, kv_len, x.dtype, force=True)

@@ -109,7 +109,7 @@ def test_alibi_bias_matches_definition():
 
 HF_CLASSES = {"llama-gqa": "LlamaForCausalLM", "mha-tied": "LlamaForCausalLM", "mqa": "LlamaForCausalLM",
               "qwen2-bias": "Qwen2ForCausalLM", "mistral-window": "MistralForCausalLM",
-              "rope-linear": "LlamaForCausalLM", "rope-llama3": "LlamaForCausalLM"}
+              "rope-linear": "LlamaForCausalLM", "rope-llama3": "LlamaForCausalLM", "rope-dynamic": "LlamaForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(HF_CLASSES))
@@ -233,3 +233,33 @@ def test_decode_layout_model_saves_and_reloads(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(back(ids), m(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_ntk_rope_matches_transformers_beyond_the_context(tmp_path):
+    """transformers' "dynamic" RoPE: unchanged within max_position_embeddings, base grown with the
+    sequence beyond it. Full forward past the context, and cached greedy generation crossing it."""
+    transformers = pytest.importorskip("transformers")
+    from efficientml.llm.generate import SamplingConfig, generate
+    from efficientml.llm.load import save_hf
+
+    cfg = tiny(max_position_embeddings=12, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    m = make(cfg)
+    plain = make(tiny(max_position_embeddings=12))  # the same weights, no scaling
+    plain.load_state_dict(m.state_dict())
+    save_hf(m, None, tmp_path / "m")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids[:, :12]), plain(ids[:, :12]), rtol=0, atol=0)  # within: no change
+        ours, ref = m(ids), hf(ids).logits
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(ours, plain(ids), atol=1e-3)  # beyond: scaled
+        cache = StaticKVCache.for_model(m, 1, 24)  # past the 12-token context
+        out = generate(m, ids[:1, :8], SamplingConfig(max_new_tokens=14), cache=cache).tokens[0]
+        want = hf.generate(ids[:1, :8], max_new_tokens=14, min_new_tokens=14, do_sample=False, top_p=None,
+                           top_k=None, temperature=None)[0, 8:].tolist()
+    assert out == want
+    static = StaticKVCache.for_model(m, 1, 24, static_shapes=True)  # positions as tensors: same tokens
+    assert generate(m, ids[:1, :8], SamplingConfig(max_new_tokens=14), cache=static,
+                    use_compile=True).tokens[0] == want  # (compile is skipped past the context)
