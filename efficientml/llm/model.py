@@ -89,7 +89,40 @@ def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> tuple[torch.T
         wavelen = 2 * math.pi / inv
         ramp = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0: long wavelength, 1: short
         inv = (1 - ramp) * inv / factor + ramp * inv
+    elif kind == "yarn":
+        return _yarn(cfg, inv, base)
     return inv.float(), 1.0
+
+
+def _yarn(cfg: LlamaConfig, inv: torch.Tensor, base: float) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023): frequencies that turn more than ``beta_fast`` times over the original
+    context are kept, those turning fewer than ``beta_slow`` times are interpolated (÷ factor), a linear
+    ramp over the dimensions between; cos/sin are scaled by the attention factor (0.1·ln(factor) + 1
+    unless given; DeepSeek's mscale / mscale_all_dim ratio when both are)."""
+    sc, hd = cfg.rope_scaling or {}, cfg.dim_per_head
+    factor = float(sc["factor"])
+    old = float(sc.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+
+    def dim_turning(turns: float) -> float:  # the (fractional) dimension whose frequency turns `turns` times
+        return hd * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = dim_turning(float(sc.get("beta_fast") or 32)), dim_turning(float(sc.get("beta_slow") or 1))
+    if sc.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, hd - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(hd // 2, dtype=torch.float64, device="cpu") - lo) / (hi - lo)).clamp(0, 1)  # 0 keep … 1 interpolate
+    inv = inv * (1 - ramp) + inv / factor * ramp
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = sc.get("attention_factor")
+    if attn is None:
+        m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return inv.float(), float(attn)
 
 
 class Rotary(nn.Module):

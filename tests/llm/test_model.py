@@ -40,6 +40,9 @@ CONFIGS = {
     "rope-dynamic": tiny(rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
     "rope-llama3": tiny(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "rope-yarn": tiny(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "rope-yarn-mscale": tiny(rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                                           "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 0.9, "mscale_all_dim": 0.6}),
     "alibi": tiny(position_embedding="alibi", num_key_value_heads=4),
     "alibi-gqa-window": tiny(position_embedding="alibi", sliding_window=6),
 }
@@ -109,7 +112,8 @@ def test_alibi_bias_matches_definition():
 
 HF_CLASSES = {"llama-gqa": "LlamaForCausalLM", "mha-tied": "LlamaForCausalLM", "mqa": "LlamaForCausalLM",
               "qwen2-bias": "Qwen2ForCausalLM", "mistral-window": "MistralForCausalLM",
-              "rope-linear": "LlamaForCausalLM", "rope-llama3": "LlamaForCausalLM", "rope-dynamic": "LlamaForCausalLM"}
+              "rope-linear": "LlamaForCausalLM", "rope-llama3": "LlamaForCausalLM", "rope-dynamic": "LlamaForCausalLM",
+              "rope-yarn": "LlamaForCausalLM", "rope-yarn-mscale": "LlamaForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(HF_CLASSES))
