@@ -22,6 +22,7 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaForCausalLM", {}),
     "mistral": ("MistralForCausalLM", {}),
     "qwen2": ("Qwen2ForCausalLM", {"attention_bias": True}),
+    "qwen3": ("Qwen3ForCausalLM", {"qk_norm": True}),
 }
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -48,6 +49,7 @@ class LlamaConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral: a query sees at most this many keys (itself included)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's query and key (weights (hd,)) before RoPE
     hidden_act: str = "silu"
     model_type: str = "llama"
     bos_token_id: int | None = 1
@@ -100,7 +102,7 @@ class LlamaConfig:
     def num_parameters(self) -> int:
         d, f, hd = self.hidden_size, self.intermediate_size, self.dim_per_head
         attn = d * hd * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
-        block = attn + 3 * d * f + 2 * d
+        block = attn + 3 * d * f + 2 * d + (2 * hd if self.qk_norm else 0)
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * block + emb + d
 
@@ -115,13 +117,13 @@ class LlamaConfig:
                 f"{source}: model_type {mt!r} (architectures {archs}) is not supported; expected one of "
                 f"{', '.join(ARCHITECTURES)}")
         implied = ARCHITECTURES[mt][1]
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "position_embedding", "o_bias"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "position_embedding", "o_bias", "qk_norm"}
         kw: dict[str, Any] = {k: d[k] for k in known if k in d}
         for k, v in implied.items():
             kw.setdefault(k, v)
         if mt == "mistral" and d.get("sliding_window") is not None and d.get("use_sliding_window") is False:
             kw["sliding_window"] = None
-        if mt == "qwen2" and not d.get("use_sliding_window", False):
+        if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
             kw["sliding_window"] = None
         # transformers ≥ 5 may nest rope settings under "rope_parameters"
         rp = d.get("rope_parameters")
@@ -165,6 +167,9 @@ class LlamaConfig:
             raise UnsupportedError("a model with ALiBi has no Hugging Face Llama config.json equivalent")
         if self.o_bias:
             raise UnsupportedError("a model with an o_proj bias has no Hugging Face Llama config.json equivalent")
+        if self.qk_norm != (self.model_type == "qwen3"):
+            raise UnsupportedError(f"qk_norm={self.qk_norm} with model_type {self.model_type!r} has no Hugging Face "
+                                   "config.json equivalent (q/k norms are Qwen3's)")
         arch = ARCHITECTURES[self.model_type][0]
         d: dict[str, Any] = {k: v for k, v in self.extra.items()
                              if k not in ("transformers_version", "torch_dtype", "dtype")}
@@ -182,9 +187,11 @@ class LlamaConfig:
         if self.model_type == "llama":
             d["attention_bias"] = self.attention_bias
             d["mlp_bias"] = self.mlp_bias
-        if self.model_type in ("mistral", "qwen2"):
+        if self.model_type == "qwen3":
+            d["attention_bias"] = self.attention_bias
+        if self.model_type in ("mistral", "qwen2", "qwen3"):
             d["sliding_window"] = self.sliding_window
-            if self.model_type == "qwen2":
+            if self.model_type in ("qwen2", "qwen3"):
                 d["use_sliding_window"] = self.sliding_window is not None
         return d
 

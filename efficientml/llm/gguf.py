@@ -92,7 +92,7 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -221,9 +221,9 @@ class GGUFFile:
     @property
     def config(self) -> LlamaConfig:
         arch = self.arch
-        if arch not in ("llama", "qwen2", "mistral"):
+        if arch not in ("llama", "qwen2", "qwen3", "mistral"):
             raise UnsupportedError(f"{self.path.name}: GGUF architecture {arch!r} is not supported; "
-                                   "expected llama, mistral or qwen2")
+                                   "expected llama, mistral, qwen2 or qwen3")
         m = self.meta
 
         def get(key: str, default: Any = None) -> Any:
@@ -253,7 +253,7 @@ class GGUFFile:
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
             sliding_window=None if arch != "mistral" else get("attention.sliding_window"),
-            model_type="qwen2" if arch == "qwen2" else "llama",
+            model_type=arch if arch in ("qwen2", "qwen3") else "llama", qk_norm=arch == "qwen3",
             bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_id=self._stop_ids(),
             pad_token_id=m.get("tokenizer.ggml.padding_token_id"),
         )

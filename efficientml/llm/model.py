@@ -1,4 +1,4 @@
-"""One decoder-only Transformer for the LLaMA family (Llama 1/2/3, Mistral, Qwen2, SmolLM).
+"""One decoder-only Transformer for the LLaMA family (Llama 1/2/3, Mistral, Qwen2, Qwen3, SmolLM).
 
 Module names follow Hugging Face's ``LlamaForCausalLM`` exactly, so weight names, scaling groups and
 quantized-module swaps are plain data::
@@ -9,6 +9,7 @@ quantized-module swaps are plain data::
     model.layers[i].self_attn.k_proj         nn.Linear(d, n_kv_heads * hd)
     model.layers[i].self_attn.v_proj         nn.Linear(d, n_kv_heads * hd)
     model.layers[i].self_attn.o_proj         nn.Linear(n_heads * hd, d)
+    model.layers[i].self_attn.q_norm / k_norm RMSNorm(hd) per head, before RoPE   (Qwen3 only)
     model.layers[i].post_attention_layernorm RMSNorm(d)
     model.layers[i].mlp.gate_proj / up_proj  nn.Linear(d, ffn)
     model.layers[i].mlp.down_proj            nn.Linear(ffn, d)
@@ -371,6 +372,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=cfg.o_bias)
         self.use_rope = cfg.position_embedding == "rope"
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None  # Qwen3
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.packed = _Packed()  # one matmul for q, k, v while they are views of one buffer
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -385,6 +388,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.q_norm is not None:  # per head, over hd
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = rope  # type: ignore[misc]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -98,8 +98,8 @@ TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "F
          "ffn_up": "F32", "ffn_down": "Q8_0"}
 
 
-def write_tiny_gguf(path, model, cfg=CFG, extra=None):
-    w = gguf.GGUFWriter(str(path), "llama")
+def write_tiny_gguf(path, model, cfg=CFG, extra=None, arch="llama"):
+    w = gguf.GGUFWriter(str(path), arch)
     if extra is not None:
         extra(w)
     w.add_block_count(cfg.num_hidden_layers)
@@ -116,7 +116,8 @@ def write_tiny_gguf(path, model, cfg=CFG, extra=None):
              "lm_head.weight": "output.weight"}
     hf = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     for k, a in sd.items():
         if k in names:
             name, kind = names[k], "F32"
@@ -124,9 +125,9 @@ def write_tiny_gguf(path, model, cfg=CFG, extra=None):
             i, rest = k.split(".")[2], ".".join(k.split(".")[3:-1])
             short = hf[rest]
             name, kind = f"blk.{i}.{short}.weight", TYPES.get(short, "F32")
-            if short == "attn_q":
+            if short == "attn_q" and arch == "llama":  # qwen GGUFs keep rotate-half order
                 a = _llamacpp_permute(a, cfg.num_attention_heads)
-            if short == "attn_k":
+            if short == "attn_k" and arch == "llama":
                 a = _llamacpp_permute(a, cfg.num_key_value_heads)
         a = np.ascontiguousarray(a, dtype=np.float32)
         if kind == "F32":
@@ -315,3 +316,38 @@ def test_end_of_turn_token_stops_generation(tmp_path):
     path = tmp_path / "eot.gguf"
     write_tiny_gguf(path, m, extra=lambda w: (w.add_eos_token_id(2), w.add_eot_token_id(5)))
     assert GGUFFile(path).config.eos_token_ids == [2, 5]
+
+
+def test_qwen3_gguf_equals_transformers_loader(tmp_path):
+    """Qwen3: per-head q/k norms, head_dim set apart from hidden / heads, no Q/K permutation."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from efficientml.llm.load import load_gguf
+
+    cfg = dataclasses.replace(CFG, model_type="qwen3", qk_norm=True, head_dim=32, tie_word_embeddings=True)
+    m = build_model(cfg, device="cpu")
+    init_weights(m, seed=4)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape))
+    path = tmp_path / "q3.gguf"
+    write_tiny_gguf(path, m, cfg, arch="qwen3",
+                    extra=lambda w: (w.add_key_length(32), w.add_value_length(32)))
+    gf = GGUFFile(path)
+    assert (gf.config.model_type, gf.config.qk_norm, gf.config.dim_per_head) == ("qwen3", True, 32)
+    ours = load_gguf(gf)
+    hf_cfg = load_gguf_checkpoint(str(path))["config"]
+    hf_cfg = {k: v for k, v in hf_cfg.items() if k != "model_type"} | {"head_dim": 32}  # its mapping omits key_length
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf_cfg))
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf)["tensors"]
+    sd = ours.state_dict()
+    for k, v in theirs.items():
+        assert torch.equal(sd[k], torch.as_tensor(np.asarray(v), dtype=torch.float32)), k
+    hf.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in theirs.items()}, strict=False)
+    hf.tie_weights()
+    ids = torch.tensor([list(range(1, 60, 3))])
+    with torch.no_grad():
+        a, b = ours(ids), hf.eval()(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

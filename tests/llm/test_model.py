@@ -35,6 +35,7 @@ CONFIGS = {
     "mha-tied": tiny(num_key_value_heads=4, tie_word_embeddings=True),
     "mqa": tiny(num_key_value_heads=1),
     "qwen2-bias": tiny(model_type="qwen2", attention_bias=True),
+    "qwen3-qk-norm": tiny(model_type="qwen3", qk_norm=True, head_dim=16),  # head_dim ≠ hidden / heads
     "mistral-window": tiny(model_type="mistral", sliding_window=5),
     "rope-linear": tiny(rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "rope-dynamic": tiny(rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
@@ -111,7 +112,7 @@ def test_alibi_bias_matches_definition():
 
 
 HF_CLASSES = {"llama-gqa": "LlamaForCausalLM", "mha-tied": "LlamaForCausalLM", "mqa": "LlamaForCausalLM",
-              "qwen2-bias": "Qwen2ForCausalLM", "mistral-window": "MistralForCausalLM",
+              "qwen2-bias": "Qwen2ForCausalLM", "qwen3-qk-norm": "Qwen3ForCausalLM", "mistral-window": "MistralForCausalLM",
               "rope-linear": "LlamaForCausalLM", "rope-llama3": "LlamaForCausalLM", "rope-dynamic": "LlamaForCausalLM",
               "rope-yarn": "LlamaForCausalLM", "rope-yarn-mscale": "LlamaForCausalLM"}
 
