@@ -10,6 +10,7 @@ special tokens, and the model's chat template (Jinja, rendered like transformers
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -218,8 +219,14 @@ class Tokenizer:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[ext.loopcontrols])
+            def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+                       separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                                  sort_keys=sort_keys)  # no HTML escaping, unlike Jinja's own filter
+
             env.globals["raise_exception"] = raise_exception
-            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama-3.1+ date line
+            env.filters["tojson"] = tojson
             self._template = env.from_string(self.chat_template)
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:

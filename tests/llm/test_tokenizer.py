@@ -42,6 +42,42 @@ def test_chat_template_matches_transformers(smollm2, hf_gguf_tokenizer):
     assert ids.count(smollm2[1].token_id("<|im_start|>")) == 5  # system (default) + 3 turns + the generation prompt
 
 
+# the constructs Llama-3.1/3.2 and Qwen3 templates use: today's date, namespace, tojson with options,
+# loop controls, raise_exception, extra variables (tools, enable_thinking)
+MODERN_TEMPLATE = """{{- bos_token }}
+{%- set date_string = strftime_now("%d %b %Y") %}
+{%- set ns = namespace(system=none, n=0) %}
+{%- for m in messages %}{% if m.role == 'system' %}{% set ns.system = m.content %}{% continue %}{% endif %}
+{%- set ns.n = ns.n + 1 %}{% endfor %}
+{{- '<|start_header_id|>system<|end_header_id|>\n\nToday Date: ' + date_string + '\n' }}
+{%- if tools is defined and tools %}{{ tools | tojson(indent=4) }}{{ '\n' }}{% endif %}
+{{- (ns.system or 'You are helpful.') + '<|eot_id|>' }}
+{%- for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}
+{%- if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}
+{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' + m.content | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"""
+
+
+def test_modern_chat_template_constructs_match_transformers(smollm2, hf_gguf_tokenizer):
+    from efficientml.core.errors import ConfigError
+    from efficientml.llm.tokenizer import Tokenizer
+
+    tok = smollm2[1]
+    ours = Tokenizer(tok.backend, "<s>", "</s>", False, MODERN_TEMPLATE)
+    msgs = [{"role": "system", "content": "Be brief & <exact>."}, {"role": "user", "content": "  Capital of France? "}]
+    tools = [{"name": "lookup", "parameters": {"city": "str", "note": "é <b>"}}]
+    kw = dict(tools=tools, enable_thinking=False)
+    a = ours.apply_chat_template(msgs, add_generation_prompt=True, **kw)
+    b = hf_gguf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                              chat_template=MODERN_TEMPLATE, bos_token="<s>", **kw)
+    assert a == b
+    assert "Today Date: " in a and '"note": "é <b>"' in a and a.endswith("<think>\n\n</think>\n\n")
+    with pytest.raises(ConfigError, match="bad role tool"):
+        ours.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
 def test_decode_roundtrip_and_stream(smollm2, wikitext_200k):
     tok = smollm2[1]
     text = wikitext_200k[:5000] + " naïve café — 東京 🙂"
