@@ -113,7 +113,8 @@ def _yarn(cfg: LlamaConfig, inv: torch.Tensor, base: float) -> tuple[torch.Tenso
     lo, hi = max(lo, 0), min(hi, hd - 1)
     if lo == hi:
         hi += 0.001
-    ramp = ((torch.arange(hd // 2, dtype=torch.float64, device="cpu") - lo) / (hi - lo)).clamp(0, 1)  # 0 keep … 1 interpolate
+    i = torch.arange(hd // 2, dtype=torch.float64, device="cpu")
+    ramp = ((i - lo) / (hi - lo)).clamp(0, 1)  # 0: kept … 1: interpolated
     inv = inv * (1 - ramp) + inv / factor * ramp
 
     def mscale(scale: float, m: float = 1.0) -> float:

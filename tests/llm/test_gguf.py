@@ -286,7 +286,8 @@ def test_kquant_gguf_equals_transformers_loader(tmp_path):
     ours = load_gguf(GGUFFile(path))
     hf_cfg = load_gguf_checkpoint(str(path))["config"]
     assert (hf_cfg["hidden_size"], hf_cfg["num_key_value_heads"]) == (256, 2)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in hf_cfg.items() if k != "model_type"}))
+    hf_cfg = {k: v for k, v in hf_cfg.items() if k != "model_type"}
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg))
     theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf)["tensors"]
     sd = ours.state_dict()
     assert set(theirs) == set(sd)

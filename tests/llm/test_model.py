@@ -112,7 +112,8 @@ def test_alibi_bias_matches_definition():
 
 
 HF_CLASSES = {"llama-gqa": "LlamaForCausalLM", "mha-tied": "LlamaForCausalLM", "mqa": "LlamaForCausalLM",
-              "qwen2-bias": "Qwen2ForCausalLM", "qwen3-qk-norm": "Qwen3ForCausalLM", "mistral-window": "MistralForCausalLM",
+              "qwen2-bias": "Qwen2ForCausalLM", "qwen3-qk-norm": "Qwen3ForCausalLM",
+              "mistral-window": "MistralForCausalLM",
               "rope-linear": "LlamaForCausalLM", "rope-llama3": "LlamaForCausalLM", "rope-dynamic": "LlamaForCausalLM",
               "rope-yarn": "LlamaForCausalLM", "rope-yarn-mscale": "LlamaForCausalLM"}
 
