@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from efficientml.cli.common import add_json_flag, positive_int, print_json
 
@@ -100,31 +101,29 @@ def _sampling(args: argparse.Namespace, stops: tuple[int, ...] = ()):
                           repetition_penalty=args.repetition_penalty, min_p=args.min_p)
 
 
-def _storage(path) -> str:
+def _storage(src) -> str:
     """How the weights are stored: a GGUF's tensor formats with counts, or a folder's file bytes."""
     from collections import Counter
 
-    if path.is_dir():
-        files = list(path.glob("*.safetensors"))
+    if isinstance(src, Path):
+        files = list(src.glob("*.safetensors"))
         return f"{len(files)} safetensors file(s), {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
-    from efficientml.llm.gguf import GGUFFile
-
-    kinds = Counter(t.kind for t in GGUFFile(path).infos)
-    return ", ".join(f"{k} ×{n}" for k, n in kinds.most_common()) + f" (GGUF, {path.stat().st_size / 1e6:.1f} MB)"
+    kinds = Counter(t.kind for t in src.infos)
+    return ", ".join(f"{k} ×{n}" for k, n in kinds.most_common()) + f" (GGUF, {src.path.stat().st_size / 1e6:.1f} MB)"
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from efficientml.llm.load import load_config, load_tokenizer, resolve_source
+    from efficientml.llm.load import load_config, load_tokenizer, open_source
 
-    cfg = load_config(args.model)
-    tok = load_tokenizer(args.model)
-    info = {"source": str(resolve_source(args.model)), "model_type": cfg.model_type,
+    src = open_source(args.model)  # a GGUF file's header is parsed once for all three
+    cfg, tok = load_config(src), load_tokenizer(src)
+    info = {"source": str(src if isinstance(src, Path) else src.path), "model_type": cfg.model_type,
             "parameters": cfg.num_parameters(), "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
             "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.dim_per_head,
             "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size, "context": cfg.max_position_embeddings,
             "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "tied_embeddings": cfg.tie_word_embeddings,
             "bos": tok.bos_token, "eos": tok.eos_token, "stop_ids": cfg.eos_token_ids,
-            "chat_template": bool(tok.chat_template), "storage": _storage(resolve_source(args.model))}
+            "chat_template": bool(tok.chat_template), "storage": _storage(src)}
     if args.json:
         print_json(info)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -218,8 +219,9 @@ class GGUFFile:
     def arch(self) -> str:
         return str(self.meta.get("general.architecture", ""))
 
-    @property
+    @cached_property
     def config(self) -> LlamaConfig:
+        """The model configuration from the metadata (read once per opened file)."""
         arch = self.arch
         if arch not in ("llama", "qwen2", "qwen3", "mistral"):
             raise UnsupportedError(f"{self.path.name}: GGUF architecture {arch!r} is not supported; "

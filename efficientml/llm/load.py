@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -85,22 +85,27 @@ def _is_compressed(folder: Path) -> bool:
     return isinstance(cfg, dict) and isinstance(cfg.get("quantization_config"), dict)
 
 
-def load_tokenizer(source: str | Path) -> Tokenizer:
-    p = resolve_source(source)
-    if p.is_dir():
-        return Tokenizer.from_folder(p)
+def open_source(source: Any) -> Any:
+    """A built-in name, GGUF path or folder → the folder's Path, or the GGUF file opened once
+    (:class:`~efficientml.llm.gguf.GGUFFile`); an opened GGUFFile is returned as it is."""
     from efficientml.llm.gguf import GGUFFile
 
-    return Tokenizer.from_gguf(GGUFFile(p))
-
-
-def load_config(source: str | Path) -> LlamaConfig:
+    if isinstance(source, GGUFFile):
+        return source
     p = resolve_source(source)
-    if p.is_dir():
-        return LlamaConfig.from_json(p / "config.json")
-    from efficientml.llm.gguf import GGUFFile
+    return p if p.is_dir() else GGUFFile(p)
 
-    return GGUFFile(p).config
+
+def load_tokenizer(source: Any) -> Tokenizer:
+    """The tokenizer of a name, GGUF path or opened GGUFFile, or folder."""
+    src = open_source(source)
+    return Tokenizer.from_folder(src) if isinstance(src, Path) else Tokenizer.from_gguf(src)
+
+
+def load_config(source: Any) -> LlamaConfig:
+    """The configuration of a name, GGUF path or opened GGUFFile, or folder."""
+    src = open_source(source)
+    return LlamaConfig.from_json(src / "config.json") if isinstance(src, Path) else src.config
 
 
 def _fill(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str,
