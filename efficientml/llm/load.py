@@ -105,7 +105,7 @@ def load_tokenizer(source: Any) -> Tokenizer:
 def load_config(source: Any) -> LlamaConfig:
     """The configuration of a name, GGUF path or opened GGUFFile, or folder."""
     src = open_source(source)
-    return LlamaConfig.from_json(src / "config.json") if isinstance(src, Path) else src.config
+    return hf_config(src) if isinstance(src, Path) else src.config
 
 
 def _fill(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str,
@@ -166,9 +166,11 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _with_generation_eos(cfg: LlamaConfig, folder: Path) -> LlamaConfig:
-    """Chat models list their end-of-turn tokens in generation_config.json (Llama-3: <|eot_id|> next to
-    <|end_of_text|>); generation stops on every one of them."""
+def hf_config(folder: Path) -> LlamaConfig:
+    """A Hugging Face folder's config.json, with the end-of-turn tokens chat models list in
+    generation_config.json (Llama-3: <|eot_id|> next to <|end_of_text|>) joined to its EOS:
+    generation stops on every one of them."""
+    cfg = LlamaConfig.from_json(folder / "config.json")
     gc = folder / "generation_config.json"
     try:
         extra = json.loads(gc.read_text()).get("eos_token_id") if gc.is_file() else None
@@ -188,7 +190,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
     from safetensors import safe_open
 
     folder = Path(folder)
-    cfg = _with_generation_eos(LlamaConfig.from_json(folder / "config.json"), folder)
+    cfg = hf_config(folder)
     state: dict[str, torch.Tensor] = {}
     for f in _safetensors_files(folder):
         try:

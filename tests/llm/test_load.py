@@ -112,5 +112,8 @@ def test_generation_config_stop_tokens_join_eos(saved):
     gc = folder / "generation_config.json"
     gc.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 7, 9]}))
     assert load_hf(folder).config.eos_token_ids == [2, 7, 9]  # Llama-3 style: <|end_of_text|>, <|eot_id|>, …
+    from efficientml.llm.load import load_config
+
+    assert load_config(folder).eos_token_ids == [2, 7, 9]  # the same config wherever it is read
     gc.write_text("{not json")
     assert load_hf(folder).config.eos_token_ids == [2]
