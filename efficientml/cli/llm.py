@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="> 1 discourages tokens already in the prompt or output (1 = off)")
         q.add_argument("--seed", type=int, default=None)
+        q.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="end the answer where this text appears (not shown); repeatable")
 
     q = s.add_parser("info", help="configuration, parameter count, tokenizer")
     common(q)
@@ -60,8 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = s.add_parser("generate", help="complete a prompt (streamed)")
     common(q)
-    q.add_argument("prompt", help="the prompt text")
-    q.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    q.add_argument("prompt", nargs="+", help="the prompt text; several prompts run as one left-padded batch")
+    q.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     sampling(q, 128)
     add_json_flag(q)
     q.set_defaults(func=run_generate)
@@ -98,7 +100,8 @@ def _sampling(args: argparse.Namespace, stops: tuple[int, ...] = ()):
     from efficientml.llm.generate import SamplingConfig
 
     return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed,
-                          repetition_penalty=args.repetition_penalty, min_p=args.min_p)
+                          repetition_penalty=args.repetition_penalty, min_p=args.min_p,
+                          stop_strings=tuple(args.stop))
 
 
 def _storage(src) -> str:
@@ -160,29 +163,45 @@ def _for_decode(model):
 
 def run_generate(args: argparse.Namespace) -> int:
     from efficientml.llm.generate import generate
+    from efficientml.llm.stop_strings import StopText
 
     model, tok = _load(args)
     model = _for_decode(model)
-    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    ids = tok.encode(text)
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
+    rows = [tok.encode(t) for t in texts]
     stops = tuple(t for t in {tok.eos_id, *model.config.eos_token_ids} if t is not None)
-    stream = tok.stream()
+    cfg = _sampling(args, stops)
+    # per row: text decoded as it streams, cut before a stop string
+    outs = [(tok.stream(), StopText(cfg.stop_strings), []) for _ in rows]
+    live = len(rows) == 1 and not args.json  # one prompt streams to the terminal; a batch prints at the end
 
     def on_token(new: list[int]) -> None:
-        if not args.json and new[0] not in stops:
-            sys.stdout.write(stream.put(new[0]))
-            sys.stdout.flush()
+        for t, (dec, stop, pieces) in zip(new, outs):
+            if t not in stops and not stop.done:
+                pieces.append(stop.feed(dec.put(t))[0])
+                if live:
+                    sys.stdout.write(pieces[-1])
+                    sys.stdout.flush()
 
-    res = generate(model, ids, _sampling(args, stops), on_token=on_token)
-    out = [t for t in res.tokens[0] if t not in stops]
+    res = generate(model, rows if len(rows) > 1 else rows[0], cfg, on_token=on_token, tokenizer=tok)
+    for _, stop, pieces in outs:
+        pieces.append(stop.flush())
+    if live:
+        sys.stdout.write(outs[0][2][-1])
+    done = [{"prompt": p, "completion": "".join(pieces), "prompt_tokens": n, "new_tokens": len(r)}
+            for p, (_, _, pieces), r, n in zip(args.prompt, outs, res.tokens, res.prompt_lengths)]
     if args.json:
-        print_json({"prompt": args.prompt, "completion": tok.decode(out, skip_special_tokens=True),
-                    "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens, "ttft_s": res.ttft_s,
-                    "decode_tok_s": res.decode_tok_s})
+        speed = {"ttft_s": res.ttft_s, "decode_tok_s": res.decode_tok_s}
+        print_json({**done[0], **speed} if len(done) == 1 else {"results": done, "batch": len(done), **speed})
+        return 0
+    if not live:
+        for i, d in enumerate(done):
+            print(f"[{i}] {d['prompt']}{d['completion']}")
     else:
         print()
-        print(f"[{res.prompt_tokens} prompt tokens, TTFT {res.ttft_s:.2f} s, {res.new_tokens} tokens, "
-              f"{res.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    sys.stdout.flush()
+    print(f"[{sum(res.prompt_lengths)} prompt tokens, TTFT {res.ttft_s:.2f} s, {res.new_tokens} tokens"
+          f"{f' × {len(done)} rows' if len(done) > 1 else ''}, {res.decode_tok_s:.1f} tok/s]", file=sys.stderr)
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 
 from efficientml.core.errors import ConfigError, ShapeError
 from efficientml.llm.kv_cache import KVCache, StaticKVCache
+from efficientml.llm.stop_strings import StopText
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class SamplingConfig:
     seed: int | None = None
     repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already seen (CTRL / transformers)
     min_p: float | None = None
+    stop_strings: tuple[str, ...] = ()  # a row ends at the token completing one (needs the tokenizer)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,6 +53,9 @@ class SamplingConfig:
             raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
+        if isinstance(self.stop_strings, str):
+            raise ConfigError("stop_strings is a tuple of strings, e.g. ('\\n\\n',), not one string")
+        StopText(self.stop_strings)  # validates
 
 
 def penalize(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:
@@ -92,10 +97,12 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]  # new tokens per row (stop token included when one ended the row)
-    prompt_tokens: int  # per row
+    prompt_tokens: int  # per row (columns, padding included)
     ttft_s: float  # prefill + first token
     decode_s: float  # every later token
     stopped: list[bool] = field(default_factory=list)
+    prompt_lengths: list[int] = field(default_factory=list)  # real tokens per row
+    logprobs: list[list[float]] | None = None  # per new token: log p under the model (return_logprobs)
 
     @property
     def new_tokens(self) -> int:
@@ -103,7 +110,8 @@ class GenerationResult:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens * len(self.tokens) / self.ttft_s if self.ttft_s > 0 else float("nan")
+        n = sum(self.prompt_lengths) if self.prompt_lengths else self.prompt_tokens * len(self.tokens)
+        return n / self.ttft_s if self.ttft_s > 0 else float("nan")
 
     @property
     def decode_tok_s(self) -> float:
@@ -127,6 +135,10 @@ class _StepCache(KVCache):
     def advance(self, n: int) -> None:
         pass
 
+    @property
+    def key_mask(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.inner.key_mask
+
 
 class _GraphStep:
     """A decode step captured as a CUDA graph over a static-shape cache. Inputs are copied into fixed
@@ -135,6 +147,7 @@ class _GraphStep:
     def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch: int, use_compile: bool) -> None:
         dev = cache.k.device
         self.model, self.cache, self.view = model, cache, _StepCache(cache)
+        self.key_mask = cache.key_mask  # the padding mask the graph reads (None: no padding)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         # warm-up and capture write one slot; use the last one, which the mask hides until it is reached
         self.pos = torch.full((1,), cache.max_length - 1, dtype=torch.long, device=dev)
@@ -165,6 +178,7 @@ class _CompiledStep:
 
     def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch: int) -> None:
         self.model, self.view, self.batch = model, _StepCache(cache), batch
+        self.key_mask = cache.key_mask
         self.fn = torch.compile(self._eager, fullgraph=True, dynamic=False)
 
     def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -174,26 +188,54 @@ class _CompiledStep:
         return self.fn(ids, torch.tensor([pos], device=ids.device))
 
 
-def _as_batch(prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, device: torch.device) -> torch.Tensor:
+def _as_batch(prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, device: torch.device,
+              attention_mask: torch.Tensor | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) ids and, where rows have padding, a (B, T) bool mask of the real tokens (left-padded)."""
     if isinstance(prompt, torch.Tensor):
         t = prompt if prompt.dim() == 2 else prompt[None]
+        real = None
+        if attention_mask is not None:
+            real = (attention_mask if attention_mask.dim() == 2 else attention_mask[None]).bool().cpu()
+            if real.shape != t.shape:
+                raise ShapeError(f"attention_mask has shape {tuple(real.shape)}; the prompt has {tuple(t.shape)}")
     else:
+        if attention_mask is not None:
+            raise ConfigError("attention_mask goes with a tensor prompt; lists of ids are padded here")
         rows = [list(prompt)] if len(prompt) == 0 or isinstance(prompt[0], int) else [list(r) for r in prompt]
-        if len({len(r) for r in rows}) != 1:
-            raise ShapeError("prompts in one batch must have the same number of tokens")
-        t = torch.tensor(rows, dtype=torch.long)
+        if any(len(r) == 0 for r in rows):
+            raise ShapeError("a prompt is empty; give at least one token per row")
+        T = max(len(r) for r in rows)
+        t = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], dtype=torch.long)
+        real = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows])
     if t.shape[1] == 0:
         raise ShapeError("the prompt is empty; give at least one token")
-    return t.to(device)
+    if real is not None:
+        if not bool(real[:, -1].all()) or bool((real[:, 1:].int() < real[:, :-1].int()).any()):
+            raise ShapeError("attention_mask must pad on the left (0…0 1…1 per row, last column real): "
+                             "generation continues after the last column")
+        if bool(real.all()):
+            real = None
+    return t.to(device), None if real is None else real.to(device)
 
 
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
              config: SamplingConfig = SamplingConfig(), cache: KVCache | None = None,
              on_token: Callable[[list[int]], None] | None = None,
-             cuda_graph: bool | None = None, use_compile: bool = False) -> GenerationResult:
-    """Prefill ``prompt`` (token ids, one row or equal-length rows), then decode up to
-    ``config.max_new_tokens``. ``on_token`` receives each step's new ids (one per row).
+             cuda_graph: bool | None = None, use_compile: bool = False,
+             attention_mask: torch.Tensor | None = None, tokenizer=None,
+             return_logprobs: bool = False) -> GenerationResult:
+    """Prefill ``prompt`` (token ids: one row, or rows), then decode up to ``config.max_new_tokens``.
+    ``on_token`` receives each step's new ids (one per row).
+
+    Rows of different lengths are left-padded (as transformers' tokenizers do for generation) and the
+    padding is masked, so each row continues as it would alone. A (B, T) tensor prompt that is
+    already padded comes with ``attention_mask`` (B, T), 1 for real tokens, padding on the left.
+
+    ``config.stop_strings`` needs ``tokenizer`` (rows are decoded to find them; see
+    :mod:`~efficientml.llm.stop_strings`). ``return_logprobs``: each new token's log-probability
+    under the model's own distribution (log-softmax of the logits, before penalty and sampling
+    warpers, as vLLM reports them), in ``result.logprobs``.
 
     ``cache``: continue an existing cache (multi-turn chat); by default a new one sized for prompt +
     new tokens. ``cuda_graph`` (default: on when the model is on CUDA) captures the decode step;
@@ -201,8 +243,13 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     skipped for a dynamic-NTK model whose cache reaches past the trained context (each step needs the
     sequence length on the host)."""
     dev = next(model.parameters()).device
-    ids = _as_batch(prompt, dev)
+    ids, real = _as_batch(prompt, dev, attention_mask, model.config.pad_token_id or 0)
     B, T = ids.shape
+    texts = None  # per row: (decoder, stop-string matcher)
+    if config.stop_strings:
+        if tokenizer is None:
+            raise ConfigError("stop_strings are found in decoded text: pass generate(..., tokenizer=tok)")
+        texts = [(tokenizer.stream(), StopText(config.stop_strings)) for _ in range(B)]
     ctx = model.config.max_position_embeddings
     if cache is None:
         need = T + config.max_new_tokens
@@ -215,6 +262,12 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
         raise ShapeError(f"the prompt has {T} tokens but only {cache.max_length - cache.length} of the "
                          f"context ({cache.max_length} tokens) are free")
     max_new = min(config.max_new_tokens, cache.max_length - cache.length - T + 1)
+    if real is not None or cache.key_mask is not None:  # padding: this prompt's, and none after it
+        free = torch.ones(B, cache.max_length - cache.length, dtype=torch.bool, device=dev)
+        if real is not None:
+            free[:, :T] = real
+        # recorded before a decode step is captured or compiled: the step reads the mask
+        cache.mark_keys(torch.arange(cache.length, cache.max_length, device=dev), free)
     # dynamic-NTK RoPE past the trained context needs the sequence length on the host every step
     eager_only = model.config.rope_type == "dynamic" and cache.max_length > ctx
     use_compile = use_compile and not eager_only
@@ -228,13 +281,13 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     step = None
     if use_graph and max_new > 1:  # captured once per cache: reuse the cache (reset()) to reuse the graph
         step = getattr(cache, "_graph_step", None)
-        if step is None or step.ids.shape[0] != B or step.model is not model:
+        if step is None or step.ids.shape[0] != B or step.model is not model or step.key_mask is not cache.key_mask:
             step = _GraphStep(model, cache, B, use_compile)
             cache._graph_step = step  # type: ignore[attr-defined]
     elif use_compile and dev.type == "cpu" and isinstance(cache, StaticKVCache) and cache.static_shapes \
             and max_new > 1:  # compiled once per cache: reuse the cache (reset()) to reuse it
         step = getattr(cache, "_compiled_step", None)
-        if step is None or step.batch != B or step.model is not model:
+        if step is None or step.batch != B or step.model is not model or step.key_mask is not cache.key_mask:
             step = _CompiledStep(model, cache, B)
             cache._compiled_step = step  # type: ignore[attr-defined]
 
@@ -242,8 +295,10 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     logits = model(ids, cache, num_logits=1)[:, -1]  # (B, V)
     seen = None
     if config.repetition_penalty != 1.0:  # (B, V): tokens of this call's prompt, then of its output
-        seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev).scatter_(1, ids, True)
+        hits = torch.ones_like(ids, dtype=torch.int32) if real is None else real.int()  # padding is not seen
+        seen = torch.zeros(logits.shape, dtype=torch.int32, device=dev).scatter_add_(1, ids, hits) > 0
     tok = sample(logits, config, gen, seen)  # (B,)
+    lps: list[list[float]] | None = [[] for _ in range(B)] if return_logprobs else None
     out = [[] for _ in range(B)]
     done = [False] * B
     t_first = 0.0
@@ -251,14 +306,23 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
         host = tok.tolist()  # one host sync per step: stop checks and streaming need the ids
         if i == 0:
             t_first = time.perf_counter()
+        if lps is not None:
+            lp = torch.log_softmax(logits.float(), -1).gather(1, tok[:, None])[:, 0].tolist()
         for r, t in enumerate(host):
             if not done[r]:
                 out[r].append(t)
+                if lps is not None:
+                    lps[r].append(lp[r])
         if on_token is not None:
             on_token(host)
-        if stops.numel():
+        if stops.numel() or texts is not None:
             for r, t in enumerate(host):
-                done[r] = done[r] or t in config.stop_token_ids
+                if done[r]:
+                    continue
+                done[r] = t in config.stop_token_ids
+                if texts is not None and not done[r]:
+                    dec, stop = texts[r]
+                    done[r] = stop.feed(dec.put(t))[1]
             if all(done):
                 break
         if i == max_new - 1:
@@ -273,4 +337,5 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
             seen.scatter_(1, tok[:, None], True)
         tok = sample(logits, config, gen, seen)
     t_end = time.perf_counter()
-    return GenerationResult(out, T, t_first - t0, t_end - t_first, done)
+    lengths = [T] * B if real is None else real.sum(1).tolist()
+    return GenerationResult(out, T, t_first - t0, t_end - t_first, done, lengths, lps)

@@ -9,6 +9,10 @@ One forward of ``T`` new tokens does:
    attend to, ``(B, n_kv_heads, S, head_dim)``;
 3. the model calls ``cache.advance(T)`` once all layers are done.
 
+Left padding (a batch of prompts of different lengths): ``key_mask`` (B, max_length) bool says which
+slots hold real tokens; it is None (every slot real) until :meth:`KVCache.mark_keys` records a
+padding slot, and the model hides the False slots from every later query.
+
 ``S`` is ``start + T`` for a cache with ``static_shapes = False`` (the CPU path: slice the filled
 prefix, nothing wasted), and ``max_length`` for ``static_shapes = True`` (every step has the same
 shapes, as CUDA graphs and ``torch.compile`` need); the model then masks keys past each query's position.
@@ -31,6 +35,7 @@ class KVCache:
     max_length: int
     length: int = 0
     static_shapes: bool = False
+    key_mask: torch.Tensor | None = None  # (B, max_length) bool, False: a padding slot
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +46,18 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.key_mask = None
+
+    def mark_keys(self, input_pos: torch.Tensor, real: torch.Tensor) -> None:
+        """Record which of the slots at ``input_pos`` (T,) receive real tokens: ``real`` (B, T) bool.
+        All-real marks change nothing while no padding has been recorded (one host sync)."""
+        if self.key_mask is None:
+            if bool(real.all()):
+                return
+            self.key_mask = torch.ones(real.shape[0], self.max_length, dtype=torch.bool, device=real.device)
+        if real.shape[0] != self.key_mask.shape[0]:
+            raise ShapeError(f"padding mask for {real.shape[0]} rows; the cache holds {self.key_mask.shape[0]}")
+        self.key_mask.index_copy_(1, input_pos.to(real.device), real)
 
     def check_room(self, n: int) -> None:
         if self.length + n > self.max_length:

@@ -30,7 +30,7 @@ the linears to efficientml's matrix-vector kernels (:func:`prepare_cpu_decode` p
     y = block(x, rope, attn_mask=mask, cache=None)
 
 ``attn_mask`` is None (plain causal), or a bool ``(T, S)`` / float ``(n_heads, T, S)`` tensor
-broadcast over the batch (True / finite = may attend); ``model.model.attention_mask(...)`` builds it
+broadcast over the batch, or ``(B, 1|n_heads, T, S)`` per row (padding) (True / finite = may attend); ``model.model.attention_mask(...)`` builds it
 for sliding windows and ALiBi. ``cache`` is a :class:`~efficientml.llm.kv_cache.KVCache`; with a cache
 the block appends its keys/values and attends to all cached ones.
 
@@ -484,13 +484,39 @@ class LlamaModel(nn.Module):
         bias = slopes[:, None, None] * rel[None].float()  # (nh, T, S) ALiBi: linear in distance
         return bias.masked_fill(~ok[None], float("-inf")).to(dtype)
 
+    @staticmethod
+    def with_padding(mask: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """Hide padding keys: ``mask`` bool (T, S) or float (nh, T, S) from :meth:`attention_mask`,
+        ``keys`` (B, S) bool (True: the slot holds a real token) → (B, 1|nh, T, S). A padding query
+        still sees itself, so no row of the softmax is empty (its output is ignored, but a NaN there
+        would reach later layers' values)."""
+        S = keys.shape[1]
+        itself = torch.arange(S, device=q_pos.device)[None, :] == q_pos[:, None]  # (T, S)
+        keep = keys[:, None, None, :] | itself  # (B, 1, T, S)
+        if mask.dtype == torch.bool:
+            return mask & keep
+        return mask.masked_fill(~keep, float("-inf"))  # (B, nh, T, S)
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) → hidden states (B, T, d). With a cache the tokens continue it; with a
-        static-shape cache pass ``input_pos`` (T,) so no host sync is needed."""
+        static-shape cache pass ``input_pos`` (T,) so no host sync is needed.
+
+        ``attention_mask`` (B, T), 1/True for real tokens and 0/False for padding (transformers'
+        convention, for the T new tokens only: a cache remembers its earlier padding). Pad on the
+        left to generate. Positions are column indices; RoPE, ALiBi and sliding windows depend only
+        on query − key distances, which a row's left padding does not change, so a padded row's real
+        tokens get the same logits as the row alone (to rounding)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        T = x.shape[1]
+        B, T = x.shape[:2]
+        keys = None  # (B, S) bool: which key slots hold real tokens; None: all of them
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, T):
+                raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                 f"(batch, new tokens) = ({B}, {T}), 1 for real tokens and 0 for padding")
+            keys = attention_mask.to(device=x.device, dtype=torch.bool)
         static = cache is not None and cache.static_shapes
         if cache is None:
             input_pos = torch.arange(T, device=x.device) if input_pos is None else input_pos
@@ -514,10 +540,13 @@ class LlamaModel(nn.Module):
                     seq_len = int(input_pos.max()) + 1  # a host sync: generate() runs such steps eagerly
             cos, sin = self.rope(input_pos, torch.float32, max_pos=kv_len, seq_len=seq_len)  # (T, hd) each
             rope = (cos.to(x.dtype), sin.to(x.dtype))
-        if static:
-            mask = self.attention_mask(input_pos, kv_len, x.dtype, force=True)
-        else:
-            mask = self.attention_mask(input_pos, kv_len, x.dtype)
+        if cache is not None:
+            if keys is not None:
+                cache.mark_keys(input_pos, keys)
+            keys = None if cache.key_mask is None else cache.key_mask[:, :kv_len]
+        mask = self.attention_mask(input_pos, kv_len, x.dtype, force=static or keys is not None)
+        if keys is not None:
+            mask = self.with_padding(mask, keys, input_pos)
         for layer in self.layers:
             x = layer(x, rope, mask, cache, input_pos)
         if cache is not None:
@@ -541,8 +570,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None, num_logits: int | None = None) -> torch.Tensor:
-        h = self.model(input_ids, cache, input_pos)  # (B, T, d)
+                input_pos: torch.Tensor | None = None, num_logits: int | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.model(input_ids, cache, input_pos, attention_mask=attention_mask)  # (B, T, d)
         if num_logits is not None:
             h = h[:, -num_logits:]
         return _linear(self.lm_head, h)  # (B, T', vocab)

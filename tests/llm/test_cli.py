@@ -54,6 +54,34 @@ def test_generate_json(reuse_model, capsys):
     assert "Paris" in out["completion"] and out["new_tokens"] == 3
 
 
+def test_generate_batch_of_prompts(reuse_model, capsys):
+    """Several prompts run as one left-padded batch; each completion is what the prompt gets alone."""
+    assert main(["llm", "generate", "smollm2-135m", "The capital of France is",
+                 "The largest planet of the solar system is", "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batch"] == 2 and [r["new_tokens"] for r in out["results"]] == [4, 4]
+    assert "Paris" in out["results"][0]["completion"] and "Jupiter" in out["results"][1]["completion"]
+    assert main(["llm", "generate", "smollm2-135m", "The largest planet of the solar system is",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == out["results"][1]["completion"]
+
+
+def test_generate_and_chat_stop_strings(reuse_model, monkeypatch, capsys):
+    """--stop: the completion ends before the stop text (generate and chat)."""
+    assert main(["llm", "generate", "smollm2-135m", "Here is a list of fruits: 1. apple 2.",
+                 "--max-new-tokens", "24", "--json"]) == 0
+    free = json.loads(capsys.readouterr().out)["completion"]
+    assert " 3." in free
+    assert main(["llm", "generate", "smollm2-135m", "Here is a list of fruits: 1. apple 2.",
+                 "--max-new-tokens", "24", "--stop", " 3.", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["completion"] == free[:free.index(" 3.")] and out["new_tokens"] < 24
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n"))
+    assert main(["llm", "chat", "smollm2-135m", "--max-new-tokens", "48", "--stop", "Paris"]) == 0
+    said = capsys.readouterr().out
+    assert "Paris" not in said and said.strip()
+
+
 def test_ppl_on_text_file(reuse_model, tmp_path, capsys):
     f = tmp_path / "t.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * 6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from efficientml.core.errors import ShapeError
 from efficientml.llm.config import LlamaConfig, alibi_slopes
 from efficientml.llm.model import build_model, init_weights
 from efficientml.llm.kv_cache import StaticKVCache
@@ -64,6 +65,42 @@ def test_cached_decoding_equals_full_forward(name):
                 parts.append(m(ids[:, t:t + 1], cache))
             torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
             assert cache.length == 17
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_left_padding_is_invisible(name):
+    """A left-padded row (attention_mask 0 over its padding) gets the logits it gets alone: in one
+    forward, and prefilled into a cache (plain and static) then decoded token by token."""
+    cfg = CONFIGS[name]
+    m = make(cfg)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, cfg.vocab_size, (1, 12), generator=g), torch.randint(0, cfg.vocab_size, (1, 17), generator=g)
+    nxt = torch.randint(0, cfg.vocab_size, (2, 3), generator=g)
+    ids = torch.cat([torch.cat([torch.full((1, 5), 7), a], 1), b])  # (2, 17): row 0 padded by 5
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        alone = [m(torch.cat([a, nxt[:1]], 1))[0], m(torch.cat([b, nxt[1:]], 1))[0]]  # (15|20, V)
+        full = m(ids, attention_mask=mask)
+        assert full.isfinite().all()  # padding queries see themselves: no empty softmax rows
+        torch.testing.assert_close(full[0, 5:], alone[0][:12], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(full[1], alone[1][:17], rtol=1e-4, atol=1e-5)
+        for static in (False, True):
+            cache = StaticKVCache.for_model(m, 2, 32, static_shapes=static)
+            first = m(ids, cache, attention_mask=mask)
+            torch.testing.assert_close(first, full, rtol=1e-5, atol=1e-5)
+            for t in range(3):
+                step = m(nxt[:, t:t + 1], cache)[:, 0]  # (2, V)
+                torch.testing.assert_close(step[0], alone[0][12 + t], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(step[1], alone[1][17 + t], rtol=1e-4, atol=1e-5)
+            cache.reset()
+            assert cache.key_mask is None
+
+
+def test_padding_mask_errors():
+    m = make(CONFIGS["llama-gqa"])
+    with pytest.raises(ShapeError, match="attention_mask has shape"):
+        m(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
 
 
 def test_block_runs_alone():
