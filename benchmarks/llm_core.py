@@ -10,6 +10,8 @@ Parts (``--part``), each recorded in benchmarks/results/llm_core.json with the c
   decode tok/s = (N − 1) / (t(N tokens) − t(1 token)), the same external timing for both; median of
   interleaved repeats. Achieved GB/s = bytes read per decode step × tok/s, against the machine's
   measured read bandwidth.
+- ``decode-batch``: the same for 4 prompts of different lengths in one left-padded batch (no target;
+  per-row and batch tok/s, and one step's products alone at 1, 4 and 8 rows).
 - ``gpu``: on a CUDA machine, bf16 decode at batch 1 and 16 for SmolLM2-135M and a random model with
   Llama-2-7B's shapes, with the decode step in a CUDA graph, against transformers' ``generate``;
   written to llm_core_gpu.json.
@@ -69,9 +71,9 @@ def read_bandwidth_gbs(device: str = "cpu", mb: int = 512, reps: int = 7) -> dic
 
 
 @torch.inference_mode()
-def gemv_chain(model, reps: int = 15) -> dict:
-    """One decode step's matrix-vector products alone (the model's own weights, one fp32 row each),
-    three ways: the cpu_gemv kernel on (out, in) weights, F.linear on (out, in) weights (MKL, the
+def gemv_chain(model, reps: int = 15, rows: int = 1) -> dict:
+    """One decode step's matrix-vector products alone (the model's own weights, ``rows`` fp32 input
+    rows each: the batch), three ways: the cpu_gemv kernel on (out, in) weights, F.linear on (out, in) weights (MKL, the
     default layout) and F.linear on (in, out)-contiguous weights (MKL, decode_layout). GB/s = weight
     bytes ÷ median time."""
     import torch.nn.functional as F
@@ -86,7 +88,7 @@ def gemv_chain(model, reps: int = 15) -> dict:
     ws.append(model.lm_head.weight)
     ws = [w.detach().contiguous() for w in ws]  # (out, in)
     wt = [w.t().contiguous().t() for w in ws]  # same values, (in, out)-contiguous
-    xs = [torch.randn(1, w.shape[1]) for w in ws]
+    xs = [torch.randn(rows, w.shape[1]) for w in ws]
     nbytes = sum(w.numel() * w.element_size() for w in ws)
     ways = {"mkl_out_in": lambda: [F.linear(x, w) for x, w in zip(xs, ws)],
             "mkl_in_out_decode_layout": lambda: [F.linear(x, w) for x, w in zip(xs, wt)]}
@@ -101,7 +103,8 @@ def gemv_chain(model, reps: int = 15) -> dict:
             fn()
             ts.append(time.perf_counter() - t)
         med = statistics.median(ts)
-        out[name] = {"ms": med * 1e3, "gbs": nbytes / med / 1e9, "matrices": len(ws), "bytes": nbytes}
+        out[name] = {"ms": med * 1e3, "gbs": nbytes / med / 1e9, "matrices": len(ws), "bytes": nbytes,
+                     "rows": rows}
     return out
 
 
@@ -315,6 +318,75 @@ def part_decode(rec: BenchmarkRecord, quick: bool, args_new_tokens: int = 64, ar
                note=f"decode tok/s ours ÷ transformers generate, batch 1, greedy, {N} new tokens, fp32, "
                     f"2 threads; ours ({path.split(',')[0]}) {so['decode_tok_s']:.1f} tok/s = {so['achieved_gbs']:.1f} GB/s of "
                     f"{bw['read_gbs']:.1f} GB/s measured read bandwidth" + (" (quick)" if quick else ""))
+
+
+BATCH_PROMPTS = ["The capital of France is", PROMPT, "Water boils at a temperature of",
+                 "Once upon a time, in a small village by the sea, there lived an old fisherman who"]
+
+
+@torch.inference_mode()
+def part_decode_batch(rec: BenchmarkRecord, quick: bool, new_tokens: int = 64, repeats: int = 3) -> None:
+    """Greedy generation for 4 prompts of different lengths in one left-padded batch (fp32, CPU),
+    ours (compiled step, the matrix-vector kernel takes all 4 rows at once) against transformers'
+    generate on the same padded batch and attention mask; tok/s per row and for the batch, the same
+    external timing as ``decode``. Also one step's products alone at 1, 4 and 8 rows."""
+    from efficientml.llm import cpu_gemv
+    from efficientml.llm.generate import SamplingConfig, generate
+    from efficientml.llm.kv_cache import StaticKVCache
+    from efficientml.llm.model import prepare_cpu_decode
+
+    model, tok, hf, _, _ = load_pair()
+    path = prepare_cpu_decode(model)
+    rows = [tok.encode(p) for p in BATCH_PROMPTS]
+    B, T = len(rows), max(map(len, rows))
+    pad = model.config.pad_token_id or 0
+    x = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    N = 8 if quick else new_tokens
+    reps = 2 if quick else repeats
+    cache = StaticKVCache.for_model(model, B, T + N, static_shapes=True)
+
+    def ours(n: int):
+        cache.reset()
+        return generate(model, rows, SamplingConfig(max_new_tokens=n), cache=cache, use_compile=True)
+
+    def theirs(n: int):
+        return hf.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           top_p=None, top_k=None, temperature=None, pad_token_id=pad)
+
+    t = time.perf_counter()
+    ours(4)
+    compile_s = time.perf_counter() - t
+    theirs(4)
+    times = {"ours": {1: [], N: []}, "transformers": {1: [], N: []}}
+    same = None
+    for r in range(reps):
+        for n in (1, N):
+            t = time.perf_counter()
+            out = ours(n)
+            times["ours"][n].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            o = theirs(n)
+            times["transformers"][n].append(time.perf_counter() - t)
+            if n == N and same is None:
+                same = o[:, T:].tolist() == out.tokens
+        log(f"batch decode rep {r + 1}/{reps}: ours {times['ours'][N][-1]:.2f} s, "
+            f"transformers {times['transformers'][N][-1]:.2f} s for {N} tokens × {B} rows")
+    res: dict = {"commit": git_commit(), "batch": B, "prompt_tokens": [len(r) for r in rows], "padded_to": T,
+                 "new_tokens": N, "dtype": "float32", "threads": torch.get_num_threads(), "repeats": reps,
+                 "greedy_tokens_identical": same, "ours_decode_path": path, "cpu_gemv": cpu_gemv.status(),
+                 "ours_compile_s": compile_s}
+    for who, d in times.items():
+        t1, tn = statistics.median(d[1]), statistics.median(d[N])
+        per_row = (N - 1) / (tn - t1)
+        res[who] = {"t_1_token_s": t1, f"t_{N}_tokens_s": tn, "decode_tok_s_per_row": per_row,
+                    "decode_tok_s_batch": per_row * B, "runs_1": d[1], f"runs_{N}": d[N]}
+    res["speedup"] = res["ours"]["decode_tok_s_per_row"] / res["transformers"]["decode_tok_s_per_row"]
+    res["matrix_vector_chain_by_rows"] = {str(k): gemv_chain(model, reps=5 if quick else 11, rows=k)
+                                          for k in (1, 4, 8)}
+    log(f"batch {B}: ours {res['ours']['decode_tok_s_batch']:.1f} tok/s, transformers "
+        f"{res['transformers']['decode_tok_s_batch']:.1f} tok/s ({res['speedup']:.2f}×), same tokens: {same}")
+    rec.results["decode_batch"] = res
 
 
 def _decode_rates(model, hf, batch: int, prompt_len: int, n_ours: int, n_theirs: int, reps: int,
@@ -689,7 +761,7 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["ppl", "decode", "gpu", "all"], default="all")
+    ap.add_argument("--part", choices=["ppl", "decode", "decode-batch", "gpu", "all"], default="all")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--progress", default=None, help="ppl: save/resume window sums in this JSON file")
@@ -714,7 +786,7 @@ def main() -> int:
     if out.is_file():  # parts run separately accumulate into one file
         old = json.loads(out.read_text())
         rec.results, rec.targets = old.get("results", {}), old.get("targets", [])
-    parts = ["ppl", "decode", "gpu"] if args.part == "all" else [args.part]
+    parts = ["ppl", "decode", "decode-batch", "gpu"] if args.part == "all" else [args.part]
     for p in parts:
         log(f"part {p}")
         if p == "gpu":
@@ -724,6 +796,8 @@ def main() -> int:
         if p == "ppl":
             part_ppl(rec, args.quick, Path(args.progress) if args.progress else None, args.stop_after,
                      device=args.device)
+        elif p == "decode-batch":
+            part_decode_batch(rec, args.quick, args.new_tokens, args.repeats)
         else:
             part_decode(rec, args.quick, args.new_tokens, args.repeats)
         rec.results.setdefault("commands", {})[p] = rec.command

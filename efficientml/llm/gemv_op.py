@@ -11,13 +11,13 @@ import torch
 from efficientml.core.errors import ShapeError
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """``F.linear(x, weight, bias)`` is a matrix-vector product a kernel can take: one input row of
-    the weight's width, a contiguous (out, in) weight and a bias of the input's dtype and device, no
-    gradient needed. Each kernel adds its own device/dtype condition."""
+def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int = 1) -> bool:
+    """``F.linear(x, weight, bias)`` is a matrix-vector product a kernel can take: at most
+    ``max_rows`` input rows of the weight's width, a contiguous (out, in) weight and a bias of the
+    input's dtype and device, no gradient needed. Each kernel adds its own device/dtype condition."""
     if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype != x.dtype or weight.device != x.device:
         return False
-    if x.shape[-1] != weight.shape[1] or x.numel() != x.shape[-1]:
+    if x.shape[-1] != weight.shape[1] or x.numel() > max_rows * x.shape[-1] or x.numel() == 0:
         return False
     if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
         return False
@@ -25,11 +25,13 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bo
                                              or (bias is not None and bias.requires_grad)))
 
 
-def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          max_rows: int = 1) -> tuple[int, int]:
     """Raise a ShapeError naming what :func:`fits` would reject (gradients aside); ``(out, in)``."""
     out_f, in_f = weight.shape
-    if x.numel() != in_f or x.shape[-1] != in_f:
-        raise ShapeError(f"gemv takes one row of {in_f} features for a ({out_f}, {in_f}) weight, "
+    if x.shape[-1] != in_f or x.numel() > max_rows * in_f or x.numel() == 0:
+        rows = "one row" if max_rows == 1 else f"1 to {max_rows} rows"
+        raise ShapeError(f"gemv takes {rows} of {in_f} features for a ({out_f}, {in_f}) weight, "
                          f"got an input of shape {tuple(x.shape)}")
     if not weight.is_contiguous():
         raise ShapeError("gemv needs a contiguous (out, in) weight (nn.Linear's layout, not decode_layout's)")

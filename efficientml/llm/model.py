@@ -192,9 +192,11 @@ class _Packed:
     a plain ``nn.Linear`` whose weight is that view — swap one for a quantized module, or assign it a
     new weight, and the modules run separately again.
 
-    On CPU the packed matmul runs for one-row inputs only (decoding): with several rows (prefill,
-    perplexity windows) MKL runs the separate, narrower matmuls faster — SmolLM2-135M's forward over
-    46 / 256 / 1024 tokens took 278 / 749 / 3811 ms separate vs 311 / 807 / 4043 ms packed, 2 threads."""
+    On CPU the packed matmul runs for one-row inputs (decoding), and for as many rows as the
+    matrix-vector kernel takes once it is on (:func:`use_cpu_gemv`: a small batch of sequences);
+    with more rows (prefill, perplexity windows) MKL runs the separate, narrower matmuls faster —
+    SmolLM2-135M's forward over 46 / 256 / 1024 tokens took 278 / 749 / 3811 ms separate vs 311 /
+    807 / 4043 ms packed, 2 threads."""
 
     def __init__(self) -> None:
         self.weight: torch.Tensor | None = None
@@ -248,9 +250,7 @@ class _Packed:
 
 def _gemv(owner: object, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
     """``F.linear(x, w, b)`` on the matrix-vector kernel ``owner`` was switched to (:func:`use_cpu_gemv`,
-    :func:`use_gpu_gemv`) when it can take this call (one row, see each kernel's ``eligible``), else None."""
-    if x.numel() != x.shape[-1]:
-        return None
+    :func:`use_gpu_gemv`) when it can take this call (few rows, see each kernel's ``eligible``), else None."""
     if getattr(owner, "cpu_gemv", False) and cpu_gemv.eligible(x, w, b):
         return cpu_gemv.gemv(x, w, b)
     if getattr(owner, "gpu_gemv", False) and triton_gemv.eligible(x, w, b):
@@ -321,8 +321,9 @@ def decode_layout(model: nn.Module) -> nn.Module:
 
 def use_cpu_gemv(model: nn.Module, enable: bool = True) -> bool:
     """Run every plain ``nn.Linear`` of ``model`` (and the packed q/k/v, gate/up) on the CPU
-    matrix-vector kernel (:mod:`efficientml.llm.cpu_gemv`) whenever its input is one fp32 row —
-    batch-1 decoding — and through ``F.linear`` otherwise. Builds the kernel on first use; returns
+    matrix-vector kernel (:mod:`efficientml.llm.cpu_gemv`) whenever its input is 1 to
+    ``cpu_gemv.MAX_ROWS`` fp32 rows — decoding at batch 1 or a small batch — and through
+    ``F.linear`` otherwise. Builds the kernel on first use; returns
     False (and changes nothing) when it is off, ``cpu_gemv.status()`` says why. Weights keep
     nn.Linear's (out, in) layout; a weight that is not contiguous (see :func:`decode_layout`) or
     not fp32, and a module that was swapped or has hooks, runs as before. ``enable=False`` undoes it."""
