@@ -46,7 +46,8 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
-        self.key_mask = None
+        if self.key_mask is not None:  # every slot real again; the same tensor, which a captured or
+            self.key_mask.fill_(True)  # compiled decode step may read
 
     def mark_keys(self, input_pos: torch.Tensor, real: torch.Tensor) -> None:
         """Record which of the slots at ``input_pos`` (T,) receive real tokens: ``real`` (B, T) bool.
@@ -54,7 +55,8 @@ class KVCache:
         if self.key_mask is None:
             if bool(real.all()):
                 return
-            self.key_mask = torch.ones(real.shape[0], self.max_length, dtype=torch.bool, device=real.device)
+            with torch.inference_mode(False):  # a normal tensor: reset() refills it outside inference mode
+                self.key_mask = torch.ones(real.shape[0], self.max_length, dtype=torch.bool, device=real.device)
         if real.shape[0] != self.key_mask.shape[0]:
             raise ShapeError(f"padding mask for {real.shape[0]} rows; the cache holds {self.key_mask.shape[0]}")
         self.key_mask.index_copy_(1, input_pos.to(real.device), real)
