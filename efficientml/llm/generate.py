@@ -3,6 +3,10 @@
     out = generate(model, tok.encode("Once upon a time"), SamplingConfig(max_new_tokens=64))
     print(tok.decode(out.tokens[0]), out.prefill_tok_s, out.decode_tok_s)
 
+Rows: one prompt, or several in one batch; rows of different lengths are left-padded and the padding
+is masked through the cache (each row gets the tokens it gets alone). A row ends at a stop token or,
+with ``stop_strings`` and the tokenizer, at the token whose text completes a stop string.
+
 CPU: the cache is preallocated once (:class:`StaticKVCache`), each step writes one slot and attends to
 the filled prefix, so nothing grows or is reallocated per token. CUDA: the decode step runs from a
 captured CUDA graph (or ``torch.compile``) over a static-shape cache, which removes the per-kernel
