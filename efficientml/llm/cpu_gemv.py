@@ -14,8 +14,8 @@ atomically, keyed by source, flags and CPU), then loaded with ``ctypes``. Withou
 :func:`available` is False, :func:`status` says why, and callers fall back to ``F.linear``.
 ``EFFICIENTML_CPU_GEMV=0`` turns the kernel off.
 
-:func:`gemv` is also the custom op ``torch.ops.efficientml.gemv_f32`` so a ``torch.compile``-d decode
-step calls it directly (an opaque extern call in the graph).
+:func:`gemv` is also the op ``torch.ops.efficientml.gemv_f32`` so a ``torch.compile``-d decode step
+calls it directly (an opaque extern call in the graph); eager calls go straight to the kernel.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def _load() -> object:
         fn, status = None, ""
         if os.environ.get("EFFICIENTML_CPU_GEMV", "1") == "0":
             status = "off (EFFICIENTML_CPU_GEMV=0)"
-        elif not hasattr(torch.library, "custom_op"):
-            status = f"off (torch {torch.__version__} has no torch.library.custom_op; needs ≥ 2.4)"
+        elif not hasattr(torch.library, "register_fake"):
+            status = f"off (torch {torch.__version__} has no torch.library.register_fake; needs ≥ 2.4)"
         elif (cc := _compiler()) is None:
             status = "off (no C compiler found: set CC or install gcc/clang)"
         else:

@@ -12,7 +12,7 @@ outside CUDA-graph capture; during
 capture an untuned shape takes the default config. Correctness is tested against ``F.linear`` on CPU
 with Triton's interpreter (``TRITON_INTERPRET=1``) and on CUDA where present.
 
-:func:`gemv` is the custom op ``torch.ops.efficientml.triton_gemv`` so a ``torch.compile``-d decode
+:func:`gemv` is also the op ``torch.ops.efficientml.triton_gemv`` so a ``torch.compile``-d decode
 step calls it as one opaque kernel.
 """
 

@@ -181,7 +181,7 @@ def test_small_batch_decoding_runs_on_the_kernel(monkeypatch):
 
 @needs_cc
 def test_compiled_decode_on_gemv_matches_eager():
-    """The kernel as a custom op inside the torch.compile-d CPU decode step: same greedy tokens as the
+    """The kernel as an op inside the torch.compile-d CPU decode step: same greedy tokens as the
     plain eager path."""
     from efficientml.llm.generate import SamplingConfig, generate
     from efficientml.llm.kv_cache import StaticKVCache
