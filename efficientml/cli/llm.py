@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(q)
     q.add_argument("prompt", nargs="+", help="the prompt text; several prompts run as one left-padded batch")
     q.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    q.add_argument("--logprobs", action="store_true",
+                   help="with --json: each new token's id, text and log-probability under the model")
     sampling(q, 128)
     add_json_flag(q)
     q.set_defaults(func=run_generate)
@@ -183,13 +185,17 @@ def run_generate(args: argparse.Namespace) -> int:
                     sys.stdout.write(pieces[-1])
                     sys.stdout.flush()
 
-    res = generate(model, rows if len(rows) > 1 else rows[0], cfg, on_token=on_token, tokenizer=tok)
+    res = generate(model, rows if len(rows) > 1 else rows[0], cfg, on_token=on_token, tokenizer=tok,
+                   return_logprobs=args.logprobs)
     for _, stop, pieces in outs:
         pieces.append(stop.flush())
     if live:
         sys.stdout.write(outs[0][2][-1])
     done = [{"prompt": p, "completion": "".join(pieces), "prompt_tokens": n, "new_tokens": len(r)}
             for p, (_, _, pieces), r, n in zip(args.prompt, outs, res.tokens, res.prompt_lengths)]
+    if res.logprobs is not None:
+        for d, r, lps in zip(done, res.tokens, res.logprobs):
+            d["tokens"] = [{"id": t, "text": tok.decode([t]), "logprob": lp} for t, lp in zip(r, lps)]
     if args.json:
         speed = {"ttft_s": res.ttft_s, "decode_tok_s": res.decode_tok_s}
         print_json({**done[0], **speed} if len(done) == 1 else {"results": done, "batch": len(done), **speed})

@@ -52,6 +52,11 @@ def test_generate_json(reuse_model, capsys):
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert "Paris" in out["completion"] and out["new_tokens"] == 3
+    assert main(["llm", "generate", "smollm2-135m", "The capital of France is", "--max-new-tokens", "3",
+                 "--json", "--logprobs"]) == 0
+    toks = json.loads(capsys.readouterr().out)["tokens"]
+    assert len(toks) == 3 and "".join(t["text"] for t in toks) == out["completion"]
+    assert all(t["logprob"] <= 0 for t in toks) and toks[0]["text"].strip() == "Paris"
 
 
 def test_generate_batch_of_prompts(reuse_model, capsys):
