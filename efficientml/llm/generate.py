@@ -21,6 +21,7 @@ less likely than min_p × the most likely one's probability), then a multinomial
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -205,7 +206,9 @@ def _as_batch(prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, de
     else:
         if attention_mask is not None:
             raise ConfigError("attention_mask goes with a tensor prompt; lists of ids are padded here")
-        rows = [list(prompt)] if len(prompt) == 0 or isinstance(prompt[0], int) else [list(r) for r in prompt]
+        first = prompt[0] if len(prompt) else 0  # one row of ids (int, numpy int, 0-d tensor), or rows of them
+        one = isinstance(first, numbers.Integral) or (isinstance(first, torch.Tensor) and first.dim() == 0)
+        rows = [[int(t) for t in prompt]] if one else [[int(t) for t in r] for r in prompt]
         if any(len(r) == 0 for r in rows):
             raise ShapeError("a prompt is empty; give at least one token per row")
         T = max(len(r) for r in rows)

@@ -125,6 +125,10 @@ def test_padding_must_be_on_the_left(smollm2):
         generate(model, ids, SamplingConfig(max_new_tokens=2), attention_mask=torch.ones(2, 3))
     with pytest.raises(ShapeError, match="empty"):
         generate(model, [[5, 6], []], SamplingConfig(max_new_tokens=2))
+    np = pytest.importorskip("numpy")  # ids as numpy integers: one row, or rows
+    one = generate(model, np.array([5, 6, 7]), SamplingConfig(max_new_tokens=2)).tokens
+    assert one == generate(model, [5, 6, 7], SamplingConfig(max_new_tokens=2)).tokens
+    assert generate(model, [np.array([5, 6, 7]), [8]], SamplingConfig(max_new_tokens=2)).tokens[0] == one[0]
 
 
 def test_stop_text_holds_back_prefixes_and_cuts_at_the_first_stop():
