@@ -73,9 +73,9 @@ def read_bandwidth_gbs(device: str = "cpu", mb: int = 512, reps: int = 7) -> dic
 @torch.inference_mode()
 def gemv_chain(model, reps: int = 15, rows: int = 1) -> dict:
     """One decode step's matrix-vector products alone (the model's own weights, ``rows`` fp32 input
-    rows each: the batch), three ways: the cpu_gemv kernel on (out, in) weights, F.linear on (out, in) weights (MKL, the
-    default layout) and F.linear on (in, out)-contiguous weights (MKL, decode_layout). GB/s = weight
-    bytes ÷ median time."""
+    rows each: the batch), three ways: the cpu_gemv kernel on (out, in) weights, F.linear on (out, in)
+    weights (MKL, the default layout) and F.linear on (in, out)-contiguous weights (MKL,
+    decode_layout). GB/s = weight bytes ÷ median time."""
     import torch.nn.functional as F
 
     from efficientml.llm import cpu_gemv
@@ -374,12 +374,14 @@ def part_decode_batch(rec: BenchmarkRecord, quick: bool, new_tokens: int = 64, r
                 same = all(a == b[:len(a)] for a, b in zip(mine, o[:, T:].tolist()))
         log(f"batch decode rep {r + 1}/{reps}: ours {times['ours'][N][-1]:.2f} s, "
             f"transformers {times['transformers'][N][-1]:.2f} s for {N} tokens × {B} rows")
-    res: dict = {"commit": git_commit(), "batch": B, "prompt_tokens": [len(r) for r in rows], "padded_to": T,
-                 "new_tokens": N, "dtype": "float32", "threads": torch.get_num_threads(), "repeats": reps,
-                 "greedy_tokens_identical": same,
-                 "tokens_compared": "each row up to its first EOS (transformers' min_new_tokens masks EOS, so "
-                                    "its rows go on with the runner-up there; both run N steps)", "ours_decode_path": path, "cpu_gemv": cpu_gemv.status(),
-                 "ours_compile_s": compile_s}
+    res: dict = {
+        "commit": git_commit(), "batch": B, "prompt_tokens": [len(r) for r in rows], "padded_to": T,
+        "new_tokens": N, "dtype": "float32", "threads": torch.get_num_threads(), "repeats": reps,
+        "greedy_tokens_identical": same,
+        "tokens_compared": "each row up to its first EOS (transformers' min_new_tokens masks EOS, so its rows "
+                           "go on with the runner-up there; both run N steps)",
+        "ours_decode_path": path, "cpu_gemv": cpu_gemv.status(), "ours_compile_s": compile_s,
+    }
     for who, d in times.items():
         t1, tn = statistics.median(d[1]), statistics.median(d[N])
         per_row = (N - 1) / (tn - t1)

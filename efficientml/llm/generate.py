@@ -288,13 +288,15 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     step = None
     if use_graph and max_new > 1:  # captured once per cache: reuse the cache (reset()) to reuse the graph
         step = getattr(cache, "_graph_step", None)
-        if step is None or step.ids.shape[0] != B or step.model is not model or step.key_mask is not cache.key_mask:
+        if step is None or step.ids.shape[0] != B or step.model is not model \
+                or step.key_mask is not cache.key_mask:
             step = _GraphStep(model, cache, B, use_compile)
             cache._graph_step = step  # type: ignore[attr-defined]
     elif use_compile and dev.type == "cpu" and isinstance(cache, StaticKVCache) and cache.static_shapes \
             and max_new > 1:  # compiled once per cache: reuse the cache (reset()) to reuse it
         step = getattr(cache, "_compiled_step", None)
-        if step is None or step.batch != B or step.model is not model or step.key_mask is not cache.key_mask:
+        if step is None or step.batch != B or step.model is not model \
+                or step.key_mask is not cache.key_mask:
             step = _CompiledStep(model, cache, B)
             cache._compiled_step = step  # type: ignore[attr-defined]
 

@@ -30,9 +30,11 @@ the linears to efficientml's matrix-vector kernels (:func:`prepare_cpu_decode` p
     y = block(x, rope, attn_mask=mask, cache=None)
 
 ``attn_mask`` is None (plain causal), or a bool ``(T, S)`` / float ``(n_heads, T, S)`` tensor
-broadcast over the batch, or ``(B, 1|n_heads, T, S)`` per row (padding) (True / finite = may attend); ``model.model.attention_mask(...)`` builds it
-for sliding windows and ALiBi. ``cache`` is a :class:`~efficientml.llm.kv_cache.KVCache`; with a cache
-the block appends its keys/values and attends to all cached ones.
+broadcast over the batch, or ``(B, 1|n_heads, T, S)`` per row (left padding) (True / finite = may
+attend); ``model.model.attention_mask(...)`` builds it for sliding windows and ALiBi, and
+``model.model.with_padding(...)`` adds a row's padding. ``cache`` is a
+:class:`~efficientml.llm.kv_cache.KVCache`; with a cache the block appends its keys/values and
+attends to all cached ones.
 
 Attention goes through ``F.scaled_dot_product_attention``; RoPE is rotate-half (HF layout; llama.cpp's
 interleaved Q/K rows are un-permuted at load time).
@@ -323,10 +325,10 @@ def use_cpu_gemv(model: nn.Module, enable: bool = True) -> bool:
     """Run every plain ``nn.Linear`` of ``model`` (and the packed q/k/v, gate/up) on the CPU
     matrix-vector kernel (:mod:`efficientml.llm.cpu_gemv`) whenever its input is 1 to
     ``cpu_gemv.MAX_ROWS`` fp32 rows — decoding at batch 1 or a small batch — and through
-    ``F.linear`` otherwise. Builds the kernel on first use; returns
-    False (and changes nothing) when it is off, ``cpu_gemv.status()`` says why. Weights keep
-    nn.Linear's (out, in) layout; a weight that is not contiguous (see :func:`decode_layout`) or
-    not fp32, and a module that was swapped or has hooks, runs as before. ``enable=False`` undoes it."""
+    ``F.linear`` otherwise. Builds the kernel on first use; returns False (and changes nothing)
+    when it is off, ``cpu_gemv.status()`` says why. Weights keep nn.Linear's (out, in) layout; a
+    weight that is not contiguous (see :func:`decode_layout`) or not fp32, and a module that was
+    swapped or has hooks, runs as before. ``enable=False`` undoes it."""
     if enable and not cpu_gemv.available():
         return False
     _mark(model, "cpu_gemv", enable)

@@ -170,7 +170,8 @@ def test_logprobs_are_the_models_own(smollm2, hf_smollm2):
     logits over prompt + output at that position, also when sampling warps the draw."""
     model, tok = smollm2
     ids = tok.encode(PROMPT)
-    for cfg in (SamplingConfig(max_new_tokens=8), SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=5, seed=0)):
+    for cfg in (SamplingConfig(max_new_tokens=8),
+                SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=5, seed=0)):
         out = generate(model, ids, cfg, return_logprobs=True)
         seq = torch.tensor([ids + out.tokens[0]])
         with torch.no_grad():
@@ -247,7 +248,8 @@ def test_cuda_graph_decode_matches_eager():
     rows = [prompt, prompt[5:]]  # left-padded: the graph reads the cache's padding mask
     padded = generate(m, rows, SamplingConfig(max_new_tokens=16), cuda_graph=False)
     cache = m.new_cache(2, 64, static_shapes=True)
-    assert generate(m, rows, SamplingConfig(max_new_tokens=16), cache=cache, cuda_graph=True).tokens == padded.tokens
+    graphed = generate(m, rows, SamplingConfig(max_new_tokens=16), cache=cache, cuda_graph=True)
+    assert graphed.tokens == padded.tokens
     assert padded.tokens[0] == eager.tokens[0]
 
 

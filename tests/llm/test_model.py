@@ -74,7 +74,8 @@ def test_left_padding_is_invisible(name):
     cfg = CONFIGS[name]
     m = make(cfg)
     g = torch.Generator().manual_seed(1)
-    a, b = torch.randint(0, cfg.vocab_size, (1, 12), generator=g), torch.randint(0, cfg.vocab_size, (1, 17), generator=g)
+    a = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)
+    b = torch.randint(0, cfg.vocab_size, (1, 17), generator=g)
     nxt = torch.randint(0, cfg.vocab_size, (2, 3), generator=g)
     ids = torch.cat([torch.cat([torch.full((1, 5), 7), a], 1), b])  # (2, 17): row 0 padded by 5
     mask = torch.ones(2, 17, dtype=torch.long)
