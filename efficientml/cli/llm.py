@@ -77,9 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sampling(q, 256)
     q.set_defaults(func=run_chat)
 
-    q = s.add_parser("convert", help="save as a Hugging Face folder (config.json, safetensors, tokenizer)")
+    q = s.add_parser("convert", help="save as a Hugging Face folder (config.json, safetensors, tokenizer) "
+                                      "or as a GGUF file for llama.cpp")
     common(q)
-    q.add_argument("output", help="output folder (written atomically)")
+    q.add_argument("output", help="output folder, or a .gguf file (written atomically)")
+    q.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                   help="GGUF: the matrices' type (norms stay f32); default f16")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=run_convert)
 
@@ -252,6 +255,12 @@ def run_convert(args: argparse.Namespace) -> int:
     from efficientml.llm.load import save_hf
 
     model, tok = _load(args)
+    if str(args.output).lower().endswith(".gguf"):
+        from efficientml.llm.gguf_write import save_gguf
+
+        out = save_gguf(model, tok, args.output, outtype=args.outtype, overwrite=args.overwrite)
+        print(f"saved {out} (GGUF, {args.outtype}, {out.stat().st_size / 1e6:.1f} MB)")
+        return 0
     out = save_hf(model, tok, args.output, overwrite=args.overwrite)
     print(f"saved {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
     return 0

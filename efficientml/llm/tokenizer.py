@@ -105,6 +105,9 @@ class Tokenizer:
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._template = None
+        # a SentencePiece tokenizer read from GGUF keeps its piece scores (writing GGUF needs them)
+        self.gguf_scores: list[float] | None = None
+        self.gguf_add_space_prefix = True
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -168,9 +171,13 @@ class Tokenizer:
             i = gf.meta.get(key)
             return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-        return cls(backend, name("tokenizer.ggml.bos_token_id"), name("tokenizer.ggml.eos_token_id"),
-                   bool(gf.meta.get("tokenizer.ggml.add_bos_token", model == "llama")),
-                   gf.meta.get("tokenizer.chat_template"), name("tokenizer.ggml.padding_token_id"))
+        tok = cls(backend, name("tokenizer.ggml.bos_token_id"), name("tokenizer.ggml.eos_token_id"),
+                  bool(gf.meta.get("tokenizer.ggml.add_bos_token", model == "llama")),
+                  gf.meta.get("tokenizer.chat_template"), name("tokenizer.ggml.padding_token_id"))
+        if model == "llama":
+            tok.gguf_scores = [float(x) for x in gf.field("tokenizer.ggml.scores")]
+            tok.gguf_add_space_prefix = bool(gf.meta.get("tokenizer.ggml.add_space_prefix", True))
+        return tok
 
     # --- ids --------------------------------------------------------------------------------------
 

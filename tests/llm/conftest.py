@@ -55,3 +55,31 @@ def hf_gguf_tokenizer():
 
     p = resolve_source("smollm2-135m")
     return transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def _write_tokenizer_gguf(path, model: str, tokens, types, pre=None, merges=None, scores=None, bos=None, eos=None):
+    """A GGUF file holding only a tokenizer, written by the gguf package (an independent writer)."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if bos is not None:
+        w.add_bos_token_id(bos)
+        w.add_eos_token_id(eos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture()
+def write_tokenizer_gguf():
+    """``write(path, model, tokens, types, pre=, merges=, scores=, bos=, eos=)``: a tokenizer-only GGUF."""
+    return _write_tokenizer_gguf

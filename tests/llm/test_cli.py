@@ -1,5 +1,5 @@
 """`efficientml llm …`: chat answers the capital question, info and ppl print numbers, convert writes
-a folder transformers reads and refuses to clobber one."""
+a folder transformers reads (or a GGUF file) and refuses to clobber one."""
 
 from __future__ import annotations
 
@@ -112,6 +112,22 @@ def test_convert_refuses_existing(reuse_model, tmp_path, capsys):
     assert main(["llm", "convert", "smollm2-135m", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert list(out.iterdir()) == []
+
+
+def test_convert_to_gguf(reuse_model, smollm2, tmp_path, capsys):
+    """A .gguf output is written as GGUF (Q8_0 here: about half the F16 size) that loads back."""
+    from efficientml.llm.gguf import GGUFFile
+    from efficientml.llm.load import load_gguf
+    from efficientml.llm.tokenizer import Tokenizer
+
+    out = tmp_path / "m.gguf"
+    assert main(["llm", "convert", "smollm2-135m", str(out), "--outtype", "q8_0"]) == 0
+    assert "GGUF, q8_0" in capsys.readouterr().out
+    model, tok = load_gguf(GGUFFile(out)), Tokenizer.from_gguf(GGUFFile(out))  # (load() is stubbed here)
+    assert model.config == smollm2[0].config and tok.encode("Hello, world") == smollm2[1].encode("Hello, world")
+    assert out.stat().st_size < 0.3 * 4 * smollm2[0].config.num_parameters()
+    assert main(["llm", "convert", "smollm2-135m", str(out)]) == 2  # exists: refused, not replaced
+    assert "exists" in capsys.readouterr().err
 
 
 def test_unknown_model_message(capsys):

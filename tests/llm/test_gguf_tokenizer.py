@@ -22,26 +22,6 @@ def text() -> str:
     return resolve("text/wikitext-2-raw-test.raw").read_text(encoding="utf-8")[:40_000] + TRICKY
 
 
-def _write(path, model: str, tokens, types, pre=None, merges=None, scores=None, bos=None, eos=None):
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model(model)
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    if merges is not None:
-        w.add_token_merges(merges)
-    if scores is not None:
-        w.add_token_scores(scores)
-    if bos is not None:
-        w.add_bos_token_id(bos)
-        w.add_eos_token_id(eos)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def _pair(path):
     from efficientml.llm.gguf import GGUFFile
     from efficientml.llm.tokenizer import Tokenizer
@@ -64,10 +44,10 @@ def smollm2_vocab():
 
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "tekken", "gpt-2"])
-def test_byte_level_pre_tokenizers_match_transformers(tmp_path, smollm2_vocab, text, pre):
+def test_byte_level_pre_tokenizers_match_transformers(tmp_path, smollm2_vocab, text, pre, write_tokenizer_gguf):
     tokens, merges, types = smollm2_vocab
     path = tmp_path / f"{pre}.gguf"
-    _write(path, "gpt2", tokens, types, pre=pre, merges=merges)
+    write_tokenizer_gguf(path, "gpt2", tokens, types, pre=pre, merges=merges)
     ours, theirs = _pair(path)
     a = ours.encode(text, add_bos=False)
     b = theirs(text, add_special_tokens=False).input_ids
@@ -80,13 +60,13 @@ def test_byte_level_pre_tokenizers_match_transformers(tmp_path, smollm2_vocab, t
                       "gpt-2": ["\u012012345"]}[pre]
 
 
-def test_unknown_pre_tokenizer_is_refused(tmp_path, smollm2_vocab):
+def test_unknown_pre_tokenizer_is_refused(tmp_path, smollm2_vocab, write_tokenizer_gguf):
     from efficientml.llm.gguf import GGUFFile
     from efficientml.llm.tokenizer import Tokenizer
 
     tokens, merges, types = smollm2_vocab
     path = tmp_path / "odd.gguf"
-    _write(path, "gpt2", tokens, types, pre="some-new-model", merges=merges)
+    write_tokenizer_gguf(path, "gpt2", tokens, types, pre="some-new-model", merges=merges)
     with pytest.raises(UnsupportedError, match="pre-tokenizer 'some-new-model' is not known"):
         Tokenizer.from_gguf(GGUFFile(path))
 
@@ -110,10 +90,10 @@ def spm_vocab(text):
     return tokens, types, scores
 
 
-def test_sentencepiece_bpe_matches_transformers(tmp_path, spm_vocab, text):
+def test_sentencepiece_bpe_matches_transformers(tmp_path, spm_vocab, text, write_tokenizer_gguf):
     tokens, types, scores = spm_vocab
     path = tmp_path / "spm.gguf"
-    _write(path, "llama", tokens, types, scores=scores, bos=1, eos=2)
+    write_tokenizer_gguf(path, "llama", tokens, types, scores=scores, bos=1, eos=2)
     ours, theirs = _pair(path)
     a = ours.encode(text)
     b = theirs(text).input_ids

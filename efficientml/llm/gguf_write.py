@@ -1,0 +1,334 @@
+"""Write a model as a GGUF file that llama.cpp (and transformers' GGUF loader) can run: the metadata
+llama.cpp's converter writes, the tokenizer, and the weights in F32, F16, BF16 or Q8_0, Q/K rows in
+llama.cpp's interleaved-pair order.
+
+    save_gguf(model, tokenizer, "model.gguf", outtype="q8_0")
+
+What is written, as llama.cpp's ``convert_hf_to_gguf.py`` does:
+
+- ``general.architecture`` ``llama`` (Llama, Mistral without a sliding window, SmolLM), ``qwen2`` or
+  ``qwen3``, and the ``{arch}.*`` shapes: context length, width, blocks, FFN width, heads, KV heads,
+  key/value length, RMSNorm epsilon, RoPE base and dimension, linear RoPE scaling. Llama-3.1-style
+  RoPE scaling becomes the ``rope_freqs.weight`` tensor (one divisor per frequency).
+- Norm weights and biases (1-D tensors) stay F32; matrices take ``outtype``. Q8_0 stores blocks of 32
+  weights as an fp16 scale ``d = max|w| / 127`` and 32 int8 codes ``round(w / d)``; a matrix whose
+  rows are not a multiple of 32 long is written F16 instead.
+- A byte-level BPE tokenizer (``tokenizer.ggml.model`` ``gpt2``): tokens in id order with their types
+  (normal, control for special added tokens, user-defined for other added tokens, unused for
+  padding up to the model's vocabulary), merges, and the ``tokenizer.ggml.pre`` name of its split
+  (GPT-2, SmolLM's digit split, Llama-3, Qwen2 or Tekken regex; another split is refused, since
+  llama.cpp would tokenize differently). A SentencePiece tokenizer that came from a GGUF file is
+  written back with its scores. BOS/EOS/EOT/padding ids, ``add_bos_token`` and the chat template.
+
+Refused with a clear error (not written wrong): sliding-window attention, ALiBi, dynamic-NTK and
+YaRN RoPE scaling, and quantized or otherwise swapped modules. The file is written atomically
+(temporary file + rename), tensors one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
+from efficientml.core.serialization import atomic_path
+from efficientml.llm.config import LlamaConfig
+from efficientml.llm.gguf import _LAYER_NAMES, _TOP_NAMES
+from efficientml.llm.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, _TEKKEN_SPLIT, Tokenizer
+
+OUTTYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # → GGML tensor type
+_FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type (llama_ftype)
+_ALIGN = 32
+# GGUF value types
+_U32, _I32, _F32, _BOOL, _STR, _ARR, _U64 = 4, 5, 6, 7, 8, 9, 10
+
+_GGUF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
+
+
+def gguf_name(hf: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight`` (inverse of gguf.hf_name)."""
+    parts = hf.split(".")
+    if parts[:2] == ["model", "layers"] and len(parts) >= 5:
+        inner = ".".join(parts[3:-1])
+        if inner in _GGUF_LAYER:
+            return f"blk.{parts[2]}.{_GGUF_LAYER[inner]}.{parts[-1]}"
+    top = ".".join(parts[:-1])
+    if top in _GGUF_TOP:
+        return f"{_GGUF_TOP[top]}.{parts[-1]}"
+    raise UnsupportedError(f"weight {hf!r} has no GGUF name (not part of a Llama/Qwen model)")
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rotate-half Q/K rows → llama.cpp's interleaved pairs (x0, x_{h/2}, x1, …) per head; the inverse
+    of :func:`efficientml.llm.gguf.unpermute_rope_rows`."""
+    rows, rest = w.shape[0], w.shape[1:]
+    hd = rows // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
+def quantize_q8_0(w: torch.Tensor) -> np.ndarray:
+    """(rows, cols) float, cols a multiple of 32 → Q8_0 bytes: per block of 32, fp16 d then 32 int8."""
+    x = w.detach().to(torch.float32).reshape(-1, 32)
+    d = x.abs().amax(1, keepdim=True) / 127.0
+    q = torch.where(d > 0, torch.round(x / torch.where(d > 0, d, 1.0)), 0.0).clamp(-127, 127).to(torch.int8)
+    out = np.empty((x.shape[0], 34), dtype=np.uint8)
+    out[:, :2] = d.to(torch.float16).numpy().view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = q.numpy().view(np.uint8)
+    return out.reshape(-1)
+
+
+def _arch(cfg: LlamaConfig) -> str:
+    if cfg.position_embedding != "rope":
+        raise UnsupportedError("ALiBi models have no GGUF form here (llama.cpp's llama/qwen architectures use RoPE)")
+    if cfg.sliding_window is not None:
+        raise UnsupportedError(f"sliding-window attention ({cfg.sliding_window}) is not written: llama.cpp's "
+                               "llama architecture would attend to the whole context")
+    if cfg.rope_type not in ("default", "linear", "llama3"):
+        raise UnsupportedError(f"RoPE scaling {cfg.rope_type!r} is not written to GGUF; default, linear and "
+                               "llama3 are")
+    if cfg.hidden_act != "silu" or cfg.o_bias or cfg.mlp_bias:
+        raise UnsupportedError("only SwiGLU (silu) blocks without output/MLP biases are written to GGUF")
+    if cfg.model_type == "qwen3" or cfg.qk_norm:
+        return "qwen3"
+    if cfg.model_type == "qwen2":
+        return "qwen2"
+    if cfg.attention_bias:
+        raise UnsupportedError("q/k/v biases in a llama-architecture model are not written to GGUF")
+    return "llama"
+
+
+def _pre_name(pre: dict | None) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a tokenizer.json pre-tokenizer; refuse unknown splits."""
+    if pre is None:
+        raise UnsupportedError("the tokenizer has no pre-tokenizer; llama.cpp's byte-level BPE needs one")
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers", [])
+        kinds = [s.get("type") for s in steps]
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+            return "smollm"
+        if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+            regex = steps[0].get("pattern", {}).get("Regex")
+            for name, split in (("llama-bpe", _LLAMA3_SPLIT), ("qwen2", _QWEN2_SPLIT), ("tekken", _TEKKEN_SPLIT)):
+                if regex == split:
+                    return name
+    raise UnsupportedError(f"the tokenizer splits text with {json.dumps(pre)[:200]}, which has no llama.cpp "
+                           "pre-tokenizer name here; known: GPT-2, SmolLM digits, Llama-3, Qwen2, Tekken")
+
+
+def tokenizer_metadata(tok: Tokenizer, vocab_size: int, cfg: LlamaConfig) -> dict[str, Any]:
+    """The ``tokenizer.ggml.*`` keys for ``tok``, padded to the model's ``vocab_size``."""
+    spec = json.loads(tok.backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise UnsupportedError(f"tokenizer model {model.get('type')!r} is not written to GGUF; BPE is")
+    vocab: dict[str, int] = dict(model.get("vocab", {}))
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    for i, a in added.items():
+        vocab.setdefault(a["content"], i)
+    n = max(vocab.values()) + 1
+    if n > vocab_size:
+        raise ConfigError(f"the tokenizer has {n} tokens but the model's vocabulary is {vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [5] * vocab_size  # unused until filled
+    for t, i in vocab.items():
+        tokens[i] = t
+        types[i] = 1
+    for i, a in added.items():
+        types[i] = 3 if a.get("special") else 4
+    meta: dict[str, Any] = {}
+    if model.get("byte_fallback"):  # SentencePiece-style BPE: llama.cpp's "llama" tokenizer, with scores
+        scores = getattr(tok, "gguf_scores", None)
+        if scores is None or len(scores) != n:
+            raise UnsupportedError("a SentencePiece tokenizer is written to GGUF only with its piece scores (a "
+                                   "tokenizer loaded from a GGUF file keeps them); this one came from tokenizer.json")
+        meta["tokenizer.ggml.model"] = "llama"
+        meta["tokenizer.ggml.scores"] = list(scores) + [-1000.0] * (vocab_size - n)
+        for i, t in enumerate(tokens[:n]):
+            if types[i] == 1 and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                types[i] = 6  # byte tokens
+        if model.get("unk_token") in vocab:
+            types[vocab[model["unk_token"]]] = 2
+        meta["tokenizer.ggml.add_space_prefix"] = bool(getattr(tok, "gguf_add_space_prefix", True))
+    else:
+        meta["tokenizer.ggml.model"] = "gpt2"
+        meta["tokenizer.ggml.pre"] = _pre_name(spec.get("pre_tokenizer"))
+        merges = model.get("merges", [])
+        meta["tokenizer.ggml.merges"] = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    meta["tokenizer.ggml.tokens"] = tokens
+    meta["tokenizer.ggml.token_type"] = types
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "padding_token_id": tok.token_id(tok.pad_token)}
+    stops = [i for i in cfg.eos_token_ids if i != tok.eos_id]
+    if ids["eos_token_id"] is None and cfg.eos_token_ids:
+        ids["eos_token_id"], stops = cfg.eos_token_ids[0], cfg.eos_token_ids[1:]
+    if stops:
+        ids["eot_token_id"] = stops[0]
+    if ids["bos_token_id"] is None and cfg.bos_token_id is not None:
+        ids["bos_token_id"] = cfg.bos_token_id
+    for k, v in ids.items():
+        if v is not None:
+            meta[f"tokenizer.ggml.{k}"] = int(v)
+    meta["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos)
+    meta["tokenizer.ggml.add_eos_token"] = False
+    if tok.chat_template:
+        meta["tokenizer.chat_template"] = tok.chat_template
+    return meta
+
+
+def model_metadata(cfg: LlamaConfig, arch: str, outtype: str, name: str) -> dict[str, Any]:
+    hd = cfg.dim_per_head
+    meta: dict[str, Any] = {
+        "general.architecture": arch, "general.name": name, "general.file_type": _FILE_TYPE[outtype],
+        "general.alignment": _ALIGN,
+        f"{arch}.context_length": cfg.max_position_embeddings, f"{arch}.embedding_length": cfg.hidden_size,
+        f"{arch}.block_count": cfg.num_hidden_layers, f"{arch}.feed_forward_length": cfg.intermediate_size,
+        f"{arch}.attention.head_count": cfg.num_attention_heads,
+        f"{arch}.attention.head_count_kv": cfg.num_key_value_heads,
+        f"{arch}.attention.key_length": hd, f"{arch}.attention.value_length": hd,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+        f"{arch}.rope.freq_base": float(cfg.rope_theta), f"{arch}.rope.dimension_count": hd,
+        f"{arch}.vocab_size": cfg.vocab_size,
+    }
+    if cfg.rope_type == "linear":
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])  # type: ignore[index]
+    return meta
+
+
+# --- the container ---------------------------------------------------------------------------------
+
+def _pack_string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _value_type(v: Any) -> int:
+    if isinstance(v, bool):
+        return _BOOL
+    if isinstance(v, int):
+        return _U32 if 0 <= v < 2 ** 32 else _U64 if v >= 0 else _I32
+    if isinstance(v, float):
+        return _F32
+    if isinstance(v, str):
+        return _STR
+    raise ConfigError(f"no GGUF value type for {type(v).__name__}")
+
+
+def _pack_value(v: Any) -> bytes:
+    if isinstance(v, list):
+        if not v:
+            return struct.pack("<II", _ARR, _I32) + struct.pack("<Q", 0)
+        it = _I32 if all(isinstance(x, int) and not isinstance(x, bool) for x in v) else _value_type(v[0])
+        head = struct.pack("<II", _ARR, it) + struct.pack("<Q", len(v))
+        if it == _STR:
+            return head + b"".join(_pack_string(x) for x in v)
+        fmt = {_I32: "<i", _F32: "<f", _BOOL: "<?", _U32: "<I", _U64: "<Q"}[it]
+        return head + np.asarray(v, dtype=np.dtype(fmt)).tobytes()
+    t = _value_type(v)
+    if t == _STR:
+        return struct.pack("<I", t) + _pack_string(v)
+    fmt = {_U32: "<I", _U64: "<Q", _I32: "<i", _F32: "<f", _BOOL: "<?"}[t]
+    return struct.pack("<I", t) + struct.pack(fmt, v)
+
+
+def _tensor_bytes(w: torch.Tensor, ggml_type: int) -> np.ndarray:
+    if ggml_type == 0:
+        return w.detach().to(torch.float32).contiguous().numpy().view(np.uint8).reshape(-1)
+    if ggml_type == 1:
+        return w.detach().to(torch.float16).contiguous().numpy().view(np.uint8).reshape(-1)
+    if ggml_type == 30:
+        return w.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(-1)
+    return quantize_q8_0(w)
+
+
+def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
+    n = int(np.prod(shape))
+    return n * 4 if ggml_type == 0 else n * 2 if ggml_type in (1, 30) else n // 32 * 34
+
+
+_PLAIN_MODULES = {"LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "MLP", "RMSNorm", "Rotary",
+                  "Linear", "Embedding", "ModuleList"}
+
+
+def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, str | torch.Tensor, tuple[int, ...], int]]:
+    """(gguf name, state-dict key or a computed tensor, PyTorch shape, ggml type) for every tensor."""
+    from efficientml.llm.model import rope_inv_freq
+
+    cfg: LlamaConfig = model.config
+    for name, mod in model.named_modules():
+        if type(mod).__name__ not in _PLAIN_MODULES:
+            raise UnsupportedError(f"module {name!r} is a {type(mod).__name__}, not part of a plain Llama model: "
+                                   "write quantized or adapted models with save_hf, or merge/dequantize them first")
+    plan = []
+    if cfg.rope_type == "llama3":
+        from dataclasses import replace
+
+        plain = rope_inv_freq(replace(cfg, rope_scaling=None))[0].double()
+        scaled = rope_inv_freq(cfg)[0].double()
+        plan.append(("rope_freqs.weight", (plain / scaled).float(), (cfg.dim_per_head // 2,), 0))
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        shape = tuple(t.shape)
+        if t.dim() == 1:
+            kind = 0
+        elif outtype == "q8_0" and shape[-1] % 32:
+            kind = 1  # as llama.cpp does: rows that do not fill whole blocks fall back to F16
+        else:
+            kind = OUTTYPES[outtype]
+        plan.append((gguf_name(key), key, shape, kind))
+    return plan
+
+
+def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, outtype: str = "f16",
+              overwrite: bool = False, name: str | None = None) -> Path:
+    """Write ``model`` (+ ``tokenizer``, needed by llama.cpp) as a GGUF v3 file; see the module
+    docstring for what is written and refused. Returns the path."""
+    outtype = outtype.lower()
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"GGUF outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if tokenizer is None:
+        raise ConfigError("a GGUF file carries its tokenizer: pass the tokenizer the model was loaded with")
+    cfg: LlamaConfig = model.config
+    arch = _arch(cfg)
+    meta = model_metadata(cfg, arch, outtype, name or path.stem)
+    meta.update(tokenizer_metadata(tokenizer, cfg.vocab_size, cfg))
+    plan = _plan(model, arch, outtype)
+    state = model.state_dict()
+
+    infos, offset = [], 0
+    for gname, _, shape, kind in plan:
+        dims = tuple(reversed(shape))  # GGUF lists the fastest-varying dimension first
+        infos.append(_pack_string(gname) + struct.pack("<I", len(dims))
+                     + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", kind, offset))
+        offset += -(-_nbytes(shape, kind) // _ALIGN) * _ALIGN
+    header = b"GGUF" + struct.pack("<IQQ", 3, len(plan), len(meta))
+    header += b"".join(_pack_string(k) + _pack_value(v) for k, v in meta.items()) + b"".join(infos)
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header)
+        _pad(f)
+        for gname, src, shape, kind in plan:
+            w = src if isinstance(src, torch.Tensor) else state[src]
+            w = w.detach().to("cpu", torch.float32)
+            if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+                heads = cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads
+                w = permute_rope_rows(w, heads)
+            f.write(_tensor_bytes(w, kind).tobytes())
+            _pad(f)
+    return path
+
+
+def _pad(f: BinaryIO) -> None:
+    f.write(b"\0" * (-f.tell() % _ALIGN))

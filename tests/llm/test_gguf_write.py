@@ -1,0 +1,204 @@
+"""Writing GGUF files: what we write reads back through our loader exactly, through transformers' GGUF
+loader (the gguf package's decoders, its own Q/K un-permutation) to the same tensors, and through
+transformers' GGUF tokenizer conversion to the same token ids; what cannot be written is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
+from efficientml.data.paths import resolve
+from efficientml.llm.config import LlamaConfig
+from efficientml.llm.gguf import GGUFFile
+from efficientml.llm.gguf_write import permute_rope_rows, quantize_q8_0, save_gguf
+from efficientml.llm.load import load, load_gguf
+from efficientml.llm.model import build_model, init_weights
+from efficientml.llm.tokenizer import Tokenizer
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+Q8_BOUND = 0.5 + 127 * 2.0 ** -11  # Q8_0 error in steps d = max|w|/127: half a step + the fp16 rounding of d
+TINY = LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return resolve("text/wikitext-2-raw-test.raw").read_text(encoding="utf-8")[:30_000] + \
+        "It's 2024: 12345 apples — naïve café 東京 🙂 <|im_start|>user\nhi<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def small_tok(text):
+    """A byte-level BPE (GPT-2 split) of ~600 tokens trained here: small enough that files read fast."""
+    tk = pytest.importorskip("tokenizers")
+    bpe = tk.Tokenizer(tk.models.BPE())
+    bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([text], trainer)
+    return Tokenizer(bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                     chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+def tiny(cfg: LlamaConfig = TINY, seed: int = 0):
+    m = build_model(cfg, device="cpu")
+    init_weights(m, std=0.2, seed=seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(".bias"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape) if n.endswith("weight") else 0.1 * torch.randn(p.shape))
+    return m.eval()
+
+
+def transformers_tensors(path, cls=None, cfg_cls=None):
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    hf_cfg = {k: v for k, v in load_gguf_checkpoint(str(path))["config"].items() if k != "model_type"}
+    hf = (cls or transformers.LlamaForCausalLM)((cfg_cls or transformers.LlamaConfig)(**hf_cfg))
+    out = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf)["tensors"]
+    return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in out.items()}
+
+
+def test_smollm2_f32_reads_back_exactly_and_tokenizes_alike_in_transformers(smollm2, tmp_path, text):
+    """The real model: every tensor and the configuration back exactly; transformers' tokenizer from
+    our file gives our ids (its tensors are checked on the small models below)."""
+    model, tok = smollm2
+    path = save_gguf(model, tok, tmp_path / "smollm2.gguf", outtype="f32")
+    again, tok2 = load(path)
+    assert again.config == model.config
+    sd, sd2 = model.state_dict(), again.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert tok2.encode(text) == tok.encode(text) and tok2.chat_template == tok.chat_template
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert hf_tok(text, add_special_tokens=False).input_ids == tok.encode(text)
+    meta = GGUFFile(path).meta
+    assert meta["tokenizer.ggml.pre"] == "smollm" and meta["general.architecture"] == "llama"
+    with pytest.raises(CheckpointError, match="exists"):
+        save_gguf(model, tok, path)
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+def test_outtypes_store_what_they_say(small_tok, tmp_path, outtype, text):
+    """Matrices in the chosen type (norms f32), Q/K rows permuted as llama.cpp's converter does; our
+    reader and transformers' read the same values; Q8_0 is within half a step of each block."""
+    m = tiny()
+    path = save_gguf(m, small_tok, tmp_path / f"t-{outtype}.gguf", outtype=outtype)
+    assert Tokenizer.from_gguf(GGUFFile(path)).encode(text) == small_tok.encode(text)
+    reader = gguf.GGUFReader(str(path))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.ffn_down.weight"] == outtype.upper()
+    q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    q_rows = torch.as_tensor(np.asarray(gguf.quants.dequantize(q.data, q.tensor_type)), dtype=torch.float32)
+    src = m.state_dict()
+    ours = load_gguf(GGUFFile(path)).state_dict()
+    theirs = transformers_tensors(path)
+    for k, w in src.items():
+        assert torch.equal(ours[k], theirs[k]), k
+        if outtype == "f16":
+            assert torch.equal(ours[k], w.half().float()) or w.dim() == 1
+        elif outtype == "bf16":
+            assert torch.equal(ours[k], w.bfloat16().float()) or w.dim() == 1
+        elif w.dim() == 2:
+            step = w.reshape(-1, 32).abs().amax(1, keepdim=True) / 127
+            assert bool(((ours[k] - w).reshape(-1, 32).abs() <= step * Q8_BOUND + 1e-8).all()), k
+    q_ref = permute_rope_rows(ours["model.layers.1.self_attn.q_proj.weight"], TINY.num_attention_heads)
+    assert torch.equal(q_rows.reshape(q_ref.shape), q_ref)  # stored in llama.cpp's row order
+
+
+def test_q8_0_blocks_equal_the_gguf_reference_decoder():
+    w = torch.randn(8, 96) * torch.logspace(-3, 1, 8)[:, None]
+    w[3] = 0  # an all-zero block: scale 0, codes 0
+    raw = quantize_q8_0(w)
+    assert raw.size == 8 * 3 * 34
+    ref = torch.as_tensor(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(8, 96))
+    assert torch.equal(ref[3], torch.zeros(96))
+    step = w.reshape(-1, 32).abs().amax(1, keepdim=True) / 127
+    assert bool(((ref - w).reshape(-1, 32).abs() <= step * Q8_BOUND).all())
+    assert float(((ref - w).reshape(-1, 32).abs() / step.clamp(min=1e-30)).max()) > 0.45  # not looser than needed
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama3-rope", "linear-rope"])
+def test_other_families_read_back_exactly(small_tok, tmp_path, kind):
+    cfg = {"qwen2": dataclasses.replace(TINY, model_type="qwen2", attention_bias=True, tie_word_embeddings=True),
+           "qwen3": dataclasses.replace(TINY, model_type="qwen3", qk_norm=True, head_dim=32),
+           "llama3-rope": dataclasses.replace(TINY, rope_theta=500000.0, rope_scaling={
+               "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}),
+           "linear-rope": dataclasses.replace(TINY, rope_scaling={"rope_type": "linear", "factor": 2.0})}[kind]
+    m = tiny(cfg)
+    path = save_gguf(m, small_tok, tmp_path / f"{kind}.gguf", outtype="f32")
+    back = load_gguf(GGUFFile(path))
+    assert back.config.rope_scaling == cfg.rope_scaling and back.config.model_type == cfg.model_type
+    assert (back.config.attention_bias, back.config.qk_norm, back.config.dim_per_head) == \
+        (cfg.attention_bias, cfg.qk_norm, cfg.dim_per_head)
+    sd = back.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    ids = torch.tensor([[5, 17, 300, 599, 12]])
+    with torch.no_grad():
+        assert torch.equal(back(ids), m(ids))
+    if kind == "qwen2":  # no Q/K permutation for qwen: transformers reads the same tensors
+        theirs = transformers_tensors(path, transformers.Qwen2ForCausalLM, transformers.Qwen2Config)
+        assert all(torch.equal(sd[k], v) for k, v in theirs.items())
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+        ids = small_tok.encode("It's 2024: naïve café 東京 🙂")
+        assert hf_tok("It's 2024: naïve café 東京 🙂", add_special_tokens=False).input_ids == ids
+
+
+def test_sentencepiece_tokenizer_from_gguf_is_written_back(tmp_path, text, write_tokenizer_gguf):
+    """A Llama-2-style SentencePiece vocabulary (scores, byte tokens): ours and transformers' tokenizers
+    from the file we write give the ids the original gives."""
+    tk = pytest.importorskip("tokenizers")
+    bpe = tk.Tokenizer(tk.models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = tk.trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    bpe.train_from_iterator([text[:20_000]], trainer)
+    pieces = [t for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]) if t not in ("<unk>", "<s>", "</s>")]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    src = tmp_path / "spm.gguf"
+    write_tokenizer_gguf(src, "llama", tokens, types, scores=scores, bos=1, eos=2)
+    tok = Tokenizer.from_gguf(GGUFFile(src))
+    m = tiny(dataclasses.replace(TINY, vocab_size=len(tokens) + 5))  # padded vocabulary: [PAD] tokens
+    out = save_gguf(m, tok, tmp_path / "out" / "spm-model.gguf")
+    back = Tokenizer.from_gguf(GGUFFile(out))
+    want = tok.encode(text)
+    assert back.encode(text) == want and back.add_bos
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out.parent), gguf_file=out.name)
+    assert hf_tok(text).input_ids == want
+    meta = GGUFFile(out).meta
+    assert meta["tokenizer.ggml.token_type"][-5:] == [5] * 5 and meta["tokenizer.ggml.token_type"][3] == 6
+    hf_folder = tmp_path / "hf"  # a SentencePiece tokenizer read from tokenizer.json has no scores
+    hf_folder.mkdir()
+    tok.save(hf_folder)
+    with pytest.raises(UnsupportedError, match="scores"):
+        save_gguf(m, Tokenizer.from_folder(hf_folder), tmp_path / "x.gguf")
+
+
+def test_what_cannot_be_written_is_refused(small_tok, tmp_path):
+    tok = small_tok
+    for cfg, match in ((dataclasses.replace(TINY, sliding_window=8), "sliding-window"),
+                       (dataclasses.replace(TINY, position_embedding="alibi"), "ALiBi"),
+                       (dataclasses.replace(TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic")):
+        with pytest.raises(UnsupportedError, match=match):
+            save_gguf(tiny(cfg), tok, tmp_path / "x.gguf")
+    m = tiny()
+    with pytest.raises(ConfigError, match="outtype"):
+        save_gguf(m, tok, tmp_path / "x.gguf", outtype="q4_k")
+    with pytest.raises(ConfigError, match="tokenizer"):
+        save_gguf(m, None, tmp_path / "x.gguf")
+    from efficientml.llm.compress import RTNConfig, quantize  # a quantized module is not silently dequantized
+
+    q = tiny()
+    quantize(q, RTNConfig(w_bits=4, group_size=32))
+    with pytest.raises(UnsupportedError, match="not part of a plain Llama model"):
+        save_gguf(q, tok, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))  # nothing half-written
