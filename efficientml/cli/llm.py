@@ -81,8 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "or as a GGUF file for llama.cpp")
     common(q)
     q.add_argument("output", help="output folder, or a .gguf file (written atomically)")
-    q.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
-                   help="GGUF: the matrices' type (norms stay f32); default f16")
+    q.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"], default="f16",
+                   help="GGUF: the matrices' type (norms stay f32; embeddings q8_0 under q4_*); default f16")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=run_convert)
 

@@ -1,6 +1,6 @@
 """Write a model as a GGUF file that llama.cpp (and transformers' GGUF loader) can run: the metadata
-llama.cpp's converter writes, the tokenizer, and the weights in F32, F16, BF16 or Q8_0, Q/K rows in
-llama.cpp's interleaved-pair order.
+llama.cpp's converter writes, the tokenizer, and the weights in F32, F16, BF16, Q8_0, Q4_0 or Q4_1,
+Q/K rows in llama.cpp's interleaved-pair order.
 
     save_gguf(model, tokenizer, "model.gguf", outtype="q8_0")
 
@@ -10,9 +10,13 @@ What is written, as llama.cpp's ``convert_hf_to_gguf.py`` does:
   ``qwen3``, and the ``{arch}.*`` shapes: context length, width, blocks, FFN width, heads, KV heads,
   key/value length, RMSNorm epsilon, RoPE base and dimension, linear RoPE scaling. Llama-3.1-style
   RoPE scaling becomes the ``rope_freqs.weight`` tensor (one divisor per frequency).
-- Norm weights and biases (1-D tensors) stay F32; matrices take ``outtype``. Q8_0 stores blocks of 32
-  weights as an fp16 scale ``d = max|w| / 127`` and 32 int8 codes ``round(w / d)``; a matrix whose
-  rows are not a multiple of 32 long is written F16 instead.
+- Norm weights and biases (1-D tensors) stay F32; matrices take ``outtype``. The block formats encode
+  as ggml's reference quantizers do (byte for byte, tested against the gguf package's): per block of
+  32 weights, Q8_0 an fp16 scale ``d = max|w| / 127`` and int8 codes ``round(w / d)``; Q4_0 ``d`` =
+  (the weight of largest magnitude) / −8 and codes 0…15 around 8; Q4_1 ``d = (max − min) / 15``, the
+  minimum and codes 0…15 (two per byte). With Q4_0/Q4_1 the embedding and output matrices are written
+  Q8_0, as llama.cpp's quantizer keeps them above 4 bits. A matrix whose rows are not a multiple of 32
+  long is written F16.
 - A byte-level BPE tokenizer (``tokenizer.ggml.model`` ``gpt2``): tokens in id order with their types
   (normal, control for special added tokens, user-defined for other added tokens, unused for
   padding up to the model's vocabulary), merges, and the ``tokenizer.ggml.pre`` name of its split
@@ -42,8 +46,9 @@ from efficientml.llm.config import LlamaConfig
 from efficientml.llm.gguf import _LAYER_NAMES, _TOP_NAMES
 from efficientml.llm.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, _TEKKEN_SPLIT, Tokenizer
 
-OUTTYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # → GGML tensor type
-_FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type (llama_ftype)
+OUTTYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3}  # → GGML tensor type
+_FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32, "q4_0": 2, "q4_1": 3}  # general.file_type (llama_ftype)
+_BLOCK_BYTES = {8: 34, 2: 18, 3: 20}  # bytes per block of 32 weights
 _ALIGN = 32
 # GGUF value types
 _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64 = 4, 5, 6, 7, 8, 9, 10
@@ -73,15 +78,50 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, hd // 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
+def _blocks(w: torch.Tensor) -> np.ndarray:
+    return w.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1, 32)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """(blocks, 32) codes 0…15 → (blocks, 16) bytes: weight j in the low nibble, j + 16 in the high."""
+    q = q.astype(np.uint8)
+    return q[:, :16] | (q[:, 16:] << np.uint8(4))
+
+
 def quantize_q8_0(w: torch.Tensor) -> np.ndarray:
     """(rows, cols) float, cols a multiple of 32 → Q8_0 bytes: per block of 32, fp16 d then 32 int8."""
-    x = w.detach().to(torch.float32).reshape(-1, 32)
-    d = x.abs().amax(1, keepdim=True) / 127.0
-    q = torch.where(d > 0, torch.round(x / torch.where(d > 0, d, 1.0)), 0.0).clamp(-127, 127).to(torch.int8)
-    out = np.empty((x.shape[0], 34), dtype=np.uint8)
-    out[:, :2] = d.to(torch.float16).numpy().view(np.uint8).reshape(-1, 2)
-    out[:, 2:] = q.numpy().view(np.uint8)
-    return out.reshape(-1)
+    x = _blocks(w)
+    d = (np.abs(x).max(1, keepdims=True) / np.float32(127)).astype(np.float32)
+    v = x * _inverse(d)
+    q = np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))  # C roundf: halves away from zero
+    return np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], 1).reshape(-1)
+
+
+def quantize_q4_0(w: torch.Tensor) -> np.ndarray:
+    """Q4_0: per block of 32, fp16 d = (the weight of largest magnitude) / −8, codes ⌊w/d + 8.5⌋ ≤ 15."""
+    x = _blocks(w)
+    peak = np.take_along_axis(x, np.abs(x).argmax(1)[:, None], 1)  # signed
+    d = (peak / np.float32(-8)).astype(np.float32)
+    q = np.minimum(np.trunc(x * _inverse(d) + np.float32(8.5)), 15)
+    return np.concatenate([_f16_bytes(d), _nibbles(q)], 1).reshape(-1)
+
+
+def quantize_q4_1(w: torch.Tensor) -> np.ndarray:
+    """Q4_1: per block of 32, fp16 d = (max − min) / 15, fp16 min, codes ⌊(w − min)/d + 0.5⌋ ≤ 15."""
+    x = _blocks(w)
+    lo, hi = x.min(1, keepdims=True), x.max(1, keepdims=True)
+    d = ((hi - lo) / np.float32(15)).astype(np.float32)
+    q = np.minimum(np.trunc((x - lo) * _inverse(d) + np.float32(0.5)), 15)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _nibbles(q)], 1).reshape(-1)
 
 
 def _arch(cfg: LlamaConfig) -> str:
@@ -246,12 +286,12 @@ def _tensor_bytes(w: torch.Tensor, ggml_type: int) -> np.ndarray:
         return w.detach().to(torch.float16).contiguous().numpy().view(np.uint8).reshape(-1)
     if ggml_type == 30:
         return w.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(-1)
-    return quantize_q8_0(w)
+    return {8: quantize_q8_0, 2: quantize_q4_0, 3: quantize_q4_1}[ggml_type](w)
 
 
 def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
     n = int(np.prod(shape))
-    return n * 4 if ggml_type == 0 else n * 2 if ggml_type in (1, 30) else n // 32 * 34
+    return n * 4 if ggml_type == 0 else n * 2 if ggml_type in (1, 30) else n // 32 * _BLOCK_BYTES[ggml_type]
 
 
 _PLAIN_MODULES = {"LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "MLP", "RMSNorm", "Rotary",
@@ -278,12 +318,13 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, str | to
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         shape = tuple(t.shape)
+        kind = OUTTYPES[outtype]
         if t.dim() == 1:
             kind = 0
-        elif outtype == "q8_0" and shape[-1] % 32:
+        elif kind in _BLOCK_BYTES and shape[-1] % 32:
             kind = 1  # as llama.cpp does: rows that do not fill whole blocks fall back to F16
-        else:
-            kind = OUTTYPES[outtype]
+        elif kind in (2, 3) and key in ("model.embed_tokens.weight", "lm_head.weight"):
+            kind = 8  # embeddings and output above 4 bits, as llama.cpp's quantizer keeps them
         plan.append((gguf_name(key), key, shape, kind))
     return plan
 

@@ -14,7 +14,8 @@ from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedErr
 from efficientml.data.paths import resolve
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.gguf import GGUFFile
-from efficientml.llm.gguf_write import permute_rope_rows, quantize_q8_0, save_gguf
+from efficientml.llm.gguf_write import (gguf_name, permute_rope_rows, quantize_q4_0, quantize_q4_1,
+                                           quantize_q8_0, save_gguf)
 from efficientml.llm.load import load, load_gguf
 from efficientml.llm.model import build_model, init_weights
 from efficientml.llm.tokenizer import Tokenizer
@@ -85,44 +86,65 @@ def test_smollm2_f32_reads_back_exactly_and_tokenizes_alike_in_transformers(smol
         save_gguf(model, tok, path)
 
 
-@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1"])
 def test_outtypes_store_what_they_say(small_tok, tmp_path, outtype, text):
-    """Matrices in the chosen type (norms f32), Q/K rows permuted as llama.cpp's converter does; our
-    reader and transformers' read the same values; Q8_0 is within half a step of each block."""
+    """Matrices in the chosen type (norms f32; embeddings Q8_0 under the 4-bit types), Q/K rows in
+    llama.cpp's order; our reader and transformers' read exactly the cast / reference-quantized
+    values of the source weights."""
     m = tiny()
     path = save_gguf(m, small_tok, tmp_path / f"t-{outtype}.gguf", outtype=outtype)
     assert Tokenizer.from_gguf(GGUFFile(path)).encode(text) == small_tok.encode(text)
     reader = gguf.GGUFReader(str(path))
-    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.ffn_down.weight"] == outtype.upper()
+    kinds = {t.name: t.tensor_type for t in reader.tensors}
+    assert kinds["blk.0.attn_norm.weight"].name == "F32" and kinds["blk.0.ffn_down.weight"].name == outtype.upper()
+    assert kinds["token_embd.weight"].name == ("Q8_0" if outtype.startswith("q4") else outtype.upper())
     q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
     q_rows = torch.as_tensor(np.asarray(gguf.quants.dequantize(q.data, q.tensor_type)), dtype=torch.float32)
-    src = m.state_dict()
     ours = load_gguf(GGUFFile(path)).state_dict()
     theirs = transformers_tensors(path)
-    for k, w in src.items():
+    for k, w in m.state_dict().items():
         assert torch.equal(ours[k], theirs[k]), k
-        if outtype == "f16":
-            assert torch.equal(ours[k], w.half().float()) or w.dim() == 1
-        elif outtype == "bf16":
-            assert torch.equal(ours[k], w.bfloat16().float()) or w.dim() == 1
-        elif w.dim() == 2:
-            step = w.reshape(-1, 32).abs().amax(1, keepdim=True) / 127
-            assert bool(((ours[k] - w).reshape(-1, 32).abs() <= step * Q8_BOUND + 1e-8).all()), k
+        kind = kinds[gguf_name(k)]
+        if kind.name in ("F32", "F16", "BF16"):
+            want = w.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind.name]).float()
+        else:  # blocks lie within rows, so quantizing before or after the Q/K row permutation is the same
+            want = torch.as_tensor(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), kind), kind))
+        assert torch.equal(ours[k], want.reshape(w.shape)), k
     q_ref = permute_rope_rows(ours["model.layers.1.self_attn.q_proj.weight"], TINY.num_attention_heads)
     assert torch.equal(q_rows.reshape(q_ref.shape), q_ref)  # stored in llama.cpp's row order
 
 
-def test_q8_0_blocks_equal_the_gguf_reference_decoder():
-    w = torch.randn(8, 96) * torch.logspace(-3, 1, 8)[:, None]
-    w[3] = 0  # an all-zero block: scale 0, codes 0
-    raw = quantize_q8_0(w)
-    assert raw.size == 8 * 3 * 34
-    ref = torch.as_tensor(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(8, 96))
-    assert torch.equal(ref[3], torch.zeros(96))
-    step = w.reshape(-1, 32).abs().amax(1, keepdim=True) / 127
-    assert bool(((ref - w).reshape(-1, 32).abs() <= step * Q8_BOUND).all())
-    assert float(((ref - w).reshape(-1, 32).abs() / step.clamp(min=1e-30)).max()) > 0.45  # not looser than needed
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_block_encoders_equal_the_ggml_reference(kind):
+    """Our encoders give the bytes of ggml's reference quantizers (as the gguf package implements
+    them), zero and constant blocks and rounding ties included; Q8_0 stays within its error bound."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * torch.logspace(-4, 2, 64)[:, None]
+    w[5] = 0
+    w[6, :32] = 0.5
+    w[7, :16] = -2.0
+    t = getattr(gguf.GGMLQuantizationType, kind)
+    ours = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q4_1": quantize_q4_1}[kind](w)
+    assert np.array_equal(ours, gguf.quants.quantize(w.numpy(), t).reshape(-1))
+    back = torch.as_tensor(gguf.quants.dequantize(ours, t).reshape(w.shape))
+    assert torch.equal(back[5], torch.zeros(256))
+    if kind == "Q8_0":  # where the fp16 scale is a normal number (tiny scales lose bits as subnormals)
+        step = w.reshape(-1, 32).abs().amax(1, keepdim=True) / 127
+        err = ((back - w).reshape(-1, 32).abs() / step.clamp(min=1e-30))[step[:, 0] >= 2.0 ** -14]
+        assert float(err.max()) <= Q8_BOUND and float(err.max()) > 0.45
+
+
+def test_smollm2_written_as_q4_1_is_llamacpps_file_tensor_for_tensor(smollm2, tmp_path):
+    """SmolLM2's GGUF (written by llama.cpp: Q4_1 blocks, a Q8_0 embedding), loaded to fp32 and written
+    back as q4_1: every one of its 272 tensors has the original file's type and bytes."""
+    from efficientml.llm.load import resolve_source
+
+    path = save_gguf(smollm2[0], smollm2[1], tmp_path / "q4_1.gguf", outtype="q4_1")
+    orig = {t.name: t for t in GGUFFile(resolve_source("smollm2-135m")).infos}
+    ours = {t.name: t for t in GGUFFile(path).infos}
+    assert set(ours) == set(orig) and len(ours) == 272
+    for name, t in orig.items():
+        assert ours[name].kind == t.kind and np.array_equal(ours[name].data, t.data), name
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama3-rope", "linear-rope"])
