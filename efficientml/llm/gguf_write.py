@@ -209,8 +209,8 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int, cfg: LlamaConfig) -> dic
     stops = [i for i in cfg.eos_token_ids if i != tok.eos_id]
     if ids["eos_token_id"] is None and cfg.eos_token_ids:
         ids["eos_token_id"], stops = cfg.eos_token_ids[0], cfg.eos_token_ids[1:]
-    if stops:
-        ids["eot_token_id"] = stops[0]
+    for key, i in zip(("eot_token_id", "eom_token_id"), stops):  # end of turn / of message (Llama-3.1)
+        ids[key] = i
     if ids["bos_token_id"] is None and cfg.bos_token_id is not None:
         ids["bos_token_id"] = cfg.bos_token_id
     for k, v in ids.items():

@@ -91,9 +91,10 @@ def test_outtypes_store_what_they_say(small_tok, tmp_path, outtype, text):
     """Matrices in the chosen type (norms f32; embeddings Q8_0 under the 4-bit types), Q/K rows in
     llama.cpp's order; our reader and transformers' read exactly the cast / reference-quantized
     values of the source weights."""
-    m = tiny()
+    m = tiny(dataclasses.replace(TINY, eos_token_id=[2, 1, 0]))  # EOS, end of turn, end of message
     path = save_gguf(m, small_tok, tmp_path / f"t-{outtype}.gguf", outtype=outtype)
     assert Tokenizer.from_gguf(GGUFFile(path)).encode(text) == small_tok.encode(text)
+    assert GGUFFile(path).config.eos_token_ids == [2, 1, 0]
     reader = gguf.GGUFReader(str(path))
     kinds = {t.name: t.tensor_type for t in reader.tensors}
     assert kinds["blk.0.attn_norm.weight"].name == "F32" and kinds["blk.0.ffn_down.weight"].name == outtype.upper()
