@@ -24,9 +24,14 @@ What is written, as llama.cpp's ``convert_hf_to_gguf.py`` does:
   llama.cpp would tokenize differently). A SentencePiece tokenizer that came from a GGUF file is
   written back with its scores. BOS/EOS/EOT/padding ids, ``add_bos_token`` and the chat template.
 
-Refused with a clear error (not written wrong): sliding-window attention, ALiBi, dynamic-NTK and
-YaRN RoPE scaling, and quantized or otherwise swapped modules. The file is written atomically
-(temporary file + rename), tensors one at a time.
+Quantized linears (:class:`~efficientml.llm.compress.qlinear.QuantLinear`, from RTN / AWQ / GPTQ)
+whose grid is a GGUF block format are written in it *exactly*, whatever ``outtype`` says: symmetric
+4-bit with groups of 32 is Q4_0 (``d`` = the group's fp16 scale, code ``q`` = our code; llama.cpp's
+``d·(q − 8)`` is our ``s·(q − 8)``), symmetric 8-bit with groups of 32 is Q8_0. Other grids
+(asymmetric, other group sizes, 2/3 bits) have no exact GGUF block and are refused rather than
+re-quantized behind the user's back; so are W8A8 and other swapped modules, sliding-window
+attention, ALiBi, and dynamic-NTK and YaRN RoPE scaling. The file is written atomically (temporary
+file + rename), tensors one at a time.
 """
 
 from __future__ import annotations
@@ -298,15 +303,43 @@ _PLAIN_MODULES = {"LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention",
                   "Linear", "Embedding", "ModuleList"}
 
 
-def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, str | torch.Tensor, tuple[int, ...], int]]:
-    """(gguf name, state-dict key or a computed tensor, PyTorch shape, ggml type) for every tensor."""
+def _exact_block_type(mod: nn.Module, name: str) -> int:
+    """The GGUF block type that holds a QuantLinear's grid exactly (Q4_0 / Q8_0), else an error."""
+    spec, g = mod.spec, mod.in_features // mod.weight_scale.shape[1]
+    if spec.symmetric and g == 32 and spec.bits in (4, 8):
+        return 2 if spec.bits == 4 else 8
+    raise UnsupportedError(
+        f"{name} is quantized {spec.bits}-bit {'symmetric' if spec.symmetric else 'asymmetric'} with groups of "
+        f"{g}; GGUF holds exactly only symmetric 4-bit (Q4_0) or 8-bit (Q8_0) groups of 32. Quantize with "
+        "symmetric=True, group_size=32, or write this model with save_hf (compressed-tensors layout)")
+
+
+def _qlinear_bytes(mod: nn.Module, kind: int, heads: int | None) -> np.ndarray:
+    """A QuantLinear's codes and fp16 scales as Q4_0 / Q8_0 blocks (rows permuted for llama Q/K)."""
+    codes, scale = mod.codes(), mod.weight_scale.to(torch.float16)  # (out, in) uint8, (out, G)
+    if heads is not None:
+        codes, scale = permute_rope_rows(codes, heads), permute_rope_rows(scale, heads)
+    u = codes.to("cpu").numpy().reshape(-1, 32)
+    d = scale.to("cpu").numpy().reshape(-1, 1).view(np.uint8).reshape(-1, 2)
+    if kind == 2:
+        return np.concatenate([d, _nibbles(u)], 1).reshape(-1)
+    q = (u.astype(np.int16) - 128).astype(np.int8).view(np.uint8)  # codes 0…255 around 128 → int8
+    return np.concatenate([d, q], 1).reshape(-1)
+
+
+def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tuple[int, ...], int]]:
+    """(gguf name, state-dict key / a computed tensor / a QuantLinear, PyTorch shape, ggml type) for
+    every tensor."""
     from efficientml.llm.model import rope_inv_freq
 
     cfg: LlamaConfig = model.config
+    quantized = {}  # state-dict prefix → (module, exact GGUF block type)
     for name, mod in model.named_modules():
-        if type(mod).__name__ not in _PLAIN_MODULES:
+        if type(mod).__name__ == "QuantLinear":
+            quantized[name] = (mod, _exact_block_type(mod, name))
+        elif type(mod).__name__ not in _PLAIN_MODULES:
             raise UnsupportedError(f"module {name!r} is a {type(mod).__name__}, not part of a plain Llama model: "
-                                   "write quantized or adapted models with save_hf, or merge/dequantize them first")
+                                   "write it with save_hf, or merge/dequantize it first")
     plan = []
     if cfg.rope_type == "llama3":
         from dataclasses import replace
@@ -316,6 +349,14 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, str | to
         plan.append(("rope_freqs.weight", (plain / scaled).float(), (cfg.dim_per_head // 2,), 0))
     for key, t in model.state_dict().items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        prefix, leaf = key.rsplit(".", 1)
+        if prefix in quantized:
+            mod, kind = quantized[prefix]
+            if leaf == "weight_packed":
+                plan.append((gguf_name(f"{prefix}.weight"), mod, (mod.out_features, mod.in_features), kind))
+            elif leaf == "bias":
+                plan.append((gguf_name(key), key, tuple(t.shape), 0))
             continue
         shape = tuple(t.shape)
         kind = OUTTYPES[outtype]
@@ -361,10 +402,16 @@ def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, o
         f.write(header)
         _pad(f)
         for gname, src, shape, kind in plan:
-            w = src if isinstance(src, torch.Tensor) else state[src]
-            w = w.detach().to("cpu", torch.float32)
+            heads = None
             if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
                 heads = cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads
+            if isinstance(src, nn.Module):  # a QuantLinear: its own codes and scales, exactly
+                f.write(_qlinear_bytes(src, kind, heads).tobytes())
+                _pad(f)
+                continue
+            w = src if isinstance(src, torch.Tensor) else state[src]
+            w = w.detach().to("cpu", torch.float32)
+            if heads is not None:
                 w = permute_rope_rows(w, heads)
             f.write(_tensor_bytes(w, kind).tobytes())
             _pad(f)

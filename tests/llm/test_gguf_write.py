@@ -206,6 +206,30 @@ def test_sentencepiece_tokenizer_from_gguf_is_written_back(tmp_path, text, write
         save_gguf(m, Tokenizer.from_folder(hf_folder), tmp_path / "x.gguf")
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_linears_are_written_exactly(small_tok, tmp_path, bits):
+    """RTN/AWQ/GPTQ weights on a symmetric grid with groups of 32 go into Q4_0 / Q8_0 unchanged: the
+    file's weights (read by us and by transformers) are exactly the QuantLinears' dequantized weights."""
+    from efficientml.llm.compress import QuantLinear, RTNConfig, quantize
+
+    m = tiny()
+    quantize(m, RTNConfig(w_bits=bits, group_size=32, symmetric=True))
+    path = save_gguf(m, small_tok, tmp_path / "q.gguf", outtype="f32")
+    kinds = {t.name: t.kind for t in GGUFFile(path).infos}
+    assert kinds["blk.1.attn_q.weight"] == kinds["blk.0.ffn_down.weight"] == ("Q4_0" if bits == 4 else "Q8_0")
+    assert kinds["token_embd.weight"] == "F32"  # not quantized by RTN: written as outtype says
+    back = load_gguf(GGUFFile(path))
+    theirs = transformers_tensors(path)
+    quantized = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, QuantLinear)]
+    assert len(quantized) == 7 * TINY.num_hidden_layers
+    for name, mod in quantized:
+        assert torch.equal(back.get_submodule(name).weight, mod.dequantize()), name
+        assert torch.equal(theirs[f"{name}.weight"], mod.dequantize()), name
+    ids = torch.tensor([[5, 17, 300, 599, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), m(ids), rtol=1e-5, atol=1e-5)
+
+
 def test_what_cannot_be_written_is_refused(small_tok, tmp_path):
     tok = small_tok
     for cfg, match in ((dataclasses.replace(TINY, sliding_window=8), "sliding-window"),
@@ -218,10 +242,16 @@ def test_what_cannot_be_written_is_refused(small_tok, tmp_path):
         save_gguf(m, tok, tmp_path / "x.gguf", outtype="q4_k")
     with pytest.raises(ConfigError, match="tokenizer"):
         save_gguf(m, None, tmp_path / "x.gguf")
-    from efficientml.llm.compress import RTNConfig, quantize  # a quantized module is not silently dequantized
+    from efficientml.llm.compress import RTNConfig, quantize  # not silently re-quantized to another grid
 
+    for spec in (dict(w_bits=4, group_size=32), dict(w_bits=4, group_size=None, symmetric=True),
+                 dict(w_bits=3, group_size=32, symmetric=True)):
+        q = tiny()
+        quantize(q, RTNConfig(**spec))
+        with pytest.raises(UnsupportedError, match="GGUF holds exactly only symmetric 4-bit"):
+            save_gguf(q, tok, tmp_path / "x.gguf")
     q = tiny()
-    quantize(q, RTNConfig(w_bits=4, group_size=32))
+    q.model.layers[0].mlp.down_proj = torch.nn.Sequential(q.model.layers[0].mlp.down_proj)
     with pytest.raises(UnsupportedError, match="not part of a plain Llama model"):
         save_gguf(q, tok, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))  # nothing half-written
