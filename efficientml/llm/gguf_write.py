@@ -131,7 +131,8 @@ def quantize_q4_1(w: torch.Tensor) -> np.ndarray:
 
 def _arch(cfg: LlamaConfig) -> str:
     if cfg.position_embedding != "rope":
-        raise UnsupportedError("ALiBi models have no GGUF form here (llama.cpp's llama/qwen architectures use RoPE)")
+        raise UnsupportedError("ALiBi models have no GGUF form here (llama.cpp's llama and qwen architectures "
+                               "use RoPE)")
     if cfg.sliding_window is not None:
         raise UnsupportedError(f"sliding-window attention ({cfg.sliding_window}) is not written: llama.cpp's "
                                "llama architecture would attend to the whole context")
@@ -158,7 +159,8 @@ def _pre_name(pre: dict | None) -> str:
     if pre.get("type") == "Sequence":
         steps = pre.get("pretokenizers", [])
         kinds = [s.get("type") for s in steps]
-        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
+                and steps[1].get("use_regex", True):
             return "smollm"
         if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
             regex = steps[0].get("pattern", {}).get("Regex")
@@ -194,7 +196,8 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int, cfg: LlamaConfig) -> dic
         scores = getattr(tok, "gguf_scores", None)
         if scores is None or len(scores) != n:
             raise UnsupportedError("a SentencePiece tokenizer is written to GGUF only with its piece scores (a "
-                                   "tokenizer loaded from a GGUF file keeps them); this one came from tokenizer.json")
+                                   "tokenizer loaded from a GGUF file keeps them); this one came from "
+                                   "tokenizer.json")
         meta["tokenizer.ggml.model"] = "llama"
         meta["tokenizer.ggml.scores"] = list(scores) + [-1000.0] * (vocab_size - n)
         for i, t in enumerate(tokens[:n]):

@@ -42,7 +42,8 @@ def small_tok(text):
     bpe = tk.Tokenizer(tk.models.BPE())
     bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     bpe.decoder = tk.decoders.ByteLevel()
-    trainer = tk.trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = tk.trainers.BpeTrainer(vocab_size=600,
+                                     special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator([text], trainer)
     return Tokenizer(bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
@@ -183,7 +184,8 @@ def test_sentencepiece_tokenizer_from_gguf_is_written_back(tmp_path, text, write
     bpe.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     trainer = tk.trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     bpe.train_from_iterator([text[:20_000]], trainer)
-    pieces = [t for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]) if t not in ("<unk>", "<s>", "</s>")]
+    learned = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+    pieces = [t for t, _ in learned if t not in ("<unk>", "<s>", "</s>")]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
@@ -234,7 +236,8 @@ def test_what_cannot_be_written_is_refused(small_tok, tmp_path):
     tok = small_tok
     for cfg, match in ((dataclasses.replace(TINY, sliding_window=8), "sliding-window"),
                        (dataclasses.replace(TINY, position_embedding="alibi"), "ALiBi"),
-                       (dataclasses.replace(TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic")):
+                       (dataclasses.replace(TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+                        "dynamic")):
         with pytest.raises(UnsupportedError, match=match):
             save_gguf(tiny(cfg), tok, tmp_path / "x.gguf")
     m = tiny()
