@@ -168,34 +168,23 @@ def _for_decode(model):
 
 def run_generate(args: argparse.Namespace) -> int:
     from efficientml.llm.generate import generate
-    from efficientml.llm.stop_strings import StopText
 
     model, tok = _load(args)
     model = _for_decode(model)
     texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
     rows = [tok.encode(t) for t in texts]
     stops = tuple(t for t in {tok.eos_id, *model.config.eos_token_ids} if t is not None)
-    cfg = _sampling(args, stops)
-    # per row: text decoded as it streams, cut before a stop string
-    outs = [(tok.stream(), StopText(cfg.stop_strings), []) for _ in rows]
     live = len(rows) == 1 and not args.json  # one prompt streams to the terminal; a batch prints at the end
 
-    def on_token(new: list[int]) -> None:
-        for t, (dec, stop, pieces) in zip(new, outs):
-            if t not in stops and not stop.done:
-                pieces.append(stop.feed(dec.put(t))[0])
-                if live:
-                    sys.stdout.write(pieces[-1])
-                    sys.stdout.flush()
+    def on_text(_: int, piece: str) -> None:
+        if live:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
 
-    res = generate(model, rows if len(rows) > 1 else rows[0], cfg, on_token=on_token, tokenizer=tok,
-                   return_logprobs=args.logprobs)
-    for _, stop, pieces in outs:
-        pieces.append(stop.flush())
-    if live:
-        sys.stdout.write(outs[0][2][-1])
-    done = [{"prompt": p, "completion": "".join(pieces), "prompt_tokens": n, "new_tokens": len(r)}
-            for p, (_, _, pieces), r, n in zip(args.prompt, outs, res.tokens, res.prompt_lengths)]
+    res = generate(model, rows if len(rows) > 1 else rows[0], _sampling(args, stops), tokenizer=tok,
+                   on_text=on_text, return_logprobs=args.logprobs)
+    done = [{"prompt": p, "completion": text, "prompt_tokens": n, "new_tokens": len(r)}
+            for p, text, r, n in zip(args.prompt, res.texts, res.tokens, res.prompt_lengths)]
     if res.logprobs is not None:
         for d, r, lps in zip(done, res.tokens, res.logprobs):
             d["tokens"] = [{"id": t, "text": tok.decode([t]), "logprob": lp} for t, lp in zip(r, lps)]

@@ -14,7 +14,6 @@ from typing import Callable
 from efficientml.core.errors import ShapeError
 from efficientml.llm.generate import GenerationResult, SamplingConfig, generate
 from efficientml.llm.kv_cache import StaticKVCache
-from efficientml.llm.stop_strings import StopText
 
 
 @dataclass
@@ -65,25 +64,10 @@ class ChatSession:
         while p < limit and self.cached[p] == ids[p]:
             p += 1
         self.cache.length = p  # keep the matching prefix, overwrite the rest
-        stream = self.tok.stream(skip_special_tokens=True)
-        stops = set(self.sampling.stop_token_ids)
-        text = StopText(self.sampling.stop_strings)  # holds back what may begin a stop string
-        pieces: list[str] = []
-
-        def show(piece: str) -> None:
-            pieces.append(piece)
-            if on_text is not None and piece:
-                on_text(piece)
-
-        def on_token(new: list[int]) -> None:
-            if new[0] not in stops:
-                show(text.feed(stream.put(new[0]))[0])
-
-        res = generate(self.model, ids[p:], self.sampling, cache=self.cache, on_token=on_token,
-                       tokenizer=self.tok)
-        show(text.flush())
+        res = generate(self.model, ids[p:], self.sampling, cache=self.cache, tokenizer=self.tok,
+                       on_text=None if on_text is None else lambda _, piece: on_text(piece))
         out = res.tokens[0]
         self.cached = ids + out[:-1]  # the last sampled token was never fed to the model
-        answer = "".join(pieces)
+        answer = res.texts[0]
         self.messages.append({"role": "assistant", "content": answer.strip()})
         return Reply(answer, res, len(ids) - p)

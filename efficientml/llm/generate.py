@@ -30,7 +30,7 @@ import torch
 
 from efficientml.core.errors import ConfigError, ShapeError
 from efficientml.llm.kv_cache import KVCache, StaticKVCache
-from efficientml.llm.stop_strings import StopText
+from efficientml.llm.stop_strings import StopText, TextStream
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ class GenerationResult:
     stopped: list[bool] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)  # real tokens per row
     logprobs: list[list[float]] | None = None  # per new token: log p under the model (return_logprobs)
+    texts: list[str] | None = None  # per row, with a tokenizer: the text, stop tokens out, cut at a stop string
 
     @property
     def new_tokens(self) -> int:
@@ -231,7 +232,8 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
              on_token: Callable[[list[int]], None] | None = None,
              cuda_graph: bool | None = None, use_compile: bool = False,
              attention_mask: torch.Tensor | None = None, tokenizer=None,
-             return_logprobs: bool = False) -> GenerationResult:
+             return_logprobs: bool = False,
+             on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
     """Prefill ``prompt`` (token ids: one row, or rows), then decode up to ``config.max_new_tokens``.
     ``on_token`` receives each step's new ids (one per row).
 
@@ -239,9 +241,10 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     padding is masked, so each row continues as it would alone. A (B, T) tensor prompt that is
     already padded comes with ``attention_mask`` (B, T), 1 for real tokens, padding on the left.
 
-    ``config.stop_strings`` needs ``tokenizer`` (rows are decoded to find them; see
-    :mod:`~efficientml.llm.stop_strings`). ``return_logprobs``: each new token's log-probability
-    under the model's own distribution (log-softmax of the logits, before penalty and sampling
+    With ``tokenizer`` each row is decoded as it streams (:class:`~efficientml.llm.stop_strings.
+    TextStream`): ``on_text(row, piece)`` gets the text that may be shown, ``result.texts`` the whole
+    texts; ``config.stop_strings`` need it (rows end where their text completes one).
+    ``return_logprobs``: each new token's log-probability under the model's own distribution (log-softmax of the logits, before penalty and sampling
     warpers, as vLLM reports them), in ``result.logprobs``.
 
     ``cache``: continue an existing cache (multi-turn chat); by default a new one sized for prompt +
@@ -252,11 +255,10 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     dev = next(model.parameters()).device
     ids, real = _as_batch(prompt, dev, attention_mask, model.config.pad_token_id or 0)
     B, T = ids.shape
-    texts = None  # per row: (decoder, stop-string matcher)
-    if config.stop_strings:
-        if tokenizer is None:
-            raise ConfigError("stop_strings are found in decoded text: pass generate(..., tokenizer=tok)")
-        texts = [(tokenizer.stream(), StopText(config.stop_strings)) for _ in range(B)]
+    if tokenizer is None and (config.stop_strings or on_text is not None):
+        raise ConfigError("stop_strings and on_text need the decoded text: pass generate(..., tokenizer=tok)")
+    texts = None if tokenizer is None else \
+        [TextStream(tokenizer, config.stop_strings, config.stop_token_ids) for _ in range(B)]
     ctx = model.config.max_position_embeddings
     if cache is None:
         need = T + config.max_new_tokens
@@ -284,7 +286,7 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     if config.seed is not None:
         gen = torch.Generator(device=dev)
         gen.manual_seed(config.seed)
-    stops = torch.tensor(sorted(set(config.stop_token_ids)), dtype=torch.long, device=dev)
+    stop_ids = set(config.stop_token_ids)
     step = None
     if use_graph and max_new > 1:  # captured once per cache: reuse the cache (reset()) to reuse the graph
         step = getattr(cache, "_graph_step", None)
@@ -324,16 +326,16 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
                     lps[r].append(lp[r])
         if on_token is not None:
             on_token(host)
-        if stops.numel() or texts is not None:
-            for r, t in enumerate(host):
-                if done[r]:
-                    continue
-                done[r] = t in config.stop_token_ids
-                if texts is not None and not done[r]:
-                    dec, stop = texts[r]
-                    done[r] = stop.feed(dec.put(t))[1]
-            if all(done):
-                break
+        for r, t in enumerate(host):
+            if done[r]:
+                continue
+            if texts is not None:
+                piece = texts[r].put(t)
+                if piece and on_text is not None:
+                    on_text(r, piece)
+            done[r] = t in stop_ids or (texts is not None and texts[r].done)
+        if all(done):
+            break
         if i == max_new - 1:
             break
         pos = cache.length
@@ -346,5 +348,10 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
             seen.scatter_(1, tok[:, None], True)
         tok = sample(logits, config, gen, seen)
     t_end = time.perf_counter()
+    for r, stream in enumerate(texts or []):
+        piece = stream.flush()
+        if piece and on_text is not None:
+            on_text(r, piece)
     lengths = [T] * B if real is None else real.sum(1).tolist()
-    return GenerationResult(out, T, t_first - t0, t_end - t_first, done, lengths, lps)
+    return GenerationResult(out, T, t_first - t0, t_end - t_first, done, lengths, lps,
+                            None if texts is None else [s.text for s in texts])

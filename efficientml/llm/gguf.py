@@ -63,6 +63,13 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, hd // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rotate-half Q/K rows → llama.cpp's interleaved pairs, as its converter writes them; the inverse
+    of :func:`unpermute_rope_rows`."""
+    rows, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
 def llama3_scaling(factors: torch.Tensor, cfg: LlamaConfig, where: str) -> dict[str, Any] | None:
     """llama.cpp stores Llama-3.1-style RoPE scaling as one divisor per frequency (``rope_freqs.weight``)
     rather than as parameters; find the llama3 parameters (factor, low/high frequency factors, original

@@ -48,7 +48,7 @@ from torch import nn
 from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
 from efficientml.core.serialization import atomic_path
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.gguf import _LAYER_NAMES, _TOP_NAMES
+from efficientml.llm.gguf import _LAYER_NAMES, _SCALARS, _TOP_NAMES, permute_rope_rows
 from efficientml.llm.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, _TEKKEN_SPLIT, Tokenizer
 
 OUTTYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3}  # → GGML tensor type
@@ -73,14 +73,6 @@ def gguf_name(hf: str) -> str:
     if top in _GGUF_TOP:
         return f"{_GGUF_TOP[top]}.{parts[-1]}"
     raise UnsupportedError(f"weight {hf!r} has no GGUF name (not part of a Llama/Qwen model)")
-
-
-def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rotate-half Q/K rows → llama.cpp's interleaved pairs (x0, x_{h/2}, x1, …) per head; the inverse
-    of :func:`efficientml.llm.gguf.unpermute_rope_rows`."""
-    rows, rest = w.shape[0], w.shape[1:]
-    hd = rows // n_heads
-    return w.reshape(n_heads, 2, hd // 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
 def _blocks(w: torch.Tensor) -> np.ndarray:
@@ -278,13 +270,11 @@ def _pack_value(v: Any) -> bytes:
         head = struct.pack("<II", _ARR, it) + struct.pack("<Q", len(v))
         if it == _STR:
             return head + b"".join(_pack_string(x) for x in v)
-        fmt = {_I32: "<i", _F32: "<f", _BOOL: "<?", _U32: "<I", _U64: "<Q"}[it]
-        return head + np.asarray(v, dtype=np.dtype(fmt)).tobytes()
+        return head + np.asarray(v, dtype=np.dtype(_SCALARS[it].replace("?", "b1"))).tobytes()
     t = _value_type(v)
     if t == _STR:
         return struct.pack("<I", t) + _pack_string(v)
-    fmt = {_U32: "<I", _U64: "<Q", _I32: "<i", _F32: "<f", _BOOL: "<?"}[t]
-    return struct.pack("<I", t) + struct.pack(fmt, v)
+    return struct.pack("<I", t) + struct.pack(_SCALARS[t], v)
 
 
 def _tensor_bytes(w: torch.Tensor, ggml_type: int) -> np.ndarray:

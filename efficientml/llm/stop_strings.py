@@ -11,9 +11,10 @@ character on is dropped (the stop string is not part of the output, as in vLLM):
     shown, done = stop.feed(piece)      # per streamed piece; done: a stop string was completed
     rest = stop.flush()                 # at the end: the held-back tail, if no stop string came
 
-``generate(…, config=SamplingConfig(stop_strings=…), tokenizer=tok)`` ends a row at the token that
-completes a stop string (that token is the row's last); ``StopText`` over the same pieces gives the
-text up to the stop string.
+:class:`TextStream` is one row's text as ``generate(…, tokenizer=tok)`` produces it: token ids
+decoded as they come (an incomplete UTF-8 character held back), stop tokens left out, cut at a stop
+string. ``generate`` ends a row at the token that completes a stop string (that token is the row's
+last), streams each row's shown pieces to ``on_text`` and returns the texts in ``result.texts``.
 """
 
 from __future__ import annotations
@@ -54,3 +55,34 @@ class StopText:
         """The held-back tail (no stop string came); empty after a stop."""
         rest, self.held = self.held, ""
         return rest
+
+
+class TextStream:
+    """One row's generated text: ``put(token_id)`` returns the piece that may be shown now."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), stop_ids: Sequence[int] = ()) -> None:
+        self.decoder = tokenizer.stream(skip_special_tokens=True)
+        self.stop = StopText(stop_strings)
+        self.stop_ids = set(stop_ids)
+        self.pieces: list[str] = []
+
+    @property
+    def done(self) -> bool:  # a stop string was completed
+        return self.stop.done
+
+    def put(self, token_id: int) -> str:
+        if token_id in self.stop_ids or self.stop.done:
+            return ""
+        piece = self.stop.feed(self.decoder.put(token_id))[0]
+        self.pieces.append(piece)
+        return piece
+
+    def flush(self) -> str:
+        """At the end: the held-back tail, if no stop string came."""
+        piece = self.stop.flush()
+        self.pieces.append(piece)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
