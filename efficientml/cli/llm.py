@@ -1,5 +1,5 @@
 """``efficientml llm {info,ppl,generate,chat,convert} MODEL …`` — MODEL is a built-in name
-(``smollm2-135m``), a GGUF file or a Hugging Face folder."""
+(``smollm2-135m``), a GGUF file, a Hugging Face folder or a Hugging Face Hub id (``owner/name``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: (p.print_help(), 0)[1])
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("model", help="smollm2-135m, a .gguf file, or a Hugging Face model folder")
+        q.add_argument("model", help="smollm2-135m, a .gguf file, a Hugging Face model folder, or a Hub id "
+                            "(owner/name[@revision], owner/name/file.gguf)")
         q.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
         q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
         q.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch)")

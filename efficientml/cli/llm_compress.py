@@ -37,7 +37,8 @@ def _n_m(s: str) -> tuple[int, int]:
 
 def register(llm_sub: argparse._SubParsersAction) -> None:
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("model", help="smollm2-135m, a .gguf file, or a Hugging Face model folder")
+        q.add_argument("model", help="smollm2-135m, a .gguf file, a Hugging Face model folder, or a Hub id "
+                            "(owner/name[@revision], owner/name/file.gguf)")
         q.add_argument("--out", required=True, help="output folder (must not exist; written atomically)")
         q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         q.add_argument("--calib", default="wikitext2-valid",

