@@ -29,12 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     def sampling(q: argparse.ArgumentParser, max_new: int) -> None:
         q.add_argument("--max-new-tokens", type=positive_int, default=max_new)
-        q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        q.add_argument("--temperature", type=float, default=None,
+                       help="0 = greedy (the default, unless the model's generation config samples)")
         q.add_argument("--top-k", type=positive_int, default=None)
         q.add_argument("--top-p", type=float, default=None)
         q.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability")
-        q.add_argument("--repetition-penalty", type=float, default=1.0,
-                       help="> 1 discourages tokens already in the prompt or output (1 = off)")
+        q.add_argument("--repetition-penalty", type=float, default=None,
+                       help="> 1 discourages tokens already in the prompt or output (default 1 = off)")
+        q.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                       help="auto (default): settings not given here come from the model's generation_config.json "
+                            "or GGUF sampling metadata, as in transformers and vLLM; none: greedy unless set here")
         q.add_argument("--seed", type=int, default=None)
         q.add_argument("--stop", action="append", default=[], metavar="TEXT",
                        help="end the answer where this text appears (not shown); repeatable")
@@ -102,12 +106,22 @@ def _load(args: argparse.Namespace):
     return L.load(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=resolve_device(args.device))
 
 
-def _sampling(args: argparse.Namespace, stops: tuple[int, ...] = ()):
-    from efficientml.llm.generate import SamplingConfig
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
-    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed,
-                          repetition_penalty=args.repetition_penalty, min_p=args.min_p,
-                          stop_strings=tuple(args.stop))
+
+def _sampling(args: argparse.Namespace, stops: tuple[int, ...] = ()):
+    """The flags given, over the model's own defaults (``--generation-config auto``), over greedy."""
+    from efficientml.llm.generate import SamplingConfig
+    from efficientml.llm.load import generation_defaults
+
+    given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    model = generation_defaults(args.model) if args.generation_config == "auto" else {}
+    taken = {k: v for k, v in model.items() if k not in given}
+    if taken:
+        print("sampling from the model's generation config: " + ", ".join(f"{k}={v}" for k, v in taken.items())
+              + " (--generation-config none: greedy)", file=sys.stderr)
+    return SamplingConfig(args.max_new_tokens, stop_token_ids=stops, seed=args.seed, stop_strings=tuple(args.stop),
+                          **{**taken, **given})
 
 
 def _storage(src) -> str:
@@ -242,15 +256,16 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from efficientml.llm.load import save_hf
+    from efficientml.llm.load import generation_defaults, save_hf
 
     model, tok = _load(args)
+    sampling = generation_defaults(args.model)  # carried over, as llama.cpp's converter does
     if str(args.output).lower().endswith(".gguf"):
         from efficientml.llm.gguf_write import save_gguf
 
-        out = save_gguf(model, tok, args.output, outtype=args.outtype, overwrite=args.overwrite)
+        out = save_gguf(model, tok, args.output, outtype=args.outtype, overwrite=args.overwrite, sampling=sampling)
         print(f"saved {out} (GGUF, {args.outtype}, {out.stat().st_size / 1e6:.1f} MB)")
         return 0
-    out = save_hf(model, tok, args.output, overwrite=args.overwrite)
+    out = save_hf(model, tok, args.output, overwrite=args.overwrite, sampling=sampling)
     print(f"saved {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
     return 0

@@ -131,7 +131,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from efficientml.llm.compress import quantize, save_compressed
-    from efficientml.llm.load import load
+    from efficientml.llm.load import generation_defaults, load
 
     conf = _config(args)  # bad bits / group size fail here, before loading
     _prepare(args)
@@ -141,14 +141,15 @@ def run_quantize(args: argparse.Namespace) -> int:
     rep["calibration"] = None if cc is None else cc.to_dict()
     rep["model"] = args.model
     save_compressed(model.cpu(), tok, args.out, overwrite=args.overwrite,
-                    float_dtype=getattr(torch, args.float_dtype), recipe=json.loads(json.dumps(rep, default=str)))
+                    float_dtype=getattr(torch, args.float_dtype), recipe=json.loads(json.dumps(rep, default=str)),
+                    sampling=generation_defaults(args.model))
     _report(args, rep)
     return 0
 
 
 def run_prune(args: argparse.Namespace) -> int:
     from efficientml.llm.compress import PruneConfig, prune
-    from efficientml.llm.load import load, save_hf
+    from efficientml.llm.load import generation_defaults, load, save_hf
 
     conf = PruneConfig(args.method, args.sparsity, n_m=args.n_m)
     _prepare(args)
@@ -156,6 +157,6 @@ def run_prune(args: argparse.Namespace) -> int:
     calib, cc = _calib(args, tok, args.method != "magnitude")
     rep = prune(model, conf, calib, batch_size=args.batch_size, device=args.device)
     rep["calibration"] = None if cc is None else cc.to_dict()
-    save_hf(model.cpu(), tok, args.out, overwrite=args.overwrite)
+    save_hf(model.cpu(), tok, args.out, overwrite=args.overwrite, sampling=generation_defaults(args.model))
     _report(args, rep)
     return 0

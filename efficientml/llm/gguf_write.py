@@ -243,6 +243,20 @@ def model_metadata(cfg: LlamaConfig, arch: str, outtype: str, name: str) -> dict
     return meta
 
 
+_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
+                  "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
+                  "repetition_penalty": "general.sampling.penalty_repeat"}
+
+
+def sampling_metadata(sampling: dict[str, Any]) -> dict[str, Any]:
+    """SamplingConfig fields → ``general.sampling.*`` (top-k an int32, the rest float32, as llama.cpp)."""
+    unknown = set(sampling) - set(_SAMPLING_KEYS)
+    if unknown:
+        raise ConfigError(f"sampling defaults {sorted(unknown)} have no GGUF key; "
+                          f"expected some of {list(_SAMPLING_KEYS)}")
+    return {_SAMPLING_KEYS[k]: np.int32(v) if k == "top_k" else float(v) for k, v in sampling.items()}
+
+
 # --- the container ---------------------------------------------------------------------------------
 
 def _pack_string(s: str) -> bytes:
@@ -253,6 +267,8 @@ def _pack_string(s: str) -> bytes:
 def _value_type(v: Any) -> int:
     if isinstance(v, bool):
         return _BOOL
+    if isinstance(v, np.int32):
+        return _I32
     if isinstance(v, int):
         return _U32 if 0 <= v < 2 ** 32 else _U64 if v >= 0 else _I32
     if isinstance(v, float):
@@ -364,9 +380,11 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tup
 
 
 def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, outtype: str = "f16",
-              overwrite: bool = False, name: str | None = None) -> Path:
+              overwrite: bool = False, name: str | None = None, sampling: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (+ ``tokenizer``, needed by llama.cpp) as a GGUF v3 file; see the module
-    docstring for what is written and refused. Returns the path."""
+    docstring for what is written and refused. ``sampling``: the model's sampling defaults
+    (:func:`~efficientml.llm.load.generation_defaults`), written as llama.cpp's converter writes them
+    (``general.sampling.*``). Returns the path."""
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise ConfigError(f"GGUF outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
@@ -379,6 +397,7 @@ def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, o
     arch = _arch(cfg)
     meta = model_metadata(cfg, arch, outtype, name or path.stem)
     meta.update(tokenizer_metadata(tokenizer, cfg.vocab_size, cfg))
+    meta.update(sampling_metadata(sampling or {}))
     plan = _plan(model, arch, outtype)
     state = model.state_dict()
 

@@ -258,3 +258,22 @@ def test_what_cannot_be_written_is_refused(small_tok, tmp_path):
     with pytest.raises(UnsupportedError, match="not part of a plain Llama model"):
         save_gguf(q, tok, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))  # nothing half-written
+
+
+def test_sampling_defaults_as_llama_cpp_writes_them(small_tok, tmp_path):
+    """general.sampling.*: top-k int32, the rest float32 (gguf-py's reader sees those types); read
+    back by generation_defaults as written."""
+    from efficientml.llm.load import generation_defaults
+
+    want = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
+    path = save_gguf(tiny(), small_tok, tmp_path / "s.gguf", outtype="f32", sampling=want)
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["general.sampling.top_k"].types == [gguf.GGUFValueType.INT32]
+    assert fields["general.sampling.temp"].types == [gguf.GGUFValueType.FLOAT32]
+    got = generation_defaults(path)
+    assert got.keys() == want.keys() and got["top_k"] == 20
+    assert all(abs(got[k] - v) < 1e-6 for k, v in want.items())
+    assert generation_defaults(save_gguf(tiny(), small_tok, tmp_path / "none.gguf", outtype="f32")) == {}
+    with pytest.raises(ConfigError, match="no GGUF key"):
+        save_gguf(tiny(), small_tok, tmp_path / "bad.gguf", sampling={"typical_p": 0.9})
+    assert not (tmp_path / "bad.gguf").exists()

@@ -41,6 +41,7 @@ from efficientml.core.modules import set_module
 from efficientml.core.serialization import atomic_dir
 from efficientml.llm.compress.qlinear import QuantLinear, W8A8Linear
 from efficientml.llm.compress.rtn import WeightQuantSpec
+from efficientml.llm.load import generation_config
 
 
 def _quant_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -82,9 +83,11 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
 
 
 def save_compressed(model: nn.Module, tokenizer, folder: str | Path, overwrite: bool = False,
-                    float_dtype: torch.dtype | None = None, recipe: dict | None = None) -> Path:
+                    float_dtype: torch.dtype | None = None, recipe: dict | None = None,
+                    sampling: dict | None = None) -> Path:
     """Write ``model`` (with packed QuantLinear / W8A8Linear modules) as described in the module doc.
-    ``float_dtype`` casts the unquantized float tensors (e.g. fp16 embeddings); scales keep theirs."""
+    ``float_dtype`` casts the unquantized float tensors (e.g. fp16 embeddings); scales keep theirs.
+    ``sampling``: the model's sampling defaults, for generation_config.json."""
     from safetensors.torch import save_file
 
     cfg = model.config
@@ -102,10 +105,10 @@ def save_compressed(model: nn.Module, tokenizer, folder: str | Path, overwrite: 
         state[k] = t.contiguous()
     if float_dtype is not None:
         hf["torch_dtype"] = str(float_dtype).removeprefix("torch.")
+    gen = generation_config(cfg, sampling)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / "efficientml_compression.json").write_text(json.dumps(recipe or {}, indent=2, default=str) + "\n")
         if tokenizer is not None:
