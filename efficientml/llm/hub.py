@@ -5,9 +5,10 @@
     load("bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_0.gguf")  # one GGUF file of a repo
 
 ``huggingface_hub`` does the fetching: a download takes only the files loading reads (config and generation
-config, safetensors and their index, tokenizer files, chat template). A snapshot already complete in the Hub
-cache is used as it is, without asking the Hub (so a model downloaded once loads at once offline; a branch
-is not checked for newer commits: name the revision, or update the cache with ``hf download``).
+config, safetensors and their index (PyTorch ``.bin`` weights only for a repo without them), tokenizer
+files, chat template). A snapshot already complete in the Hub cache is used as it is, without asking the
+Hub (so a model downloaded once loads at once offline; a branch is not checked for newer commits: name
+the revision, or update the cache with ``hf download``).
 ``HF_HUB_CACHE`` / ``HF_HOME`` (the cache), ``HF_ENDPOINT`` (a mirror), ``HF_HUB_OFFLINE`` and ``HF_TOKEN``
 (gated repos) are honoured, read when the model is loaded.
 A repo that cannot be fetched or found in the cache is a :class:`DataNotFoundError` saying why and how to
@@ -33,6 +34,8 @@ _HUB_ID = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?P<file>(?:/[^@/]+)*/[^@/]+\.
 FOLDER_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                 "efficientml_compression.json"]
+NO_WEIGHTS = "weights (*.safetensors or pytorch_model*.bin)"
+BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # fetched only for a repo without safetensors
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ def fetch(hub: HubId) -> Path:
         if hub.filename is not None:
             return Path(hf.hf_hub_download(hub.repo, hub.filename, **kw))
         folder = Path(hf.snapshot_download(hub.repo, allow_patterns=FOLDER_FILES, **kw))
+        if _missing(folder) == [NO_WEIGHTS]:  # an older repo: PyTorch pickles only
+            folder = Path(hf.snapshot_download(hub.repo, allow_patterns=FOLDER_FILES + BIN_FILES, **kw))
     except Exception as e:  # network, auth, missing repo/revision/file: all end in the same advice
         raise DataNotFoundError(_failure(hub, e)) from None
     missing = _missing(folder)
@@ -96,24 +101,26 @@ def _cached(hf, hub: HubId, kw: dict) -> Path | None:
     try:
         if hub.filename is not None:
             return Path(hf.hf_hub_download(hub.repo, hub.filename, local_files_only=True, **kw))
-        folder = Path(hf.snapshot_download(hub.repo, allow_patterns=FOLDER_FILES, local_files_only=True, **kw))
+        folder = Path(hf.snapshot_download(hub.repo, allow_patterns=FOLDER_FILES + BIN_FILES,
+                                           local_files_only=True, **kw))
     except Exception:  # not cached (LocalEntryNotFoundError and kin)
         return None
     return None if _missing(folder) else folder
 
 
 def _missing(folder: Path) -> list[str]:
-    """What a loadable folder lacks: config.json and the weights (every shard the index names, or a
-    single safetensors file); empty when complete."""
+    """What a loadable folder lacks: config.json and the weights (every shard an index names, or a
+    single safetensors or pytorch_model*.bin file); empty when complete."""
+    from efficientml.core.errors import CheckpointError
+    from efficientml.llm.load import weight_files
+
     missing = [] if (folder / "config.json").is_file() else ["config.json"]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return missing + ["a readable model.safetensors.index.json"]
-        return missing + sorted(s for s in shards if not (folder / s).is_file())
-    return missing + ([] if any(folder.glob("*.safetensors")) else ["*.safetensors"])
+    try:
+        weight_files(folder)
+    except CheckpointError as e:
+        shard = re.search(r"shard '([^']+)'", str(e))
+        missing.append(Path(shard[1]).name if shard else NO_WEIGHTS)
+    return missing
 
 
 def _failure(hub: HubId, e: Exception | None) -> str:

@@ -197,24 +197,51 @@ def load_gguf(gf, dtype: torch.dtype = torch.float32, device: str | torch.device
     return _fill(cfg, state, str(gf.path), device)
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
+# a folder's weights: safetensors first, PyTorch pickles (older Hub repos) when there are none
+WEIGHT_FORMATS = (("safetensors", "model.safetensors.index.json", "model.safetensors", "*.safetensors"),
+                  ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"))
+
+
+def weight_files(folder: Path) -> tuple[str, list[Path]]:
+    """("safetensors" or "bin", the files to read): the shards an index lists, else the single file,
+    else every file of the kind."""
+    for kind, index_name, single, pattern in WEIGHT_FORMATS:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{str(index)!r} is not a valid {kind} index ({e})") from None
+        elif (folder / single).is_file():
+            files = [folder / single]
+        else:
+            files = sorted(folder.glob(pattern))
+        if files:
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"shard {str(f)!r} named in the index does not exist")
+            return kind, files
+    raise CheckpointError(f"{str(folder)!r} has no weights: expected *.safetensors (or pytorch_model*.bin)")
+
+
+def _read_bin(f: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch checkpoint, unpickled with ``weights_only`` (tensors and plain containers only: a pickle
+    cannot run code here), memory-mapped when it is in the zip format."""
+    try:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{str(index)!r} is not a valid safetensors index ({e})") from None
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-    elif (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{str(folder)!r} has no .safetensors weights (PyTorch .bin files are not read)")
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"shard {str(f)!r} named in the index does not exist")
-    return files
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the pre-1.6 (non-zip) format cannot be memory-mapped
+            if "zip" not in str(e).lower():
+                raise
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, … for a bad file
+        raise CheckpointError(f"{str(f)!r} is truncated, not a PyTorch checkpoint, or holds more than "
+                              f"tensors ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise CheckpointError(f"{str(f)!r} is not a state dict of named tensors")
+    return sd
 
 
 def hf_config(folder: Path) -> LlamaConfig:
@@ -236,14 +263,19 @@ def hf_config(folder: Path) -> LlamaConfig:
 
 def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """config.json + model.safetensors (or shards listed by model.safetensors.index.json)."""
+    """config.json + model.safetensors (or shards listed by model.safetensors.index.json); a folder
+    without safetensors is read from pytorch_model.bin (or its shards) with ``weights_only``."""
     safetensors = optional_import("safetensors", "llm", "reading safetensors")
     from safetensors import safe_open
 
     folder = Path(folder)
     cfg = hf_config(folder)
     state: dict[str, torch.Tensor] = {}
-    for f in _safetensors_files(folder):
+    kind, files = weight_files(folder)
+    for f in files:
+        if kind == "bin":
+            state.update({k: v.to(dtype) for k, v in _read_bin(f).items()})
+            continue
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():

@@ -103,7 +103,8 @@ def test_uncached_repo_offline_is_a_clear_error(offline_hub):
 def test_snapshot_without_weights(offline_hub):
     snap = _snapshot(offline_hub, "tiny-org/gguf-only")
     (snap / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(DataNotFoundError, match=r"lacks \*.safetensors \(found: config.json\).*<file>.gguf"):
+    lacks = r"lacks weights \(\*.safetensors or pytorch_model\*.bin\) \(found: config.json\).*<file>.gguf"
+    with pytest.raises(DataNotFoundError, match=lacks):
         resolve_source("tiny-org/gguf-only")
 
 
@@ -138,3 +139,17 @@ def test_incomplete_sharded_snapshot_is_not_used(offline_hub):
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(DataNotFoundError, match="lacks model-00002-of-00002.safetensors"):
         resolve_source("tiny-org/half")
+
+
+def test_cached_pytorch_bin_repo(offline_hub):
+    """An older repo with pytorch_model.bin only is complete in the cache too."""
+    m = build_model(CFG, device="cpu")
+    init_weights(m, seed=8)
+    snap = _snapshot(offline_hub, "old-org/bin-llama")
+    save_hf(m, None, snap / "x")
+    (snap / "x" / "config.json").rename(snap / "config.json")
+    torch.save({k: v for k, v in m.state_dict().items() if k != "lm_head.weight" or not CFG.tie_word_embeddings},
+               snap / "pytorch_model.bin")
+    assert resolve_source("old-org/bin-llama") == snap
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    assert torch.equal(load_hf(snap)(ids), m(ids))

@@ -117,3 +117,65 @@ def test_generation_config_stop_tokens_join_eos(saved):
     assert load_config(folder).eos_token_ids == [2, 7, 9]  # the same config wherever it is read
     gc.write_text("{not json")
     assert load_hf(folder).config.eos_token_ids == [2]
+
+
+def _bin_folder(saved, tmp_path, shards: int = 1):
+    """The saved model as PyTorch pickles (as older Hub repos ship it), sharded with an index if asked."""
+    m, folder = saved
+    out = tmp_path / f"bin{shards}"
+    out.mkdir()
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    sd = {k: v.clone() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # old transformers saved this buffer
+    if shards == 1:
+        torch.save(sd, out / "pytorch_model.bin")
+        return m, out
+    keys, weight_map = sorted(sd), {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = keys[i::shards]
+        torch.save({k: sd[k] for k in part}, out / name)
+        weight_map.update({k: name for k in part})
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return m, out
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pytorch_bin_weights(saved, tmp_path, shards):
+    m, out = _bin_folder(saved, tmp_path, shards)
+    loaded = load_hf(out)
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_safetensors_win_over_bin(saved, tmp_path):
+    m, out = _bin_folder(saved, tmp_path)
+    from safetensors.torch import save_file
+
+    other = build_model(CFG, device="cpu")
+    init_weights(other, seed=11)
+    save_file({k: v for k, v in other.state_dict().items() if k != "lm_head.weight"}, str(out / "model.safetensors"))
+    assert torch.equal(load_hf(out).model.norm.weight, other.model.norm.weight)
+    assert torch.equal(load_hf(out).model.layers[0].mlp.down_proj.weight, other.model.layers[0].mlp.down_proj.weight)
+
+
+class _NotATensor:
+    def __reduce__(self):
+        return (print, ("a pickle that runs code",))
+
+
+def test_bad_pytorch_bin(saved, tmp_path):
+    _, out = _bin_folder(saved, tmp_path)
+    good = (out / "pytorch_model.bin").read_bytes()
+    (out / "pytorch_model.bin").write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated, not a PyTorch checkpoint"):
+        load_hf(out)
+    torch.save({"model.norm.weight": _NotATensor()}, out / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="holds more than tensors"):
+        load_hf(out)
+    torch.save([torch.ones(2)], out / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="not a state dict of named tensors"):
+        load_hf(out)
+    (out / "pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"no weights: expected \*.safetensors \(or pytorch_model\*.bin\)"):
+        load_hf(out)
