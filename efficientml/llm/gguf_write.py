@@ -163,6 +163,14 @@ def _pre_name(pre: dict | None) -> str:
                            "pre-tokenizer name here; known: GPT-2, SmolLM digits, Llama-3, Qwen2, Tekken")
 
 
+def _normalizes(spec: dict | None) -> bool:
+    """Whether a tokenizer.json normalizer does more than SentencePiece's escaping and dummy prefix
+    (which llama.cpp's "llama" tokenizer does itself)."""
+    steps = (spec or {}).get("normalizers", [spec] if spec else [])
+    return any(st.get("type") not in ("Replace", "Prepend") or
+               (st.get("type") == "Replace" and st.get("pattern", {}).get("String") != " ") for st in steps)
+
+
 def tokenizer_metadata(tok: Tokenizer, vocab_size: int, cfg: LlamaConfig) -> dict[str, Any]:
     """The ``tokenizer.ggml.*`` keys for ``tok``, padded to the model's ``vocab_size``."""
     spec = json.loads(tok.backend.to_str())
@@ -184,12 +192,16 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int, cfg: LlamaConfig) -> dic
     for i, a in added.items():
         types[i] = 3 if a.get("special") else 4
     meta: dict[str, Any] = {}
-    if model.get("byte_fallback"):  # SentencePiece-style BPE: llama.cpp's "llama" tokenizer, with scores
+    if model.get("byte_fallback") or getattr(tok, "gguf_scores", None) is not None:
+        # SentencePiece-style BPE: llama.cpp's "llama" tokenizer, with scores
         scores = getattr(tok, "gguf_scores", None)
         if scores is None or len(scores) != n:
             raise UnsupportedError("a SentencePiece tokenizer is written to GGUF only with its piece scores (a "
                                    "tokenizer loaded from a GGUF file keeps them); this one came from "
                                    "tokenizer.json")
+        if _normalizes(spec.get("normalizer")):
+            raise UnsupportedError("this SentencePiece tokenizer normalizes text (NFKC or whitespace folding), "
+                                   "which llama.cpp's tokenizer does not: a GGUF file would tokenize differently")
         meta["tokenizer.ggml.model"] = "llama"
         meta["tokenizer.ggml.scores"] = list(scores) + [-1000.0] * (vocab_size - n)
         for i, t in enumerate(tokens[:n]):

@@ -78,22 +78,51 @@ def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     return [(r[6], r[7]) for r in ranked]
 
 
-def _sentencepiece_bpe(tk: Any, gf: Any, tokens: list[str], types: list[int]) -> Any:
-    scores = gf.field("tokenizer.ggml.scores")
-    if scores is None or len(scores) != len(tokens):
-        raise CheckpointError(f"{gf.path.name}: GGUF SentencePiece tokenizer needs one score per token")
+def _sentencepiece_bpe(tk: Any, tokens: list[str], scores: list[float], types: list[int], prefix: bool,
+                       byte_fallback: bool = True, normalize: list | None = None) -> Any:
+    """A SentencePiece BPE: merges from the scores, text normalized in SentencePiece's order (``normalize``:
+    NFKC / whitespace folding steps, then spaces escaped to "▁", then the dummy prefix: "Hi" is encoded as
+    "▁Hi", "  Hi" as "▁▁▁Hi"). The prefix goes before every stretch of text between special tokens, as
+    llama.cpp and transformers' (legacy) Llama tokenizer put it."""
     unk = next((t for t, ty in zip(tokens, types) if ty == 2), None)
     vocab = {t: i for i, t in enumerate(tokens)}
     backend = tk.Tokenizer(tk.models.BPE(vocab, spm_merges(tokens, scores), unk_token=unk, fuse_unk=True,
-                                         byte_fallback=True))
-    prefix = bool(gf.meta.get("tokenizer.ggml.add_space_prefix", True))  # "Hi" is encoded as "▁Hi"
-    backend.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="\u2581",
-                                                         prepend_scheme="first" if prefix else "never", split=False)
+                                         byte_fallback=byte_fallback))
+    steps = list(normalize or []) + [tk.normalizers.Replace(" ", "\u2581")]
+    if prefix:
+        steps.append(tk.normalizers.Prepend("\u2581"))
+    backend.normalizer = tk.normalizers.Sequence(steps)
     steps = [tk.decoders.Replace("\u2581", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse()]
     if prefix:
         steps.append(tk.decoders.Strip(" ", 1, 0))
     backend.decoder = tk.decoders.Sequence(steps)
     return backend
+
+
+def _tokenizer_config(folder: Path) -> dict[str, Any]:
+    tc = folder / "tokenizer_config.json"
+    if not tc.is_file():
+        return {}
+    try:
+        conf = json.loads(tc.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{str(tc)!r} is not valid JSON ({e})") from None
+    return conf if isinstance(conf, dict) else {}
+
+
+def _tok_str(v: Any) -> str | None:
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _chat_template(folder: Path, conf: dict[str, Any]) -> str | None:
+    """tokenizer_config's chat_template (a string, or named templates: "default"), else chat_template.jinja."""
+    template = conf.get("chat_template")
+    tfile = folder / "chat_template.jinja"
+    if template is None and tfile.is_file():
+        template = tfile.read_text()
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
 
 
 class Tokenizer:
@@ -113,35 +142,63 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        """tokenizer.json (+ tokenizer_config.json: special tokens, BOS, chat template); a folder with only
+        a SentencePiece tokenizer.model (older Llama-2-style repos) is read from that."""
         tk = optional_import("tokenizers", "llm", "tokenization")
         folder = Path(folder)
-        tj = folder / "tokenizer.json"
+        conf = _tokenizer_config(folder)
+        tj, sp = folder / "tokenizer.json", folder / "tokenizer.model"
+        if not tj.is_file() and sp.is_file():
+            return cls._from_sentencepiece(tk, sp, conf)
         if not tj.is_file():
-            raise CheckpointError(f"{str(folder)!r} has no tokenizer.json")
+            raise CheckpointError(f"{str(folder)!r} has no tokenizer.json (or SentencePiece tokenizer.model)")
         try:
             backend = tk.Tokenizer.from_file(str(tj))
         except Exception as e:  # noqa: BLE001 — tokenizers raises plain Exception subclasses
             raise CheckpointError(f"{str(tj)!r} is not a valid tokenizer.json ({e})") from None
-        conf: dict[str, Any] = {}
-        tc = folder / "tokenizer_config.json"
-        if tc.is_file():
-            try:
-                conf = json.loads(tc.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{str(tc)!r} is not valid JSON ({e})") from None
+        return cls(backend, _tok_str(conf.get("bos_token")), _tok_str(conf.get("eos_token")),
+                   bool(conf.get("add_bos_token", False)), _chat_template(folder, conf),
+                   _tok_str(conf.get("pad_token")))
 
-        def tok_str(v: Any) -> str | None:
-            return v.get("content") if isinstance(v, dict) else v
+    @classmethod
+    def _from_sentencepiece(cls, tk: Any, path: Path, conf: dict[str, Any]) -> "Tokenizer":
+        """A SentencePiece BPE model as transformers' LlamaTokenizer uses it: BOS added unless
+        tokenizer_config.json says otherwise; added_tokens_decoder entries past the model's pieces."""
+        from efficientml.llm.sentencepiece_model import read_sentencepiece_model
 
-        template = conf.get("chat_template")
-        tfile = folder / "chat_template.jinja"
-        if template is None and tfile.is_file():
-            template = tfile.read_text()
-        if isinstance(template, list):  # named templates: take "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        add_bos = bool(conf.get("add_bos_token", False))
-        return cls(backend, tok_str(conf.get("bos_token")), tok_str(conf.get("eos_token")), add_bos,
-                   template, tok_str(conf.get("pad_token")))
+        m = read_sentencepiece_model(path)
+        if m.model_type != "bpe":
+            raise UnsupportedError(f"{str(path)!r} is a SentencePiece {m.model_type} model; LLaMA-family models "
+                                   "use BPE (unigram is T5's) — load a folder with tokenizer.json instead")
+        if m.treat_whitespace_as_suffix or not m.escape_whitespaces:
+            raise UnsupportedError(f"{str(path)!r}: SentencePiece models that put whitespace after pieces or "
+                                   "keep it unescaped are not supported")
+        norms = [tk.normalizers.Precompiled(m.precompiled_charsmap)] if m.precompiled_charsmap else []
+        if m.remove_extra_whitespaces:  # SentencePiece drops leading, trailing and repeated spaces (only spaces)
+            norms += [tk.normalizers.Replace(tk.Regex(r"\A +| +\z"), ""),
+                      tk.normalizers.Replace(tk.Regex(" {2,}"), " ")]
+        backend = _sentencepiece_bpe(tk, m.pieces, m.scores, m.types, m.add_dummy_prefix, m.byte_fallback, norms)
+        backend.add_special_tokens([tk.AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(m.pieces, m.types) if ty in (2, 3)])
+        backend.add_tokens([tk.AddedToken(t, special=False, normalized=False)
+                            for t, ty in zip(m.pieces, m.types) if ty == 4])
+        extra = conf.get("added_tokens_decoder") or {}
+        for i in sorted((int(k) for k in extra if int(k) >= len(m.pieces))):
+            e = extra[str(i)]
+            if backend.get_vocab_size(with_added_tokens=True) != i:
+                raise CheckpointError(f"tokenizer_config.json adds token {i} ({e.get('content')!r}) but the "
+                                      f"vocabulary ends at {backend.get_vocab_size(with_added_tokens=True) - 1}")
+            tok = tk.AddedToken(e["content"], special=bool(e.get("special", True)), normalized=False)
+            (backend.add_special_tokens if tok.special else backend.add_tokens)([tok])
+        bos = _tok_str(conf.get("bos_token")) or m.piece(m.bos_id)
+        eos = _tok_str(conf.get("eos_token")) or m.piece(m.eos_id)
+        pad = _tok_str(conf.get("pad_token")) or m.piece(m.pad_id)
+        tok = cls(backend, bos, eos, bool(conf.get("add_bos_token", True)), _chat_template(path.parent, conf), pad)
+        # a GGUF written from this folder keeps the SentencePiece vocabulary (added tokens scored as llama.cpp)
+        n_added = backend.get_vocab_size(with_added_tokens=True) - len(m.pieces)
+        tok.gguf_scores = list(m.scores) + [-1000.0] * n_added
+        tok.gguf_add_space_prefix = m.add_dummy_prefix
+        return tok
 
     @classmethod
     def from_gguf(cls, gf: Any) -> "Tokenizer":
@@ -157,7 +214,11 @@ class Tokenizer:
         if model == "gpt2":
             backend = _byte_level_bpe(tk, gf, tokens)
         elif model == "llama":
-            backend = _sentencepiece_bpe(tk, gf, tokens, types)
+            scores = gf.field("tokenizer.ggml.scores")
+            if scores is None or len(scores) != len(tokens):
+                raise CheckpointError(f"{gf.path.name}: GGUF SentencePiece tokenizer needs one score per token")
+            prefix = bool(gf.meta.get("tokenizer.ggml.add_space_prefix", True))
+            backend = _sentencepiece_bpe(tk, tokens, scores, types, prefix)
         else:
             raise CheckpointError(f"{gf.path.name}: GGUF tokenizer model {model!r} is not supported; expected "
                                   "'gpt2' (byte-level BPE) or 'llama' (SentencePiece BPE)")
