@@ -5,10 +5,11 @@
     load("bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_0.gguf")  # one GGUF file of a repo
 
 ``huggingface_hub`` does the fetching: a download takes only the files loading reads (config and generation
-config, safetensors and their index (PyTorch ``.bin`` weights only for a repo without them), tokenizer
-files, chat template). A snapshot already complete in the Hub cache is used as it is, without asking the
-Hub (so a model downloaded once loads at once offline; a branch is not checked for newer commits: name
-the revision, or update the cache with ``hf download``).
+config, safetensors and their index, tokenizer files, chat template; PyTorch ``.bin`` weights and a
+SentencePiece ``tokenizer.model`` only for a repo without safetensors or tokenizer.json). A snapshot already
+complete in the Hub cache is used as it is, without asking the Hub (so a model downloaded once loads at once
+offline; a branch is not checked for newer commits: name the revision, or update the cache with
+``hf download``).
 ``HF_HUB_CACHE`` / ``HF_HOME`` (the cache), ``HF_ENDPOINT`` (a mirror), ``HF_HUB_OFFLINE`` and ``HF_TOKEN``
 (gated repos) are honoured, read when the model is loaded.
 A repo that cannot be fetched or found in the cache is a :class:`DataNotFoundError` saying why and how to
@@ -35,7 +36,7 @@ FOLDER_FILES = ["config.json", "generation_config.json", "*.safetensors", "model
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                 "efficientml_compression.json"]
 NO_WEIGHTS = "weights (*.safetensors or pytorch_model*.bin)"
-BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # fetched only for a repo without safetensors
+BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # only for a repo without safetensors
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,11 @@ def fetch(hub: HubId) -> Path:
         if hub.filename is not None:
             return Path(hf.hf_hub_download(hub.repo, hub.filename, **kw))
         folder = Path(hf.snapshot_download(hub.repo, allow_patterns=FOLDER_FILES, **kw))
-        if _missing(folder) == [NO_WEIGHTS]:  # an older repo: PyTorch pickles only
-            folder = Path(hf.snapshot_download(hub.repo, allow_patterns=FOLDER_FILES + BIN_FILES, **kw))
+        # an older repo: PyTorch pickles only, a SentencePiece tokenizer.model only
+        extra = (BIN_FILES if _missing(folder) == [NO_WEIGHTS] else []) + \
+            ([] if (folder / "tokenizer.json").is_file() else ["tokenizer.model"])
+        if extra:
+            folder = Path(hf.snapshot_download(hub.repo, allow_patterns=FOLDER_FILES + extra, **kw))
     except Exception as e:  # network, auth, missing repo/revision/file: all end in the same advice
         raise DataNotFoundError(_failure(hub, e)) from None
     missing = _missing(folder)

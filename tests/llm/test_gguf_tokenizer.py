@@ -40,7 +40,8 @@ def smollm2_vocab():
         gf = GGUFFile(resolve_source("smollm2-135m"))
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"needs the SmolLM2 GGUF ({e})")
-    return gf.field("tokenizer.ggml.tokens"), gf.field("tokenizer.ggml.merges"), gf.field("tokenizer.ggml.token_type")
+    return (gf.field("tokenizer.ggml.tokens"), gf.field("tokenizer.ggml.merges"),
+            gf.field("tokenizer.ggml.token_type"))
 
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "tekken", "gpt-2"])

@@ -153,3 +153,56 @@ def test_cached_pytorch_bin_repo(offline_hub):
     assert resolve_source("old-org/bin-llama") == snap
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     assert torch.equal(load_hf(snap)(ids), m(ids))
+
+
+class _FakeHub:
+    """huggingface_hub's two calls over a 'remote' folder: files matching allow_patterns are copied into
+    a snapshot (what a download does); local_files_only finds only what an earlier call copied."""
+
+    def __init__(self, remote, cache):
+        self.remote, self.snap, self.calls = remote, cache / "snap", []
+
+    def snapshot_download(self, repo, allow_patterns=None, local_files_only=False, **kw):
+        import fnmatch
+        import shutil
+
+        self.calls.append((tuple(allow_patterns or ()), local_files_only))
+        if local_files_only:
+            if not self.snap.is_dir():
+                raise FileNotFoundError("not cached")
+            return str(self.snap)
+        self.snap.mkdir(exist_ok=True)
+        for f in self.remote.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, self.snap / f.name)
+        return str(self.snap)
+
+
+def test_download_takes_bin_and_tokenizer_model_only_when_needed(tmp_path, monkeypatch):
+    """An older repo (pytorch_model.bin, tokenizer.model, and a large file loading never reads): the first
+    download takes the usual files, a second adds the .bin and tokenizer.model; the rest stays remote."""
+    import sys
+    import types
+
+    from efficientml.llm.hub import BIN_FILES, FOLDER_FILES
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    m = build_model(CFG, device="cpu")
+    init_weights(m, seed=9)
+    save_hf(m, None, tmp_path / "x")
+    (tmp_path / "x" / "config.json").rename(remote / "config.json")
+    torch.save(m.state_dict(), remote / "pytorch_model.bin")
+    for name in ("tokenizer.model", "training_args.bin", "README.md"):
+        (remote / name).write_bytes(b"x")
+    fake = _FakeHub(remote, tmp_path)
+    monkeypatch.setitem(sys.modules, "huggingface_hub",
+                        types.SimpleNamespace(snapshot_download=fake.snapshot_download))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    folder = resolve_source("old-org/old-llama")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin", "tokenizer.model"]
+    assert [c[1] for c in fake.calls] == [True, False, False]
+    assert fake.calls[1][0] == tuple(FOLDER_FILES)
+    assert fake.calls[2][0] == tuple(FOLDER_FILES + BIN_FILES + ["tokenizer.model"])
+    fake.calls.clear()
+    assert resolve_source("old-org/old-llama") == folder and fake.calls == [(fake.calls[0][0], True)]

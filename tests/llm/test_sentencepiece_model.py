@@ -61,7 +61,8 @@ def test_llama_like_model_matches_sentencepiece(llama_like, text):
     m = read_sentencepiece_model(folder / "tokenizer.model")
     assert m.model_type == "bpe" and m.byte_fallback and not m.remove_extra_whitespaces
     assert len(m.pieces) == sp.get_piece_size() == 700
-    assert all(m.pieces[i] == sp.id_to_piece(i) and m.scores[i] == pytest.approx(sp.get_score(i)) for i in range(700))
+    assert m.pieces == [sp.id_to_piece(i) for i in range(700)]
+    assert m.scores == pytest.approx([sp.get_score(i) for i in range(700)])
     assert (m.unk_id, m.bos_id, m.eos_id, m.pad_id) == (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id())
     tok = _check(folder, sp, text)
     assert tok.bos_token == "<s>" and tok.eos_token == "</s>" and tok.add_bos  # LlamaTokenizer's default
@@ -84,7 +85,8 @@ def test_tokenizer_config_and_added_tokens(llama_like, tmp_path):
     d.mkdir()
     (d / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes())
     (d / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": False, "eos_token": {"content": "<|end|>"}, "chat_template": "{{ messages[0]['content'] }}",
+        "add_bos_token": False, "eos_token": {"content": "<|end|>"},
+        "chat_template": "{{ messages[0]['content'] }}",
         "added_tokens_decoder": {"0": {"content": "<unk>", "special": True},
                                  "700": {"content": "<|end|>", "special": True}}}))
     tok = Tokenizer.from_folder(d)
