@@ -136,7 +136,7 @@ def _storage(src) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from efficientml.llm.load import load_config, load_tokenizer, open_source
+    from efficientml.llm.load import generation_defaults, load_config, load_tokenizer, open_source
 
     src = open_source(args.model)  # a GGUF file's header is parsed once for all three
     cfg, tok = load_config(src), load_tokenizer(src)
@@ -146,7 +146,8 @@ def run_info(args: argparse.Namespace) -> int:
             "ffn": cfg.intermediate_size, "vocab": cfg.vocab_size, "context": cfg.max_position_embeddings,
             "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "tied_embeddings": cfg.tie_word_embeddings,
             "bos": tok.bos_token, "eos": tok.eos_token, "stop_ids": cfg.eos_token_ids,
-            "chat_template": bool(tok.chat_template), "storage": _storage(src)}
+            "chat_template": bool(tok.chat_template), "sampling_defaults": generation_defaults(src),
+            "storage": _storage(src)}
     if args.json:
         print_json(info)
     else:

@@ -104,6 +104,7 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["layers"] == 30 and info["kv_heads"] == 3 and info["parameters"] == 134_515_008
     assert info["storage"].startswith("Q4_1 ×210, F32 ×61, Q8_0 ×1 (GGUF") and info["stop_ids"] == [2]
+    assert info["sampling_defaults"] == {}  # the file has no general.sampling.* keys: greedy
 
 
 def test_convert_refuses_existing(reuse_model, tmp_path, capsys):

@@ -90,6 +90,11 @@ def _generate(capsys, *args):
     return json.loads(out)["completion"], err
 
 
+def test_info_shows_them(sampling_smollm2, capsys):
+    assert main(["llm", "info", str(sampling_smollm2), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sampling_defaults"] == {"temperature": 5.0, "top_k": 40}
+
+
 def test_cli_uses_the_models_defaults_unless_told(sampling_smollm2, smollm2_hf_dir, capsys):
     greedy, err = _generate(capsys, str(smollm2_hf_dir))
     assert "generation config" not in err
