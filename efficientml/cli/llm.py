@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("model", help="smollm2-135m, a .gguf file, a Hugging Face model folder, or a Hub id "
                             "(owner/name[@revision], owner/name/file.gguf)")
-        q.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        q.add_argument("--dtype", choices=sorted(DTYPES) + ["auto"], default="float32",
+                       help="float32 (default), bfloat16, float16, or auto: the checkpoint's own (config.json "
+                            "torch_dtype; a GGUF's float type, float32 for quantized weights)")
         q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
         q.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch)")
 
@@ -103,7 +105,8 @@ def _load(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return L.load(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=resolve_device(args.device))
+    dtype = L.checkpoint_dtype(args.model) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
+    return L.load(args.model, dtype=dtype, device=resolve_device(args.device))
 
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -129,8 +132,10 @@ def _storage(src) -> str:
     from collections import Counter
 
     if isinstance(src, Path):
-        files = list(src.glob("*.safetensors"))
-        return f"{len(files)} safetensors file(s), {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
+        from efficientml.llm.load import weight_files
+
+        kind, files = weight_files(src)
+        return f"{len(files)} {kind} file(s), {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
     kinds = Counter(t.kind for t in src.infos)
     return ", ".join(f"{k} ×{n}" for k, n in kinds.most_common()) + f" (GGUF, {src.path.stat().st_size / 1e6:.1f} MB)"
 

@@ -115,6 +115,24 @@ def load_config(source: Any) -> LlamaConfig:
     return hf_config(src) if isinstance(src, Path) else src.config
 
 
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def checkpoint_dtype(source: Any) -> torch.dtype:
+    """The dtype the weights are stored in (``dtype="auto"``, as transformers and vLLM read it): a folder's
+    config.json ``torch_dtype`` (or ``dtype``); a GGUF file's float type when every matrix has the same
+    one. Quantized or mixed GGUF weights, and anything else, load as float32 (their dequantized values are
+    exact there)."""
+    src = open_source(source)
+    if isinstance(src, Path):
+        extra = hf_config(src).extra
+        name = extra.get("torch_dtype") or extra.get("dtype")
+        return _FLOAT_DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+    kinds = sorted({t.kind for t in src.infos if len(t.shape) == 2})
+    return _FLOAT_DTYPES.get(kinds[0], torch.float32) if len(kinds) == 1 else torch.float32
+
+
 # llama.cpp's sampling defaults in GGUF metadata (written by its converter from generation_config.json)
 _GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
                   "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",

@@ -9,6 +9,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from efficientml.cli.main import main
 
@@ -105,6 +106,9 @@ def test_info_json(capsys):
     assert info["layers"] == 30 and info["kv_heads"] == 3 and info["parameters"] == 134_515_008
     assert info["storage"].startswith("Q4_1 ×210, F32 ×61, Q8_0 ×1 (GGUF") and info["stop_ids"] == [2]
     assert info["sampling_defaults"] == {}  # the file has no general.sampling.* keys: greedy
+    from efficientml.llm.load import checkpoint_dtype
+
+    assert checkpoint_dtype("smollm2-135m") == torch.float32  # --dtype auto: Q4_1/Q8_0 weights → float32
 
 
 def test_convert_refuses_existing(reuse_model, tmp_path, capsys):

@@ -100,6 +100,9 @@ def test_outtypes_store_what_they_say(small_tok, tmp_path, outtype, text):
     kinds = {t.name: t.tensor_type for t in reader.tensors}
     assert kinds["blk.0.attn_norm.weight"].name == "F32" and kinds["blk.0.ffn_down.weight"].name == outtype.upper()
     assert kinds["token_embd.weight"].name == ("Q8_0" if outtype.startswith("q4") else outtype.upper())
+    from efficientml.llm.load import checkpoint_dtype  # dtype="auto": a float file's type, else float32
+
+    assert checkpoint_dtype(path) == {"f16": torch.float16, "bf16": torch.bfloat16}.get(outtype, torch.float32)
     q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
     q_rows = torch.as_tensor(np.asarray(gguf.quants.dequantize(q.data, q.tensor_type)), dtype=torch.float32)
     ours = load_gguf(GGUFFile(path)).state_dict()

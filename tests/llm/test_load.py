@@ -179,3 +179,26 @@ def test_bad_pytorch_bin(saved, tmp_path):
     (out / "pytorch_model.bin").unlink()
     with pytest.raises(CheckpointError, match=r"no weights: expected \*.safetensors \(or pytorch_model\*.bin\)"):
         load_hf(out)
+
+
+def test_checkpoint_dtype(saved, tmp_path):
+    """dtype="auto": config.json's torch_dtype (transformers 5 writes "dtype"), float32 when absent."""
+    from efficientml.llm.load import checkpoint_dtype
+
+    m, folder = saved
+    assert checkpoint_dtype(folder) == torch.float32
+    assert checkpoint_dtype(save_hf(m, None, tmp_path / "bf16", dtype=torch.bfloat16)) == torch.bfloat16
+    conf = json.loads((folder / "config.json").read_text())
+    conf.pop("torch_dtype")
+    (folder / "config.json").write_text(json.dumps({**conf, "dtype": "float16"}))
+    assert checkpoint_dtype(folder) == torch.float16
+    (folder / "config.json").write_text(json.dumps(conf))
+    assert checkpoint_dtype(folder) == torch.float32
+
+
+def test_info_names_the_weight_files(saved, tmp_path):
+    from efficientml.cli.llm import _storage
+
+    _, out = _bin_folder(saved, tmp_path, shards=3)
+    assert _storage(out).startswith("3 bin file(s)")
+    assert _storage(saved[1]).startswith("1 safetensors file(s)")
