@@ -23,9 +23,12 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralForCausalLM", {}),
     "qwen2": ("Qwen2ForCausalLM", {"attention_bias": True}),
     "qwen3": ("Qwen3ForCausalLM", {"qk_norm": True}),
+    # Phi-3 / Phi-3.5 / Phi-4-mini: Llama blocks whose q/k/v and gate/up weights are stored fused (split at
+    # load, fused again on save), RoPE on part of each head, LongRoPE for the long-context variants
+    "phi3": ("Phi3ForCausalLM", {}),
 }
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class LlamaConfig:
     position_embedding: str = "rope"  # "rope" | "alibi"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", "factor": …}
+    partial_rotary_factor: float = 1.0  # RoPE turns the first rotary_dim of each head's dimensions (Phi-4-mini)
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     o_bias: bool = False
@@ -79,8 +83,18 @@ class LlamaConfig:
             if kind not in ROPE_TYPES:
                 raise UnsupportedError(f"rope scaling type {kind!r} is not supported; expected one of "
                                        f"{', '.join(ROPE_TYPES)}")
-            if kind != "default" and float(self.rope_scaling.get("factor", 0)) <= 0:
+            if kind == "longrope":
+                for key in ("short_factor", "long_factor"):
+                    f = self.rope_scaling.get(key)
+                    if not isinstance(f, (list, tuple)) or len(f) != self.rotary_dim // 2:
+                        raise ConfigError(f"longrope {key} must list {self.rotary_dim // 2} factors (one per "
+                                          f"rotary frequency), got {str(f)[:80]}")
+            elif kind != "default" and float(self.rope_scaling.get("factor", 0)) <= 0:
                 raise ConfigError(f"rope_scaling factor must be positive, got {self.rope_scaling.get('factor')!r}")
+        if self.position_embedding == "rope" and (not 0 < self.partial_rotary_factor <= 1
+                                                  or self.rotary_dim % 2 or self.rotary_dim == 0):
+            raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and leave an "
+                              f"even, non-zero rotary dimension (head dim {self.dim_per_head})")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
 
@@ -89,10 +103,24 @@ class LlamaConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dimensions RoPE turns (the first ones); the rest pass unrotated."""
+        return int(self.dim_per_head * self.partial_rotary_factor)
+
+    @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"
-        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+        kind = str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+        return "longrope" if kind == "su" else kind  # Phi-3's first 128k configs call LongRoPE "su"
+
+    @property
+    def rope_original_context(self) -> int:
+        """The context the model was pretrained at (LongRoPE switches factors beyond it; Phi-3 keeps it
+        at the top level of config.json)."""
+        sc = self.rope_scaling or {}
+        v = sc.get("original_max_position_embeddings") or self.extra.get("original_max_position_embeddings")
+        return int(v) if v else self.max_position_embeddings
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -130,6 +158,8 @@ class LlamaConfig:
         if isinstance(rp, dict):
             if "rope_theta" in rp:
                 kw["rope_theta"] = rp["rope_theta"]
+            if "partial_rotary_factor" in rp and "partial_rotary_factor" not in d:
+                kw["partial_rotary_factor"] = rp["partial_rotary_factor"]
             if rp.get("rope_type", "default") != "default":
                 kw["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         if isinstance(kw.get("rope_scaling"), dict) and kw["rope_scaling"].get(
@@ -167,6 +197,9 @@ class LlamaConfig:
             raise UnsupportedError("a model with ALiBi has no Hugging Face Llama config.json equivalent")
         if self.o_bias:
             raise UnsupportedError("a model with an o_proj bias has no Hugging Face Llama config.json equivalent")
+        if self.partial_rotary_factor != 1.0 and self.model_type != "phi3":
+            raise UnsupportedError(f"partial_rotary_factor={self.partial_rotary_factor} with model_type "
+                                   f"{self.model_type!r} has no Hugging Face config.json equivalent (it is Phi-3's)")
         if self.qk_norm != (self.model_type == "qwen3"):
             raise UnsupportedError(f"qk_norm={self.qk_norm} with model_type {self.model_type!r} has no Hugging Face "
                                    "config.json equivalent (q/k norms are Qwen3's)")
@@ -189,7 +222,11 @@ class LlamaConfig:
             d["mlp_bias"] = self.mlp_bias
         if self.model_type == "qwen3":
             d["attention_bias"] = self.attention_bias
-        if self.model_type in ("mistral", "qwen2", "qwen3"):
+        if self.model_type == "phi3":
+            if self.attention_bias or self.mlp_bias:
+                raise UnsupportedError("Phi-3's fused qkv_proj / gate_up_proj have no biases")
+            d["partial_rotary_factor"] = self.partial_rotary_factor
+        if self.model_type in ("mistral", "qwen2", "qwen3", "phi3"):
             d["sliding_window"] = self.sliding_window
             if self.model_type in ("qwen2", "qwen3"):
                 d["use_sliding_window"] = self.sliding_window is not None

@@ -250,8 +250,8 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     ``cache``: continue an existing cache (multi-turn chat); by default a new one sized for prompt +
     new tokens. ``cuda_graph`` (default: on when the model is on CUDA) captures the decode step;
     ``use_compile`` compiles it (inside the graph on CUDA; on CPU over a static-shape cache). Both are
-    skipped for a dynamic-NTK model whose cache reaches past the trained context (each step needs the
-    sequence length on the host)."""
+    skipped for a dynamic-NTK or LongRoPE model whose cache reaches past the trained context (each step
+    needs the sequence length on the host)."""
     dev = next(model.parameters()).device
     ids, real = _as_batch(prompt, dev, attention_mask, model.config.pad_token_id or 0)
     B, T = ids.shape
@@ -277,8 +277,9 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
             free[:, :T] = real
         # recorded before a decode step is captured or compiled: the step reads the mask
         cache.mark_keys(torch.arange(cache.length, cache.max_length, device=dev), free)
-    # dynamic-NTK RoPE past the trained context needs the sequence length on the host every step
-    eager_only = model.config.rope_type == "dynamic" and cache.max_length > ctx
+    # dynamic-NTK / LongRoPE past the trained context needs the sequence length on the host every step
+    rope = getattr(getattr(model, "model", None), "rope", None)
+    eager_only = bool(getattr(rope, "dynamic", False)) and cache.max_length > rope.initial
     use_compile = use_compile and not eager_only
     use_graph = (cuda_graph if cuda_graph is not None else dev.type == "cuda") and dev.type == "cuda" \
         and isinstance(cache, StaticKVCache) and cache.static_shapes and not eager_only

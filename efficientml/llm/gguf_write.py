@@ -133,6 +133,9 @@ def _arch(cfg: LlamaConfig) -> str:
                                "llama3 are")
     if cfg.hidden_act != "silu" or cfg.o_bias or cfg.mlp_bias:
         raise UnsupportedError("only SwiGLU (silu) blocks without output/MLP biases are written to GGUF")
+    if cfg.model_type == "phi3" or cfg.partial_rotary_factor != 1.0:
+        raise UnsupportedError("Phi-3 models are not written to GGUF (llama.cpp's phi3 architecture is not "
+                               "among the llama, qwen2 and qwen3 ones written here)")
     if cfg.model_type == "qwen3" or cfg.qk_norm:
         return "qwen3"
     if cfg.model_type == "qwen2":

@@ -279,6 +279,49 @@ def hf_config(folder: Path) -> LlamaConfig:
     return dataclasses.replace(cfg, eos_token_id=ids[0] if len(ids) == 1 else ids)
 
 
+# Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (rows in that order)
+_FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                        "self_attn.v_proj.weight"),
+          "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+
+def _fused_rows(cfg: LlamaConfig, fused: str) -> list[int]:
+    q, kv = cfg.num_attention_heads * cfg.dim_per_head, cfg.num_key_value_heads * cfg.dim_per_head
+    return [q, kv, kv] if fused.startswith("self_attn") else [cfg.intermediate_size] * 2
+
+
+def split_fused(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's fused projections (Phi-3) → the separate q/k/v and gate/up weights of our model
+    (row views, no copy); other checkpoints pass unchanged."""
+    if cfg.model_type != "phi3":
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        fused = next((f for f in _FUSED if k.endswith("." + f)), None)
+        if fused is None:
+            out[k] = v
+            continue
+        rows = _fused_rows(cfg, fused)
+        if v.dim() != 2 or v.shape[0] != sum(rows):
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}; the config implies "
+                                  f"{sum(rows)} rows ({' + '.join(map(str, rows))})")
+        prefix = k[: -len(fused)]
+        out.update({prefix + name: part for name, part in zip(_FUSED[fused], v.split(rows))})
+    return out
+
+
+def fuse_split(cfg: LlamaConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_fused`, for writing a Phi-3 checkpoint transformers reads."""
+    if cfg.model_type != "phi3":
+        return state
+    out = dict(state)
+    for fused, names in _FUSED.items():
+        for k in [k for k in state if k.endswith("." + names[0])]:
+            prefix = k[: -len(names[0])]
+            out[prefix + fused] = torch.cat([out.pop(prefix + n) for n in names])
+    return out
+
+
 def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu") -> LlamaForCausalLM:
     """config.json + model.safetensors (or shards listed by model.safetensors.index.json); a folder
@@ -300,7 +343,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
                     state[k] = sf.get_tensor(k).to(dtype)
         except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{str(f)!r} is truncated or not a safetensors file ({e})") from None
-    return _fill(cfg, state, str(folder), device)
+    return _fill(cfg, split_fused(cfg, state, str(folder)), str(folder), device)
 
 
 def generation_config(cfg: LlamaConfig, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -339,6 +382,7 @@ def save_hf(model: LlamaForCausalLM, tokenizer: Tokenizer | None, folder: str | 
         t = v.detach().to("cpu")
         state[k] = (t.to(dtype) if dtype is not None else t).contiguous()
     hf_conf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    state = fuse_split(cfg, state)
     gen = generation_config(cfg, sampling)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_conf, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""One decoder-only Transformer for the LLaMA family (Llama 1/2/3, Mistral, Qwen2, Qwen3, SmolLM).
+"""One decoder-only Transformer for the LLaMA family (Llama 1/2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM).
 
 Module names follow Hugging Face's ``LlamaForCausalLM`` exactly, so weight names, scaling groups and
 quantized-module swaps are plain data::
@@ -13,6 +13,7 @@ quantized-module swaps are plain data::
     model.layers[i].post_attention_layernorm RMSNorm(d)
     model.layers[i].mlp.gate_proj / up_proj  nn.Linear(d, ffn)
     model.layers[i].mlp.down_proj            nn.Linear(ffn, d)
+                                             (Phi-3's fused qkv_proj / gate_up_proj are split at load)
     model.norm                               RMSNorm(d)
     lm_head                                  nn.Linear(d, vocab), sharing embed_tokens.weight when tied
 
@@ -71,8 +72,9 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (hd/2,) after the configured scaling, and the attention scaling factor.
-    ``seq_len``: the sequence length "dynamic" (NTK) scaling adapts to."""
-    hd = cfg.dim_per_head
+    ``seq_len``: the sequence length "dynamic" (NTK) and "longrope" scaling adapt to. Over the rotary
+    dimensions only (all of the head unless ``partial_rotary_factor`` < 1)."""
+    hd = cfg.rotary_dim
     base = float(cfg.rope_theta)
     sc = cfg.rope_scaling or {}
     kind = cfg.rope_type
@@ -94,7 +96,24 @@ def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> tuple[torch.T
         inv = (1 - ramp) * inv / factor + ramp * inv
     elif kind == "yarn":
         return _yarn(cfg, inv, base)
+    elif kind == "longrope":
+        return _longrope(cfg, inv, seq_len)
     return inv.float(), 1.0
+
+
+def _longrope(cfg: LlamaConfig, inv: torch.Tensor, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Ding et al. 2024; Phi-3): each frequency divided by a searched factor, the short list
+    within the pretrained context, the long list once the sequence goes past it; cos/sin scaled by
+    sqrt(1 + ln(s) / ln(original context)), s = context / original context, unless given."""
+    sc, orig = cfg.rope_scaling or {}, cfg.rope_original_context
+    long = seq_len is not None and seq_len > orig
+    ext = torch.tensor(sc["long_factor" if long else "short_factor"], dtype=torch.float64, device="cpu")
+    scale = sc.get("attention_factor")
+    if scale is None:
+        s = cfg.max_position_embeddings / orig if orig != cfg.max_position_embeddings \
+            else float(sc.get("factor", 1))
+        scale = math.sqrt(1 + math.log(s) / math.log(orig)) if s > 1 else 1.0
+    return (inv / ext).float(), float(scale)
 
 
 def _yarn(cfg: LlamaConfig, inv: torch.Tensor, base: float) -> tuple[torch.Tensor, float]:
@@ -133,19 +152,19 @@ class Rotary(nn.Module):
     """cos/sin tables by absolute position, grown on demand; indexing by a position tensor keeps the
     decode step free of host syncs (graph-capturable once the table is large enough).
 
-    Dynamic NTK scaling depends on the sequence length: within the trained context the plain table
-    serves; a sequence longer than it (``seq_len``) gets cos/sin computed for its positions with the
-    base that length implies — as transformers does, whose cached keys also keep the rotation they
-    were stored with."""
+    Dynamic NTK and LongRoPE scaling depend on the sequence length: within the trained context (the
+    pretrained one for LongRoPE: ``initial``) the plain table serves; a sequence longer than it
+    (``seq_len``) gets cos/sin computed for its positions with the frequencies that length implies — as
+    transformers does, whose cached keys also keep the rotation they were stored with."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.dynamic = cfg.rope_type == "dynamic"
+        self.dynamic = cfg.rope_type in ("dynamic", "longrope")
         self.inv_freq, self.scale = rope_inv_freq(cfg)  # plain CPU tensor: not a weight
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
-        self.initial = cfg.max_position_embeddings
+        self.initial = cfg.rope_original_context if cfg.rope_type == "longrope" else cfg.max_position_embeddings
 
     def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         c = self._cos
@@ -165,10 +184,11 @@ class Rotary(nn.Module):
         if self.dynamic:
             seq_len = seq_len if seq_len is not None else int(positions.max()) + 1
             if seq_len > self.initial:
-                inv, _ = rope_inv_freq(self.cfg, seq_len)
+                inv, scale = rope_inv_freq(self.cfg, seq_len)
                 f = positions.double().cpu()[..., None] * inv.double()  # (…, T, hd/2)
                 emb = torch.cat([f, f], dim=-1)
-                return (emb.cos().to(positions.device, dtype), emb.sin().to(positions.device, dtype))
+                return ((emb.cos() * scale).to(positions.device, dtype),
+                        (emb.sin() * scale).to(positions.device, dtype))
         n = max_pos if max_pos is not None else int(positions.max()) + 1
         cos, sin = self.tables(n, positions.device, dtype)
         return cos[positions], sin[positions]  # (…, T, hd)
@@ -180,9 +200,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hd); cos/sin: (T, hd) or (B, T, hd)."""
+    """x: (B, nh, T, hd); cos/sin: (T, r) or (B, T, r), r ≤ hd: the first r dimensions turn (partial
+    rotary, Phi-4-mini), the rest pass."""
     if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, r)
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        x, rest = x[..., :r], x[..., r:]
+        return torch.cat([x * cos + _rotate_half(x) * sin, rest], dim=-1)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -539,7 +564,7 @@ class LlamaModel(nn.Module):
             if self.rope.dynamic:
                 if cache is not None and not static:
                     seq_len = kv_len
-                elif not (static and cache.max_length <= self.config.max_position_embeddings):
+                elif not (static and cache.max_length <= self.rope.initial):
                     seq_len = int(input_pos.max()) + 1  # a host sync: generate() runs such steps eagerly
             cos, sin = self.rope(input_pos, torch.float32, max_pos=kv_len, seq_len=seq_len)  # (T, hd) each
             rope = (cos.to(x.dtype), sin.to(x.dtype))

@@ -39,6 +39,7 @@ from torch import nn
 from efficientml.core.errors import CheckpointError, UnsupportedError
 from efficientml.core.modules import set_module
 from efficientml.core.serialization import atomic_dir
+from efficientml.llm.compress.fused import fuse_compressed, fused_module_name, split_compressed
 from efficientml.llm.compress.qlinear import QuantLinear, W8A8Linear
 from efficientml.llm.compress.rtn import WeightQuantSpec
 from efficientml.llm.load import generation_config
@@ -56,7 +57,8 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     if len(kinds) > 1:
         raise UnsupportedError("a checkpoint mixing weight-only and W8A8 linears is not supported")
     first = next(iter(mods.values()))
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ignore = list(dict.fromkeys(fused_module_name(model.config, n) for n, m in model.named_modules()
+                                if isinstance(m, nn.Linear)))
     if isinstance(first, QuantLinear):
         specs = {m.spec for m in mods.values()}
         if len(specs) > 1:
@@ -105,6 +107,8 @@ def save_compressed(model: nn.Module, tokenizer, folder: str | Path, overwrite: 
         state[k] = t.contiguous()
     if float_dtype is not None:
         hf["torch_dtype"] = str(float_dtype).removeprefix("torch.")
+    w = hf["quantization_config"]["config_groups"]["group_0"]["weights"]
+    state = fuse_compressed(cfg, state, w["num_bits"])  # Phi-3: one qkv_proj / gate_up_proj
     gen = generation_config(cfg, sampling)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -142,6 +146,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32, devi
         state = load_file(str(st_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{str(st_path)!r} is truncated or not a safetensors file ({e})") from None
+    state = split_compressed(cfg, state, int(grp["weights"]["num_bits"]), str(st_path))
     model = build_model(cfg, "meta", dtype)
     if fmt == "pack-quantized":
         w = grp["weights"]

@@ -121,3 +121,44 @@ def test_generic_load_opens_compressed_folders(tmp_path, ids, calib):
     assert tok.encode("Paris") == load_tokenizer("smollm2-135m").encode("Paris")
     with torch.no_grad():
         assert (m2(ids) - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("conf", [RTNConfig(4, 32), RTNConfig(3, 32, True), SmoothQuantConfig(act="static"),
+                                  AWQConfig(4, 32)])
+def test_phi3_checkpoint_holds_fused_projections(tmp_path, conf, ids, calib):
+    """Phi-3: the checkpoint names qkv_proj / gate_up_proj as transformers and vLLM do (packed codes,
+    scales and zero points joined by output row); it loads back to the same separate linears."""
+    from safetensors.torch import load_file
+
+    m = tiny_model(model_type="phi3", tie_word_embeddings=False)
+    quantize(m, conf, calib, progress=False)
+    with torch.no_grad():
+        ref = m(ids)
+    save_compressed(m, None, tmp_path / "q")
+    keys = set(load_file(str(tmp_path / "q" / "model.safetensors")))
+    assert not any(".q_proj." in k or ".gate_proj." in k for k in keys)
+    assert {"model.layers.0.self_attn.qkv_proj.weight_scale", "model.layers.1.mlp.gate_up_proj.weight_scale"} <= keys
+    ignore = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == ["lm_head"]
+    m2, _ = load_compressed(tmp_path / "q")
+    for name, mod in m.named_modules():
+        if isinstance(mod, (QuantLinear, W8A8Linear)):
+            other = m2.get_submodule(name)
+            assert all(torch.equal(a, b) for a, b in zip(mod.state_dict().values(), other.state_dict().values()))
+    with torch.no_grad():
+        assert (m2(ids) - ref).abs().max().item() <= 1e-5
+
+
+def test_transformers_loads_a_phi3_checkpoint(tmp_path, ids):
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+
+    m = tiny_model(model_type="phi3", tie_word_embeddings=False)
+    quantize(m, RTNConfig(4, 32, symmetric=True))
+    with torch.no_grad():
+        ref = m(ids)
+    save_compressed(m, None, tmp_path / "q", float_dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert type(hf).__name__ == "Phi3ForCausalLM"
+    with torch.no_grad():
+        assert (hf(ids).logits - ref).abs().max().item() <= 1e-5

@@ -1,0 +1,102 @@
+"""Phi-3's fused projections in compressed checkpoints: our model quantizes q/k/v and gate/up as
+separate linears; the checkpoint holds them as one ``qkv_proj`` / ``gate_up_proj`` (as transformers,
+vLLM and compressed-tensors name them), so their quantized tensors are joined by output row.
+
+Per-row tensors (packed codes, scales, int8 weights) are concatenated; packed zero points (packed along
+the output rows) are unpacked, concatenated and packed again; a static W8A8 input scale is shared, so
+the parts must agree on it. :func:`split_compressed` undoes :func:`fuse_compressed` exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from efficientml.core.errors import CheckpointError, UnsupportedError
+from efficientml.llm.compress.packing import pack_int32, unpack_int32
+from efficientml.llm.config import LlamaConfig
+
+_GROUPS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _rows(cfg: LlamaConfig, fused: str) -> list[int]:
+    q, kv = cfg.num_attention_heads * cfg.dim_per_head, cfg.num_key_value_heads * cfg.dim_per_head
+    return [q, kv, kv] if fused.startswith("self_attn") else [cfg.intermediate_size] * 2
+
+
+def _bits(cfg_bits: int | None, what: str) -> int:
+    if cfg_bits is None:
+        raise UnsupportedError(f"{what}: zero points without a bit width")
+    return cfg_bits
+
+
+def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int | None) -> dict[str, torch.Tensor]:
+    """Our separate-projection state → Phi-3's fused names (other models: unchanged)."""
+    if cfg.model_type != "phi3":
+        return state
+    out = dict(state)
+    for fused, parts in _GROUPS.items():
+        for key in [k for k in state if k.endswith("." + parts[0] + ".weight_shape")
+                    or k.endswith("." + parts[0] + ".weight")]:
+            prefix = key[: key.index(parts[0])]
+            names = [prefix + p for p in parts]
+            suffixes = sorted({k[len(names[0]) + 1:] for k in state if k.startswith(names[0] + ".")})
+            for n in names[1:]:
+                if sorted(k[len(n) + 1:] for k in state if k.startswith(n + ".")) != suffixes:
+                    raise UnsupportedError(f"{fused} of {prefix!r}: {', '.join(parts)} are not quantized alike, "
+                                           "so they cannot be stored as one fused linear")
+            for s in suffixes:
+                ts = [out.pop(f"{n}.{s}") for n in names]
+                if s == "weight_shape":
+                    joined = torch.tensor([sum(int(t[0]) for t in ts), int(ts[0][1])], dtype=ts[0].dtype)
+                elif s == "weight_zero_point":
+                    b = _bits(bits, fused)
+                    rows = _rows(cfg, fused)
+                    codes = [unpack_int32(t, b, r, dim=0) for t, r in zip(ts, rows)]
+                    joined = pack_int32(torch.cat(codes), b, dim=0)
+                elif s == "input_scale":
+                    if not all(torch.equal(t, ts[0]) for t in ts):
+                        raise UnsupportedError(f"{fused} of {prefix!r}: the static input scales of "
+                                               f"{', '.join(parts)} differ; one fused linear has one")
+                    joined = ts[0]
+                else:
+                    joined = torch.cat(ts)
+                out[f"{prefix}{fused}.{s}"] = joined
+    return out
+
+
+def split_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int | None,
+                     where: str) -> dict[str, torch.Tensor]:
+    """Phi-3's fused names → our separate projections (other models: unchanged)."""
+    if cfg.model_type != "phi3":
+        return state
+    out = dict(state)
+    for fused, parts in _GROUPS.items():
+        rows = _rows(cfg, fused)
+        for key in [k for k in state if ("." + fused + ".") in k]:
+            prefix, s = key.split(fused + ".")
+            t = out.pop(key)
+            if s == "weight_shape":
+                pieces = [torch.tensor([r, int(t[1])], dtype=t.dtype) for r in rows]
+            elif s == "weight_zero_point":
+                b = _bits(bits, fused)
+                codes = unpack_int32(t, b, sum(rows), dim=0)
+                pieces = [pack_int32(c, b, dim=0) for c in codes.split(rows)]
+            elif s == "input_scale":
+                pieces = [t] * len(parts)
+            else:
+                if t.shape[0] != sum(rows):
+                    raise CheckpointError(f"{where}: {key!r} has {t.shape[0]} rows; the config implies {sum(rows)}")
+                pieces = list(t.split(rows))
+            out.update({f"{prefix}{p}.{s}": piece.contiguous() for p, piece in zip(parts, pieces)})
+    return out
+
+
+def fused_module_name(cfg: LlamaConfig, name: str) -> str:
+    """A module's name in the checkpoint: Phi-3's q/k/v and gate/up under their fused linear."""
+    if cfg.model_type == "phi3":
+        for fused, parts in _GROUPS.items():
+            for p in parts:
+                if name.endswith("." + p):
+                    return name[: -len(p)] + fused
+    return name
