@@ -105,11 +105,16 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def hf_name(gguf_name: str) -> str | None:
+# Phi-3's fused projections keep their Hugging Face (fused) names; load_gguf splits them like load_hf
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+
+
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """``blk.3.attn_q.weight`` → ``model.layers.3.self_attn.q_proj.weight``; None for unknown names."""
     parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    layer_names = _PHI3_LAYER_NAMES if arch == "phi3" else _LAYER_NAMES
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
     if len(parts) == 2 and parts[0] in _TOP_NAMES:
         return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
     return None
@@ -230,9 +235,9 @@ class GGUFFile:
     def config(self) -> LlamaConfig:
         """The model configuration from the metadata (read once per opened file)."""
         arch = self.arch
-        if arch not in ("llama", "qwen2", "qwen3", "mistral"):
+        if arch not in ("llama", "qwen2", "qwen3", "mistral", "phi3"):
             raise UnsupportedError(f"{self.path.name}: GGUF architecture {arch!r} is not supported; "
-                                   "expected llama, mistral, qwen2 or qwen3")
+                                   "expected llama, mistral, qwen2, qwen3 or phi3")
         m = self.meta
 
         def get(key: str, default: Any = None) -> Any:
@@ -248,21 +253,27 @@ class GGUFFile:
         kind = get("rope.scaling.type")
         if kind == "linear":
             scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-        elif kind not in (None, "none"):
+        elif kind not in (None, "none") and not (arch == "phi3" and kind in ("longrope", "su")):
             raise UnsupportedError(f"{self.path.name}: RoPE scaling {kind!r} is not supported; linear, and "
                                    "llama3 (a rope_freqs.weight tensor) are")
+        head_dim = int(get("attention.key_length", get("rope.dimension_count", d // n_heads)))
+        rotary = 1.0
+        if arch == "phi3":  # rope.dimension_count is the rotary part of the head (Phi-4-mini: 3/4 of it)
+            head_dim = int(get("attention.key_length", d // n_heads))
+            rotary = int(get("rope.dimension_count", head_dim)) / head_dim
+            scaling = self._longrope(get, head_dim * rotary) or scaling
         cfg = LlamaConfig(
             vocab_size=int(vocab), hidden_size=d, intermediate_size=int(get("feed_forward_length")),
             num_hidden_layers=int(get("block_count")), num_attention_heads=n_heads,
             num_key_value_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=int(get("attention.key_length", get("rope.dimension_count", d // n_heads))),
+            head_dim=head_dim, partial_rotary_factor=rotary,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             max_position_embeddings=int(get("context_length", 2048)),
             rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
-            sliding_window=None if arch != "mistral" else get("attention.sliding_window"),
-            model_type=arch if arch in ("qwen2", "qwen3") else "llama", qk_norm=arch == "qwen3",
+            sliding_window=get("attention.sliding_window") if arch in ("mistral", "phi3") else None,
+            model_type=arch if arch in ("qwen2", "qwen3", "phi3") else "llama", qk_norm=arch == "qwen3",
             bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_id=self._stop_ids(),
             pad_token_id=m.get("tokenizer.ggml.padding_token_id"),
         )
@@ -274,6 +285,30 @@ class GGUFFile:
             cfg = replace(cfg, rope_scaling=llama3 or scaling)
         return cfg
 
+    def _longrope(self, get, rotary_dim: float) -> dict[str, Any] | None:
+        """Phi-3's LongRoPE as llama.cpp's converter stores it: the factors as tensors, the pretrained
+        context and the attention factor as metadata."""
+        names = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+        found = {t.name: t for t in self.infos if t.name in names.values()}
+        if not found:
+            return None
+        if len(found) != 2:
+            raise CheckpointError(f"{self.path.name}: LongRoPE needs both rope_factors_long and "
+                                  "rope_factors_short")
+        sc: dict[str, Any] = {"rope_type": "longrope"}
+        for key, name in names.items():
+            f = tensor_to_torch(found[name]).double().flatten()
+            if f.numel() != int(rotary_dim) // 2:
+                raise CheckpointError(f"{self.path.name}: {name} has {f.numel()} values, expected "
+                                      f"{int(rotary_dim) // 2}")
+            sc[key] = f.tolist()
+        orig = get("rope.scaling.original_context_length")
+        if orig is not None:
+            sc["original_max_position_embeddings"] = int(orig)
+        if get("rope.scaling.attn_factor") is not None:
+            sc["attention_factor"] = float(get("rope.scaling.attn_factor"))
+        return sc
+
     def _stop_ids(self) -> int | list[int] | None:
         """EOS, plus the end-of-turn / end-of-message tokens chat models end an answer with."""
         keys = ("eos_token_id", "eot_token_id", "eom_token_id")
@@ -283,11 +318,11 @@ class GGUFFile:
     def tensors(self, cfg: LlamaConfig | None = None):
         """Yield ``(hf_name, float32 tensor)`` one at a time (bounded memory)."""
         cfg = cfg or self.config
-        permute = self.arch in ("llama", "mistral")  # qwen2's GGUF keeps rotate-half order
+        permute = self.arch in ("llama", "mistral")  # qwen2's and phi3's GGUF keep rotate-half order
         for t in self.infos:
-            name = hf_name(t.name)
+            name = hf_name(t.name, self.arch)
             if name is None:
-                if t.name.startswith("rope_freqs") or t.name.endswith("rope_freqs.weight"):
+                if t.name.startswith(("rope_freqs", "rope_factors_")) or t.name.endswith("rope_freqs.weight"):
                     continue
                 raise UnsupportedError(f"{self.path.name}: GGUF tensor {t.name!r} has no place in a Llama model")
             try:

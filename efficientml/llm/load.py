@@ -212,7 +212,7 @@ def load_gguf(gf, dtype: torch.dtype = torch.float32, device: str | torch.device
         gf = GGUFFile(resolve_source(gf))
     cfg = gf.config
     state = {name: w.to(dtype) for name, w in gf.tensors(cfg)}
-    return _fill(cfg, state, str(gf.path), device)
+    return _fill(cfg, split_fused(cfg, state, str(gf.path)), str(gf.path), device)
 
 
 # a folder's weights: safetensors first, PyTorch pickles (older Hub repos) when there are none

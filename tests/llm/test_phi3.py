@@ -70,7 +70,7 @@ def test_saved_folder_is_phi3_for_transformers(tmp_path):
     from safetensors.torch import load_file
 
     keys = set(load_file(str(out / "model.safetensors")))
-    assert "model.layers.0.self_attn.qkv_proj.weight" in keys and "model.layers.1.mlp.gate_up_proj.weight" in keys
+    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"} <= keys
     assert not any("q_proj" in k or "gate_proj" in k for k in keys)
     back = transformers.Phi3ForCausalLM.from_pretrained(str(out)).eval()
     ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(2))
@@ -87,3 +87,67 @@ def test_bad_fused_shape(tmp_path):
     save_file(sd, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"qkv_proj.weight' has shape \(112, 64\); the config implies 128 rows"):
         load_hf(folder)
+
+
+def _write_phi3_gguf(path, theirs, cfg_kw: dict) -> None:
+    """A GGUF as llama.cpp's converter writes Phi-3 (gguf-py's writer): fused attn_qkv / ffn_up, rotate-half
+    Q/K rows kept, rope.dimension_count = the rotary part, LongRoPE factors as tensors with the pretrained
+    context and attention factor as metadata."""
+    import math
+
+    gguf = pytest.importorskip("gguf")
+    c = theirs.config
+    hd = c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(int(hd * cfg_kw.get("partial_rotary_factor", 1.0)))
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(c.vocab_size)
+    if cfg_kw.get("sliding_window"):
+        w.add_sliding_window(cfg_kw["sliding_window"])
+    sc = cfg_kw.get("rope_scaling")
+    if sc:
+        orig = cfg_kw["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(c.max_position_embeddings / orig) / math.log(orig)))
+        w.add_tensor("rope_factors_long.weight", torch.tensor(sc["long_factor"]).numpy().astype("float32"))
+        w.add_tensor("rope_factors_short.weight", torch.tensor(sc["short_factor"]).numpy().astype("float32"))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for k, v in theirs.state_dict().items():
+        if k.startswith("model.layers."):
+            i, rest = k[len("model.layers."):].split(".", 1)
+            mod, kind = rest.rsplit(".", 1)
+            k2 = f"blk.{i}.{layer[mod]}.{kind}"
+        else:
+            k2 = names[k]
+        w.add_tensor(k2, v.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gguf_phi3_matches_transformers(tmp_path, case):
+    from efficientml.llm.gguf import GGUFFile
+    from efficientml.llm.load import load_gguf
+
+    theirs, _ = _theirs(tmp_path, **CASES[case])
+    _write_phi3_gguf(tmp_path / "phi3.gguf", theirs, CASES[case])
+    gf = GGUFFile(tmp_path / "phi3.gguf")
+    assert gf.config.model_type == "phi3"
+    ours = load_gguf(gf)
+    for T in (12, 40):
+        ids = torch.randint(3, 96, (1, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            assert _rel(ours(ids), theirs(ids).logits) <= 1e-4, (case, T)

@@ -37,9 +37,10 @@ _LLAMA = (
     ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", prev_is_norm=False),
 )
 
-# model_type → the block's scaling groups (Mistral, Qwen2 and Phi-3 blocks are Llama blocks with other options;
-# Phi-3's fused qkv_proj / gate_up_proj are separate linears in our model, joined again in the checkpoint)
-FAMILIES: dict[str, tuple[ScalingGroup, ...]] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "phi3": _LLAMA}
+# model_type → the block's scaling groups (Mistral, Qwen2 and Phi-3 blocks are Llama blocks with other
+# options; Phi-3's fused qkv_proj / gate_up_proj are separate linears in our model, joined in the checkpoint)
+FAMILIES: dict[str, tuple[ScalingGroup, ...]] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+                                                 "phi3": _LLAMA}
 
 # every linear of a block that quantization touches, in execution order
 BLOCK_LINEARS: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

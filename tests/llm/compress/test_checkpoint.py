@@ -137,7 +137,8 @@ def test_phi3_checkpoint_holds_fused_projections(tmp_path, conf, ids, calib):
     save_compressed(m, None, tmp_path / "q")
     keys = set(load_file(str(tmp_path / "q" / "model.safetensors")))
     assert not any(".q_proj." in k or ".gate_proj." in k for k in keys)
-    assert {"model.layers.0.self_attn.qkv_proj.weight_scale", "model.layers.1.mlp.gate_up_proj.weight_scale"} <= keys
+    assert {"model.layers.0.self_attn.qkv_proj.weight_scale",
+            "model.layers.1.mlp.gate_up_proj.weight_scale"} <= keys
     ignore = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["ignore"]
     assert ignore == ["lm_head"]
     m2, _ = load_compressed(tmp_path / "q")
