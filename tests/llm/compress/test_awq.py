@@ -10,9 +10,16 @@ from efficientml.llm.compress.rtn import WeightQuantSpec, fake_quantize
 from .conftest import tiny_model
 
 
+FAMILY_OPTIONS = {"llama": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},
+                  "phi3": {"partial_rotary_factor": 0.5, "tie_word_embeddings": False}}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_OPTIONS))
 @pytest.mark.parametrize("kv_heads", [4, 2])  # MHA: v→o group usable; GQA: skipped
-def test_scaling_with_folded_inverse_preserves_fp_output(kv_heads, ids):
-    m = tiny_model(num_key_value_heads=kv_heads)
+def test_scaling_with_folded_inverse_preserves_fp_output(kv_heads, family, ids):
+    """Every family's scaling groups are exact in floating point (Qwen3's q/k norms come after q_proj /
+    k_proj, so scaling their inputs is still folded away)."""
+    m = tiny_model(num_key_value_heads=kv_heads, model_type=family, **FAMILY_OPTIONS[family])
     with torch.no_grad():
         ref = m(ids)
         used = 0

@@ -163,3 +163,19 @@ def test_transformers_loads_a_phi3_checkpoint(tmp_path, ids):
     assert type(hf).__name__ == "Phi3ForCausalLM"
     with torch.no_grad():
         assert (hf(ids).logits - ref).abs().max().item() <= 1e-5
+
+
+def test_qwen3_awq_checkpoint_loads_in_transformers(tmp_path, ids, calib):
+    """Qwen3 (q/k norms) goes through AWQ's scaling groups and into a checkpoint transformers runs."""
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+
+    m = tiny_model(model_type="qwen3", qk_norm=True)
+    quantize(m, AWQConfig(4, 32, symmetric=True, n_grid=4, clip_grid=4), calib, progress=False)
+    with torch.no_grad():
+        ref = m(ids)
+    save_compressed(m, None, tmp_path / "q", float_dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    with torch.no_grad():
+        assert (hf(ids).logits - ref).abs().max().item() <= 1e-5
