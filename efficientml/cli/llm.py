@@ -115,7 +115,7 @@ SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"
 def _sampling(args: argparse.Namespace, stops: tuple[int, ...] = ()):
     """The flags given, over the model's own defaults (``--generation-config auto``), over greedy."""
     from efficientml.llm.generate import SamplingConfig
-    from efficientml.llm.load import generation_defaults
+    from efficientml.llm.generation_config import generation_defaults
 
     given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     model = generation_defaults(args.model) if args.generation_config == "auto" else {}
@@ -141,7 +141,8 @@ def _storage(src) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from efficientml.llm.load import generation_defaults, load_config, load_tokenizer, open_source
+    from efficientml.llm.generation_config import generation_defaults
+    from efficientml.llm.load import load_config, load_tokenizer, open_source
 
     src = open_source(args.model)  # a GGUF file's header is parsed once for all three
     cfg, tok = load_config(src), load_tokenizer(src)
@@ -262,7 +263,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from efficientml.llm.load import generation_defaults, save_hf
+    from efficientml.llm.generation_config import generation_defaults
+    from efficientml.llm.load import save_hf
 
     model, tok = _load(args)
     sampling = generation_defaults(args.model)  # carried over, as llama.cpp's converter does

@@ -131,7 +131,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from efficientml.llm.compress import quantize, save_compressed
-    from efficientml.llm.load import generation_defaults, load
+    from efficientml.llm.generation_config import generation_defaults
+    from efficientml.llm.load import load
 
     conf = _config(args)  # bad bits / group size fail here, before loading
     _prepare(args)
@@ -149,7 +150,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     from efficientml.llm.compress import PruneConfig, prune
-    from efficientml.llm.load import generation_defaults, load, save_hf
+    from efficientml.llm.generation_config import generation_defaults
+    from efficientml.llm.load import load, save_hf
 
     conf = PruneConfig(args.method, args.sparsity, n_m=args.n_m)
     _prepare(args)

@@ -48,6 +48,7 @@ from torch import nn
 from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
 from efficientml.core.serialization import atomic_path
 from efficientml.llm.config import LlamaConfig
+from efficientml.llm.generation_config import GGUF_SAMPLING
 from efficientml.llm.gguf import _LAYER_NAMES, _SCALARS, _TOP_NAMES, permute_rope_rows
 from efficientml.llm.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, _TEKKEN_SPLIT, Tokenizer
 
@@ -258,9 +259,7 @@ def model_metadata(cfg: LlamaConfig, arch: str, outtype: str, name: str) -> dict
     return meta
 
 
-_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
-                  "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
-                  "repetition_penalty": "general.sampling.penalty_repeat"}
+_SAMPLING_KEYS = {field: key for key, field in GGUF_SAMPLING.items()}  # SamplingConfig field → GGUF key
 
 
 def sampling_metadata(sampling: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ get the files here.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass

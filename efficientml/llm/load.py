@@ -21,10 +21,12 @@ from typing import Any, Callable
 
 import torch
 
-from efficientml.core.errors import CheckpointError, ConfigError, DataNotFoundError
+from efficientml.core.errors import CheckpointError, DataNotFoundError
 from efficientml.core.lazy import optional_import
 from efficientml.core.serialization import atomic_dir
 from efficientml.llm.config import LlamaConfig
+from efficientml.llm.fused import fuse_split, split_fused
+from efficientml.llm.generation_config import generation_config
 from efficientml.llm.model import LlamaForCausalLM, build_model, pack_projections
 from efficientml.llm.tokenizer import Tokenizer
 
@@ -133,50 +135,6 @@ def checkpoint_dtype(source: Any) -> torch.dtype:
     return _FLOAT_DTYPES.get(kinds[0], torch.float32) if len(kinds) == 1 else torch.float32
 
 
-# llama.cpp's sampling defaults in GGUF metadata (written by its converter from generation_config.json)
-_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
-                  "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
-                  "general.sampling.penalty_repeat": "repetition_penalty"}
-
-
-def generation_defaults(source: Any) -> dict[str, float | int]:
-    """The sampling settings a model ships with, as :class:`~efficientml.llm.generate.SamplingConfig`
-    fields (only those it sets), to use where the user sets none (transformers' ``generate`` and vLLM's
-    ``--generation-config auto`` do the same).
-
-    A folder's generation_config.json is read as transformers reads it: temperature, top-k, top-p and
-    min-p only with ``do_sample: true`` (else decoding is greedy; temperature 1.0 when only
-    ``do_sample`` is given), the repetition penalty always; top-k 0 means off. A GGUF file's
-    ``general.sampling.*`` keys are taken as they are. An invalid value is a :class:`ConfigError`."""
-    from efficientml.llm.generate import SamplingConfig
-
-    src = open_source(source)
-    if isinstance(src, Path):
-        where = src / "generation_config.json"
-        try:
-            gc = json.loads(where.read_text()) if where.is_file() else {}
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{str(where)!r} is not valid JSON ({e})") from None
-        gc = gc if isinstance(gc, dict) else {}
-        out: dict[str, Any] = {}
-        if gc.get("do_sample") is True:
-            out["temperature"] = gc.get("temperature", 1.0)
-            out.update({k: gc[k] for k in ("top_k", "top_p", "min_p") if gc.get(k) is not None})
-        if gc.get("repetition_penalty") is not None:
-            out["repetition_penalty"] = gc["repetition_penalty"]
-    else:
-        where = src.path
-        out = {field: src.meta[key] for key, field in _GGUF_SAMPLING.items() if src.meta.get(key) is not None}
-    if out.get("top_k") == 0:
-        del out["top_k"]
-    try:
-        out = {k: int(v) if k == "top_k" else float(v) for k, v in out.items()}
-        SamplingConfig(**out)  # validates
-    except (TypeError, ValueError) as e:  # ConfigError is a ValueError
-        raise ConfigError(f"{str(where)!r}: the model's sampling defaults {out} are invalid ({e})") from None
-    return out
-
-
 def _fill(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str,
           device: str | torch.device) -> LlamaForCausalLM:
     model = build_model(cfg, device="meta")
@@ -279,49 +237,6 @@ def hf_config(folder: Path) -> LlamaConfig:
     return dataclasses.replace(cfg, eos_token_id=ids[0] if len(ids) == 1 else ids)
 
 
-# Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (rows in that order)
-_FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                        "self_attn.v_proj.weight"),
-          "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
-
-
-def _fused_rows(cfg: LlamaConfig, fused: str) -> list[int]:
-    q, kv = cfg.num_attention_heads * cfg.dim_per_head, cfg.num_key_value_heads * cfg.dim_per_head
-    return [q, kv, kv] if fused.startswith("self_attn") else [cfg.intermediate_size] * 2
-
-
-def split_fused(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """A checkpoint's fused projections (Phi-3) → the separate q/k/v and gate/up weights of our model
-    (row views, no copy); other checkpoints pass unchanged."""
-    if cfg.model_type != "phi3":
-        return state
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        fused = next((f for f in _FUSED if k.endswith("." + f)), None)
-        if fused is None:
-            out[k] = v
-            continue
-        rows = _fused_rows(cfg, fused)
-        if v.dim() != 2 or v.shape[0] != sum(rows):
-            raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}; the config implies "
-                                  f"{sum(rows)} rows ({' + '.join(map(str, rows))})")
-        prefix = k[: -len(fused)]
-        out.update({prefix + name: part for name, part in zip(_FUSED[fused], v.split(rows))})
-    return out
-
-
-def fuse_split(cfg: LlamaConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`split_fused`, for writing a Phi-3 checkpoint transformers reads."""
-    if cfg.model_type != "phi3":
-        return state
-    out = dict(state)
-    for fused, names in _FUSED.items():
-        for k in [k for k in state if k.endswith("." + names[0])]:
-            prefix = k[: -len(names[0])]
-            out[prefix + fused] = torch.cat([out.pop(prefix + n) for n in names])
-    return out
-
-
 def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu") -> LlamaForCausalLM:
     """config.json + model.safetensors (or shards listed by model.safetensors.index.json); a folder
@@ -344,25 +259,6 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
         except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{str(f)!r} is truncated or not a safetensors file ({e})") from None
     return _fill(cfg, split_fused(cfg, state, str(folder)), str(folder), device)
-
-
-def generation_config(cfg: LlamaConfig, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
-    """generation_config.json's contents: the special token ids, and sampling defaults (SamplingConfig
-    fields, as :func:`generation_defaults` returns them) in transformers' form: ``do_sample`` with
-    temperature, top-k, top-p and min-p when the temperature is above 0; the repetition penalty always."""
-    gen: dict[str, Any] = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    if cfg.pad_token_id is not None:
-        gen["pad_token_id"] = cfg.pad_token_id
-    s = dict(sampling or {})
-    unknown = set(s) - {"temperature", "top_k", "top_p", "min_p", "repetition_penalty"}
-    if unknown:
-        raise ConfigError(f"sampling defaults {sorted(unknown)} are not generation_config fields")
-    if s.get("temperature", 0.0) > 0:
-        gen["do_sample"] = True
-        gen.update({k: s[k] for k in ("temperature", "top_k", "top_p", "min_p") if k in s})
-    if "repetition_penalty" in s:
-        gen["repetition_penalty"] = s["repetition_penalty"]
-    return gen
 
 
 def save_hf(model: LlamaForCausalLM, tokenizer: Tokenizer | None, folder: str | Path,

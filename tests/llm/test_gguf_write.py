@@ -267,7 +267,7 @@ def test_what_cannot_be_written_is_refused(small_tok, tmp_path):
 def test_sampling_defaults_as_llama_cpp_writes_them(small_tok, tmp_path):
     """general.sampling.*: top-k int32, the rest float32 (gguf-py's reader sees those types); read
     back by generation_defaults as written."""
-    from efficientml.llm.load import generation_defaults
+    from efficientml.llm.generation_config import generation_defaults
 
     want = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
     path = save_gguf(tiny(), small_tok, tmp_path / "s.gguf", outtype="f32", sampling=want)

@@ -42,7 +42,7 @@ from efficientml.core.serialization import atomic_dir
 from efficientml.llm.compress.fused import fuse_compressed, fused_module_name, split_compressed
 from efficientml.llm.compress.qlinear import QuantLinear, W8A8Linear
 from efficientml.llm.compress.rtn import WeightQuantSpec
-from efficientml.llm.load import generation_config
+from efficientml.llm.generation_config import generation_config
 
 
 def _quant_modules(model: nn.Module) -> dict[str, nn.Module]:

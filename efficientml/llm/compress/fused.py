@@ -14,14 +14,7 @@ import torch
 from efficientml.core.errors import CheckpointError, UnsupportedError
 from efficientml.llm.compress.packing import pack_int32, unpack_int32
 from efficientml.llm.config import LlamaConfig
-
-_GROUPS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-           "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def _rows(cfg: LlamaConfig, fused: str) -> list[int]:
-    q, kv = cfg.num_attention_heads * cfg.dim_per_head, cfg.num_key_value_heads * cfg.dim_per_head
-    return [q, kv, kv] if fused.startswith("self_attn") else [cfg.intermediate_size] * 2
+from efficientml.llm.fused import FUSED_GROUPS, fused_rows
 
 
 def _bits(cfg_bits: int | None, what: str) -> int:
@@ -35,7 +28,7 @@ def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int 
     if cfg.model_type != "phi3":
         return state
     out = dict(state)
-    for fused, parts in _GROUPS.items():
+    for fused, parts in FUSED_GROUPS.items():
         for key in [k for k in state if k.endswith("." + parts[0] + ".weight_shape")
                     or k.endswith("." + parts[0] + ".weight")]:
             prefix = key[: key.index(parts[0])]
@@ -51,7 +44,7 @@ def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int 
                     joined = torch.tensor([sum(int(t[0]) for t in ts), int(ts[0][1])], dtype=ts[0].dtype)
                 elif s == "weight_zero_point":
                     b = _bits(bits, fused)
-                    rows = _rows(cfg, fused)
+                    rows = fused_rows(cfg, fused)
                     codes = [unpack_int32(t, b, r, dim=0) for t, r in zip(ts, rows)]
                     joined = pack_int32(torch.cat(codes), b, dim=0)
                 elif s == "input_scale":
@@ -71,8 +64,8 @@ def split_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int
     if cfg.model_type != "phi3":
         return state
     out = dict(state)
-    for fused, parts in _GROUPS.items():
-        rows = _rows(cfg, fused)
+    for fused, parts in FUSED_GROUPS.items():
+        rows = fused_rows(cfg, fused)
         for key in [k for k in state if ("." + fused + ".") in k]:
             prefix, s = key.split(fused + ".")
             t = out.pop(key)
@@ -95,7 +88,7 @@ def split_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int
 def fused_module_name(cfg: LlamaConfig, name: str) -> str:
     """A module's name in the checkpoint: Phi-3's q/k/v and gate/up under their fused linear."""
     if cfg.model_type == "phi3":
-        for fused, parts in _GROUPS.items():
+        for fused, parts in FUSED_GROUPS.items():
             for p in parts:
                 if name.endswith("." + p):
                     return name[: -len(p)] + fused
