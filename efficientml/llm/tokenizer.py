@@ -183,8 +183,13 @@ class Tokenizer:
         backend.add_tokens([tk.AddedToken(t, special=False, normalized=False)
                             for t, ty in zip(m.pieces, m.types) if ty == 4])
         extra = conf.get("added_tokens_decoder") or {}
-        for i in sorted((int(k) for k in extra if int(k) >= len(m.pieces))):
-            e = extra[str(i)]
+        try:
+            extra = {int(k): e for k, e in extra.items() if isinstance(e["content"], str)}
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise CheckpointError("tokenizer_config.json: added_tokens_decoder must map token ids to "
+                                  '{"content": ...} entries') from None
+        for i in sorted(k for k in extra if k >= len(m.pieces)):
+            e = extra[i]
             if backend.get_vocab_size(with_added_tokens=True) != i:
                 raise CheckpointError(f"tokenizer_config.json adds token {i} ({e.get('content')!r}) but the "
                                       f"vocabulary ends at {backend.get_vocab_size(with_added_tokens=True) - 1}")

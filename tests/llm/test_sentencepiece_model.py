@@ -95,6 +95,9 @@ def test_tokenizer_config_and_added_tokens(llama_like, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"702": {"content": "<x>"}}}))
     with pytest.raises(CheckpointError, match="adds token 702.*ends at 699"):
         Tokenizer.from_folder(d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"x": {"content": "<x>"}}}))
+    with pytest.raises(CheckpointError, match="added_tokens_decoder must map token ids"):
+        Tokenizer.from_folder(d)
 
 
 def test_refusals(tmp_path_factory, text, llama_like, tmp_path):
