@@ -98,7 +98,9 @@ TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "F
          "ffn_up": "F32", "ffn_down": "Q8_0"}
 
 
-def write_tiny_gguf(path, model, cfg=CFG, extra=None, arch="llama"):
+def write_tiny_gguf(path, model, cfg=CFG, extra=None, arch="llama", types=None):
+    """``model`` as a GGUF file of ``arch``, the matrices in ``types`` (default :data:`TYPES`; {}: all F32)."""
+    types = TYPES if types is None else types
     w = gguf.GGUFWriter(str(path), arch)
     if extra is not None:
         extra(w)
@@ -111,20 +113,23 @@ def write_tiny_gguf(path, model, cfg=CFG, extra=None, arch="llama"):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    from efficientml.llm.fused import fuse_split
+
+    sd = {k: v.numpy() for k, v in fuse_split(cfg, model.state_dict()).items()}  # phi3: fused, as llama.cpp
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     hf = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+          "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
     for k, a in sd.items():
         if k in names:
             name, kind = names[k], "F32"
         else:
             i, rest = k.split(".")[2], ".".join(k.split(".")[3:-1])
             short = hf[rest]
-            name, kind = f"blk.{i}.{short}.weight", TYPES.get(short, "F32")
+            name, kind = f"blk.{i}.{short}.weight", types.get(short, "F32")
             if short == "attn_q" and arch == "llama":  # qwen GGUFs keep rotate-half order
                 a = _llamacpp_permute(a, cfg.num_attention_heads)
             if short == "attn_k" and arch == "llama":

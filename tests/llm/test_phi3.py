@@ -89,52 +89,25 @@ def test_bad_fused_shape(tmp_path):
         load_hf(folder)
 
 
-def _write_phi3_gguf(path, theirs, cfg_kw: dict) -> None:
-    """A GGUF as llama.cpp's converter writes Phi-3 (gguf-py's writer): fused attn_qkv / ffn_up, rotate-half
-    Q/K rows kept, rope.dimension_count = the rotary part, LongRoPE factors as tensors with the pretrained
-    context and attention factor as metadata."""
+def _phi3_gguf_metadata(cfg_kw: dict, max_pos: int, head_dim: int):
+    """What llama.cpp's converter adds for Phi-3 (gguf-py's writer): rope.dimension_count = the rotary
+    part of the head, the sliding window, LongRoPE factors as tensors with the pretrained context and
+    the attention factor as metadata. Fused attn_qkv / ffn_up and rotate-half Q/K rows come from
+    write_tiny_gguf(arch="phi3")."""
     import math
 
-    gguf = pytest.importorskip("gguf")
-    c = theirs.config
-    hd = c.hidden_size // c.num_attention_heads
-    w = gguf.GGUFWriter(str(path), "phi3")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(int(hd * cfg_kw.get("partial_rotary_factor", 1.0)))
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(c.vocab_size)
-    if cfg_kw.get("sliding_window"):
-        w.add_sliding_window(cfg_kw["sliding_window"])
-    sc = cfg_kw.get("rope_scaling")
-    if sc:
-        orig = cfg_kw["original_max_position_embeddings"]
-        w.add_rope_scaling_orig_ctx_len(orig)
-        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(c.max_position_embeddings / orig) / math.log(orig)))
-        w.add_tensor("rope_factors_long.weight", torch.tensor(sc["long_factor"]).numpy().astype("float32"))
-        w.add_tensor("rope_factors_short.weight", torch.tensor(sc["short_factor"]).numpy().astype("float32"))
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    for k, v in theirs.state_dict().items():
-        if k.startswith("model.layers."):
-            i, rest = k[len("model.layers."):].split(".", 1)
-            mod, kind = rest.rsplit(".", 1)
-            k2 = f"blk.{i}.{layer[mod]}.{kind}"
-        else:
-            k2 = names[k]
-        w.add_tensor(k2, v.detach().float().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def extra(w):
+        w.add_rope_dimension_count(int(head_dim * cfg_kw.get("partial_rotary_factor", 1.0)))
+        if cfg_kw.get("sliding_window"):
+            w.add_sliding_window(cfg_kw["sliding_window"])
+        sc = cfg_kw.get("rope_scaling")
+        if sc:
+            orig = cfg_kw["original_max_position_embeddings"]
+            w.add_rope_scaling_orig_ctx_len(orig)
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(max_pos / orig) / math.log(orig)))
+            w.add_tensor("rope_factors_long.weight", torch.tensor(sc["long_factor"]).numpy())
+            w.add_tensor("rope_factors_short.weight", torch.tensor(sc["short_factor"]).numpy())
+    return extra
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -142,8 +115,12 @@ def test_gguf_phi3_matches_transformers(tmp_path, case):
     from efficientml.llm.gguf import GGUFFile
     from efficientml.llm.load import load_gguf
 
-    theirs, _ = _theirs(tmp_path, **CASES[case])
-    _write_phi3_gguf(tmp_path / "phi3.gguf", theirs, CASES[case])
+    from .test_gguf import write_tiny_gguf
+
+    theirs, folder = _theirs(tmp_path, **CASES[case])
+    src = load_hf(folder)  # its weights, as the file's source
+    extra = _phi3_gguf_metadata(CASES[case], BASE["max_position_embeddings"], src.config.dim_per_head)
+    write_tiny_gguf(tmp_path / "phi3.gguf", src, src.config, extra=extra, arch="phi3", types={})
     gf = GGUFFile(tmp_path / "phi3.gguf")
     assert gf.config.model_type == "phi3"
     ours = load_gguf(gf)

@@ -71,26 +71,6 @@ def test_compressed_tensors_reader_agrees(tmp_path):
     assert ct.__version__
 
 
-def test_transformers_loads_the_checkpoint(tmp_path, ids):
-    """transformers (with compressed-tensors installed) builds its own model from our folder and
-    decompresses the packed weights: its logits equal ours. Symmetric weights: transformers 5.x with
-    compressed-tensors 0.20 allocates asymmetric zero points unpacked on the meta device and then
-    refuses the packed (out/8, G) tensor that compressed-tensors' own compressor writes (and reads:
-    test_compressed_tensors_reader_agrees)."""
-    pytest.importorskip("compressed_tensors")
-    transformers = pytest.importorskip("transformers")
-
-    m = tiny_model()
-    quantize(m, RTNConfig(4, 32, symmetric=True))
-    with torch.no_grad():
-        ref = m(ids)
-    save_compressed(m, None, tmp_path / "q", float_dtype=torch.float32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
-    with torch.no_grad():
-        theirs = hf(ids).logits
-    assert (theirs - ref).abs().max().item() <= 1e-5
-
-
 def test_family_without_mapping(calib):
     m = tiny_model()
     object.__setattr__(m.config, "model_type", "gpt2")
@@ -150,32 +130,27 @@ def test_phi3_checkpoint_holds_fused_projections(tmp_path, conf, ids, calib):
         assert (m2(ids) - ref).abs().max().item() <= 1e-5
 
 
-def test_transformers_loads_a_phi3_checkpoint(tmp_path, ids):
+@pytest.mark.parametrize("family, options, conf", [
+    ("llama", {}, RTNConfig(4, 32, symmetric=True)),
+    ("phi3", {"tie_word_embeddings": False}, RTNConfig(4, 32, symmetric=True)),  # fused qkv_proj / gate_up_proj
+    ("qwen3", {"qk_norm": True}, AWQConfig(4, 32, symmetric=True, n_grid=4, clip_grid=4)),  # AWQ past q/k norms
+])
+def test_transformers_loads_the_checkpoint(tmp_path, ids, calib, family, options, conf):
+    """transformers (with compressed-tensors installed) builds its own model from our folder and
+    decompresses the packed weights: its logits equal ours. Symmetric weights: transformers 5.x with
+    compressed-tensors 0.20 allocates asymmetric zero points unpacked on the meta device and then
+    refuses the packed (out/8, G) tensor that compressed-tensors' own compressor writes (and reads:
+    test_compressed_tensors_reader_agrees)."""
     pytest.importorskip("compressed_tensors")
     transformers = pytest.importorskip("transformers")
 
-    m = tiny_model(model_type="phi3", tie_word_embeddings=False)
-    quantize(m, RTNConfig(4, 32, symmetric=True))
+    m = tiny_model(model_type=family, **options)
+    quantize(m, conf, calib, progress=False)
     with torch.no_grad():
         ref = m(ids)
     save_compressed(m, None, tmp_path / "q", float_dtype=torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
-    assert type(hf).__name__ == "Phi3ForCausalLM"
-    with torch.no_grad():
-        assert (hf(ids).logits - ref).abs().max().item() <= 1e-5
-
-
-def test_qwen3_awq_checkpoint_loads_in_transformers(tmp_path, ids, calib):
-    """Qwen3 (q/k norms) goes through AWQ's scaling groups and into a checkpoint transformers runs."""
-    pytest.importorskip("compressed_tensors")
-    transformers = pytest.importorskip("transformers")
-
-    m = tiny_model(model_type="qwen3", qk_norm=True)
-    quantize(m, AWQConfig(4, 32, symmetric=True, n_grid=4, clip_grid=4), calib, progress=False)
-    with torch.no_grad():
-        ref = m(ids)
-    save_compressed(m, None, tmp_path / "q", float_dtype=torch.float32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
-    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM",
+                                 "qwen3": "Qwen3ForCausalLM"}[family]
     with torch.no_grad():
         assert (hf(ids).logits - ref).abs().max().item() <= 1e-5
