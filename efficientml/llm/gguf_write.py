@@ -6,10 +6,13 @@ Q/K rows in llama.cpp's interleaved-pair order.
 
 What is written, as llama.cpp's ``convert_hf_to_gguf.py`` does:
 
-- ``general.architecture`` ``llama`` (Llama, Mistral without a sliding window, SmolLM), ``qwen2`` or
-  ``qwen3``, and the ``{arch}.*`` shapes: context length, width, blocks, FFN width, heads, KV heads,
-  key/value length, RMSNorm epsilon, RoPE base and dimension, linear RoPE scaling. Llama-3.1-style
-  RoPE scaling becomes the ``rope_freqs.weight`` tensor (one divisor per frequency).
+- ``general.architecture`` ``llama`` (Llama, Mistral without a sliding window, SmolLM), ``qwen2``,
+  ``qwen3`` or ``phi3``, and the ``{arch}.*`` shapes: context length, width, blocks, FFN width, heads,
+  KV heads, key/value length, RMSNorm epsilon, RoPE base and dimension, linear RoPE scaling.
+  Llama-3.1-style RoPE scaling becomes the ``rope_freqs.weight`` tensor (one divisor per frequency).
+  Phi-3 (float weights): q/k/v fused as ``attn_qkv`` and gate/up as ``ffn_up``, the rotary dimension,
+  the sliding window, LongRoPE's factors as ``rope_factors_long/short`` tensors with the pretrained
+  context and attention factor.
 - Norm weights and biases (1-D tensors) stay F32; matrices take ``outtype``. The block formats encode
   as ggml's reference quantizers do (byte for byte, tested against the gguf package's): per block of
   32 weights, Q8_0 an fp16 scale ``d = max|w| / 127`` and int8 codes ``round(w / d)``; Q4_0 ``d`` =
@@ -30,7 +33,7 @@ whose grid is a GGUF block format are written in it *exactly*, whatever ``outtyp
 ``d·(q − 8)`` is our ``s·(q − 8)``), symmetric 8-bit with groups of 32 is Q8_0. Other grids
 (asymmetric, other group sizes, 2/3 bits) have no exact GGUF block and are refused rather than
 re-quantized behind the user's back; so are W8A8 and other swapped modules, sliding-window
-attention, ALiBi, and dynamic-NTK and YaRN RoPE scaling. The file is written atomically (temporary
+attention outside phi3, ALiBi, and dynamic-NTK and YaRN RoPE scaling. The file is written atomically (temporary
 file + rename), tensors one at a time.
 """
 
@@ -126,6 +129,15 @@ def _arch(cfg: LlamaConfig) -> str:
     if cfg.position_embedding != "rope":
         raise UnsupportedError("ALiBi models have no GGUF form here (llama.cpp's llama and qwen architectures "
                                "use RoPE)")
+    if cfg.model_type == "phi3":  # llama.cpp's phi3: fused attn_qkv / ffn_up, sliding window, LongRoPE
+        if cfg.rope_type not in ("default", "longrope"):
+            raise UnsupportedError(f"RoPE scaling {cfg.rope_type!r} is not written for phi3; default and "
+                                   "longrope are")
+        if cfg.attention_bias or cfg.mlp_bias or cfg.o_bias or cfg.qk_norm or cfg.hidden_act != "silu":
+            raise UnsupportedError("a phi3 GGUF holds plain SwiGLU blocks without biases or q/k norms")
+        return "phi3"
+    if cfg.partial_rotary_factor != 1.0:
+        raise UnsupportedError("partial rotary embeddings are written to GGUF only for phi3 models")
     if cfg.sliding_window is not None:
         raise UnsupportedError(f"sliding-window attention ({cfg.sliding_window}) is not written: llama.cpp's "
                                "llama architecture would attend to the whole context")
@@ -134,9 +146,6 @@ def _arch(cfg: LlamaConfig) -> str:
                                "llama3 are")
     if cfg.hidden_act != "silu" or cfg.o_bias or cfg.mlp_bias:
         raise UnsupportedError("only SwiGLU (silu) blocks without output/MLP biases are written to GGUF")
-    if cfg.model_type == "phi3" or cfg.partial_rotary_factor != 1.0:
-        raise UnsupportedError("Phi-3 models are not written to GGUF (llama.cpp's phi3 architecture is not "
-                               "among the llama, qwen2 and qwen3 ones written here)")
     if cfg.model_type == "qwen3" or cfg.qk_norm:
         return "qwen3"
     if cfg.model_type == "qwen2":
@@ -256,6 +265,15 @@ def model_metadata(cfg: LlamaConfig, arch: str, outtype: str, name: str) -> dict
     if cfg.rope_type == "linear":
         meta[f"{arch}.rope.scaling.type"] = "linear"
         meta[f"{arch}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])  # type: ignore[index]
+    if arch == "phi3":  # as llama.cpp's converter: the rotary part of the head, the window, LongRoPE's context
+        from efficientml.llm.model import rope_inv_freq
+
+        meta[f"{arch}.rope.dimension_count"] = cfg.rotary_dim
+        if cfg.sliding_window is not None:
+            meta[f"{arch}.attention.sliding_window"] = int(cfg.sliding_window)
+        if cfg.rope_type == "longrope":
+            meta[f"{arch}.rope.scaling.original_context_length"] = cfg.rope_original_context
+            meta[f"{arch}.rope.scaling.attn_factor"] = float(rope_inv_freq(cfg)[1])
     return meta
 
 
@@ -390,14 +408,45 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tup
         elif kind in (2, 3) and key in ("model.embed_tokens.weight", "lm_head.weight"):
             kind = 8  # embeddings and output above 4 bits, as llama.cpp's quantizer keeps them
         plan.append((gguf_name(key), key, shape, kind))
-    return plan
+    return _fuse_phi3(model, plan) if arch == "phi3" else plan
+
+
+def _fuse_phi3(model: nn.Module, plan: list) -> list:
+    """llama.cpp's phi3 keeps q/k/v as one attn_qkv and gate/up as one ffn_up (gate rows first), and
+    LongRoPE's factors as tensors."""
+    from efficientml.llm.fused import FUSED_GROUPS
+
+    cfg: LlamaConfig = model.config
+    parts = {gguf_name(f"model.layers.0.{p}.weight").split(".", 2)[2]: (fused, p)
+             for fused, ps in FUSED_GROUPS.items() for p in ps}  # "attn_q.weight" → (fused, "self_attn.q_proj")
+    state, out, pending = model.state_dict(), [], {}
+    for gname, src, shape, kind in plan:
+        blk, layer, rest = (gname.split(".", 2) + ["", ""])[:3]
+        if blk != "blk" or rest not in parts:
+            out.append((gname, src, shape, kind))
+            continue
+        if not isinstance(src, str):
+            raise UnsupportedError(f"{gname}: quantized linears are not fused into a phi3 GGUF; dequantize first")
+        fused, _ = parts[rest]
+        group = pending.setdefault((layer, fused), [])
+        group.append((src, shape, kind))
+        if len(group) == len(FUSED_GROUPS[fused]):
+            w = torch.cat([state[k] for k, _, _ in group])
+            name = "attn_qkv" if fused.startswith("self_attn") else "ffn_up"
+            out.append((f"blk.{layer}.{name}.weight", w, tuple(w.shape), group[0][2]))
+    if cfg.rope_type == "longrope":
+        for key, name in (("long_factor", "rope_factors_long.weight"),
+                          ("short_factor", "rope_factors_short.weight")):
+            f = torch.tensor(cfg.rope_scaling[key], dtype=torch.float32)  # type: ignore[index]
+            out.append((name, f, tuple(f.shape), 0))
+    return out
 
 
 def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, outtype: str = "f16",
               overwrite: bool = False, name: str | None = None, sampling: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (+ ``tokenizer``, needed by llama.cpp) as a GGUF v3 file; see the module
     docstring for what is written and refused. ``sampling``: the model's sampling defaults
-    (:func:`~efficientml.llm.load.generation_defaults`), written as llama.cpp's converter writes them
+    (:func:`~efficientml.llm.generation_config.generation_defaults`), written as llama.cpp's converter writes them
     (``general.sampling.*``). Returns the path."""
     outtype = outtype.lower()
     if outtype not in OUTTYPES:

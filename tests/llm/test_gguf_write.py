@@ -281,3 +281,29 @@ def test_sampling_defaults_as_llama_cpp_writes_them(small_tok, tmp_path):
     with pytest.raises(ConfigError, match="no GGUF key"):
         save_gguf(tiny(), small_tok, tmp_path / "bad.gguf", sampling={"typical_p": 0.9})
     assert not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.parametrize("options", [
+    {"sliding_window": 7},
+    {"partial_rotary_factor": 0.5, "max_position_embeddings": 64,
+     "rope_scaling": {"rope_type": "longrope", "original_max_position_embeddings": 16,
+                      "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.5, 2.5, 4.0, 8.0]}},
+])
+def test_phi3_written_as_llama_cpp_lays_it_out(small_tok, tmp_path, options):
+    """Phi-3 → llama.cpp's phi3: fused attn_qkv / ffn_up (rotate-half rows kept), rope.dimension_count =
+    the rotary part, the window, LongRoPE factors as tensors with the pretrained context and attention
+    factor. Read back (the reader matches transformers on llama.cpp's own layout, test_phi3.py), the
+    model is the same, past the LongRoPE switch too."""
+    cfg = dataclasses.replace(TINY, model_type="phi3", **options)
+    m = tiny(cfg)
+    path = save_gguf(m, small_tok, tmp_path / "phi3.gguf", outtype="f32")
+    reader = gguf.GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.attn_qkv.weight", "blk.1.ffn_up.weight"} <= names
+    assert not {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"} & names
+    assert reader.fields["phi3.rope.dimension_count"].parts[-1][0] == cfg.rotary_dim
+    back = load_gguf(GGUFFile(path))
+    assert back.config.sliding_window == cfg.sliding_window and back.config.rotary_dim == cfg.rotary_dim
+    ids = torch.randint(0, 640, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(back(ids), m(ids), rtol=0, atol=1e-5)
