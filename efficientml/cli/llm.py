@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from efficientml.cli.common import add_json_flag, positive_int, print_json
+from efficientml.core.errors import ConfigError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -71,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(q)
     q.add_argument("prompt", nargs="+", help="the prompt text; several prompts run as one left-padded batch")
     q.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    q.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help='extra chat-template variables, e.g. \'{"enable_thinking": false}\' (Qwen3)')
     q.add_argument("--logprobs", action="store_true",
                    help="with --json: each new token's id, text and log-probability under the model")
     sampling(q, 128)
@@ -80,6 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = s.add_parser("chat", help="multi-turn chat in the terminal (reads stdin when piped)")
     common(q)
     q.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    q.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help='extra chat-template variables, e.g. \'{"enable_thinking": false}\' (Qwen3)')
     q.add_argument("--max-context", type=positive_int, default=2048)
     sampling(q, 256)
     q.set_defaults(func=run_chat)
@@ -107,6 +113,18 @@ def _load(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     dtype = L.checkpoint_dtype(args.model) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
     return L.load(args.model, dtype=dtype, device=resolve_device(args.device))
+
+
+def _json_object(text: str) -> dict:
+    """An argparse type: a JSON object (chat-template variables)."""
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', "
+                                         f"got {text!r}")
+    return v
 
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -191,9 +209,12 @@ def _for_decode(model):
 def run_generate(args: argparse.Namespace) -> int:
     from efficientml.llm.generate import generate
 
+    if args.chat_template_kwargs and not args.chat:  # before the model loads
+        raise ConfigError("--chat-template-kwargs applies with --chat")
     model, tok = _load(args)
     model = _for_decode(model)
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], **args.chat_template_kwargs)
+             if args.chat else p for p in args.prompt]
     rows = [tok.encode(t) for t in texts]
     stops = tuple(t for t in {tok.eos_id, *model.config.eos_token_ids} if t is not None)
     live = len(rows) == 1 and not args.json  # one prompt streams to the terminal; a batch prints at the end
@@ -230,7 +251,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
     model, tok = _load(args)
     model = _for_decode(model)
-    chat = ChatSession(model, tok, system=args.system, sampling=_sampling(args), max_context=args.max_context)
+    chat = ChatSession(model, tok, system=args.system, sampling=_sampling(args), max_context=args.max_context,
+                       template_kwargs=args.chat_template_kwargs)
     interactive = sys.stdin.isatty()
     if interactive:
         print("chat with the model; /reset clears the conversation, /quit or Ctrl-D ends", file=sys.stderr)

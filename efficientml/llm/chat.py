@@ -26,8 +26,11 @@ class Reply:
 class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None,
                  sampling: SamplingConfig = SamplingConfig(max_new_tokens=256),
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, template_kwargs: dict | None = None) -> None:
+        """``template_kwargs``: extra variables for the chat template (e.g. Qwen3's
+        ``{"enable_thinking": False}``), as transformers' and vLLM's ``chat_template_kwargs``."""
         self.model, self.tok = model, tokenizer
+        self.template_kwargs = dict(template_kwargs or {})
         stops = set(sampling.stop_token_ids)
         for t in (tokenizer.eos_id, *model.config.eos_token_ids):
             if t is not None:
@@ -45,7 +48,8 @@ class ChatSession:
 
     def _prompt_ids(self) -> list[int]:
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        return self.tok.encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True), add_bos=False)
+        text = self.tok.apply_chat_template(msgs, add_generation_prompt=True, **self.template_kwargs)
+        return self.tok.encode(text, add_bos=False)
 
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> Reply:
         self.messages.append({"role": "user", "content": text})

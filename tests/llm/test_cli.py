@@ -48,6 +48,26 @@ def test_chat_two_turns_reuse_cache(smollm2):
     assert second.prefilled_tokens < 30  # only the new turn is prefilled, the rest comes from the cache
 
 
+def test_chat_template_kwargs(smollm2, capsys):
+    """Extra template variables reach the template (Qwen3's enable_thinking), in ChatSession and the CLI."""
+    import copy
+
+    from efficientml.llm.chat import ChatSession
+
+    tok = copy.copy(smollm2[1])
+    tok.chat_template, tok._template = ("{% if enable_thinking is defined and not enable_thinking %}<think></think>"
+                                        "{% endif %}{{ messages[-1]['content'] }}"), None
+    plain = ChatSession(smollm2[0], tok)
+    off = ChatSession(smollm2[0], tok, template_kwargs={"enable_thinking": False})
+    plain.messages = off.messages = [{"role": "user", "content": "Hi"}]
+    assert tok.decode(plain._prompt_ids()) == "Hi" and tok.decode(off._prompt_ids()) == "<think></think>Hi"
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        main(["llm", "generate", "smollm2-135m", "Hi", "--chat-template-kwargs", "[1]"])
+    assert e.value.code == 2 and "expected a JSON object" in capsys.readouterr().err
+    assert main(["llm", "generate", "smollm2-135m", "Hi", "--chat-template-kwargs", '{"a": 1}']) == 2
+    assert "applies with --chat" in capsys.readouterr().err
+
+
 def test_generate_json(reuse_model, capsys):
     assert main(["llm", "generate", "smollm2-135m", "The capital of France is", "--max-new-tokens", "3",
                  "--json"]) == 0
