@@ -147,3 +147,37 @@ def test_gguf_sentencepiece_vocabulary_matches_sentencepiece(llama_like, text, t
     tok = Tokenizer.from_gguf(GGUFFile(tmp_path / "spm.gguf"))
     for s in TRICKY + text.splitlines()[:300] + [text[:5000]]:
         assert tok.encode(s, add_bos=False) == sp.encode(s), repr(s)
+
+
+def test_an_older_hub_repo_end_to_end(llama_like, tmp_path, monkeypatch, capsys):
+    """A Llama-2-era repo in the Hub cache — pytorch_model.bin, tokenizer.model only, a generation config
+    with a repetition penalty — run by `efficientml llm generate owner/name` offline."""
+    import torch
+
+    from efficientml.cli.main import main
+    from efficientml.llm.config import LlamaConfig
+    from efficientml.llm.model import build_model, init_weights
+
+    folder, sp = llama_like
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--old-org--llama-2-style"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    cfg = LlamaConfig(vocab_size=700, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    m = build_model(cfg, device="cpu")
+    init_weights(m, seed=0)
+    (snap / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    torch.save(m.state_dict(), snap / "pytorch_model.bin")
+    (snap / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes())
+    (snap / "generation_config.json").write_text(json.dumps({"do_sample": False, "repetition_penalty": 1.1}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["llm", "generate", "old-org/llama-2-style", "Robert Boulter is", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out)
+    assert res["prompt_tokens"] == len(sp.encode("Robert Boulter is")) + 1  # <s> added, as LlamaTokenizer does
+    assert res["new_tokens"] == 4 and "repetition_penalty=1.1" in err
