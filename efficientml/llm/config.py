@@ -26,7 +26,11 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     # Phi-3 / Phi-3.5 / Phi-4-mini: Llama blocks whose q/k/v and gate/up weights are stored fused (split at
     # load, fused again on save), RoPE on part of each head, LongRoPE for the long-context variants
     "phi3": ("Phi3ForCausalLM", {}),
+    # IBM Granite 3.x: Llama blocks with four scalar multipliers (embeddings, attention scores, residual
+    # branches, logits)
+    "granite": ("GraniteForCausalLM", {"attention_multiplier": 1.0}),  # transformers' default when absent
 }
+GRANITE_SCALARS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -54,6 +58,12 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral: a query sees at most this many keys (itself included)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's query and key (weights (hd,)) before RoPE
+    # Granite: token embeddings × embedding_multiplier; attention scores × attention_multiplier (instead of
+    # 1/sqrt(head dim)); each block's attention and MLP outputs × residual_multiplier; logits ÷ logits_scaling
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     hidden_act: str = "silu"
     model_type: str = "llama"
     bos_token_id: int | None = 1
@@ -95,6 +105,10 @@ class LlamaConfig:
                                                   or self.rotary_dim % 2 or self.rotary_dim == 0):
             raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and leave an "
                               f"even, non-zero rotary dimension (head dim {self.dim_per_head})")
+        if not self.logits_scaling > 0 or (self.attention_multiplier is not None
+                                           and not self.attention_multiplier > 0):
+            raise ConfigError(f"logits_scaling ({self.logits_scaling}) and attention_multiplier "
+                              f"({self.attention_multiplier}) must be positive")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
 
@@ -197,6 +211,10 @@ class LlamaConfig:
             raise UnsupportedError("a model with ALiBi has no Hugging Face Llama config.json equivalent")
         if self.o_bias:
             raise UnsupportedError("a model with an o_proj bias has no Hugging Face Llama config.json equivalent")
+        granite = {k: getattr(self, k) for k in GRANITE_SCALARS}
+        if self.model_type != "granite" and granite != dict(zip(GRANITE_SCALARS, (1.0, None, 1.0, 1.0))):
+            raise UnsupportedError(f"{granite} with model_type {self.model_type!r} has no Hugging Face "
+                                   "config.json equivalent (these multipliers are Granite's)")
         if self.partial_rotary_factor != 1.0 and self.model_type != "phi3":
             raise UnsupportedError(f"partial_rotary_factor={self.partial_rotary_factor} with model_type "
                                    f"{self.model_type!r} has no Hugging Face config.json equivalent (it is Phi-3's)")
@@ -217,9 +235,13 @@ class LlamaConfig:
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id, "torch_dtype": "float32",
         })
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "granite"):
             d["attention_bias"] = self.attention_bias
             d["mlp_bias"] = self.mlp_bias
+        if self.model_type == "granite":
+            d.update(granite)
+            if d["attention_multiplier"] is None:
+                d["attention_multiplier"] = self.dim_per_head ** -0.5
         if self.model_type == "qwen3":
             d["attention_bias"] = self.attention_bias
         if self.model_type == "phi3":

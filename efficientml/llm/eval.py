@@ -136,7 +136,7 @@ def nll_from_hidden(model: torch.nn.Module, h: torch.Tensor, labels: torch.Tenso
     hs, ys = h[keep], labels[keep]  # (n, d), (n,)
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     for s in range(0, hs.shape[0], logits_rows):
-        logits = model.lm_head(hs[s:s + logits_rows]).float()  # (rows, V)
+        logits = model.logits(hs[s:s + logits_rows]).float()  # (rows, V)
         total += F.cross_entropy(logits, ys[s:s + logits_rows], reduction="sum").double()
     return float(total), int(ys.numel())
 

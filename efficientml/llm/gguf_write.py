@@ -138,6 +138,9 @@ def _arch(cfg: LlamaConfig) -> str:
         return "phi3"
     if cfg.partial_rotary_factor != 1.0:
         raise UnsupportedError("partial rotary embeddings are written to GGUF only for phi3 models")
+    if cfg.model_type == "granite":
+        raise UnsupportedError("Granite models are not written to GGUF (llama.cpp's granite architecture, with "
+                               "its four multipliers, is not among those written here)")
     if cfg.sliding_window is not None:
         raise UnsupportedError(f"sliding-window attention ({cfg.sliding_window}) is not written: llama.cpp's "
                                "llama architecture would attend to the whole context")

@@ -1,4 +1,5 @@
-"""One decoder-only Transformer for the LLaMA family (Llama 1/2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM).
+"""One decoder-only Transformer for the LLaMA family (Llama 1/2/3, Mistral, Qwen2, Qwen3, Phi-3, Granite,
+SmolLM).
 
 Module names follow Hugging Face's ``LlamaForCausalLM`` exactly, so weight names, scaling groups and
 quantized-module swaps are plain data::
@@ -401,6 +402,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=cfg.o_bias)
         self.use_rope = cfg.position_embedding == "rope"
+        self.scale = cfg.attention_multiplier  # None: 1/sqrt(hd), SDPA's default
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None  # Qwen3
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.packed = _Packed()  # one matmul for q, k, v while they are views of one buffer
@@ -429,7 +431,8 @@ class Attention(nn.Module):
         g = self.n_heads // self.n_kv
         if T == 1 and attn_mask is None and g > 1:
             # one query per KV head group, no mask: fold the group into the query axis, no K/V repeat
-            o = F.scaled_dot_product_attention(q.view(B, self.n_kv, g, self.hd), k, v)  # (B, nkv, g, hd)
+            o = F.scaled_dot_product_attention(q.view(B, self.n_kv, g, self.hd), k, v,
+                                               scale=self.scale)  # (B, nkv, g, hd)
             o = o.reshape(B, 1, self.n_heads * self.hd)
         else:
             causal = attn_mask is None and T > 1
@@ -438,7 +441,8 @@ class Attention(nn.Module):
             if g > 1 and not _HAS_GQA:
                 k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, nh, S, hd)
             kw = {"enable_gqa": True} if g > 1 and _HAS_GQA else {}
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, **kw)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale,
+                                               **kw)
             o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, nh*hd)
         return _linear(self.o_proj, o)
 
@@ -470,12 +474,17 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.residual_multiplier = cfg.residual_multiplier  # Granite; 1 elsewhere
 
     def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rope, attn_mask, cache, input_pos)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(hidden_states), rope, attn_mask, cache, input_pos)
+        if self.residual_multiplier != 1.0:
+            a = a * self.residual_multiplier
+        h = hidden_states + a
+        m = self.mlp(self.post_attention_layernorm(h))
+        return h + (m * self.residual_multiplier if self.residual_multiplier != 1.0 else m)
 
 
 class LlamaModel(nn.Module):
@@ -538,6 +547,8 @@ class LlamaModel(nn.Module):
         on query − key distances, which a row's left padding does not change, so a padded row's real
         tokens get the same logits as the row alone (to rounding)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        if self.config.embedding_multiplier != 1.0:  # Granite
+            x = x * self.config.embedding_multiplier
         B, T = x.shape[:2]
         keys = None  # (B, S) bool: which key slots hold real tokens; None: all of them
         if attention_mask is not None:
@@ -603,7 +614,12 @@ class LlamaForCausalLM(nn.Module):
         h = self.model(input_ids, cache, input_pos, attention_mask=attention_mask)  # (B, T, d)
         if num_logits is not None:
             h = h[:, -num_logits:]
-        return _linear(self.lm_head, h)  # (B, T', vocab)
+        return self.logits(h)  # (B, T', vocab)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (…, d) → logits (…, vocab): the output projection (÷ Granite's logits_scaling)."""
+        y = _linear(self.lm_head, h)
+        return y / self.config.logits_scaling if self.config.logits_scaling != 1.0 else y
 
     def new_cache(self, batch_size: int = 1, max_length: int | None = None,
                   static_shapes: bool = False) -> KVCache:

@@ -37,11 +37,12 @@ _LLAMA = (
     ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", prev_is_norm=False),
 )
 
-# model_type → the block's scaling groups (Mistral, Qwen2, Qwen3 and Phi-3 blocks are Llama blocks with other
-# options: Qwen3's q/k norms act on q_proj / k_proj outputs, so scaling their inputs still folds into the
-# input norm; Phi-3's fused qkv_proj / gate_up_proj are separate linears here, joined in the checkpoint)
+# model_type → the block's scaling groups. Mistral, Qwen2, Qwen3, Phi-3 and Granite blocks are Llama blocks
+# with other options: Qwen3's q/k norms act on q_proj / k_proj outputs, so scaling their inputs still folds
+# into the input norm; Phi-3's fused qkv_proj / gate_up_proj are separate linears here, joined in the
+# checkpoint; Granite's multipliers scale outside the linears.
 FAMILIES: dict[str, tuple[ScalingGroup, ...]] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
-                                                 "qwen3": _LLAMA, "phi3": _LLAMA}
+                                                 "qwen3": _LLAMA, "phi3": _LLAMA, "granite": _LLAMA}
 
 # every linear of a block that quantization touches, in execution order
 BLOCK_LINEARS: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -11,7 +11,9 @@ from .conftest import tiny_model
 
 
 FAMILY_OPTIONS = {"llama": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},
-                  "phi3": {"partial_rotary_factor": 0.5, "tie_word_embeddings": False}}
+                  "phi3": {"partial_rotary_factor": 0.5, "tie_word_embeddings": False},
+                  "granite": {"embedding_multiplier": 6.0, "attention_multiplier": 0.1, "residual_multiplier": 0.3,
+                              "logits_scaling": 4.0}}
 
 
 @pytest.mark.parametrize("family", list(FAMILY_OPTIONS))

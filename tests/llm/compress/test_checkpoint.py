@@ -134,6 +134,8 @@ def test_phi3_checkpoint_holds_fused_projections(tmp_path, conf, ids, calib):
     ("llama", {}, RTNConfig(4, 32, symmetric=True)),
     ("phi3", {"tie_word_embeddings": False}, RTNConfig(4, 32, symmetric=True)),  # fused qkv_proj / gate_up_proj
     ("qwen3", {"qk_norm": True}, AWQConfig(4, 32, symmetric=True, n_grid=4, clip_grid=4)),  # AWQ past q/k norms
+    ("granite", {"embedding_multiplier": 6.0, "attention_multiplier": 0.1, "residual_multiplier": 0.3,
+                 "logits_scaling": 4.0}, AWQConfig(4, 32, symmetric=True, n_grid=4, clip_grid=4)),
 ])
 def test_transformers_loads_the_checkpoint(tmp_path, ids, calib, family, options, conf):
     """transformers (with compressed-tensors installed) builds its own model from our folder and
@@ -151,6 +153,6 @@ def test_transformers_loads_the_checkpoint(tmp_path, ids, calib, family, options
     save_compressed(m, None, tmp_path / "q", float_dtype=torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
     assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM",
-                                 "qwen3": "Qwen3ForCausalLM"}[family]
+                                 "qwen3": "Qwen3ForCausalLM", "granite": "GraniteForCausalLM"}[family]
     with torch.no_grad():
         assert (hf(ids).logits - ref).abs().max().item() <= 1e-5
