@@ -235,9 +235,9 @@ class GGUFFile:
     def config(self) -> LlamaConfig:
         """The model configuration from the metadata (read once per opened file)."""
         arch = self.arch
-        if arch not in ("llama", "qwen2", "qwen3", "mistral", "phi3"):
+        if arch not in ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite"):
             raise UnsupportedError(f"{self.path.name}: GGUF architecture {arch!r} is not supported; "
-                                   "expected llama, mistral, qwen2, qwen3 or phi3")
+                                   "expected llama, mistral, qwen2, qwen3, phi3 or granite")
         m = self.meta
 
         def get(key: str, default: Any = None) -> Any:
@@ -273,7 +273,9 @@ class GGUFFile:
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
             sliding_window=get("attention.sliding_window") if arch in ("mistral", "phi3") else None,
-            model_type=arch if arch in ("qwen2", "qwen3", "phi3") else "llama", qk_norm=arch == "qwen3",
+            model_type=arch if arch in ("qwen2", "qwen3", "phi3", "granite") else "llama",
+            qk_norm=arch == "qwen3",
+            **(self._granite_scales(get) if arch == "granite" else {}),
             bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_id=self._stop_ids(),
             pad_token_id=m.get("tokenizer.ggml.padding_token_id"),
         )
@@ -284,6 +286,15 @@ class GGUFFile:
                 raise UnsupportedError(f"{self.path.name}: both rope.scaling.type {kind!r} and rope_freqs.weight")
             cfg = replace(cfg, rope_scaling=llama3 or scaling)
         return cfg
+
+    @staticmethod
+    def _granite_scales(get) -> dict[str, Any]:
+        """Granite's multipliers as llama.cpp stores them (``*_scale``; no attention scale: 1/sqrt(hd))."""
+        att = get("attention.scale")
+        return {"embedding_multiplier": float(get("embedding_scale", 1.0)),
+                "residual_multiplier": float(get("residual_scale", 1.0)),
+                "logits_scaling": float(get("logit_scale", 1.0)),
+                "attention_multiplier": None if att is None or float(att) == 0.0 else float(att)}
 
     def _longrope(self, get, rotary_dim: float) -> dict[str, Any] | None:
         """Phi-3's LongRoPE as llama.cpp's converter stores it: the factors as tensors, the pretrained
@@ -318,7 +329,7 @@ class GGUFFile:
     def tensors(self, cfg: LlamaConfig | None = None):
         """Yield ``(hf_name, float32 tensor)`` one at a time (bounded memory)."""
         cfg = cfg or self.config
-        permute = self.arch in ("llama", "mistral")  # qwen2's and phi3's GGUF keep rotate-half order
+        permute = self.arch in ("llama", "mistral", "granite")  # qwen2's and phi3's keep rotate-half order
         for t in self.infos:
             name = hf_name(t.name, self.arch)
             if name is None:

@@ -7,8 +7,9 @@ Q/K rows in llama.cpp's interleaved-pair order.
 What is written, as llama.cpp's ``convert_hf_to_gguf.py`` does:
 
 - ``general.architecture`` ``llama`` (Llama, Mistral without a sliding window, SmolLM), ``qwen2``,
-  ``qwen3`` or ``phi3``, and the ``{arch}.*`` shapes: context length, width, blocks, FFN width, heads,
-  KV heads, key/value length, RMSNorm epsilon, RoPE base and dimension, linear RoPE scaling.
+  ``qwen3``, ``phi3`` or ``granite`` (its multipliers as ``*_scale``), and the ``{arch}.*`` shapes:
+  context length, width, blocks, FFN width, heads, KV heads, key/value length, RMSNorm epsilon, RoPE
+  base and dimension, linear RoPE scaling.
   Llama-3.1-style RoPE scaling becomes the ``rope_freqs.weight`` tensor (one divisor per frequency).
   Phi-3 (float weights): q/k/v fused as ``attn_qkv`` and gate/up as ``ffn_up``, the rotary dimension,
   the sliding window, LongRoPE's factors as ``rope_factors_long/short`` tensors with the pretrained
@@ -138,9 +139,6 @@ def _arch(cfg: LlamaConfig) -> str:
         return "phi3"
     if cfg.partial_rotary_factor != 1.0:
         raise UnsupportedError("partial rotary embeddings are written to GGUF only for phi3 models")
-    if cfg.model_type == "granite":
-        raise UnsupportedError("Granite models are not written to GGUF (llama.cpp's granite architecture, with "
-                               "its four multipliers, is not among those written here)")
     if cfg.sliding_window is not None:
         raise UnsupportedError(f"sliding-window attention ({cfg.sliding_window}) is not written: llama.cpp's "
                                "llama architecture would attend to the whole context")
@@ -155,7 +153,7 @@ def _arch(cfg: LlamaConfig) -> str:
         return "qwen2"
     if cfg.attention_bias:
         raise UnsupportedError("q/k/v biases in a llama-architecture model are not written to GGUF")
-    return "llama"
+    return "granite" if cfg.model_type == "granite" else "llama"
 
 
 def _pre_name(pre: dict | None) -> str:
@@ -268,6 +266,12 @@ def model_metadata(cfg: LlamaConfig, arch: str, outtype: str, name: str) -> dict
     if cfg.rope_type == "linear":
         meta[f"{arch}.rope.scaling.type"] = "linear"
         meta[f"{arch}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])  # type: ignore[index]
+    if arch == "granite":  # llama.cpp's names for the multipliers
+        meta[f"{arch}.embedding_scale"] = float(cfg.embedding_multiplier)
+        meta[f"{arch}.residual_scale"] = float(cfg.residual_multiplier)
+        meta[f"{arch}.logit_scale"] = float(cfg.logits_scaling)
+        meta[f"{arch}.attention.scale"] = float(cfg.attention_multiplier if cfg.attention_multiplier is not None
+                                                else cfg.dim_per_head ** -0.5)
     if arch == "phi3":  # as llama.cpp's converter: the rotary part of the head, the window, LongRoPE's context
         from efficientml.llm.model import rope_inv_freq
 
@@ -481,7 +485,7 @@ def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, o
         _pad(f)
         for gname, src, shape, kind in plan:
             heads = None
-            if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+            if arch in ("llama", "granite") and (".attn_q." in gname or ".attn_k." in gname):
                 heads = cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads
             if isinstance(src, nn.Module):  # a QuantLinear: its own codes and scales, exactly
                 f.write(_qlinear_bytes(src, kind, heads).tobytes())

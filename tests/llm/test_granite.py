@@ -59,12 +59,35 @@ def test_saved_folder_and_checkpoint_load_in_transformers(pair, tmp_path):
         assert torch.equal(back(ids).logits, theirs(ids).logits)
 
 
-def test_refused_where_it_has_no_form(pair, tmp_path):
+def test_refused_where_it_has_no_form():
     from efficientml.llm.config import LlamaConfig
 
     with pytest.raises(UnsupportedError, match="multipliers are Granite's"):
         LlamaConfig(logits_scaling=2.0).to_hf_dict()
-    from efficientml.llm.gguf_write import _arch
 
-    with pytest.raises(UnsupportedError, match="Granite models are not written to GGUF"):
-        _arch(pair[1].config)
+
+def test_gguf_granite_round_trip_as_llama_cpp_names_it(pair, tmp_path, write_tokenizer_gguf):
+    """Written as llama.cpp's granite (multipliers as embedding/residual/logit/attention ``*_scale``, Q/K rows
+    interleaved as for llama) and read back: the same logits as transformers' model."""
+    gguf = pytest.importorskip("gguf")
+    from efficientml.llm.gguf import GGUFFile
+    from efficientml.llm.gguf_write import save_gguf
+    from efficientml.llm.load import load_gguf
+    from efficientml.llm.tokenizer import Tokenizer
+
+    theirs, ours = pair
+    tokens = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(93)]
+    write_tokenizer_gguf(tmp_path / "tok.gguf", "llama", tokens, [2, 3, 3] + [1] * 93, scores=[0.0] * 96,
+                         bos=1, eos=2)
+    tok = Tokenizer.from_gguf(GGUFFile(tmp_path / "tok.gguf"))
+    path = save_gguf(ours, tok, tmp_path / "granite.gguf", outtype="f32")
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["general.architecture"].contents() == "granite"
+    assert fields["granite.logit_scale"].contents() == pytest.approx(SCALARS["logits_scaling"])
+    back = load_gguf(GGUFFile(path))
+    assert back.config.model_type == "granite"
+    assert {k: pytest.approx(v) for k, v in SCALARS.items()} == {k: getattr(back.config, k) for k in SCALARS}
+    ids = torch.randint(3, 96, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = theirs(ids).logits
+        assert ((back(ids) - want).abs().max() / want.abs().max()).item() <= 1e-4
