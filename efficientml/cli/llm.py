@@ -104,6 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """(model, tokenizer, source): the source resolved (a Hub id fetched, a GGUF header parsed) once, for
+    the dtype, the weights and the sampling defaults alike."""
     import torch
 
     from efficientml.core.device import resolve_device
@@ -111,8 +113,9 @@ def _load(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = L.checkpoint_dtype(args.model) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
-    return L.load(args.model, dtype=dtype, device=resolve_device(args.device))
+    src = L.open_source(args.model)
+    dtype = L.checkpoint_dtype(src) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
+    return (*L.load(src, dtype=dtype, device=resolve_device(args.device)), src)
 
 
 def _json_object(text: str) -> dict:
@@ -130,13 +133,14 @@ def _json_object(text: str) -> dict:
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
-def _sampling(args: argparse.Namespace, stops: tuple[int, ...] = ()):
-    """The flags given, over the model's own defaults (``--generation-config auto``), over greedy."""
+def _sampling(args: argparse.Namespace, src, stops: tuple[int, ...] = ()):
+    """The flags given, over the model's own defaults (``--generation-config auto``) read from ``src``
+    (:func:`_load`'s opened source), over greedy."""
     from efficientml.llm.generate import SamplingConfig
     from efficientml.llm.generation_config import generation_defaults
 
     given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
-    model = generation_defaults(args.model) if args.generation_config == "auto" else {}
+    model = generation_defaults(src) if args.generation_config == "auto" else {}
     taken = {k: v for k, v in model.items() if k not in given}
     if taken:
         print("sampling from the model's generation config: " + ", ".join(f"{k}={v}" for k, v in taken.items())
@@ -186,7 +190,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     text = load_text(args.text_file or args.dataset)
     proto = PerplexityProtocol(args.context, args.stride, args.bos)
-    model, tok = _load(args)
+    model, tok, _ = _load(args)
     r = text_perplexity(model, tok, text, proto, batch_size=args.batch_size, max_windows=args.max_windows)
     if args.json:
         print_json({"model": args.model, "text": args.text_file or args.dataset, **r.to_dict()})
@@ -211,7 +215,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.chat_template_kwargs and not args.chat:  # before the model loads
         raise ConfigError("--chat-template-kwargs applies with --chat")
-    model, tok = _load(args)
+    model, tok, src = _load(args)
     model = _for_decode(model)
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], **args.chat_template_kwargs)
              if args.chat else p for p in args.prompt]
@@ -224,7 +228,7 @@ def run_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    res = generate(model, rows if len(rows) > 1 else rows[0], _sampling(args, stops), tokenizer=tok,
+    res = generate(model, rows if len(rows) > 1 else rows[0], _sampling(args, src, stops), tokenizer=tok,
                    on_text=on_text, return_logprobs=args.logprobs)
     done = [{"prompt": p, "completion": text, "prompt_tokens": n, "new_tokens": len(r)}
             for p, text, r, n in zip(args.prompt, res.texts, res.tokens, res.prompt_lengths)]
@@ -249,9 +253,9 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from efficientml.llm.chat import ChatSession
 
-    model, tok = _load(args)
+    model, tok, src = _load(args)
     model = _for_decode(model)
-    chat = ChatSession(model, tok, system=args.system, sampling=_sampling(args), max_context=args.max_context,
+    chat = ChatSession(model, tok, system=args.system, sampling=_sampling(args, src), max_context=args.max_context,
                        template_kwargs=args.chat_template_kwargs)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -288,8 +292,8 @@ def run_convert(args: argparse.Namespace) -> int:
     from efficientml.llm.generation_config import generation_defaults
     from efficientml.llm.load import save_hf
 
-    model, tok = _load(args)
-    sampling = generation_defaults(args.model)  # carried over, as llama.cpp's converter does
+    model, tok, src = _load(args)
+    sampling = generation_defaults(src)  # carried over, as llama.cpp's converter does
     if str(args.output).lower().endswith(".gguf"):
         from efficientml.llm.gguf_write import save_gguf
 

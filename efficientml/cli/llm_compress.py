@@ -132,18 +132,19 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from efficientml.llm.compress import quantize, save_compressed
     from efficientml.llm.generation_config import generation_defaults
-    from efficientml.llm.load import load
+    from efficientml.llm.load import load, open_source
 
     conf = _config(args)  # bad bits / group size fail here, before loading
     _prepare(args)
-    model, tok = load(args.model)
+    src = open_source(args.model)  # resolved once: the weights and the sampling defaults
+    model, tok = load(src)
     calib, cc = _calib(args, tok, args.method != "rtn")
     rep = quantize(model, conf, calib, batch_size=args.batch_size, device=args.device)
     rep["calibration"] = None if cc is None else cc.to_dict()
     rep["model"] = args.model
     save_compressed(model.cpu(), tok, args.out, overwrite=args.overwrite,
                     float_dtype=getattr(torch, args.float_dtype), recipe=json.loads(json.dumps(rep, default=str)),
-                    sampling=generation_defaults(args.model))
+                    sampling=generation_defaults(src))
     _report(args, rep)
     return 0
 
@@ -151,14 +152,15 @@ def run_quantize(args: argparse.Namespace) -> int:
 def run_prune(args: argparse.Namespace) -> int:
     from efficientml.llm.compress import PruneConfig, prune
     from efficientml.llm.generation_config import generation_defaults
-    from efficientml.llm.load import load, save_hf
+    from efficientml.llm.load import load, save_hf, open_source
 
     conf = PruneConfig(args.method, args.sparsity, n_m=args.n_m)
     _prepare(args)
-    model, tok = load(args.model)
+    src = open_source(args.model)
+    model, tok = load(src)
     calib, cc = _calib(args, tok, args.method != "magnitude")
     rep = prune(model, conf, calib, batch_size=args.batch_size, device=args.device)
     rep["calibration"] = None if cc is None else cc.to_dict()
-    save_hf(model.cpu(), tok, args.out, overwrite=args.overwrite, sampling=generation_defaults(args.model))
+    save_hf(model.cpu(), tok, args.out, overwrite=args.overwrite, sampling=generation_defaults(src))
     _report(args, rep)
     return 0

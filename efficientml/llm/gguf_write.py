@@ -53,7 +53,7 @@ from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedErr
 from efficientml.core.serialization import atomic_path
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.generation_config import GGUF_SAMPLING
-from efficientml.llm.gguf import _LAYER_NAMES, _SCALARS, _TOP_NAMES, permute_rope_rows
+from efficientml.llm.gguf import _LAYER_NAMES, _PHI3_LAYER_NAMES, _SCALARS, _TOP_NAMES, permute_rope_rows
 from efficientml.llm.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, _TEKKEN_SPLIT, Tokenizer
 
 OUTTYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3}  # → GGML tensor type
@@ -64,16 +64,19 @@ _ALIGN = 32
 _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64 = 4, 5, 6, 7, 8, 9, 10
 
 _GGUF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_GGUF_LAYER_PHI3 = {v: k for k, v in _PHI3_LAYER_NAMES.items()}
 _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
 
 
-def gguf_name(hf: str) -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight`` (inverse of gguf.hf_name)."""
+def gguf_name(hf: str, arch: str = "llama") -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight`` (inverse of gguf.hf_name;
+    phi3: ``self_attn.qkv_proj`` → ``attn_qkv``, ``mlp.gate_up_proj`` → ``ffn_up``)."""
     parts = hf.split(".")
+    layer = _GGUF_LAYER_PHI3 if arch == "phi3" else _GGUF_LAYER
     if parts[:2] == ["model", "layers"] and len(parts) >= 5:
         inner = ".".join(parts[3:-1])
-        if inner in _GGUF_LAYER:
-            return f"blk.{parts[2]}.{_GGUF_LAYER[inner]}.{parts[-1]}"
+        if inner in layer:
+            return f"blk.{parts[2]}.{layer[inner]}.{parts[-1]}"
     top = ".".join(parts[:-1])
     if top in _GGUF_TOP:
         return f"{_GGUF_TOP[top]}.{parts[-1]}"
@@ -395,7 +398,15 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tup
         plain = rope_inv_freq(replace(cfg, rope_scaling=None))[0].double()
         scaled = rope_inv_freq(cfg)[0].double()
         plan.append(("rope_freqs.weight", (plain / scaled).float(), (cfg.dim_per_head // 2,), 0))
-    for key, t in model.state_dict().items():
+    state = model.state_dict()
+    if arch == "phi3":  # llama.cpp's phi3: q/k/v as one attn_qkv, gate/up as one ffn_up (gate rows first)
+        if quantized:
+            raise UnsupportedError(f"{next(iter(quantized))}: quantized linears are not fused into a phi3 GGUF; "
+                                   "dequantize first")
+        from efficientml.llm.fused import fuse_split
+
+        state = fuse_split(cfg, state)
+    for key, t in state.items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         prefix, leaf = key.rsplit(".", 1)
@@ -414,39 +425,13 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tup
             kind = 1  # as llama.cpp does: rows that do not fill whole blocks fall back to F16
         elif kind in (2, 3) and key in ("model.embed_tokens.weight", "lm_head.weight"):
             kind = 8  # embeddings and output above 4 bits, as llama.cpp's quantizer keeps them
-        plan.append((gguf_name(key), key, shape, kind))
-    return _fuse_phi3(model, plan) if arch == "phi3" else plan
-
-
-def _fuse_phi3(model: nn.Module, plan: list) -> list:
-    """llama.cpp's phi3 keeps q/k/v as one attn_qkv and gate/up as one ffn_up (gate rows first), and
-    LongRoPE's factors as tensors."""
-    from efficientml.llm.fused import FUSED_GROUPS
-
-    cfg: LlamaConfig = model.config
-    parts = {gguf_name(f"model.layers.0.{p}.weight").split(".", 2)[2]: (fused, p)
-             for fused, ps in FUSED_GROUPS.items() for p in ps}  # "attn_q.weight" → (fused, "self_attn.q_proj")
-    state, out, pending = model.state_dict(), [], {}
-    for gname, src, shape, kind in plan:
-        blk, layer, rest = (gname.split(".", 2) + ["", ""])[:3]
-        if blk != "blk" or rest not in parts:
-            out.append((gname, src, shape, kind))
-            continue
-        if not isinstance(src, str):
-            raise UnsupportedError(f"{gname}: quantized linears are not fused into a phi3 GGUF; dequantize first")
-        fused, _ = parts[rest]
-        group = pending.setdefault((layer, fused), [])
-        group.append((src, shape, kind))
-        if len(group) == len(FUSED_GROUPS[fused]):
-            w = torch.cat([state[k] for k, _, _ in group])
-            name = "attn_qkv" if fused.startswith("self_attn") else "ffn_up"
-            out.append((f"blk.{layer}.{name}.weight", w, tuple(w.shape), group[0][2]))
-    if cfg.rope_type == "longrope":
+        plan.append((gguf_name(key, arch), key if arch != "phi3" else t, shape, kind))  # phi3: fused tensors
+    if cfg.rope_type == "longrope":  # phi3: LongRoPE's factors as tensors
         for key, name in (("long_factor", "rope_factors_long.weight"),
                           ("short_factor", "rope_factors_short.weight")):
             f = torch.tensor(cfg.rope_scaling[key], dtype=torch.float32)  # type: ignore[index]
-            out.append((name, f, tuple(f.shape), 0))
-    return out
+            plan.append((name, f, tuple(f.shape), 0))
+    return plan
 
 
 def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, outtype: str = "f16",

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from efficientml.core.errors import DataNotFoundError
+from efficientml.core.errors import CheckpointError, DataNotFoundError
 from efficientml.core.lazy import optional_import
 
 # Hub names: an owner and a repo name of letters, digits, '-', '_' and '.', as the Hub validates them
@@ -114,16 +114,14 @@ def _cached(hf, hub: HubId, kw: dict) -> Path | None:
 def _missing(folder: Path) -> list[str]:
     """What a loadable folder lacks: config.json and the weights (every shard an index names, or a
     single safetensors or pytorch_model*.bin file); empty when complete."""
-    from efficientml.core.errors import CheckpointError
     from efficientml.llm.load import weight_files
 
     missing = [] if (folder / "config.json").is_file() else ["config.json"]
     try:
-        weight_files(folder)
-    except CheckpointError as e:
-        shard = re.search(r"shard '([^']+)'", str(e))
-        missing.append(Path(shard[1]).name if shard else NO_WEIGHTS)
-    return missing
+        _, files = weight_files(folder, check=False)
+    except CheckpointError:  # no weights at all, or an unreadable index
+        return missing + [NO_WEIGHTS]
+    return missing + [f.name for f in files if not f.is_file()]
 
 
 def _failure(hub: HubId, e: Exception | None) -> str:

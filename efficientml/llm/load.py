@@ -69,21 +69,20 @@ def resolve_source(source: str | Path) -> Path:
     return fetch(hub)
 
 
-def load(source: str | Path, dtype: torch.dtype = torch.float32,
+def load(source: Any, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> tuple[LlamaForCausalLM, Tokenizer]:
-    """Model (eval mode, no grad needed) and tokenizer from a name, GGUF file or HF folder."""
-    p = resolve_source(source)
-    if p.is_dir():
-        if _is_compressed(p):  # written by `efficientml llm quantize`: real packed/int8 linears
-            from efficientml.llm.compress.checkpoint import load_compressed
+    """Model (eval mode, no grad needed) and tokenizer from a name, GGUF file, HF folder or Hub id, or
+    a source :func:`open_source` already opened (so a caller that also reads its config or sampling
+    defaults resolves and parses it once)."""
+    src = open_source(source)
+    if not isinstance(src, Path):
+        return load_gguf(src, dtype, device), Tokenizer.from_gguf(src)
+    if _is_compressed(src):  # written by `efficientml llm quantize`: real packed/int8 linears
+        from efficientml.llm.compress.checkpoint import load_compressed
 
-            model, tok = load_compressed(p, dtype, device)
-            return model, tok if tok is not None else Tokenizer.from_folder(p)
-        return load_hf(p, dtype, device), Tokenizer.from_folder(p)
-    from efficientml.llm.gguf import GGUFFile
-
-    gf = GGUFFile(p)
-    return load_gguf(gf, dtype, device), Tokenizer.from_gguf(gf)
+        model, tok = load_compressed(src, dtype, device)
+        return model, tok if tok is not None else Tokenizer.from_folder(src)
+    return load_hf(src, dtype, device), Tokenizer.from_folder(src)
 
 
 def _is_compressed(folder: Path) -> bool:
@@ -178,9 +177,10 @@ WEIGHT_FORMATS = (("safetensors", "model.safetensors.index.json", "model.safeten
                   ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"))
 
 
-def weight_files(folder: Path) -> tuple[str, list[Path]]:
+def weight_files(folder: Path, check: bool = True) -> tuple[str, list[Path]]:
     """("safetensors" or "bin", the files to read): the shards an index lists, else the single file,
-    else every file of the kind."""
+    else every file of the kind. ``check``: a shard the index names but the folder lacks is an error
+    (without it, the caller sees which are missing: a partly downloaded Hub snapshot)."""
     for kind, index_name, single, pattern in WEIGHT_FORMATS:
         index = folder / index_name
         if index.is_file():
@@ -194,9 +194,9 @@ def weight_files(folder: Path) -> tuple[str, list[Path]]:
         else:
             files = sorted(folder.glob(pattern))
         if files:
-            for f in files:
-                if not f.is_file():
-                    raise CheckpointError(f"shard {str(f)!r} named in the index does not exist")
+            missing = [f for f in files if not f.is_file()]
+            if check and missing:
+                raise CheckpointError(f"shard {str(missing[0])!r} named in the index does not exist")
             return kind, files
     raise CheckpointError(f"{str(folder)!r} has no weights: expected *.safetensors (or pytorch_model*.bin)")
 

@@ -17,14 +17,9 @@ from efficientml.llm.config import LlamaConfig
 from efficientml.llm.fused import FUSED_GROUPS, fused_rows
 
 
-def _bits(cfg_bits: int | None, what: str) -> int:
-    if cfg_bits is None:
-        raise UnsupportedError(f"{what}: zero points without a bit width")
-    return cfg_bits
-
-
-def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int | None) -> dict[str, torch.Tensor]:
-    """Our separate-projection state → Phi-3's fused names (other models: unchanged)."""
+def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """Our separate-projection state → Phi-3's fused names (other models: unchanged); ``bits``: the
+    weights' bit width (zero points are packed with it)."""
     if cfg.model_type != "phi3":
         return state
     out = dict(state)
@@ -43,10 +38,9 @@ def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int 
                 if s == "weight_shape":
                     joined = torch.tensor([sum(int(t[0]) for t in ts), int(ts[0][1])], dtype=ts[0].dtype)
                 elif s == "weight_zero_point":
-                    b = _bits(bits, fused)
                     rows = fused_rows(cfg, fused)
-                    codes = [unpack_int32(t, b, r, dim=0) for t, r in zip(ts, rows)]
-                    joined = pack_int32(torch.cat(codes), b, dim=0)
+                    codes = [unpack_int32(t, bits, r, dim=0) for t, r in zip(ts, rows)]
+                    joined = pack_int32(torch.cat(codes), bits, dim=0)
                 elif s == "input_scale":
                     if not all(torch.equal(t, ts[0]) for t in ts):
                         raise UnsupportedError(f"{fused} of {prefix!r}: the static input scales of "
@@ -58,7 +52,7 @@ def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int 
     return out
 
 
-def split_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int | None,
+def split_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int,
                      where: str) -> dict[str, torch.Tensor]:
     """Phi-3's fused names → our separate projections (other models: unchanged)."""
     if cfg.model_type != "phi3":
@@ -72,9 +66,8 @@ def split_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int
             if s == "weight_shape":
                 pieces = [torch.tensor([r, int(t[1])], dtype=t.dtype) for r in rows]
             elif s == "weight_zero_point":
-                b = _bits(bits, fused)
-                codes = unpack_int32(t, b, sum(rows), dim=0)
-                pieces = [pack_int32(c, b, dim=0) for c in codes.split(rows)]
+                codes = unpack_int32(t, bits, sum(rows), dim=0)
+                pieces = [pack_int32(c, bits, dim=0) for c in codes.split(rows)]
             elif s == "input_scale":
                 pieces = [t] * len(parts)
             else:
