@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from efficientml.analysis import measure_latency
-from efficientml.llm.compress.qlinear import QuantLinear
+from efficientml.llm.kernels.qlinear import QuantLinear
 from efficientml.llm.compress.rtn import WeightQuantSpec, quantize_weight
 
 

@@ -296,11 +296,11 @@ def main() -> None:
     from efficientml.llm.compress import (AWQConfig, CalibConfig, GPTQConfig, PruneConfig, RTNConfig,
                                           SmoothQuantConfig, calibration_tokens, load_compressed, prune, quantize,
                                           save_compressed)
-    from efficientml.llm.compress.kv_cache import kv_quant_score_fn
-    from efficientml.llm.compress.qlinear import QuantLinear
+    from efficientml.llm.compress.kv_quant import kv_quant_score_fn
+    from efficientml.llm.kernels.qlinear import QuantLinear
     from efficientml.llm.eval import PerplexityProtocol, perplexity
     from efficientml.llm.generate import SamplingConfig, generate
-    from efficientml.llm.load import load
+    from efficientml.llm.io.load import load
 
     rec = BenchmarkRecord("llm_compression")
     out_path = Path(args.out) if args.out else None

@@ -78,7 +78,7 @@ def gemv_chain(model, reps: int = 15, rows: int = 1) -> dict:
     decode_layout). GB/s = weight bytes ÷ median time."""
     import torch.nn.functional as F
 
-    from efficientml.llm import cpu_gemv
+    from efficientml.llm.kernels import cpu_gemv
 
     ws = []
     for layer in model.model.layers:
@@ -127,7 +127,7 @@ def decode_bytes_per_token(model, context_len: int) -> int:
 def load_pair(dtype=torch.float32, device="cpu"):
     from transformers import LlamaForCausalLM as HFLlama
 
-    from efficientml.llm.load import load, save_hf
+    from efficientml.llm.io.load import load, save_hf
 
     t = time.perf_counter()
     model, tok = load("smollm2-135m", dtype=dtype, device=device)
@@ -161,7 +161,7 @@ def part_ppl(rec: BenchmarkRecord, quick: bool, progress_path: Path | None = Non
     from efficientml.data.text import load_text
     from efficientml.llm.eval import PerplexityProtocol, _batches, num_windows, score_window_batch
 
-    from efficientml.llm.load import load_tokenizer
+    from efficientml.llm.io.load import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")
     tok_dir = Path(tempfile.mkdtemp(prefix="llm_core_tok_"))
@@ -249,7 +249,7 @@ def _time_generate(fn, reps: int) -> float:
 def part_decode(rec: BenchmarkRecord, quick: bool, args_new_tokens: int = 64, args_repeats: int = 3) -> None:
     from efficientml.llm.generate import SamplingConfig, generate
 
-    from efficientml.llm import cpu_gemv
+    from efficientml.llm.kernels import cpu_gemv
     from efficientml.llm.model import prepare_cpu_decode
 
     model, tok, hf, _, load_s = load_pair()
@@ -330,7 +330,7 @@ def part_decode_batch(rec: BenchmarkRecord, quick: bool, new_tokens: int = 64, r
     ours (compiled step, the matrix-vector kernel takes all 4 rows at once) against transformers'
     generate on the same padded batch and attention mask; tok/s per row and for the batch, the same
     external timing as ``decode``. Also one step's products alone at 1, 4 and 8 rows."""
-    from efficientml.llm import cpu_gemv
+    from efficientml.llm.kernels import cpu_gemv
     from efficientml.llm.generate import SamplingConfig, generate
     from efficientml.llm.kv_cache import StaticKVCache
     from efficientml.llm.model import prepare_cpu_decode
@@ -493,7 +493,7 @@ def gpu_gemv_shapes(model, iters: int = 50) -> dict:
     reads come from memory, not L2."""
     import torch.nn.functional as F
 
-    from efficientml.llm import triton_gemv
+    from efficientml.llm.kernels import triton_gemv
 
     a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
     shapes = {"qkv": a.packed.weight if a.packed.weight is not None else a.q_proj.weight,
@@ -637,8 +637,8 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
     import transformers
 
     from efficientml.llm.config import LlamaConfig
-    from efficientml.llm.load import load, save_hf
-    from efficientml.llm import triton_gemv
+    from efficientml.llm.io.load import load, save_hf
+    from efficientml.llm.kernels import triton_gemv
     from efficientml.llm.model import build_model, pack_projections, use_gpu_gemv
 
     dev = "cuda"

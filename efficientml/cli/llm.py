@@ -109,7 +109,7 @@ def _load(args: argparse.Namespace):
     import torch
 
     from efficientml.core.device import resolve_device
-    from efficientml.llm import load as L
+    from efficientml.llm.io import load as L
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,7 +137,7 @@ def _sampling(args: argparse.Namespace, src, stops: tuple[int, ...] = ()):
     """The flags given, over the model's own defaults (``--generation-config auto``) read from ``src``
     (:func:`_load`'s opened source), over greedy."""
     from efficientml.llm.generate import SamplingConfig
-    from efficientml.llm.generation_config import generation_defaults
+    from efficientml.llm.io.generation_config import generation_defaults
 
     given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     model = generation_defaults(src) if args.generation_config == "auto" else {}
@@ -154,7 +154,7 @@ def _storage(src) -> str:
     from collections import Counter
 
     if isinstance(src, Path):
-        from efficientml.llm.load import weight_files
+        from efficientml.llm.io.load import weight_files
 
         kind, files = weight_files(src)
         return f"{len(files)} {kind} file(s), {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
@@ -163,8 +163,8 @@ def _storage(src) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from efficientml.llm.generation_config import generation_defaults
-    from efficientml.llm.load import load_config, load_tokenizer, open_source
+    from efficientml.llm.io.generation_config import generation_defaults
+    from efficientml.llm.io.load import load_config, load_tokenizer, open_source
 
     src = open_source(args.model)  # a GGUF file's header is parsed once for all three
     cfg, tok = load_config(src), load_tokenizer(src)
@@ -289,13 +289,13 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from efficientml.llm.generation_config import generation_defaults
-    from efficientml.llm.load import save_hf
+    from efficientml.llm.io.generation_config import generation_defaults
+    from efficientml.llm.io.load import save_hf
 
     model, tok, src = _load(args)
     sampling = generation_defaults(src)  # carried over, as llama.cpp's converter does
     if str(args.output).lower().endswith(".gguf"):
-        from efficientml.llm.gguf_write import save_gguf
+        from efficientml.llm.io.gguf_write import save_gguf
 
         out = save_gguf(model, tok, args.output, outtype=args.outtype, overwrite=args.overwrite, sampling=sampling)
         print(f"saved {out} (GGUF, {args.outtype}, {out.stat().st_size / 1e6:.1f} MB)")

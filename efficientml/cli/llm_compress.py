@@ -131,8 +131,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from efficientml.llm.compress import quantize, save_compressed
-    from efficientml.llm.generation_config import generation_defaults
-    from efficientml.llm.load import load, open_source
+    from efficientml.llm.io.generation_config import generation_defaults
+    from efficientml.llm.io.load import load, open_source
 
     conf = _config(args)  # bad bits / group size fail here, before loading
     _prepare(args)
@@ -151,8 +151,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     from efficientml.llm.compress import PruneConfig, prune
-    from efficientml.llm.generation_config import generation_defaults
-    from efficientml.llm.load import load, save_hf, open_source
+    from efficientml.llm.io.generation_config import generation_defaults
+    from efficientml.llm.io.load import load, save_hf, open_source
 
     conf = PruneConfig(args.method, args.sparsity, n_m=args.n_m)
     _prepare(args)

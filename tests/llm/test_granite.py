@@ -13,7 +13,7 @@ import torch
 from efficientml.core.errors import UnsupportedError
 from efficientml.llm.eval import nll_from_hidden
 from efficientml.llm.generate import SamplingConfig, generate
-from efficientml.llm.load import load_hf, save_hf
+from efficientml.llm.io.load import load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,10 +70,10 @@ def test_gguf_granite_round_trip_as_llama_cpp_names_it(pair, tmp_path, write_tok
     """Written as llama.cpp's granite (multipliers as embedding/residual/logit/attention ``*_scale``, Q/K rows
     interleaved as for llama) and read back: the same logits as transformers' model."""
     gguf = pytest.importorskip("gguf")
-    from efficientml.llm.gguf import GGUFFile
-    from efficientml.llm.gguf_write import save_gguf
-    from efficientml.llm.load import load_gguf
-    from efficientml.llm.tokenizer import Tokenizer
+    from efficientml.llm.io.gguf import GGUFFile
+    from efficientml.llm.io.gguf_write import save_gguf
+    from efficientml.llm.io.load import load_gguf
+    from efficientml.llm.io.tokenizer import Tokenizer
 
     theirs, ours = pair
     tokens = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(93)]

@@ -159,7 +159,7 @@ HF_CLASSES = {"llama-gqa": "LlamaForCausalLM", "mha-tied": "LlamaForCausalLM", "
 @pytest.mark.parametrize("name", list(HF_CLASSES))
 def test_logits_match_transformers(name, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from efficientml.llm.load import load_hf, save_hf
+    from efficientml.llm.io.load import load_hf, save_hf
 
     cfg = CONFIGS[name]
     m = make(cfg)
@@ -266,7 +266,7 @@ def test_decode_layout_keeps_values_names_ties_and_packing():
 
 
 def test_decode_layout_model_saves_and_reloads(tmp_path):
-    from efficientml.llm.load import load_hf, save_hf
+    from efficientml.llm.io.load import load_hf, save_hf
     from efficientml.llm.model import decode_layout, pack_projections
 
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -284,7 +284,7 @@ def test_dynamic_ntk_rope_matches_transformers_beyond_the_context(tmp_path):
     sequence beyond it. Full forward past the context, and cached greedy generation crossing it."""
     transformers = pytest.importorskip("transformers")
     from efficientml.llm.generate import SamplingConfig, generate
-    from efficientml.llm.load import save_hf
+    from efficientml.llm.io.load import save_hf
 
     cfg = tiny(max_position_embeddings=12, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     m = make(cfg)

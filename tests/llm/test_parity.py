@@ -21,7 +21,7 @@ def test_fp32_logits_match_transformers(smollm2, hf_smollm2):
 
 
 def test_hf_folder_loads_back_identically(smollm2, smollm2_hf_dir):
-    from efficientml.llm.load import load
+    from efficientml.llm.io.load import load
 
     again, tok = load(smollm2_hf_dir)
     for (k, a), (_, b) in zip(smollm2[0].state_dict().items(), again.state_dict().items()):
@@ -41,7 +41,7 @@ def test_gguf_tensors_equal_transformers_gguf_loader(smollm2, hf_smollm2):
     pytest.importorskip("gguf")
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from efficientml.llm.load import resolve_source
+    from efficientml.llm.io.load import resolve_source
 
     theirs = load_gguf_checkpoint(str(resolve_source("smollm2-135m")), return_tensors=True,
                                   model_to_load=hf_smollm2)["tensors"]

@@ -11,7 +11,7 @@ import torch
 
 from efficientml.core.errors import CheckpointError
 from efficientml.llm.generate import SamplingConfig, generate
-from efficientml.llm.load import load_hf, save_hf
+from efficientml.llm.io.load import load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -112,10 +112,10 @@ def _phi3_gguf_metadata(cfg_kw: dict, max_pos: int, head_dim: int):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_gguf_phi3_matches_transformers(tmp_path, case):
-    from efficientml.llm.gguf import GGUFFile
-    from efficientml.llm.load import load_gguf
+    from efficientml.llm.io.gguf import GGUFFile
+    from efficientml.llm.io.load import load_gguf
 
-    from .test_gguf import write_tiny_gguf
+    from .io.test_gguf import write_tiny_gguf
 
     theirs, folder = _theirs(tmp_path, **CASES[case])
     src = load_hf(folder)  # its weights, as the file's source

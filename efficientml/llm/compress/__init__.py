@@ -9,11 +9,11 @@ storage (packed int4/int3 weights in the compressed-tensors layout, W4A16 and W8
 from efficientml.llm.compress.apply import prune, quantize, sparsity_of
 from efficientml.llm.compress.awq import AWQConfig
 from efficientml.llm.compress.calib import CalibConfig, calibration_tokens, run_blockwise
-from efficientml.llm.compress.checkpoint import load_compressed, save_compressed
+from efficientml.llm.io.compressed import load_compressed, save_compressed
 from efficientml.llm.compress.gptq import GPTQConfig
-from efficientml.llm.compress.kv_cache import QuantizedKVCache
+from efficientml.llm.compress.kv_quant import QuantizedKVCache
 from efficientml.llm.compress.magnitude import PruneConfig
-from efficientml.llm.compress.qlinear import QuantLinear, W8A8Linear
+from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
 from efficientml.llm.compress.rtn import RTNConfig, WeightQuantSpec
 from efficientml.llm.compress.smoothquant import SmoothQuantConfig
 

@@ -24,7 +24,7 @@ from efficientml.llm.compress.calib import check_calib, run_blockwise
 from efficientml.llm.compress.gptq import GPTQConfig, gptq_processor, gptq_transform
 from efficientml.llm.compress.magnitude import PruneConfig, magnitude_prune
 from efficientml.llm.compress.mappings import BLOCK_LINEARS, scaling_groups
-from efficientml.llm.compress.qlinear import install_quantized
+from efficientml.llm.kernels.qlinear import install_quantized
 from efficientml.llm.compress.rtn import RTNConfig, quantize_weight
 from efficientml.llm.compress.smoothquant import SmoothQuantConfig, smoothquant_processor
 from efficientml.llm.compress.sparsegpt import sparsegpt_processor

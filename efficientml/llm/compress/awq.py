@@ -28,7 +28,7 @@ from efficientml.core.errors import ConfigError
 from efficientml.llm.compress.calib import BlockData
 from efficientml.llm.compress.gptq import gptq_quantize_shared
 from efficientml.llm.compress.mappings import ScalingGroup, scaling_groups, usable
-from efficientml.llm.compress.qlinear import install_quantized
+from efficientml.llm.kernels.qlinear import install_quantized
 from efficientml.llm.compress.rtn import WeightQuantSpec, fake_quantize, quantize_weight
 from efficientml.llm.compress.stats import collect_block
 

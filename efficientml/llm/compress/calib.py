@@ -120,7 +120,7 @@ _QUANT_MODULES: tuple[type, ...] = ()
 def _is_packed(m: nn.Module) -> bool:
     global _QUANT_MODULES
     if not _QUANT_MODULES:
-        from efficientml.llm.compress.qlinear import QuantLinear, W8A8Linear
+        from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
 
         _QUANT_MODULES = (QuantLinear, W8A8Linear)
     return isinstance(m, _QUANT_MODULES)

@@ -152,7 +152,7 @@ def gptq_transform(model, cfg: GPTQConfig, pack: bool = True, consume: bool = Tr
     """A ``transform(data, stats)``: GPTQ of one block's linears from its Hessians (``consume``: use the
     Hessians' memory as scratch; pass False when the statistics are reused)."""
     from efficientml.llm.compress.mappings import scaling_groups
-    from efficientml.llm.compress.qlinear import install_quantized
+    from efficientml.llm.kernels.qlinear import install_quantized
 
     sets = [g.linears for g in scaling_groups(model)]
     spec = cfg.spec

@@ -43,7 +43,7 @@ def smoothing_scale(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: f
 
 def smoothquant_processor(model, cfg: SmoothQuantConfig, pack: bool = True, log: dict | None = None):
     from efficientml.core.modules import set_module
-    from efficientml.llm.compress.qlinear import W8A8Linear
+    from efficientml.llm.kernels.qlinear import W8A8Linear
 
     groups = scaling_groups(model)
 

@@ -7,7 +7,7 @@ from efficientml.llm.compress.calib import run_blockwise
 from efficientml.llm.compress.mappings import scaling_groups, usable
 from efficientml.llm.compress.rtn import WeightQuantSpec, fake_quantize
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 FAMILY_OPTIONS = {"llama": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},

@@ -87,7 +87,7 @@ def test_gptq_beats_rtn_on_a_model(calib, ids):
     default sink share too — a random model has no attention sink to protect, so it gains less)."""
     from efficientml.llm.compress import RTNConfig, quantize
 
-    from .conftest import tiny_model
+    from ..conftest import tiny_model
 
     with torch.no_grad():
         ref = tiny_model(outliers=True)(ids)

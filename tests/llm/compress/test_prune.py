@@ -9,7 +9,7 @@ from efficientml.llm.compress.sparsegpt import sparsegpt_prune
 from efficientml.llm.compress.wanda import wanda_score
 from efficientml.llm.compress.magnitude import mask_from_score
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])

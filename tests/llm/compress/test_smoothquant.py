@@ -3,10 +3,10 @@ import torch
 from efficientml.llm.compress import SmoothQuantConfig, quantize
 from efficientml.llm.compress.awq import apply_scale
 from efficientml.llm.compress.mappings import scaling_groups
-from efficientml.llm.compress.qlinear import W8A8Linear, quantize_act_per_token
+from efficientml.llm.kernels.qlinear import W8A8Linear, quantize_act_per_token
 from efficientml.llm.compress.smoothquant import smoothing_scale
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 def _sqnr(ref, out):

@@ -4,7 +4,7 @@ import torch
 from efficientml.core.errors import ConfigError
 from efficientml.llm.compress import AWQConfig, GPTQConfig, quantize
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 def _weights(m):

@@ -3,11 +3,11 @@ import torch
 
 from efficientml.core.errors import ConfigError
 from efficientml.llm.compress import RTNConfig, WeightQuantSpec, quantize
-from efficientml.llm.compress.packing import pack_int32, unpack_int32
-from efficientml.llm.compress.qlinear import QuantLinear
+from efficientml.quant.packing import pack_int32, unpack_int32
+from efficientml.llm.kernels.qlinear import QuantLinear
 from efficientml.llm.compress.rtn import fake_quantize, quantize_weight
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])

@@ -10,7 +10,7 @@ import torch
 
 from efficientml.core.errors import CheckpointError, ConfigError, DataNotFoundError, UnsupportedError
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.load import load_hf, resolve_source, save_hf
+from efficientml.llm.io.load import load_hf, resolve_source, save_hf
 from efficientml.llm.model import build_model, init_weights
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -112,7 +112,7 @@ def test_generation_config_stop_tokens_join_eos(saved):
     gc = folder / "generation_config.json"
     gc.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 7, 9]}))
     assert load_hf(folder).config.eos_token_ids == [2, 7, 9]  # Llama-3 style: <|end_of_text|>, <|eot_id|>, …
-    from efficientml.llm.load import load_config
+    from efficientml.llm.io.load import load_config
 
     assert load_config(folder).eos_token_ids == [2, 7, 9]  # the same config wherever it is read
     gc.write_text("{not json")
@@ -183,7 +183,7 @@ def test_bad_pytorch_bin(saved, tmp_path):
 
 def test_checkpoint_dtype(saved, tmp_path):
     """dtype="auto": config.json's torch_dtype (transformers 5 writes "dtype"), float32 when absent."""
-    from efficientml.llm.load import checkpoint_dtype
+    from efficientml.llm.io.load import checkpoint_dtype
 
     m, folder = saved
     assert checkpoint_dtype(folder) == torch.float32

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efficientml.llm.compress import triton_wq
-from efficientml.llm.compress.packing import pack_int32, packed_words, unpack_int32
+from efficientml.llm.kernels import triton_wq
+from efficientml.quant.packing import pack_int32, packed_words, unpack_int32
 from efficientml.llm.compress.rtn import QuantizedWeight, WeightQuantSpec
 
 

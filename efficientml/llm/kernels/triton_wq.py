@@ -1,5 +1,5 @@
 """Fused weight-only quantized matmul for CUDA in Triton: ``out = x @ dequant(W).T`` without ever
-materializing the dense weight. Reads :class:`~efficientml.llm.compress.qlinear.QuantLinear`'s buffers
+materializing the dense weight. Reads :class:`~efficientml.llm.kernels.qlinear.QuantLinear`'s buffers
 as they are stored (the compressed-tensors ``pack-quantized`` bit stream, see ``packing.py``):
 
 - ``weight_packed`` int32 (N, ceil(K·b/32)): code ``k`` of row ``n`` is bits ``k·b … k·b+b−1`` of the

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from efficientml.core.errors import CheckpointError, UnsupportedError
-from efficientml.llm.ggml_quants import BLOCK_FORMATS, BLOCK_SIZES
-from efficientml.llm.gguf import GGUFFile, dequantize_blocks, unpermute_rope_rows
+from efficientml.llm.io.ggml_quants import BLOCK_FORMATS, BLOCK_SIZES
+from efficientml.llm.io.gguf import GGUFFile, dequantize_blocks, unpermute_rope_rows
 from efficientml.llm.model import build_model, init_weights
 from efficientml.llm.config import LlamaConfig
 
@@ -113,7 +113,7 @@ def write_tiny_gguf(path, model, cfg=CFG, extra=None, arch="llama", types=None):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
-    from efficientml.llm.fused import fuse_split
+    from efficientml.llm.io.fused import fuse_split
 
     sd = {k: v.numpy() for k, v in fuse_split(cfg, model.state_dict()).items()}  # phi3: fused, as llama.cpp
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -148,7 +148,7 @@ def write_tiny_gguf(path, model, cfg=CFG, extra=None, arch="llama", types=None):
 
 
 def test_tiny_gguf_roundtrip(tmp_path):
-    from efficientml.llm.load import load_gguf
+    from efficientml.llm.io.load import load_gguf
 
     m = build_model(CFG, device="cpu")
     init_weights(m, seed=1)
@@ -187,8 +187,8 @@ def _llamacpp_rope_factors(hd, base, factor, lo, hi, old):
 
 
 def test_llama3_rope_freqs_become_llama3_scaling(tmp_path):
-    from efficientml.llm.gguf import llama3_scaling
-    from efficientml.llm.load import load_gguf
+    from efficientml.llm.io.gguf import llama3_scaling
+    from efficientml.llm.io.load import load_gguf
     from efficientml.llm.model import rope_inv_freq
 
     cfg = dataclasses.replace(CFG, hidden_size=512, num_attention_heads=4, rope_theta=500000.0)  # head_dim 128
@@ -284,7 +284,7 @@ def test_kquant_gguf_equals_transformers_loader(tmp_path):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from efficientml.llm.load import load_gguf
+    from efficientml.llm.io.load import load_gguf
 
     path = tmp_path / "kq.gguf"
     write_kquant_gguf(path)
@@ -306,7 +306,7 @@ def test_kquant_gguf_equals_transformers_loader(tmp_path):
 
 
 def test_undecoded_tensor_type_names_it(tmp_path):
-    from efficientml.llm.load import load_gguf
+    from efficientml.llm.io.load import load_gguf
 
     path = tmp_path / "iq2.gguf"
     write_kquant_gguf(path, types={**KTYPES, "ffn_up": "IQ2_XXS"})
@@ -329,7 +329,7 @@ def test_qwen3_gguf_equals_transformers_loader(tmp_path):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from efficientml.llm.load import load_gguf
+    from efficientml.llm.io.load import load_gguf
 
     cfg = dataclasses.replace(CFG, model_type="qwen3", qk_norm=True, head_dim=32, tie_word_embeddings=True)
     m = build_model(cfg, device="cpu")

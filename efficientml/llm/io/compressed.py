@@ -39,10 +39,10 @@ from torch import nn
 from efficientml.core.errors import CheckpointError, UnsupportedError
 from efficientml.core.modules import set_module
 from efficientml.core.serialization import atomic_dir
-from efficientml.llm.compress.fused import fuse_compressed, fused_module_name, split_compressed
-from efficientml.llm.compress.qlinear import QuantLinear, W8A8Linear
+from efficientml.llm.io.fused_compressed import fuse_compressed, fused_module_name, split_compressed
+from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
 from efficientml.llm.compress.rtn import WeightQuantSpec
-from efficientml.llm.generation_config import generation_config
+from efficientml.llm.io.generation_config import generation_config
 
 
 def _quant_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -178,7 +178,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32, devi
     model.to(device).eval()
     tok = None
     if (folder / "tokenizer.json").is_file():
-        from efficientml.llm.tokenizer import Tokenizer
+        from efficientml.llm.io.tokenizer import Tokenizer
 
         tok = Tokenizer.from_folder(folder)
     return model, tok

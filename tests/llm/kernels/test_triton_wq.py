@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from efficientml.llm.compress.qlinear import QuantLinear
+from efficientml.llm.kernels.qlinear import QuantLinear
 from efficientml.llm.compress.rtn import WeightQuantSpec, quantize_weight
 
 pytest.importorskip("triton")
@@ -22,7 +22,7 @@ def _layer(bits, group, sym, n=72, k=192, device="cpu"):
 
 @pytest.fixture
 def interpreted():
-    import efficientml.llm.compress.triton_wq as T
+    import efficientml.llm.kernels.triton_wq as T
 
     if not T.available("cpu"):
         pytest.skip("Triton's interpreter is off (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA)")

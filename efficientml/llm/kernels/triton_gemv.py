@@ -25,7 +25,7 @@ import os
 import torch
 
 from efficientml.core.errors import UnsupportedError
-from efficientml.llm import gemv_op
+from efficientml.llm.kernels import gemv_op
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None  # imported on first use (~0.3 s)
 

@@ -3,7 +3,7 @@ and other older Hub repos ship instead of, or beside, tokenizer.json) without th
 protobuf packages: its pieces, scores and types, the special ids, and the normalizer settings.
 
 Only the fields tokenization depends on are decoded (field numbers from sentencepiece_model.proto);
-the rest are skipped by wire type. :class:`~efficientml.llm.tokenizer.Tokenizer` builds its BPE from
+the rest are skipped by wire type. :class:`~efficientml.llm.io.tokenizer.Tokenizer` builds its BPE from
 this the way it does from a GGUF SentencePiece vocabulary.
 """
 

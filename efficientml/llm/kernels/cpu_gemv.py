@@ -33,7 +33,7 @@ import torch
 
 from efficientml.core.errors import ShapeError
 from efficientml.core.serialization import atomic_path
-from efficientml.llm import gemv_op
+from efficientml.llm.kernels import gemv_op
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv_f32.c"
 SYMBOL = "efficientml_gemv_f32"

@@ -164,7 +164,7 @@ class Tokenizer:
     def _from_sentencepiece(cls, tk: Any, path: Path, conf: dict[str, Any]) -> "Tokenizer":
         """A SentencePiece BPE model as transformers' LlamaTokenizer uses it: BOS added unless
         tokenizer_config.json says otherwise; added_tokens_decoder entries past the model's pieces."""
-        from efficientml.llm.sentencepiece_model import read_sentencepiece_model
+        from efficientml.llm.io.sentencepiece_model import read_sentencepiece_model
 
         m = read_sentencepiece_model(path)
         if m.model_type != "bpe":

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from efficientml.llm import triton_gemv
+from efficientml.llm.kernels import triton_gemv
 from efficientml.llm.config import LlamaConfig
 
 pytest.importorskip("triton")

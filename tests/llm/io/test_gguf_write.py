@@ -13,12 +13,12 @@ import torch
 from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
 from efficientml.data.paths import resolve
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.gguf import GGUFFile
-from efficientml.llm.gguf_write import (gguf_name, permute_rope_rows, quantize_q4_0, quantize_q4_1,
+from efficientml.llm.io.gguf import GGUFFile
+from efficientml.llm.io.gguf_write import (gguf_name, permute_rope_rows, quantize_q4_0, quantize_q4_1,
                                            quantize_q8_0, save_gguf)
-from efficientml.llm.load import load, load_gguf
+from efficientml.llm.io.load import load, load_gguf
 from efficientml.llm.model import build_model, init_weights
-from efficientml.llm.tokenizer import Tokenizer
+from efficientml.llm.io.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -100,7 +100,7 @@ def test_outtypes_store_what_they_say(small_tok, tmp_path, outtype, text):
     kinds = {t.name: t.tensor_type for t in reader.tensors}
     assert kinds["blk.0.attn_norm.weight"].name == "F32" and kinds["blk.0.ffn_down.weight"].name == outtype.upper()
     assert kinds["token_embd.weight"].name == ("Q8_0" if outtype.startswith("q4") else outtype.upper())
-    from efficientml.llm.load import checkpoint_dtype  # dtype="auto": a float file's type, else float32
+    from efficientml.llm.io.load import checkpoint_dtype  # dtype="auto": a float file's type, else float32
 
     assert checkpoint_dtype(path) == {"f16": torch.float16, "bf16": torch.bfloat16}.get(outtype, torch.float32)
     q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
@@ -142,7 +142,7 @@ def test_block_encoders_equal_the_ggml_reference(kind):
 def test_smollm2_written_as_q4_1_is_llamacpps_file_tensor_for_tensor(smollm2, tmp_path):
     """SmolLM2's GGUF (written by llama.cpp: Q4_1 blocks, a Q8_0 embedding), loaded to fp32 and written
     back as q4_1: every one of its 272 tensors has the original file's type and bytes."""
-    from efficientml.llm.load import resolve_source
+    from efficientml.llm.io.load import resolve_source
 
     path = save_gguf(smollm2[0], smollm2[1], tmp_path / "q4_1.gguf", outtype="q4_1")
     orig = {t.name: t for t in GGUFFile(resolve_source("smollm2-135m")).infos}
@@ -267,7 +267,7 @@ def test_what_cannot_be_written_is_refused(small_tok, tmp_path):
 def test_sampling_defaults_as_llama_cpp_writes_them(small_tok, tmp_path):
     """general.sampling.*: top-k int32, the rest float32 (gguf-py's reader sees those types); read
     back by generation_defaults as written."""
-    from efficientml.llm.generation_config import generation_defaults
+    from efficientml.llm.io.generation_config import generation_defaults
 
     want = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
     path = save_gguf(tiny(), small_tok, tmp_path / "s.gguf", outtype="f32", sampling=want)

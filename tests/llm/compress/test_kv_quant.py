@@ -5,7 +5,7 @@ from efficientml.core.errors import ConfigError
 from efficientml.llm.compress import QuantizedKVCache
 from efficientml.llm.generate import SamplingConfig, generate
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 def _sqnr(ref, out):

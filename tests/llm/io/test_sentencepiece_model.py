@@ -10,8 +10,8 @@ import pytest
 
 from efficientml.core.errors import CheckpointError, UnsupportedError
 from efficientml.data.paths import resolve
-from efficientml.llm.sentencepiece_model import read_sentencepiece_model
-from efficientml.llm.tokenizer import Tokenizer
+from efficientml.llm.io.sentencepiece_model import read_sentencepiece_model
+from efficientml.llm.io.tokenizer import Tokenizer
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -120,8 +120,8 @@ def test_written_to_gguf_as_llama_cpp_reads_it(llama_like, defaults, tmp_path, t
     """The SentencePiece vocabulary and scores go into a GGUF "llama" tokenizer that reads back the same;
     a normalizing one is refused (llama.cpp would not normalize)."""
     from efficientml.llm.config import LlamaConfig
-    from efficientml.llm.gguf import GGUFFile
-    from efficientml.llm.gguf_write import save_gguf
+    from efficientml.llm.io.gguf import GGUFFile
+    from efficientml.llm.io.gguf_write import save_gguf
     from efficientml.llm.model import build_model, init_weights
 
     cfg = LlamaConfig(vocab_size=704, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
@@ -139,7 +139,7 @@ def test_written_to_gguf_as_llama_cpp_reads_it(llama_like, defaults, tmp_path, t
 def test_gguf_sentencepiece_vocabulary_matches_sentencepiece(llama_like, text, tmp_path, write_tokenizer_gguf):
     """A GGUF "llama" tokenizer holding the same pieces, scores and types (as llama.cpp's converter writes
     them from tokenizer.model) tokenizes as sentencepiece does, leading spaces included."""
-    from efficientml.llm.gguf import GGUFFile
+    from efficientml.llm.io.gguf import GGUFFile
 
     folder, sp = llama_like
     m = read_sentencepiece_model(folder / "tokenizer.model")

@@ -2,7 +2,7 @@
 Hugging Face Llama layout, and llama.cpp's Q/K row permutation undone.
 
 The container (header, key/values, tensor table) is parsed by :class:`GGUFFile`; the block formats
-(Q4_0 … Q8_0, the k-quants Q2_K … Q6_K, IQ4_NL/IQ4_XS) are decoded by :mod:`efficientml.llm.ggml_quants`.
+(Q4_0 … Q8_0, the k-quants Q2_K … Q6_K, IQ4_NL/IQ4_XS) are decoded by :mod:`efficientml.llm.io.ggml_quants`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from efficientml.core.errors import CheckpointError, UnsupportedError
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.ggml_quants import BLOCK_FORMATS, BLOCK_SIZES, SUPPORTED, UNDECODED, dequantize_blocks
+from efficientml.llm.io.ggml_quants import BLOCK_FORMATS, BLOCK_SIZES, SUPPORTED, UNDECODED, dequantize_blocks
 
 
 @dataclass

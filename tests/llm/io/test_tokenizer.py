@@ -23,7 +23,7 @@ def test_ids_identical_to_transformers(smollm2, hf_gguf_tokenizer, wikitext_200k
 
 def test_saved_tokenizer_identical(smollm2, smollm2_hf_dir, wikitext_200k):
     transformers = pytest.importorskip("transformers")
-    from efficientml.llm.tokenizer import Tokenizer
+    from efficientml.llm.io.tokenizer import Tokenizer
 
     text = wikitext_200k[:50_000]
     hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
@@ -62,7 +62,7 @@ MODERN_TEMPLATE = """{{- bos_token }}
 
 def test_modern_chat_template_constructs_match_transformers(smollm2, hf_gguf_tokenizer):
     from efficientml.core.errors import ConfigError
-    from efficientml.llm.tokenizer import Tokenizer
+    from efficientml.llm.io.tokenizer import Tokenizer
 
     tok = smollm2[1]
     ours = Tokenizer(tok.backend, "<s>", "</s>", False, MODERN_TEMPLATE)

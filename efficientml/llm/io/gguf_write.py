@@ -28,7 +28,7 @@ What is written, as llama.cpp's ``convert_hf_to_gguf.py`` does:
   llama.cpp would tokenize differently). A SentencePiece tokenizer that came from a GGUF file is
   written back with its scores. BOS/EOS/EOT/padding ids, ``add_bos_token`` and the chat template.
 
-Quantized linears (:class:`~efficientml.llm.compress.qlinear.QuantLinear`, from RTN / AWQ / GPTQ)
+Quantized linears (:class:`~efficientml.llm.kernels.qlinear.QuantLinear`, from RTN / AWQ / GPTQ)
 whose grid is a GGUF block format are written in it *exactly*, whatever ``outtype`` says: symmetric
 4-bit with groups of 32 is Q4_0 (``d`` = the group's fp16 scale, code ``q`` = our code; llama.cpp's
 ``d·(q − 8)`` is our ``s·(q − 8)``), symmetric 8-bit with groups of 32 is Q8_0. Other grids
@@ -52,9 +52,9 @@ from torch import nn
 from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
 from efficientml.core.serialization import atomic_path
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.generation_config import GGUF_SAMPLING
-from efficientml.llm.gguf import _LAYER_NAMES, _PHI3_LAYER_NAMES, _SCALARS, _TOP_NAMES, permute_rope_rows
-from efficientml.llm.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, _TEKKEN_SPLIT, Tokenizer
+from efficientml.llm.io.generation_config import GGUF_SAMPLING
+from efficientml.llm.io.gguf import _LAYER_NAMES, _PHI3_LAYER_NAMES, _SCALARS, _TOP_NAMES, permute_rope_rows
+from efficientml.llm.io.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, _TEKKEN_SPLIT, Tokenizer
 
 OUTTYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3}  # → GGML tensor type
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32, "q4_0": 2, "q4_1": 3}  # general.file_type (llama_ftype)
@@ -403,7 +403,7 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tup
         if quantized:
             raise UnsupportedError(f"{next(iter(quantized))}: quantized linears are not fused into a phi3 GGUF; "
                                    "dequantize first")
-        from efficientml.llm.fused import fuse_split
+        from efficientml.llm.io.fused import fuse_split
 
         state = fuse_split(cfg, state)
     for key, t in state.items():
@@ -438,7 +438,7 @@ def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, o
               overwrite: bool = False, name: str | None = None, sampling: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (+ ``tokenizer``, needed by llama.cpp) as a GGUF v3 file; see the module
     docstring for what is written and refused. ``sampling``: the model's sampling defaults
-    (:func:`~efficientml.llm.generation_config.generation_defaults`), written as llama.cpp's converter writes them
+    (:func:`~efficientml.llm.io.generation_config.generation_defaults`), written as llama.cpp's converter writes them
     (``general.sampling.*``). Returns the path."""
     outtype = outtype.lower()
     if outtype not in OUTTYPES:

@@ -1,4 +1,4 @@
-"""The CPU matrix-vector kernel (efficientml/llm/csrc/gemv_f32.c) and the model's use of it."""
+"""The CPU matrix-vector kernel (efficientml/llm/kernels/csrc/gemv_f32.c) and the model's use of it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from efficientml.llm import cpu_gemv
+from efficientml.llm.kernels import cpu_gemv
 from efficientml.llm.config import LlamaConfig
 
 needs_cc = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "clang")),

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from efficientml.core.errors import CheckpointError, UnsupportedError
-from efficientml.llm.compress.packing import pack_int32, unpack_int32
+from efficientml.quant.packing import pack_int32, unpack_int32
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.fused import FUSED_GROUPS, fused_rows
+from efficientml.llm.io.fused import FUSED_GROUPS, fused_rows
 
 
 def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Fused projections in checkpoints: Phi-3 stores q/k/v as one ``qkv_proj`` and gate/up as one
 ``gate_up_proj`` (rows in that order); our model keeps them separate (same names as Llama's, so
 quantization and pruning treat every family alike). Split at load, fused again on save;
-:mod:`efficientml.llm.compress.fused` does the same for quantized tensors.
+:mod:`efficientml.llm.io.fused_compressed` does the same for quantized tensors.
 """
 
 from __future__ import annotations
