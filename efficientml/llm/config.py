@@ -1,9 +1,10 @@
 """The one configuration of the decoder-only Transformer (LLaMA family), and its translation to and
 from a Hugging Face ``config.json``.
 
-Families are data: :data:`ARCHITECTURES` says which ``model_type`` values we read and what each
-implies (Qwen2 has q/k/v biases, Mistral may have a sliding window). Anything else in config.json is
-refused with :class:`UnsupportedError` rather than guessed.
+Families are data (:mod:`efficientml.llm.arch`): its entry says which ``model_type`` values we read and
+what each implies (Qwen2 has q/k/v biases, Mistral may have a sliding window, Granite's multipliers),
+and which keys its config.json holds. Anything else in config.json is refused with
+:class:`UnsupportedError` rather than guessed.
 """
 
 from __future__ import annotations
@@ -16,21 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
-
-# model_type → (HF architecture class name, defaults that family implies)
-ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": ("LlamaForCausalLM", {}),
-    "mistral": ("MistralForCausalLM", {}),
-    "qwen2": ("Qwen2ForCausalLM", {"attention_bias": True}),
-    "qwen3": ("Qwen3ForCausalLM", {"qk_norm": True}),
-    # Phi-3 / Phi-3.5 / Phi-4-mini: Llama blocks whose q/k/v and gate/up weights are stored fused (split at
-    # load, fused again on save), RoPE on part of each head, LongRoPE for the long-context variants
-    "phi3": ("Phi3ForCausalLM", {}),
-    # IBM Granite 3.x: Llama blocks with four scalar multipliers (embeddings, attention scores, residual
-    # branches, logits)
-    "granite": ("GraniteForCausalLM", {"attention_multiplier": 1.0}),  # transformers' default when absent
-}
-GRANITE_SCALARS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
+from efficientml.llm import arch
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -117,6 +104,16 @@ class LlamaConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
+    def family(self) -> arch.Family:
+        """This model's family entry (:mod:`efficientml.llm.arch`); UnsupportedError for an unknown one."""
+        return arch.get(self.model_type)
+
+    @property
+    def attention_scale(self) -> float:
+        """What attention scores are multiplied by: attention_multiplier (Granite), else 1/sqrt(head dim)."""
+        return self.attention_multiplier if self.attention_multiplier is not None else self.dim_per_head ** -0.5
+
+    @property
     def rotary_dim(self) -> int:
         """How many of each head's dimensions RoPE turns (the first ones); the rest pass unrotated."""
         return int(self.dim_per_head * self.partial_rotary_factor)
@@ -153,19 +150,18 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
         mt = d.get("model_type")
-        if mt not in ARCHITECTURES:
-            archs = d.get("architectures")
+        if mt not in arch.names():
             raise UnsupportedError(
-                f"{source}: model_type {mt!r} (architectures {archs}) is not supported; expected one of "
-                f"{', '.join(ARCHITECTURES)}")
-        implied = ARCHITECTURES[mt][1]
+                f"{source}: model_type {mt!r} (architectures {d.get('architectures')}) is not supported; expected "
+                f"one of {', '.join(arch.names())} (a new family is an entry in {arch.family.WHERE})")
+        fam = arch.get(mt)
+        # qk_norm is no config.json key (Qwen3 implies it)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "position_embedding", "o_bias", "qk_norm"}
         kw: dict[str, Any] = {k: d[k] for k in known if k in d}
-        for k, v in implied.items():
+        for k, v in fam.defaults.items():
             kw.setdefault(k, v)
-        if mt == "mistral" and d.get("sliding_window") is not None and d.get("use_sliding_window") is False:
-            kw["sliding_window"] = None
-        if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+        kw.update(fam.fixed)
+        if fam.use_sliding_window is not None and not d.get("use_sliding_window", fam.use_sliding_window):
             kw["sliding_window"] = None
         # transformers ≥ 5 may nest rope settings under "rope_parameters"
         rp = d.get("rope_parameters")
@@ -211,21 +207,15 @@ class LlamaConfig:
             raise UnsupportedError("a model with ALiBi has no Hugging Face Llama config.json equivalent")
         if self.o_bias:
             raise UnsupportedError("a model with an o_proj bias has no Hugging Face Llama config.json equivalent")
-        granite = {k: getattr(self, k) for k in GRANITE_SCALARS}
-        if self.model_type != "granite" and granite != dict(zip(GRANITE_SCALARS, (1.0, None, 1.0, 1.0))):
-            raise UnsupportedError(f"{granite} with model_type {self.model_type!r} has no Hugging Face "
-                                   "config.json equivalent (these multipliers are Granite's)")
-        if self.partial_rotary_factor != 1.0 and self.model_type != "phi3":
-            raise UnsupportedError(f"partial_rotary_factor={self.partial_rotary_factor} with model_type "
-                                   f"{self.model_type!r} has no Hugging Face config.json equivalent (it is Phi-3's)")
-        if self.qk_norm != (self.model_type == "qwen3"):
-            raise UnsupportedError(f"qk_norm={self.qk_norm} with model_type {self.model_type!r} has no Hugging Face "
-                                   "config.json equivalent (q/k norms are Qwen3's)")
-        arch = ARCHITECTURES[self.model_type][0]
+        fam = self.family
+        self._check_family_fields(fam)
+        if fam.fused and (self.attention_bias or self.mlp_bias):
+            raise UnsupportedError(f"{fam.display}'s fused {' / '.join(f.name.split('.')[-1] for f in fam.fused)} "
+                                   "have no biases")
         d: dict[str, Any] = {k: v for k, v in self.extra.items()
                              if k not in ("transformers_version", "torch_dtype", "dtype")}
         d.update({
-            "architectures": [arch], "model_type": self.model_type, "vocab_size": self.vocab_size,
+            "architectures": [fam.hf_class], "model_type": self.model_type, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads, "head_dim": self.dim_per_head,
@@ -235,24 +225,24 @@ class LlamaConfig:
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id, "torch_dtype": "float32",
         })
-        if self.model_type in ("llama", "granite"):
-            d["attention_bias"] = self.attention_bias
-            d["mlp_bias"] = self.mlp_bias
-        if self.model_type == "granite":
-            d.update(granite)
-            if d["attention_multiplier"] is None:
-                d["attention_multiplier"] = self.dim_per_head ** -0.5
-        if self.model_type == "qwen3":
-            d["attention_bias"] = self.attention_bias
-        if self.model_type == "phi3":
-            if self.attention_bias or self.mlp_bias:
-                raise UnsupportedError("Phi-3's fused qkv_proj / gate_up_proj have no biases")
-            d["partial_rotary_factor"] = self.partial_rotary_factor
-        if self.model_type in ("mistral", "qwen2", "qwen3", "phi3"):
-            d["sliding_window"] = self.sliding_window
-            if self.model_type in ("qwen2", "qwen3"):
-                d["use_sliding_window"] = self.sliding_window is not None
+        for k in fam.hf_keys:  # the family's own keys
+            d[k] = (self.sliding_window is not None if k == "use_sliding_window"
+                    else self.attention_scale if k == "attention_multiplier" else getattr(self, k))
         return d
+
+    def _check_family_fields(self, fam: arch.Family) -> None:
+        """Refuse options only other families' config.json can express (Granite's multipliers, …)."""
+        for k, v in fam.fixed.items():
+            if getattr(self, k) != v:
+                raise UnsupportedError(f"{k}={getattr(self, k)} with model_type {self.model_type!r} has no Hugging "
+                                       f"Face config.json equivalent ({fam.display} implies {k}={v})")
+        bad = [k for k, neutral in arch.FAMILY_FIELDS.items() if k not in fam.allows and getattr(self, k) != neutral]
+        if bad:
+            what = arch.FIELD_WHAT[bad[0]]
+            same = [k for k in bad if arch.FIELD_WHAT[k] == what]
+            owners = " / ".join(f.display for f in arch.families() if bad[0] in f.allows) or "no family"
+            raise UnsupportedError(f"{ {k: getattr(self, k) for k in same} } with model_type {self.model_type!r} "
+                                   f"has no Hugging Face config.json equivalent ({what} are {owners}'s)")
 
     def replace(self, **kw: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **kw)

@@ -1,6 +1,7 @@
-"""Phi-3's fused projections in compressed checkpoints: our model quantizes q/k/v and gate/up as
-separate linears; the checkpoint holds them as one ``qkv_proj`` / ``gate_up_proj`` (as transformers,
-vLLM and compressed-tensors name them), so their quantized tensors are joined by output row.
+"""Fused projections in compressed checkpoints (the family entry's ``fused``; Phi-3's): our model
+quantizes q/k/v and gate/up as separate linears; the checkpoint holds them as one ``qkv_proj`` /
+``gate_up_proj`` (as transformers, vLLM and compressed-tensors name them), so their quantized tensors
+are joined by output row.
 
 Per-row tensors (packed codes, scales, int8 weights) are concatenated; packed zero points (packed along
 the output rows) are unpacked, concatenated and packed again; a static W8A8 input scale is shared, so
@@ -14,16 +15,14 @@ import torch
 from efficientml.core.errors import CheckpointError, UnsupportedError
 from efficientml.quant.packing import pack_int32, unpack_int32
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.io.fused import FUSED_GROUPS, fused_rows
 
 
 def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
-    """Our separate-projection state → Phi-3's fused names (other models: unchanged); ``bits``: the
-    weights' bit width (zero points are packed with it)."""
-    if cfg.model_type != "phi3":
-        return state
+    """Our separate-projection state → the checkpoint's fused names (families without fused projections:
+    unchanged); ``bits``: the weights' bit width (zero points are packed with it)."""
     out = dict(state)
-    for fused, parts in FUSED_GROUPS.items():
+    for group in cfg.family.fused:
+        fused, parts = group.name, group.parts
         for key in [k for k in state if k.endswith("." + parts[0] + ".weight_shape")
                     or k.endswith("." + parts[0] + ".weight")]:
             prefix = key[: key.index(parts[0])]
@@ -38,7 +37,7 @@ def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int)
                 if s == "weight_shape":
                     joined = torch.tensor([sum(int(t[0]) for t in ts), int(ts[0][1])], dtype=ts[0].dtype)
                 elif s == "weight_zero_point":
-                    rows = fused_rows(cfg, fused)
+                    rows = group.rows(cfg)
                     codes = [unpack_int32(t, bits, r, dim=0) for t, r in zip(ts, rows)]
                     joined = pack_int32(torch.cat(codes), bits, dim=0)
                 elif s == "input_scale":
@@ -54,12 +53,10 @@ def fuse_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int)
 
 def split_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int,
                      where: str) -> dict[str, torch.Tensor]:
-    """Phi-3's fused names → our separate projections (other models: unchanged)."""
-    if cfg.model_type != "phi3":
-        return state
+    """The checkpoint's fused names → our separate projections (other families: unchanged)."""
     out = dict(state)
-    for fused, parts in FUSED_GROUPS.items():
-        rows = fused_rows(cfg, fused)
+    for group in cfg.family.fused:
+        fused, parts, rows = group.name, group.parts, group.rows(cfg)
         for key in [k for k in state if ("." + fused + ".") in k]:
             prefix, s = key.split(fused + ".")
             t = out.pop(key)
@@ -79,10 +76,9 @@ def split_compressed(cfg: LlamaConfig, state: dict[str, torch.Tensor], bits: int
 
 
 def fused_module_name(cfg: LlamaConfig, name: str) -> str:
-    """A module's name in the checkpoint: Phi-3's q/k/v and gate/up under their fused linear."""
-    if cfg.model_type == "phi3":
-        for fused, parts in FUSED_GROUPS.items():
-            for p in parts:
-                if name.endswith("." + p):
-                    return name[: -len(p)] + fused
+    """A module's name in the checkpoint: fused parts (Phi-3's q/k/v and gate/up) under their fused linear."""
+    for group in cfg.family.fused:
+        for p in group.parts:
+            if name.endswith("." + p):
+                return name[: -len(p)] + group.name
     return name
