@@ -240,7 +240,7 @@ class LlamaConfig:
         if bad:
             what = arch.FIELD_WHAT[bad[0]]
             same = [k for k in bad if arch.FIELD_WHAT[k] == what]
-            owners = " / ".join(f.display for f in arch.families() if bad[0] in f.allows) or "no family"
+            owners = " / ".join(f.display for f in arch.entries() if bad[0] in f.allows) or "no family"
             raise UnsupportedError(f"{ {k: getattr(self, k) for k in same} } with model_type {self.model_type!r} "
                                    f"has no Hugging Face config.json equivalent ({what} are {owners}'s)")
 

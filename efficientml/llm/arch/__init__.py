@@ -11,10 +11,10 @@ plus its tests. The lowest layer of ``efficientml.llm``: it imports nothing else
 """
 
 from efficientml.llm.arch.family import (FAMILY_FIELDS, FIELD_WHAT, HF_KEYS, ROW_WIDTHS, Family, FusedProjection,
-                                         GGUFForm, ScalingGroup, by_gguf, families, get, gguf_archs, names,
+                                         GGUFForm, ScalingGroup, by_gguf, entries, get, gguf_archs, names,
                                          register, unregister)
 from efficientml.llm.arch.families import GRANITE_SCALARS, LLAMA_GROUPS
 
 __all__ = ["FAMILY_FIELDS", "FIELD_WHAT", "GRANITE_SCALARS", "HF_KEYS", "LLAMA_GROUPS", "ROW_WIDTHS", "Family",
-           "FusedProjection", "GGUFForm", "ScalingGroup", "by_gguf", "families", "get", "gguf_archs", "names",
+           "FusedProjection", "GGUFForm", "ScalingGroup", "by_gguf", "entries", "get", "gguf_archs", "names",
            "register", "unregister"]

@@ -131,7 +131,7 @@ def names() -> list[str]:
     return list(_FAMILIES)
 
 
-def families() -> tuple[Family, ...]:
+def entries() -> tuple[Family, ...]:
     return tuple(_FAMILIES.values())
 
 

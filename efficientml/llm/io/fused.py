@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from efficientml.core.errors import CheckpointError
+from efficientml.llm.arch import FusedProjection
 from efficientml.llm.config import LlamaConfig
 
 
@@ -34,9 +35,11 @@ def split_fused(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str) ->
     return out
 
 
-def fuse_split(cfg: LlamaConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`split_fused`, for writing a checkpoint transformers reads."""
-    groups = cfg.family.fused
+def fuse_split(cfg: LlamaConfig, state: dict[str, torch.Tensor],
+               groups: tuple[FusedProjection, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_fused`, for writing a checkpoint transformers reads (``groups``: the
+    projections to fuse, by default the family's)."""
+    groups = cfg.family.fused if groups is None else groups
     if not groups:
         return state
     out = dict(state)

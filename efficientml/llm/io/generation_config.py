@@ -30,7 +30,7 @@ def generation_defaults(source: Any) -> dict[str, float | int]:
     ``general.sampling.*`` keys are taken as they are. An invalid value is a :class:`ConfigError`."""
     from efficientml.llm.generate import SamplingConfig
 
-    from efficientml.llm.io.load import open_source
+    from efficientml.llm.io.source import open_source
 
     src = open_source(source)
     if isinstance(src, Path):

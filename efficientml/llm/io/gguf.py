@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from efficientml.core.errors import CheckpointError, UnsupportedError
+from efficientml.llm import arch as families
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.io.ggml_quants import BLOCK_FORMATS, BLOCK_SIZES, SUPPORTED, UNDECODED, dequantize_blocks
 
@@ -105,19 +106,33 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-# Phi-3's fused projections keep their Hugging Face (fused) names; load_gguf splits them like load_hf
-_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+def layer_names(fam: families.Family) -> dict[str, str]:
+    """GGUF block tensor names → ours for a family: fused projections (Phi-3's attn_qkv / ffn_up) keep
+    their Hugging Face (fused) names; load_gguf splits them like load_hf."""
+    return {**_LAYER_NAMES, **{f.gguf: f.name for f in fam.fused_in_gguf()}}
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
-    """``blk.3.attn_q.weight`` → ``model.layers.3.self_attn.q_proj.weight``; None for unknown names."""
+    """``blk.3.attn_q.weight`` → ``model.layers.3.self_attn.q_proj.weight`` in a file of GGUF
+    architecture ``arch``; None for unknown names."""
     parts = gguf_name.split(".")
-    layer_names = _PHI3_LAYER_NAMES if arch == "phi3" else _LAYER_NAMES
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in layer_names:
-        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
+    names = layer_names(families.by_gguf(arch)[0])
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     if len(parts) == 2 and parts[0] in _TOP_NAMES:
         return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
     return None
+
+
+def family_value(field: str, v: Any) -> Any:
+    """A family-specific metadata value as the config field holds it: absent → the neutral value; a
+    multiplier stored as 0 means unset (llama.cpp's granite: no attention scale → 1/sqrt(head dim))."""
+    neutral = families.FAMILY_FIELDS.get(field)
+    if v is None:
+        return neutral
+    if field == "sliding_window":
+        return v
+    return None if neutral is None and float(v) == 0.0 else float(v)
 
 
 # GGUF value types → struct format (8: string, 9: array)
@@ -232,12 +247,14 @@ class GGUFFile:
         return str(self.meta.get("general.architecture", ""))
 
     @cached_property
+    def family(self) -> families.Family:
+        return families.by_gguf(self.arch, self.path.name)[0]
+
+    @cached_property
     def config(self) -> LlamaConfig:
         """The model configuration from the metadata (read once per opened file)."""
         arch = self.arch
-        if arch not in ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite"):
-            raise UnsupportedError(f"{self.path.name}: GGUF architecture {arch!r} is not supported; "
-                                   "expected llama, mistral, qwen2, qwen3, phi3 or granite")
+        fam, keys = families.by_gguf(arch, self.path.name)
         m = self.meta
 
         def get(key: str, default: Any = None) -> Any:
@@ -249,18 +266,13 @@ class GGUFFile:
         vocab = get("vocab_size")
         if vocab is None:
             vocab = len(self.meta.get("tokenizer.ggml.tokens", []))
-        scaling = None
-        kind = get("rope.scaling.type")
-        if kind == "linear":
-            scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-        elif kind not in (None, "none") and not (arch == "phi3" and kind in ("longrope", "su")):
-            raise UnsupportedError(f"{self.path.name}: RoPE scaling {kind!r} is not supported; linear, and "
-                                   "llama3 (a rope_freqs.weight tensor) are")
+        scaling, kind = self._rope_scaling(fam, get)
         head_dim = int(get("attention.key_length", get("rope.dimension_count", d // n_heads)))
         rotary = 1.0
-        if arch == "phi3":  # rope.dimension_count is the rotary part of the head (Phi-4-mini: 3/4 of it)
+        if fam.gguf.rope_dim_is_rotary:  # the rotary part of the head (Phi-4-mini: 3/4 of it)
             head_dim = int(get("attention.key_length", d // n_heads))
             rotary = int(get("rope.dimension_count", head_dim)) / head_dim
+        if fam.gguf.longrope:
             scaling = self._longrope(get, head_dim * rotary) or scaling
         cfg = LlamaConfig(
             vocab_size=int(vocab), hidden_size=d, intermediate_size=int(get("feed_forward_length")),
@@ -272,10 +284,8 @@ class GGUFFile:
             rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
-            sliding_window=get("attention.sliding_window") if arch in ("mistral", "phi3") else None,
-            model_type=arch if arch in ("qwen2", "qwen3", "phi3", "granite") else "llama",
-            qk_norm=arch == "qwen3",
-            **(self._granite_scales(get) if arch == "granite" else {}),
+            model_type=fam.model_type, **fam.fixed,
+            **{field: family_value(field, get(key)) for field, key in keys.items()},
             bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_id=self._stop_ids(),
             pad_token_id=m.get("tokenizer.ggml.padding_token_id"),
         )
@@ -287,14 +297,15 @@ class GGUFFile:
             cfg = replace(cfg, rope_scaling=llama3 or scaling)
         return cfg
 
-    @staticmethod
-    def _granite_scales(get) -> dict[str, Any]:
-        """Granite's multipliers as llama.cpp stores them (``*_scale``; no attention scale: 1/sqrt(hd))."""
-        att = get("attention.scale")
-        return {"embedding_multiplier": float(get("embedding_scale", 1.0)),
-                "residual_multiplier": float(get("residual_scale", 1.0)),
-                "logits_scaling": float(get("logit_scale", 1.0)),
-                "attention_multiplier": None if att is None or float(att) == 0.0 else float(att)}
+    def _rope_scaling(self, fam: families.Family, get) -> tuple[dict[str, Any] | None, Any]:
+        """Linear RoPE scaling from the metadata (LongRoPE's comes from tensors); the scaling type named."""
+        kind = get("rope.scaling.type")
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}, kind
+        if kind not in (None, "none") and not (fam.gguf.longrope and kind in ("longrope", "su")):
+            raise UnsupportedError(f"{self.path.name}: RoPE scaling {kind!r} is not supported; linear, and "
+                                   "llama3 (a rope_freqs.weight tensor) are")
+        return None, kind
 
     def _longrope(self, get, rotary_dim: float) -> dict[str, Any] | None:
         """Phi-3's LongRoPE as llama.cpp's converter stores it: the factors as tensors, the pretrained
@@ -329,7 +340,7 @@ class GGUFFile:
     def tensors(self, cfg: LlamaConfig | None = None):
         """Yield ``(hf_name, float32 tensor)`` one at a time (bounded memory)."""
         cfg = cfg or self.config
-        permute = self.arch in ("llama", "mistral", "granite")  # qwen2's and phi3's keep rotate-half order
+        permute = self.family.gguf.permute_qk  # qwen2's and phi3's keep rotate-half order
         for t in self.infos:
             name = hf_name(t.name, self.arch)
             if name is None:

