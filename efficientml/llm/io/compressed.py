@@ -123,47 +123,12 @@ def save_compressed(model: nn.Module, tokenizer, folder: str | Path, overwrite: 
 def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer or None) from a folder written by :func:`save_compressed`; the quantized
     linears are real (QuantLinear / W8A8Linear), built on the meta device and assigned from the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from efficientml.llm.config import LlamaConfig
     from efficientml.llm.model import build_model
 
     folder = Path(folder)
-    cfg_path, st_path = folder / "config.json", folder / "model.safetensors"
-    if not cfg_path.is_file() or not st_path.is_file():
-        raise CheckpointError(f"{str(folder)!r} is not a compressed checkpoint (config.json and model.safetensors expected)")
-    hf = json.loads(cfg_path.read_text())
-    qc = hf.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
-        raise CheckpointError(f"{str(cfg_path)!r} has no compressed-tensors quantization_config")
-    fmt = qc.get("format")
-    if fmt not in ("pack-quantized", "int-quantized"):
-        raise UnsupportedError(f"compressed-tensors format {fmt!r} is not supported; expected pack-quantized or int-quantized")
-    grp = next(iter(qc["config_groups"].values()))
-    cfg = LlamaConfig.from_hf_dict({k: v for k, v in hf.items() if k != "quantization_config"}, source=str(cfg_path))
-    try:
-        state = load_file(str(st_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(st_path)!r} is truncated or not a safetensors file ({e})") from None
-    state = split_compressed(cfg, state, int(grp["weights"]["num_bits"]), str(st_path))
+    cfg, grp, fmt, state, st_path = _read_compressed(folder)
     model = build_model(cfg, "meta", dtype)
-    if fmt == "pack-quantized":
-        w = grp["weights"]
-        spec = WeightQuantSpec(int(w["num_bits"]), w.get("group_size") if w["strategy"] == "group" else None,
-                               bool(w["symmetric"]))
-        names = [k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed")]
-        for n in names:
-            out, inp = (int(x) for x in state[n + ".weight_shape"].tolist())
-            set_module(model, n, QuantLinear(inp, out, spec, bias=(n + ".bias") in state, device="meta",
-                                             scale_dtype=state[n + ".weight_scale"].dtype))
-    else:
-        act = "dynamic" if grp["input_activations"]["dynamic"] else "static"
-        names = [k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale")]
-        for n in names:
-            out, inp = state[n + ".weight"].shape
-            set_module(model, n, W8A8Linear(inp, out, bias=(n + ".bias") in state, act=act, device="meta"))
-    qset = set(names)
+    qset = set(_quantized_modules(model, state, fmt, grp))
     for k, t in list(state.items()):
         if t.is_floating_point() and k.rsplit(".", 1)[0] not in qset:
             state[k] = t.to(dtype)
@@ -182,3 +147,51 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32, devi
 
         tok = Tokenizer.from_folder(folder)
     return model, tok
+
+
+def _read_compressed(folder: Path):
+    """(config, the quantization config group, its format, the tensors with fused projections split,
+    the safetensors path), each checked."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from efficientml.llm.config import LlamaConfig
+
+    cfg_path, st_path = folder / "config.json", folder / "model.safetensors"
+    if not cfg_path.is_file() or not st_path.is_file():
+        raise CheckpointError(f"{str(folder)!r} is not a compressed checkpoint (config.json and model.safetensors expected)")
+    hf = json.loads(cfg_path.read_text())
+    qc = hf.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        raise CheckpointError(f"{str(cfg_path)!r} has no compressed-tensors quantization_config")
+    fmt = qc.get("format")
+    if fmt not in ("pack-quantized", "int-quantized"):
+        raise UnsupportedError(f"compressed-tensors format {fmt!r} is not supported; expected pack-quantized or int-quantized")
+    grp = next(iter(qc["config_groups"].values()))
+    cfg = LlamaConfig.from_hf_dict({k: v for k, v in hf.items() if k != "quantization_config"}, source=str(cfg_path))
+    try:
+        state = load_file(str(st_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{str(st_path)!r} is truncated or not a safetensors file ({e})") from None
+    state = split_compressed(cfg, state, int(grp["weights"]["num_bits"]), str(st_path))
+    return cfg, grp, fmt, state, st_path
+
+
+def _quantized_modules(model: nn.Module, state: dict[str, torch.Tensor], fmt: str, grp: dict) -> list[str]:
+    """Swap in a meta QuantLinear / W8A8Linear for every quantized linear ``state`` holds; their names."""
+    if fmt == "pack-quantized":
+        w = grp["weights"]
+        spec = WeightQuantSpec(int(w["num_bits"]), w.get("group_size") if w["strategy"] == "group" else None,
+                               bool(w["symmetric"]))
+        names = [k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed")]
+        for n in names:
+            out, inp = (int(x) for x in state[n + ".weight_shape"].tolist())
+            set_module(model, n, QuantLinear(inp, out, spec, bias=(n + ".bias") in state, device="meta",
+                                             scale_dtype=state[n + ".weight_scale"].dtype))
+        return names
+    act = "dynamic" if grp["input_activations"]["dynamic"] else "static"
+    names = [k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale")]
+    for n in names:
+        out, inp = state[n + ".weight"].shape
+        set_module(model, n, W8A8Linear(inp, out, bias=(n + ".bias") in state, act=act, device="meta"))
+    return names

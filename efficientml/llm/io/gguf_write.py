@@ -6,8 +6,9 @@ Q/K rows in llama.cpp's interleaved-pair order.
 
 What is written, as llama.cpp's ``convert_hf_to_gguf.py`` does:
 
-- ``general.architecture`` ``llama`` (Llama, Mistral without a sliding window, SmolLM), ``qwen2``,
-  ``qwen3``, ``phi3`` or ``granite`` (its multipliers as ``*_scale``), and the ``{arch}.*`` shapes:
+- ``general.architecture`` from the family's entry (:attr:`efficientml.llm.arch.Family.gguf`): ``llama``
+  (Llama, Mistral without a sliding window, SmolLM), ``qwen2``, ``qwen3``, ``phi3`` or ``granite`` (its
+  multipliers as ``*_scale``), and the ``{arch}.*`` shapes:
   context length, width, blocks, FFN width, heads, KV heads, key/value length, RMSNorm epsilon, RoPE
   base and dimension, linear RoPE scaling.
   Llama-3.1-style RoPE scaling becomes the ``rope_freqs.weight`` tensor (one divisor per frequency).
@@ -34,8 +35,8 @@ whose grid is a GGUF block format are written in it *exactly*, whatever ``outtyp
 ``d·(q − 8)`` is our ``s·(q − 8)``), symmetric 8-bit with groups of 32 is Q8_0. Other grids
 (asymmetric, other group sizes, 2/3 bits) have no exact GGUF block and are refused rather than
 re-quantized behind the user's back; so are W8A8 and other swapped modules, sliding-window
-attention outside phi3, ALiBi, and dynamic-NTK and YaRN RoPE scaling. The file is written atomically (temporary
-file + rename), tensors one at a time.
+attention outside phi3, q/k norms outside qwen3, ALiBi, and dynamic-NTK and YaRN RoPE scaling.
+The file is written atomically (temporary file + rename), tensors one at a time.
 """
 
 from __future__ import annotations
