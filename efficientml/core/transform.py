@@ -163,10 +163,11 @@ class LayerFilter:
     ``include``: names (``backbone.conv3``) or globs (``model.layers.*.mlp.*``); empty means the
     handler's default selection. ``types``: module classes or class names, narrowing the candidates
     (default: the types the handler supports). ``exclude`` / ``exclude_types``: never these. An exact
-    name is taken as given (it must exist); a glob matches candidates of the selected types only."""
+    name is taken as given (it must exist, else ConfigError); a glob matches candidates of the selected
+    types only (a glob in ``include`` that matches none is a ConfigError)."""
 
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()            # exact names taken as given; globs match candidates
+    exclude: tuple[str, ...] = ()            # names or globs
     types: tuple[Any, ...] = ()
     exclude_types: tuple[Any, ...] = ()
 
@@ -185,10 +186,11 @@ class LayerFilter:
         """True when ``include`` names the layers (the handler's default selection is not used)."""
         return bool(self.include)
 
-    def _type_ok(self, m: nn.Module, types: tuple[Any, ...]) -> bool:
-        names = _type_names(types)
-        return any(isinstance(m, t) if isinstance(t, type) else type(m).__name__ == t for t in types) or \
-            (not names)
+    @staticmethod
+    def _type_ok(m: nn.Module, types: tuple[Any, ...]) -> bool:
+        """An instance of one of ``types`` (classes, or class names matched exactly); () allows any."""
+        return not types or any(isinstance(m, t) if isinstance(t, type) else type(m).__name__ == t
+                                for t in types)
 
     def excluded(self, name: str, module: nn.Module | None = None) -> bool:
         if any(fnmatch.fnmatchcase(name, p) if _is_glob(p) else name == p for p in self.exclude):
@@ -203,26 +205,27 @@ class LayerFilter:
 
     def select(self, model: nn.Module, default_types: tuple[type, ...],
                default_include: tuple[str, ...] = ()) -> list[str]:
-        """Names of the selected layers: exact names in the given order, glob matches in model order."""
+        """Names of the selected layers, in model order (``model.named_modules()``)."""
         self.check(model)
         types = self.types or default_types
         include = self.include or default_include
-        modules = dict(model.named_modules())
-        if not include:
-            out = [n for n, m in modules.items() if self._type_ok(m, types)]
-        else:
-            out = []
-            for p in include:
-                if not _is_glob(p):
-                    out.append(p)
-                    continue
-                hits = [n for n, m in modules.items() if fnmatch.fnmatchcase(n, p) and self._type_ok(m, types)]
-                if not hits and self.include:
-                    raise ConfigError(f"layer glob {p!r} matches no {'/'.join(_type_names(types))} layer "
-                                      "of the model")
-                out.extend(hits)
-        seen: set[str] = set()
-        return [n for n in out if not (n in seen or seen.add(n)) and not self.excluded(n, modules[n])]
+        exact = {p for p in include if not _is_glob(p)}
+        globs = [p for p in include if _is_glob(p)]
+        out, hit = [], set()
+        for n, m in model.named_modules():
+            if include:
+                g = [p for p in globs if fnmatch.fnmatchcase(n, p) and self._type_ok(m, types)]
+                hit.update(g)
+                chosen = n in exact or bool(g)
+            else:
+                chosen = self._type_ok(m, types)
+            if chosen and not self.excluded(n, m):
+                out.append(n)
+        missing = [p for p in globs if p not in hit]
+        if missing and self.include:
+            raise ConfigError(f"layer glob {missing[0]!r} matches no {'/'.join(_type_names(types))} layer "
+                              "of the model")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"include": list(self.include), "exclude": list(self.exclude),
