@@ -4,9 +4,9 @@ efficientml.core.transform, whose docstring holds the one table of techniques an
     res = efficientml.apply(model, IntegerConfig(observer="kl"), calib=loader)
     res = quantize(model, IntegerConfig(observer="kl"), calibration=loader)   # the same, older spelling
 
-Layer filters: WeightOnlyConfig, AdaRoundConfig and QATConfig honour ``filter`` (default: every
-Conv2d/Linear); IntegerConfig, KMeansConfig, BinaryConfig and DeepCompressionConfig convert the whole
-model and refuse a filter.
+Layer filters: WeightOnlyConfig, AdaRoundConfig, QATConfig and BinaryConfig honour ``filter`` (default:
+every Conv2d/Linear); IntegerConfig, KMeansConfig and DeepCompressionConfig convert the whole model
+and refuse a filter.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def quantize_weight(w: torch.Tensor, cfg: WeightOnlyConfig) -> torch.Tensor:
 def _whole_model(filt: LayerFilter, what: str) -> None:
     if filt != LayerFilter():
         raise UnsupportedError(f"{what} converts every Conv2d/Linear of the model; it takes no layer filter "
-                               "(use WeightOnlyConfig, AdaRoundConfig or QATConfig to choose layers)")
+                               "(WeightOnlyConfig, AdaRoundConfig, QATConfig and BinaryConfig choose layers)")
 
 
 def _skip_list(model: nn.Module, filt: LayerFilter) -> tuple[str, ...]:
@@ -167,8 +167,8 @@ def _qat(model: nn.Module, cfg: QATConfig, *, calib: Any, filter: LayerFilter) -
 
 @register_transform(BinaryConfig)
 def _binary(model: nn.Module, cfg: BinaryConfig, *, calib: Any, filter: LayerFilter) -> TransformResult:
-    _whole_model(filter, "BinaryConfig")
-    m, done = binarize_model(model, cfg.mode, cfg.skip_first_last, cfg.ttq_threshold)
+    skip = _skip_list(model, filter)
+    m, done = binarize_model(model, cfg.mode, cfg.skip_first_last, cfg.ttq_threshold, skip=skip)
     return TransformResult(m, cfg, "simulated", {n: cfg.mode for n in done}, {"quantized_layers": done})
 
 
