@@ -102,23 +102,7 @@ def _quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | Smo
             w = model.get_submodule(full).weight.detach().float()
             install_quantized(model, full, quantize_weight(w, config.spec, name=full.rpartition(".")[2]), pack)
     elif stats is not None or keep_stats:
-        reusable = isinstance(config, AWQConfig) or (isinstance(config, GPTQConfig) and config.propagate == "fp")
-        if not reusable:
-            raise ConfigError("calibration statistics are reusable for AWQ and for GPTQ with propagate='fp' only "
-                              f"(their block inputs are the fp model's); got {type(config).__name__}"
-                              + (f"(propagate={config.propagate!r})" if isinstance(config, GPTQConfig) else ""))
-        if stats is not None:
-            _check_stats(config, stats)
-            transform = (awq_transform(model, config, pack, log, search_cache, consume=False)
-                         if isinstance(config, AWQConfig) else gptq_transform(model, config, pack, consume=False))
-            apply_with_stats(model, stats, transform, batch_size, device)
-        else:
-            tokens = check_calib(calib, type(config).kind)
-            kept: list = []
-            proc = (awq_processor(model, config, pack, log, search_cache, keep=kept) if isinstance(config, AWQConfig)
-                    else gptq_processor(model, config, pack, log, keep=kept))
-            ctx = run_blockwise(model, tokens, proc, batch_size, device, desc=type(config).kind, progress=progress)
-            stats = CalibStats(kept, ctx, int(tokens.numel()), _sink_share(config))
+        stats = _quantize_reusable(model, config, calib, stats, pack, log, search_cache, batch_size, device, progress)
     else:
         method = type(config).kind
         tokens = check_calib(calib, method)
@@ -135,6 +119,29 @@ def _quantize(model: nn.Module, config: RTNConfig | AWQConfig | GPTQConfig | Smo
     what = {"bits": 8, "act_bits": 8} if isinstance(config, SmoothQuantConfig) else \
         {"bits": config.spec.bits, "group_size": config.spec.group_size}
     return TransformResult(model, config, "real" if pack else "simulated", {n: dict(what) for n in chosen}, report)
+
+
+def _quantize_reusable(model: nn.Module, config: Any, calib: torch.Tensor | None, stats: CalibStats | None,
+                       pack: bool, log: dict, search_cache: dict | None, batch_size: int,
+                       device: str | torch.device | None, progress: bool | None) -> CalibStats:
+    """AWQ / GPTQ(propagate='fp') from stored statistics, or a calibration run that keeps them."""
+    reusable = isinstance(config, AWQConfig) or (isinstance(config, GPTQConfig) and config.propagate == "fp")
+    if not reusable:
+        raise ConfigError("calibration statistics are reusable for AWQ and for GPTQ with propagate='fp' only "
+                          f"(their block inputs are the fp model's); got {type(config).__name__}"
+                          + (f"(propagate={config.propagate!r})" if isinstance(config, GPTQConfig) else ""))
+    if stats is not None:
+        _check_stats(config, stats)
+        transform = (awq_transform(model, config, pack, log, search_cache, consume=False)
+                     if isinstance(config, AWQConfig) else gptq_transform(model, config, pack, consume=False))
+        apply_with_stats(model, stats, transform, batch_size, device)
+        return stats
+    tokens = check_calib(calib, type(config).kind)
+    kept: list = []
+    proc = (awq_processor(model, config, pack, log, search_cache, keep=kept) if isinstance(config, AWQConfig)
+            else gptq_processor(model, config, pack, log, keep=kept))
+    ctx = run_blockwise(model, tokens, proc, batch_size, device, desc=type(config).kind, progress=progress)
+    return CalibStats(kept, ctx, int(tokens.numel()), _sink_share(config))
 
 
 def _sink_share(config: AWQConfig | GPTQConfig) -> float:
