@@ -41,7 +41,6 @@ from efficientml.llm.compress.sparsegpt import sparsegpt_processor
 from efficientml.llm.compress.stats import CalibStats, apply_with_stats
 from efficientml.llm.compress.wanda import wanda_processor
 
-QUANT_CONFIGS = (RTNConfig, AWQConfig, GPTQConfig, SmoothQuantConfig)  # the configs _quantize handles
 
 
 def _check_model(model: nn.Module) -> None:
