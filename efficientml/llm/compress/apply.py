@@ -42,7 +42,6 @@ from efficientml.llm.compress.stats import CalibStats, apply_with_stats
 from efficientml.llm.compress.wanda import wanda_processor
 
 
-
 def _check_model(model: nn.Module) -> None:
     scaling_groups(model)  # UnsupportedError for a family without a mapping
     spec = getattr(getattr(model, "model", None), "layers", None)
