@@ -19,7 +19,7 @@ Sections (``--sections``, run separately and combined with ``--merge``):
   (``awq_minutes``, ``gptq_minutes``); their calibration statistics (mean |x|, search samples,
   Hessians) are saved to ``--stats``. GPTQ propagates the fp block outputs, so every method sees the
   fp model's activations and the statistics do not depend on the setting;
-- ``w4``/``w3``/``w4pc``: the other rows, quantized from those statistics (``quantize(stats=...)``,
+- ``w4``/``w3``/``w4pc``: the other rows, quantized from those statistics (``apply(..., stats=...)``,
   tested to give the same weights as a calibration run) — no second pass over 65k tokens per row;
 - ``sq``/``prune``/``kv``: SmoothQuant, pruning, KV cache; ``real``: packed W4 size and decode tok/s;
 - ``mem``: the 1B memory target, a subprocess per method (a clean peak RSS): a randomly initialized
@@ -293,9 +293,9 @@ def main() -> None:
         if "mem" in sections else None
 
     from efficientml.data.text import load_text
-    from efficientml.llm.compress import (AWQConfig, CalibConfig, GPTQConfig, PruneConfig, RTNConfig,
-                                          SmoothQuantConfig, calibration_tokens, load_compressed, prune, quantize,
-                                          save_compressed)
+    from efficientml.core.transform import apply
+    from efficientml.llm.compress import (AWQConfig, CalibConfig, GPTQConfig, LLMPruneConfig, RTNConfig,
+                                          SmoothQuantConfig, calibration_tokens, load_compressed, save_compressed)
     from efficientml.llm.compress.kv_quant import kv_quant_score_fn
     from efficientml.llm.kernels.qlinear import QuantLinear
     from efficientml.llm.eval import PerplexityProtocol, perplexity
@@ -362,7 +362,7 @@ def main() -> None:
         for meth in args.calib_methods.split(","):
             conf = AWQConfig(**wq, **AWQ_BENCH) if meth == "awq" else GPTQConfig(**wq, **GPTQ_BENCH)
             m = copy.deepcopy(base)
-            rep = quantize(m, conf, calib, pack=False, progress=False, keep_stats=True)
+            rep = apply(m, conf, calib=calib, inplace=True, pack=False, progress=False, keep_stats=True).report
             torch.save(rep.pop("stats"), stats_file(meth))
             R["quant_seconds"][f"{meth}_w4g128"] = rep["seconds"]
             print(f"{meth} w4g128 calibration: {rep['seconds'] / 60:.2f} min on {calib.numel()} tokens", flush=True)
@@ -384,8 +384,8 @@ def main() -> None:
             if meth not in rows and not (meth == "awq" and "awq+gptq" in rows):
                 continue
             m = copy.deepcopy(base)
-            rep = quantize(m, confs[meth], pack=False, progress=False, stats=None if meth == "rtn" else stats,
-                           search_cache=cache)
+            rep = apply(m, confs[meth], inplace=True, pack=False, progress=False,
+                        stats=None if meth == "rtn" else stats, search_cache=cache).report
             R["quant_seconds"][f"{meth}_{sname}_from_stats"] = rep["seconds"]
             if meth in rows:
                 ppl(m, f"{meth}_{sname}")
@@ -395,14 +395,15 @@ def main() -> None:
     if "ablate" in sections:  # GPTQ with act-order but every calibration token weighted once (sink_share=0)
         conf0 = GPTQConfig(**settings["w4g128"], **{**GPTQ_BENCH, "sink_share": 0.0})
         m = copy.deepcopy(base)
-        st0 = quantize(m, conf0, calib, pack=False, progress=False, keep_stats=True)["stats"]
+        st0 = apply(m, conf0, calib=calib, inplace=True, pack=False, progress=False, keep_stats=True).report["stats"]
         del m
         abl = {"config": conf0.to_dict(), "ppl": {},
                "note": "GPTQ as in the table (act-order, static groups) with sink_share=0: each calibration token "
                        "weighted once; with results.ablation (plain GPTQ) and the table this separates the two changes"}
         for sname, wq in settings.items():
             m = copy.deepcopy(base)
-            quantize(m, GPTQConfig(**wq, **{**GPTQ_BENCH, "sink_share": 0.0}), pack=False, progress=False, stats=st0)
+            apply(m, GPTQConfig(**wq, **{**GPTQ_BENCH, "sink_share": 0.0}), inplace=True, pack=False, progress=False,
+                  stats=st0)
             abl["ppl"][f"gptq_actorder_nosink_{sname}"] = perplexity(m, ids, proto, batch_size=4, max_windows=windows).perplexity
             print(f"gptq act-order, sink_share 0, {sname}: ppl {abl['ppl'][f'gptq_actorder_nosink_{sname}']:.3f}", flush=True)
             del m
@@ -417,7 +418,8 @@ def main() -> None:
         for smooth in (False, True):
             for act in ("dynamic", "static"):
                 m = copy.deepcopy(base)
-                quantize(m, SmoothQuantConfig(alpha=0.5, smooth=smooth, act=act), calib, progress=False)
+                apply(m, SmoothQuantConfig(alpha=0.5, smooth=smooth, act=act), calib=calib, inplace=True,
+                      progress=False)
                 sq[f"{act}_{'smooth' if smooth else 'nosmooth'}"] = ppl(m, f"w8a8_{act}_{'smooth' if smooth else 'nosmooth'}")
                 del m
         R["smoothquant"] = {"alpha": 0.5, "ppl": sq, "fp": fp}
@@ -432,7 +434,7 @@ def main() -> None:
         for tag, nm in (("50", None), ("2of4", (2, 4))):
             for meth in ("magnitude", "wanda", "sparsegpt"):
                 m = copy.deepcopy(base)
-                rep = prune(m, PruneConfig(meth, 0.5, n_m=nm), calib, progress=False)
+                rep = apply(m, LLMPruneConfig(meth, 0.5, n_m=nm), calib=calib, inplace=True, progress=False).report
                 pr[f"{meth}_{tag}"] = ppl(m, f"{meth}_{tag}")
                 R.setdefault("prune_sparsity", {})[f"{meth}_{tag}"] = rep["sparsity"]
                 del m
@@ -466,7 +468,8 @@ def main() -> None:
         real = {}
         m = copy.deepcopy(base)
         conf = AWQConfig(**settings["w4g128"], **AWQ_BENCH)
-        quantize(m, conf, pack=True, progress=False, stats=torch.load(stats_file("awq"), weights_only=False))
+        apply(m, conf, inplace=True, pack=True, progress=False,
+              stats=torch.load(stats_file("awq"), weights_only=False))
         with tempfile.TemporaryDirectory() as td:
             qdir = Path(td) / "awq-w4"
             save_compressed(m, tok, qdir, float_dtype=torch.float16, recipe=conf.to_dict())
@@ -475,7 +478,7 @@ def main() -> None:
             packed, _ = load_compressed(qdir)
             # W4 g64 RTN in bf16: a group size torch's int4 CPU kernel takes (32/64/128/256; 192 is not)
             m64 = copy.deepcopy(base)
-            quantize(m64, RTNConfig(4, 64), pack=True, progress=False)
+            apply(m64, RTNConfig(4, 64), inplace=True, pack=True, progress=False)
             save_compressed(m64, tok, Path(td) / "rtn-w4g64", float_dtype=torch.bfloat16)
             real["w4g64_packed_dir_bytes"] = sum(f.stat().st_size for f in (Path(td) / "rtn-w4g64").iterdir())
             packed64, _ = load_compressed(Path(td) / "rtn-w4g64", dtype=torch.bfloat16)

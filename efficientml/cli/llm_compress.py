@@ -130,7 +130,8 @@ def _report(args: argparse.Namespace, rep: dict) -> None:
 def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from efficientml.llm.compress import quantize, save_compressed
+    from efficientml.core.transform import apply
+    from efficientml.llm.compress import save_compressed
     from efficientml.llm.io.generation_config import generation_defaults
     from efficientml.llm.io.load import load, open_source
 
@@ -139,7 +140,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     src = open_source(args.model)  # resolved once: the weights and the sampling defaults
     model, tok = load(src)
     calib, cc = _calib(args, tok, args.method != "rtn")
-    rep = quantize(model, conf, calib, batch_size=args.batch_size, device=args.device)
+    rep = apply(model, conf, calib=calib, inplace=True, batch_size=args.batch_size, device=args.device).report
     rep["calibration"] = None if cc is None else cc.to_dict()
     rep["model"] = args.model
     save_compressed(model.cpu(), tok, args.out, overwrite=args.overwrite,
@@ -150,16 +151,17 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from efficientml.llm.compress import PruneConfig, prune
+    from efficientml.core.transform import apply
+    from efficientml.llm.compress import LLMPruneConfig
     from efficientml.llm.io.generation_config import generation_defaults
     from efficientml.llm.io.load import load, save_hf, open_source
 
-    conf = PruneConfig(args.method, args.sparsity, n_m=args.n_m)
+    conf = LLMPruneConfig(args.method, args.sparsity, n_m=args.n_m)
     _prepare(args)
     src = open_source(args.model)
     model, tok = load(src)
     calib, cc = _calib(args, tok, args.method != "magnitude")
-    rep = prune(model, conf, calib, batch_size=args.batch_size, device=args.device)
+    rep = apply(model, conf, calib=calib, inplace=True, batch_size=args.batch_size, device=args.device).report
     rep["calibration"] = None if cc is None else cc.to_dict()
     save_hf(model.cpu(), tok, args.out, overwrite=args.overwrite, sampling=generation_defaults(src))
     _report(args, rep)

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from efficientml.core.serialization import write_json
     from efficientml.data.registry import get_dataset
     from efficientml.models import build_model
-    from efficientml.prune import PruneConfig, prune
+    from efficientml.core.transform import LayerFilter, apply
+    from efficientml.prune import PruneConfig
     from efficientml.prune.io import save_pruned
     from efficientml.prune.report import compare, format_table
     from efficientml.train import TrainConfig, evaluate, fit, load_checkpoint
@@ -80,13 +81,13 @@ def run(args: argparse.Namespace) -> int:
         model, meta, base_lr = build_model(args.model, **kwargs), {"model": args.model, "model_kwargs": kwargs}, 0.1
     model.eval()
     config = PruneConfig(method=args.method, sparsity=args.ratio, criterion=args.criterion, n=args.n, m=args.m,
-                         layers=_names(args.layers), exclude=_names(args.exclude), sort_inputs=args.sort,
-                         on_unsupported="skip" if args.skip_unsupported else "error")
+                         sort_inputs=args.sort, on_unsupported="skip" if args.skip_unsupported else "error")
+    layers = LayerFilter(include=_names(args.layers), exclude=_names(args.exclude))
     train, test = spec.loaders(batch_size=args.batch_size, augment=True, train_subset=args.train_subset,
                                test_subset=args.test_subset, pad_to=meta.get("pad_to"))
     sample = next(iter(test))[0][:1]
     sample_shape = tuple(sample.shape[1:])
-    result = prune(model, config, example_inputs=sample.repeat(2, 1, 1, 1), calib=train)
+    result = apply(model, config, calib=train, filter=layers, example_inputs=sample.repeat(2, 1, 1, 1))
     pruned = result.model
     ft = None
     if args.finetune_epochs > 0:

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from efficientml.core.errors import ConfigError
     from efficientml.data import fashion_mnist_loaders
-    from efficientml.quant import IntegerConfig, KMeansConfig, WeightOnlyConfig, quantize
+    from efficientml.core.transform import apply
+    from efficientml.quant import IntegerConfig, KMeansConfig, WeightOnlyConfig
     from efficientml.train import evaluate, load_checkpoint, save_checkpoint
 
     model, meta = load_checkpoint(args.checkpoint)
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = WeightOnlyConfig(format=args.format, skip_unsupported=args.skip_unsupported)
     else:
         cfg = KMeansConfig(bits=args.bits)
-    res = quantize(model, cfg, calibration=train)
+    res = apply(model, cfg, calib=train)
     qmodel = res.model.with_mode("fast") if args.method == "int8" else res.model
     base = evaluate(model, test, max_batches=args.eval_batches)
     q = evaluate(qmodel, test, max_batches=args.eval_batches)

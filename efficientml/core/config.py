@@ -1,7 +1,9 @@
 """Frozen dataclass configs that validate themselves and round-trip through JSON.
 
-A technique is a ``Config`` subclass plus one function that applies it; the config is written into
-every report so a run can be repeated from it.
+A technique is a ``Config`` subclass plus one handler registered for it
+(:func:`efficientml.core.transform.register_transform`); the config is written into every report so
+a run can be repeated from it. Every subclass has its own ``kind`` (the ``__kind__`` key of its
+JSON), and ``from_dict`` refuses a dict of another kind.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        """Build from :meth:`to_dict`'s output; a ``__kind__`` that is not this class's is an error."""
+        kind = d.get("__kind__", cls.kind)
+        if kind != cls.kind:
+            raise ConfigError(f"{cls.__name__}.from_dict got a config of kind {kind!r}; expected kind "
+                              f"{cls.kind!r} (the dict was written by another config type)")
         d = {k: v for k, v in d.items() if k != "__kind__"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)

@@ -625,8 +625,11 @@ class LlamaForCausalLM(nn.Module):
                   static_shapes: bool = False) -> KVCache:
         from efficientml.llm.kv_cache import StaticKVCache
 
-        return StaticKVCache.for_model(self, batch_size, max_length or self.config.max_position_embeddings,
-                                       static_shapes=static_shapes)
+        n = max_length or self.config.max_position_embeddings
+        factory = getattr(self, "kv_cache_factory", None)  # set by apply(model, KVCacheQuantConfig(...))
+        if factory is not None:
+            return factory(self, batch_size, n, static_shapes)
+        return StaticKVCache.for_model(self, batch_size, n, static_shapes=static_shapes)
 
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,5 @@
-"""One entry point: ``prune(model, config, example_inputs=…, calib=…)``.
+"""The pruning handler for :func:`efficientml.apply`, and ``prune(model, config, example_inputs=…,
+calib=…)``, its older spelling (``apply(model, config, calib=…, example_inputs=…)``).
 
 - ``method="channel"``: builds the dependency graph, scores each group's channels with the
   criterion, removes ``sparsity`` of every group's prunable channels (per partition, see graph.py)
@@ -6,6 +7,9 @@
   refit by least squares. Returns a plain, smaller model.
 - every other method: computes masks per layer and attaches them (:class:`MaskSet`); pass
   ``result.masks`` as ``after_step`` to ``train.fit`` and call ``result.masks.remove()`` at the end.
+
+Which layers: ``filter`` (default: every Conv1d/Conv2d/Linear). Path: "real" for channel pruning
+(smaller layers), "simulated" for masks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.nn as nn
 
 from efficientml.core.errors import ConfigError
 from efficientml.core.modules import get_module
+from efficientml.core.transform import LayerFilter, TransformResult, apply, as_filter, register_transform
 from efficientml.prune.config import PruneConfig
 from efficientml.prune.criteria import CRITERIA, calib_batches
 from efficientml.prune.graph import DependencyGraph
@@ -29,9 +34,9 @@ _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 @dataclass
-class PruneResult:
-    model: nn.Module
-    config: PruneConfig
+class PruneResult(TransformResult):
+    """The one result type plus pruning's artifacts: the masks (attached) or the channel plan."""
+
     masks: MaskSet | None = None
     plan: ChannelPlan | None = None
     skipped: list[str] = field(default_factory=list)      # layers/ops left unpruned, with the reason
@@ -54,47 +59,60 @@ class PruneResult:
         return d
 
 
-def _check_layers(model: nn.Module, config: PruneConfig) -> None:
-    for name in list(config.layers) + list(config.exclude) + [n for n, _ in config.per_layer]:
-        get_module(model, name)  # raises ConfigError naming the unknown layer
+def _check_layers(model: nn.Module, config: PruneConfig, filt: LayerFilter) -> None:
+    filt.check(model)                                      # raises ConfigError naming the unknown layer
+    for name, _ in config.per_layer:
+        get_module(model, name)
 
 
 def prune(model: nn.Module, config: PruneConfig, example_inputs: Any = None,
-          calib: Iterable | None = None, inplace: bool = False) -> PruneResult:
-    """Prune ``model`` as ``config`` says; ``model`` is copied first unless ``inplace``."""
-    _check_layers(model, config)
+          calib: Iterable | None = None, inplace: bool = False, *, filter: Any = None) -> PruneResult:
+    """``apply(model, config, calib=calib, filter=filter, inplace=inplace, example_inputs=…)``:
+    ``model`` is copied first unless ``inplace``."""
+    if not isinstance(config, PruneConfig):
+        raise ConfigError(f"prune() takes a PruneConfig, got {type(config).__name__}")
+    return apply(model, config, calib=calib, filter=filter, inplace=inplace, example_inputs=example_inputs)
+
+
+@register_transform(PruneConfig)
+def _prune(model: nn.Module, config: PruneConfig, *, calib: Any, filter: LayerFilter,
+           example_inputs: Any = None) -> PruneResult:
+    _check_layers(model, config, filter)
     criterion = CRITERIA.get(config.criterion)
     batches = calib_batches(calib, config.calib_batches)
     if criterion.needs_data and not batches:
         raise ConfigError(f"criterion {config.criterion!r} needs calibration data: pass calib=<loader>")
-    original = model
-    model = model if inplace else copy.deepcopy(model)
     if config.method == "channel":
-        if config.criterion == "thinet" and config.refit and inplace:
-            original = copy.deepcopy(model)
-        return _prune_channels(model, original, config, criterion, example_inputs, batches)
-    return _prune_masks(model, config, criterion, batches)
+        # refit targets come from the unpruned model (apply already copied it unless inplace)
+        original = copy.deepcopy(model) if config.criterion == "thinet" and config.refit else model
+        res = _prune_channels(model, original, config, criterion, example_inputs, batches, filter)
+        res.layers = res.summary()["channels"]
+        return res
+    res = _prune_masks(model, config, criterion, batches, filter)
+    res.layers = res.masks.sparsity()
+    return res
 
 
-def _selected(model: nn.Module, config: PruneConfig, types: tuple) -> list[str]:
-    if config.layers:
-        return [n for n in config.layers if n not in config.exclude]
-    return [n for n, m in model.named_modules() if isinstance(m, types) and n not in config.exclude]
+def _selected(model: nn.Module, filt: LayerFilter, types: tuple) -> list[str]:
+    return filt.select(model, types)
 
 
-def compute_masks(model: nn.Module, config: PruneConfig, criterion: Any = None, state: dict | None = None
-                  ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Masks for every selected layer (and the layers skipped, with why), without attaching them."""
+def compute_masks(model: nn.Module, config: PruneConfig, criterion: Any = None, state: dict | None = None,
+                  filter: Any = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Masks for every layer ``filter`` selects (and the layers skipped, with why), without attaching
+    them. An explicit selection (names or globs) is not silently skipped: a layer the method cannot
+    prune raises."""
     criterion = criterion if criterion is not None else CRITERIA.get(config.criterion)
     state = state if state is not None else {}
-    names = _selected(model, config, _WEIGHTED)
+    filt = as_filter(filter)
+    names = _selected(model, filt, _WEIGHTED)
     skipped: list[str] = []
     scores: dict[str, torch.Tensor] = {}
     for name in names:
         mod = get_module(model, name)
         if not isinstance(getattr(mod, "weight", None), torch.Tensor):
             raise ConfigError(f"layer {name!r} ({type(mod).__name__}) has no weight to prune")
-        auto = not config.layers
+        auto = not filt.explicit
         if auto and config.method in ("pattern", "kernel") and (mod.weight.dim() < 4 or mod.weight[0, 0].numel() < 2):
             skipped.append(f"{name}: {config.method} pruning needs k×k conv kernels")
             continue
@@ -119,10 +137,11 @@ def compute_masks(model: nn.Module, config: PruneConfig, criterion: Any = None, 
     return masks, skipped
 
 
-def _prune_masks(model: nn.Module, config: PruneConfig, criterion: Any, batches: list) -> PruneResult:
+def _prune_masks(model: nn.Module, config: PruneConfig, criterion: Any, batches: list,
+                 filt: LayerFilter) -> PruneResult:
     state = criterion.prepare(model, batches) if not criterion.channel_only else {}
-    masks, skipped = compute_masks(model, config, criterion, state)
-    return PruneResult(model, config, masks=MaskSet(model, masks), skipped=skipped)
+    masks, skipped = compute_masks(model, config, criterion, state, filt)
+    return PruneResult(model, config, "simulated", masks=MaskSet(model, masks), skipped=skipped)
 
 
 @torch.no_grad()
@@ -157,7 +176,7 @@ def channels_to_keep(n: int, sparsity: float, round_to: int = 1) -> int:
 
 
 def _prune_channels(model: nn.Module, original: nn.Module, config: PruneConfig, criterion: Any,
-                    example_inputs: Any, batches: list) -> PruneResult:
+                    example_inputs: Any, batches: list, filt: LayerFilter) -> PruneResult:
     if example_inputs is None:
         raise ConfigError("channel pruning traces the model: pass example_inputs (a batch of inputs)")
     graph = DependencyGraph.build(model, example_inputs, config.on_unsupported)
@@ -167,14 +186,16 @@ def _prune_channels(model: nn.Module, original: nn.Module, config: PruneConfig, 
         sort_channels(model, graph)
         if config.criterion == "thinet":
             original = copy.deepcopy(model)  # refit targets come from the sorted, unpruned model
-    wanted = set(config.layers) - set(config.exclude) if config.layers else None
+    narrowed = filt.explicit or bool(filt.types)
+    wanted = set(filt.select(model, _WEIGHTED)) if narrowed else None
+    modules = dict(model.named_modules())
     state = criterion.prepare(model, batches, graph)
     kept: dict[int, list[int]] = {}
     for g in graph.groups:
         producers = set(g.producers)
         if wanted is not None and not (producers & wanted):
             continue
-        if producers & set(config.exclude) or g.prunable == 0:
+        if any(filt.excluded(p, modules.get(p)) for p in producers) or g.prunable == 0:
             continue
         sparsity = config.sparsity
         for name, s in config.per_layer:
@@ -194,7 +215,7 @@ def _prune_channels(model: nn.Module, original: nn.Module, config: PruneConfig, 
         kept[g.id] = [i for i in range(len(g)) if i not in removed]
     plan = ChannelPlan(graph, kept)
     plan.apply(model)
-    result = PruneResult(model, config, plan=plan, skipped=list(graph.skipped))
+    result = PruneResult(model, config, "real", plan=plan, skipped=list(graph.skipped))
     if config.criterion == "thinet" and config.refit:
         from efficientml.prune.refit import refit_consumers
 

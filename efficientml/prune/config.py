@@ -1,6 +1,11 @@
 """The pruning config: one frozen dataclass selects granularity, criterion and ratios.
 
     prune(model, PruneConfig(method="channel", sparsity=0.3, criterion="l2"), example_inputs=x)
+    efficientml.apply(model, PruneConfig(sparsity=0.5), filter=LayerFilter(exclude=("classifier",)))
+
+Which layers: ``apply``'s ``filter`` (:class:`efficientml.core.transform.LayerFilter`; default: every
+Conv1d/Conv2d/Linear; for channel pruning, a group is pruned when one of the layers producing its
+channels is selected and none is excluded).
 
 ``sparsity`` is the fraction *removed*: of weights (fine/pattern/vector/kernel), of channels (channel).
 Per-layer overrides name layers by their dotted module name (``backbone.conv3``); for channel pruning
@@ -29,8 +34,6 @@ class PruneConfig(Config):
     m: int = 4
     pattern_keep: int = 4                       # pattern: positions kept per k×k kernel
     num_patterns: int = 8                       # pattern: size of the pattern library
-    layers: tuple[str, ...] = ()                # only these layers (empty: every conv/linear)
-    exclude: tuple[str, ...] = ()               # never these layers
     per_layer: tuple[tuple[str, float], ...] = ()  # (layer, sparsity) overrides
     scope: str = "local"                        # fine-grained: per-layer ("local") or one global threshold
     sort_inputs: bool = False                   # channel: Lab1 Frobenius-norm sort before pruning

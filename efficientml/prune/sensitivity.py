@@ -51,8 +51,8 @@ def sensitivity_scan(model: nn.Module, accuracy: Callable[[nn.Module], float],
         scan.params[name] = w.numel()
         accs = []
         for s in sparsities:
-            masks, _ = compute_masks(model, PruneConfig(method=method, sparsity=s, criterion=criterion,
-                                                        layers=(name,)))
+            masks, _ = compute_masks(model, PruneConfig(method=method, sparsity=s, criterion=criterion),
+                                     filter=(name,))
             w.mul_(masks[name])
             accs.append(accuracy(model))
             w.copy_(saved)

@@ -1,32 +1,26 @@
-"""One entry point: ``quantize(model, config, calibration=None)`` → :class:`QuantizeResult`.
+"""CNN quantization configs and their handlers for :func:`efficientml.apply` (the registry lives in
+efficientml.core.transform, whose docstring holds the one table of techniques and paths).
 
-The config's type selects the technique (a registry, not an if-chain):
+    res = efficientml.apply(model, IntegerConfig(observer="kl"), calib=loader)
+    res = quantize(model, IntegerConfig(observer="kl"), calibration=loader)   # the same, older spelling
 
-==========================  =====================================================  ==========
-config                      technique                                              path
-==========================  =====================================================  ==========
-IntegerConfig               integer-only int8 (BN folded, calibrated activations)  real
-WeightOnlyConfig            weights rounded to any registered number format         simulated
-KMeansConfig                per-layer k-means codebooks (fine-tunable)              simulated
-AdaRoundConfig              learned rounding, layer-wise reconstruction             simulated
-QATConfig                   fake-quant modules for training (STE, LSQ, BN folding)  simulated
-BinaryConfig                BWN / XNOR / TWN / TTQ                                  simulated
-DeepCompressionConfig       prune + k-means (then fine-tune, then save_compressed)  real file
-==========================  =====================================================  ==========
+Layer filters: WeightOnlyConfig, AdaRoundConfig, QATConfig and BinaryConfig honour ``filter`` (default:
+every Conv2d/Linear); IntegerConfig, KMeansConfig and DeepCompressionConfig convert the whole model
+and refuse a filter.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
 from efficientml.core.config import Config, check_choice
 from efficientml.core.errors import ConfigError, ShapeError, UnsupportedError
-from efficientml.core.modules import named_layers
+from efficientml.core.modules import get_module, named_layers
+from efficientml.core.transform import LayerFilter, TransformResult, apply, register_transform
 from efficientml.quant.adaround import AdaRoundConfig, adaround
 from efficientml.quant.binary import MODES, binarize_model
 from efficientml.quant.deep_compression import DeepCompressionConfig, magnitude_prune
@@ -37,6 +31,7 @@ from efficientml.quant.linear import LinearQuantSpec, fake_quantize
 from efficientml.quant.qat import QATConfig, prepare_qat
 
 SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -44,24 +39,18 @@ class WeightOnlyConfig(Config):
     """Round the weights of every Conv2d/Linear to ``format`` (INT-n via linear quantization with
     ``granularity``/``group_size``; float formats with a per-channel scale that maps |W|max to the
     format's max; NF4/MX formats with their own block scales along the flattened input dimension).
-    ``layer_types`` names the module types to quantize; others raise unless ``skip_unsupported``."""
+    Which layers: ``apply``'s ``filter``. Other layers with weights raise unless ``skip_unsupported``."""
 
     kind = "weight_only"
     format: str = "int8"
     granularity: str = "channel"
     group_size: int = 128
     symmetric: bool = True
-    layer_types: tuple = ("Conv2d", "Linear")
     skip_unsupported: bool = False
 
     def validate(self) -> None:
         FORMATS.get(self.format)                         # unknown format → ConfigError listing the known
         check_choice("granularity", self.granularity, ("tensor", "channel", "group"))
-        known = {"Conv2d", "Linear"}
-        bad = [t for t in self.layer_types if t not in known]
-        if bad and not self.skip_unsupported:
-            raise UnsupportedError(f"layer type {bad[0]!r} has no quantized implementation; supported "
-                                   f"types are {sorted(known)} (or pass skip_unsupported=True)")
 
 
 @dataclass(frozen=True)
@@ -75,12 +64,7 @@ class BinaryConfig(Config):
         check_choice("binary/ternary mode", self.mode, MODES)
 
 
-@dataclass
-class QuantizeResult:
-    model: nn.Module
-    path: str                                # "real" (integer kernels / packed file) or "simulated"
-    config: Config
-    report: dict[str, Any] = field(default_factory=dict)
+QuantizeResult = TransformResult           # the older name of the one result type
 
 
 def quantize_weight(w: torch.Tensor, cfg: WeightOnlyConfig) -> torch.Tensor:
@@ -100,87 +84,124 @@ def quantize_weight(w: torch.Tensor, cfg: WeightOnlyConfig) -> torch.Tensor:
     return (fmt.quantize(flat / scale) * scale).reshape(w.shape)
 
 
-def _weight_only(model: nn.Module, cfg: WeightOnlyConfig, calibration: Any) -> QuantizeResult:
-    model = copy.deepcopy(model)
-    types = tuple(t for t in SUPPORTED_LAYERS if t.__name__ in cfg.layer_types)
-    done, skipped = [], []
+def _whole_model(filt: LayerFilter, what: str) -> None:
+    if filt != LayerFilter():
+        raise UnsupportedError(f"{what} converts every Conv2d/Linear of the model; it takes no layer filter "
+                               "(WeightOnlyConfig, AdaRoundConfig, QATConfig and BinaryConfig choose layers)")
+
+
+def _skip_list(model: nn.Module, filt: LayerFilter) -> tuple[str, ...]:
+    """Conv2d/Linear names the filter leaves out (for functions that take ``skip=``)."""
+    chosen = set(filt.select(model, SUPPORTED_LAYERS))
+    return tuple(n for n, _ in named_layers(model, SUPPORTED_LAYERS) if n not in chosen)
+
+
+def _weight_only_targets(model: nn.Module, cfg: WeightOnlyConfig, filt: LayerFilter) -> tuple[list[str], list[str]]:
+    """(layers to round, layers left in float): unsupported layer types raise unless skip_unsupported."""
+    known = {t.__name__ for t in SUPPORTED_LAYERS}
+    bad = [t for t in (t if isinstance(t, str) else t.__name__ for t in filt.types) if t not in known]
+    if bad and not cfg.skip_unsupported:
+        raise UnsupportedError(f"layer type {bad[0]!r} has no quantized implementation; supported "
+                               f"types are {sorted(known)} (or pass skip_unsupported=True)")
+    chosen = filt.select(model, SUPPORTED_LAYERS)
+    done = [n for n in chosen if isinstance(get_module(model, n), SUPPORTED_LAYERS)]
+    scope = chosen if filt.explicit else [n for n, _ in model.named_modules()]
+    skipped = []
+    for name in scope:
+        m = get_module(model, name)
+        if isinstance(m, SUPPORTED_LAYERS) or isinstance(m, _NORMS) or filt.excluded(name, m):
+            continue
+        if any(isinstance(p, nn.Parameter) for p in m.parameters(recurse=False)):
+            if not cfg.skip_unsupported:
+                raise UnsupportedError(f"layer {name!r} ({type(m).__name__}) has no quantized "
+                                       "implementation; pass skip_unsupported=True to keep it in float")
+            skipped.append(f"{name} ({type(m).__name__})")
+    return done, skipped
+
+
+@register_transform(WeightOnlyConfig)
+def _weight_only(model: nn.Module, cfg: WeightOnlyConfig, *, calib: Any, filter: LayerFilter) -> TransformResult:
+    done, skipped = _weight_only_targets(model, cfg, filter)
     with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, types):
-                try:
-                    m.weight.copy_(quantize_weight(m.weight, cfg))
-                except ShapeError as e:
-                    raise ShapeError(f"layer {name!r}: {e}") from None
-                done.append(name)
-            elif any(isinstance(p, nn.Parameter) for p in m.parameters(recurse=False)) and \
-                    not isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
-                if not cfg.skip_unsupported:
-                    raise UnsupportedError(f"layer {name!r} ({type(m).__name__}) has no quantized "
-                                           "implementation; pass skip_unsupported=True to keep it in float")
-                skipped.append(f"{name} ({type(m).__name__})")
-    return QuantizeResult(model, "simulated", cfg, {"quantized_layers": done, "float_layers": skipped})
+        for name in done:
+            m = get_module(model, name)
+            try:
+                m.weight.copy_(quantize_weight(m.weight, cfg))
+            except ShapeError as e:
+                raise ShapeError(f"layer {name!r}: {e}") from None
+    return TransformResult(model, cfg, "simulated", {n: cfg.format for n in done},
+                           {"quantized_layers": done, "float_layers": skipped})
 
 
-def _integer(model: nn.Module, cfg: IntegerConfig, calibration: Any) -> QuantizeResult:
-    if calibration is None:
-        raise ConfigError("integer quantization needs calibration data: pass calibration=<batches or loader>")
-    im = convert_integer(model, calibration, cfg)
-    return QuantizeResult(im, "real", cfg, im.report())
+@register_transform(IntegerConfig)
+def _integer(model: nn.Module, cfg: IntegerConfig, *, calib: Any, filter: LayerFilter) -> TransformResult:
+    _whole_model(filter, "IntegerConfig")
+    if calib is None:
+        raise ConfigError("integer quantization needs calibration data: pass calib=<batches or loader>")
+    im = convert_integer(model, calib, cfg)
+    return TransformResult(im, cfg, "real", {}, im.report())
 
 
-def _kmeans(model: nn.Module, cfg: KMeansConfig, calibration: Any) -> QuantizeResult:
-    model = copy.deepcopy(model)
+@register_transform(KMeansConfig)
+def _kmeans(model: nn.Module, cfg: KMeansConfig, *, calib: Any, filter: LayerFilter) -> TransformResult:
+    _whole_model(filter, "KMeansConfig")
     books = kmeans_quantize(model, cfg)
-    return QuantizeResult(model, "simulated", cfg,
-                          {"layers": {n: cb.bits for n, cb in books.items()},
-                           "storage_bits": sum(cb.storage_bits() for cb in books.values())})
+    bits = {n: cb.bits for n, cb in books.items()}
+    return TransformResult(model, cfg, "simulated", dict(bits),
+                           {"layers": bits, "storage_bits": sum(cb.storage_bits() for cb in books.values())})
 
 
-def _adaround(model: nn.Module, cfg: AdaRoundConfig, calibration: Any) -> QuantizeResult:
-    batches = _batches(calibration)
-    model = copy.deepcopy(model)
-    done = adaround(model, batches, cfg)
-    return QuantizeResult(model, "simulated", cfg, {"quantized_layers": done})
+@register_transform(AdaRoundConfig)
+def _adaround(model: nn.Module, cfg: AdaRoundConfig, *, calib: Any, filter: LayerFilter) -> TransformResult:
+    batches = _batches(calib)
+    done = adaround(model, batches, cfg, skip=_skip_list(model, filter))
+    return TransformResult(model, cfg, "simulated", {n: "adaround" for n in done}, {"quantized_layers": done})
 
 
-def _qat(model: nn.Module, cfg: QATConfig, calibration: Any) -> QuantizeResult:
-    return QuantizeResult(prepare_qat(model, cfg), "simulated", cfg, {})
+@register_transform(QATConfig)
+def _qat(model: nn.Module, cfg: QATConfig, *, calib: Any, filter: LayerFilter) -> TransformResult:
+    skip = _skip_list(model, filter)
+    done = [n for n, _ in named_layers(model, SUPPORTED_LAYERS) if n not in skip]
+    return TransformResult(prepare_qat(model, cfg, skip=skip), cfg, "simulated", {n: "qat" for n in done}, {})
 
 
-def _binary(model: nn.Module, cfg: BinaryConfig, calibration: Any) -> QuantizeResult:
-    m, done = binarize_model(model, cfg.mode, cfg.skip_first_last, cfg.ttq_threshold)
-    return QuantizeResult(m, "simulated", cfg, {"quantized_layers": done})
+@register_transform(BinaryConfig)
+def _binary(model: nn.Module, cfg: BinaryConfig, *, calib: Any, filter: LayerFilter) -> TransformResult:
+    skip = _skip_list(model, filter)
+    m, done = binarize_model(model, cfg.mode, cfg.skip_first_last, cfg.ttq_threshold, skip=skip)
+    return TransformResult(m, cfg, "simulated", {n: cfg.mode for n in done}, {"quantized_layers": done})
 
 
-def _deep(model: nn.Module, cfg: DeepCompressionConfig, calibration: Any) -> QuantizeResult:
-    model = copy.deepcopy(model)
+@register_transform(DeepCompressionConfig)
+def _deep(model: nn.Module, cfg: DeepCompressionConfig, *, calib: Any, filter: LayerFilter) -> TransformResult:
+    _whole_model(filter, "DeepCompressionConfig")
     masks = magnitude_prune(model, cfg)
     bits = {n: cfg.conv_bits if isinstance(m, nn.Conv2d) else cfg.linear_bits
             for n, m in named_layers(model, SUPPORTED_LAYERS)}
     kmeans_quantize(model, KMeansConfig(bits=cfg.conv_bits, layer_bits=bits, prune_aware=True))
     density = {n: float(m.float().mean()) for n, m in masks.items()}
-    return QuantizeResult(model, "simulated", cfg, {"density": density, "bits": bits})
+    layers = {n: {"bits": b, "density": density.get(n)} for n, b in bits.items()}
+    return TransformResult(model, cfg, "simulated", layers, {"density": density, "bits": bits})
 
 
 def _batches(calibration: Any) -> list[torch.Tensor]:
     if calibration is None:
-        raise ConfigError("this method needs calibration data: pass calibration=<batches or loader>")
+        raise ConfigError("this method needs calibration data: pass calib=<batches or loader>")
     out = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
     if not out:
         raise ConfigError("calibration got no data: the calibration loader yielded no batches")
     return out
 
 
-METHODS: dict[type, Callable[[nn.Module, Any, Any], QuantizeResult]] = {
-    WeightOnlyConfig: _weight_only, IntegerConfig: _integer, KMeansConfig: _kmeans,
-    AdaRoundConfig: _adaround, QATConfig: _qat, BinaryConfig: _binary, DeepCompressionConfig: _deep,
-}
+QUANT_CONFIGS = (WeightOnlyConfig, IntegerConfig, KMeansConfig, AdaRoundConfig, QATConfig, BinaryConfig,
+                 DeepCompressionConfig)
 
 
-def quantize(model: nn.Module, config: Config, calibration: Iterable[Any] | None = None) -> QuantizeResult:
-    """Apply the technique selected by ``config``'s type; the input model is not modified."""
-    fn = METHODS.get(type(config))
-    if fn is None:
+def quantize(model: nn.Module, config: Config, calibration: Iterable[Any] | None = None, *,
+             filter: Any = None) -> TransformResult:
+    """``apply(model, config, calib=calibration, filter=filter)`` for a CNN quantization config: the
+    input model is not modified (the older spelling, kept)."""
+    if not isinstance(config, QUANT_CONFIGS):
         raise ConfigError(f"{type(config).__name__} is not a quantization config; expected one of "
-                          f"{sorted(c.__name__ for c in METHODS)}")
-    return fn(model, config, calibration)
+                          f"{sorted(c.__name__ for c in QUANT_CONFIGS)}")
+    return apply(model, config, calib=calibration, filter=filter)

@@ -20,8 +20,8 @@ def test_every_criterion_prunes_vgg(vgg, criterion):
 def test_l2_removes_the_smallest_filters(vgg):
     w = vgg.backbone.conv1.weight.detach()
     norms = w.flatten(1).pow(2).sum(1)
-    res = prune(vgg, PruneConfig(method="channel", sparsity=0.5, layers=("backbone.conv1",)),
-                example_inputs=torch.randn(1, 1, 28, 28))
+    res = prune(vgg, PruneConfig(method="channel", sparsity=0.5),
+                example_inputs=torch.randn(1, 1, 28, 28), filter=("backbone.conv1",))
     kept = res.plan.layer_keep()["backbone.conv1"][1]
     assert sorted(kept) == sorted(norms.argsort(descending=True)[: len(kept)].tolist())
 
@@ -45,8 +45,8 @@ def test_taylor_fisher_element_scores(mlp):
 def test_thinet_refit_reduces_reconstruction_error(vgg):
     data = calib((1, 28, 28), n=3, bs=32)
     x = torch.randn(1, 1, 28, 28)
-    res = prune(vgg, PruneConfig(method="channel", sparsity=0.5, criterion="thinet", refit=False,
-                                 layers=("backbone.conv2",)), example_inputs=x, calib=data)
+    res = prune(vgg, PruneConfig(method="channel", sparsity=0.5, criterion="thinet", refit=False),
+                example_inputs=x, calib=data, filter=("backbone.conv2",))
     r = refit_layer(vgg, res.model, "backbone.conv3", None, data)
     assert r.error_after < 0.8 * r.error_before
     assert r.error_before > 0

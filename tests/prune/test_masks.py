@@ -42,7 +42,7 @@ def test_sparsity_out_of_range(bad):
 
 def test_unknown_layer_name(vgg):
     with pytest.raises(ConfigError, match="model has no layer named 'backbone.conv99'"):
-        prune(vgg, PruneConfig(layers=("backbone.conv99",)))
+        prune(vgg, PruneConfig(), filter=("backbone.conv99",))
 
 
 def test_unknown_criterion():

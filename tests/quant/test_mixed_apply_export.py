@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 
 from efficientml.core.errors import ConfigError, ShapeError, UnsupportedError
+from efficientml.core.transform import LayerFilter
 from efficientml.models import build_model
 from efficientml.quant import IntegerConfig, KMeansConfig, WeightOnlyConfig, convert_integer, quantize
 from efficientml.quant.mixed import apply_bits, layer_sensitivity, layer_sizes, pareto_front, search_bits, weight_bytes
@@ -44,7 +45,7 @@ def test_quantize_entry_point_and_errors():
     with pytest.raises(ShapeError, match="group size 7 does not divide"):
         quantize(m, WeightOnlyConfig(format="int4", granularity="group", group_size=7))
     with pytest.raises(UnsupportedError, match="layer type 'Embedding' has no quantized implementation"):
-        WeightOnlyConfig(layer_types=("Conv2d", "Embedding"))
+        quantize(m, WeightOnlyConfig(), filter=LayerFilter(types=("Conv2d", "Embedding")))
     emb = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
     with pytest.raises(UnsupportedError, match=r"layer '0' \(Embedding\) has no quantized implementation"):
         quantize(emb, WeightOnlyConfig())

@@ -7,13 +7,20 @@ int8 ≈ 1/4 of fp32 (+ scales), int4 packs two codes per byte.
 
     cache = QuantizedKVCache.for_model(model, batch_size=1, max_length=512, bits=8)
     generate(model, prompt, cfg, cache=cache)        # or model(ids, cache=cache)
+
+    efficientml.apply(model, KVCacheQuantConfig(bits=4), inplace=True)
+    model.new_cache(1, 512)                          # now a QuantizedKVCache
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from efficientml.core.errors import ConfigError
+from efficientml.core.config import Config, check_choice
+from efficientml.core.errors import ConfigError, UnsupportedError
+from efficientml.core.transform import LayerFilter, TransformResult, register_transform
 from efficientml.llm.kv_cache import KVCache
 
 
@@ -103,3 +110,48 @@ def kv_quant_score_fn(model: torch.nn.Module, bits: int, group_size: int | None 
         return nll_from_hidden(model, model.model(input_ids, cache), labels)  # h: (B, T, d)
 
     return score
+
+
+@dataclass(frozen=True)
+class KVCacheQuantConfig(Config):
+    """Store the model's KV cache as int8 or int4 codes: after ``apply(model, KVCacheQuantConfig(...))``
+    ``model.new_cache(...)`` returns a :class:`QuantizedKVCache`. ``group_size``: head dimensions per
+    scale (None: the whole head). Path "real": the cache holds the integer codes."""
+
+    kind = "kv_cache_quant"
+    bits: int = 8
+    group_size: int | None = None
+
+    def validate(self) -> None:
+        check_choice("KV-cache bits", self.bits, (4, 8))
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ConfigError(f"KV group_size must be a positive integer or None (whole head), got {self.group_size!r}")
+
+
+@dataclass(frozen=True)
+class QuantizedCacheFactory:
+    """What ``model.new_cache`` calls once the model's cache is quantized (a plain, copyable object)."""
+
+    bits: int
+    group_size: int | None
+
+    def __call__(self, model: torch.nn.Module, batch_size: int, max_length: int,
+                 static_shapes: bool = False) -> QuantizedKVCache:
+        if static_shapes:
+            raise UnsupportedError("a quantized KV cache has no static-shape mode; call new_cache(static_shapes=False)")
+        return QuantizedKVCache.for_model(model, batch_size, max_length, self.bits, self.group_size)
+
+
+@register_transform(KVCacheQuantConfig)
+def _quantize_kv_cache(model: torch.nn.Module, config: KVCacheQuantConfig, *, calib: object,
+                       filter: LayerFilter) -> TransformResult:
+    if filter != LayerFilter():
+        raise UnsupportedError("KVCacheQuantConfig quantizes the cache of every attention layer; it takes no layer filter")
+    if not hasattr(model, "new_cache"):
+        raise UnsupportedError(f"{type(model).__name__} has no new_cache(); expected an efficientml LlamaForCausalLM")
+    factory = QuantizedCacheFactory(config.bits, config.group_size)
+    factory(model, 1, 1)                               # a bad group size fails here, not at generation
+    model.kv_cache_factory = factory
+    layers = {f"model.layers.{i}.self_attn": {"kv_bits": config.bits, "group_size": config.group_size}
+              for i in range(model.config.num_hidden_layers)}
+    return TransformResult(model, config, "real", layers, {"bits": config.bits, "group_size": config.group_size})

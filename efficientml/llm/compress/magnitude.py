@@ -15,11 +15,12 @@ from efficientml.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class PruneConfig(Config):
-    """``method``: magnitude | wanda | sparsegpt. ``n_m=(N, M)`` for N:M (then ``sparsity`` is 1 − N/M
-    and need not be given); otherwise unstructured at ``sparsity``."""
+class LLMPruneConfig(Config):
+    """LLM pruning. ``method``: magnitude | wanda | sparsegpt. ``n_m=(N, M)`` for N:M (then
+    ``sparsity`` is 1 − N/M and need not be given); otherwise unstructured at ``sparsity``. Applied by
+    ``efficientml.apply`` (handler in llm/compress/apply.py); the CNN one is efficientml.prune.PruneConfig."""
 
-    kind = "prune"
+    kind = "llm_prune"
     method: str = "wanda"
     sparsity: float = 0.5
     n_m: tuple[int, int] | None = None
@@ -68,19 +69,19 @@ def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool) -> to
     return keep.reshape(score.shape)
 
 
-def mask_from_score(score: torch.Tensor, cfg: PruneConfig, per_row: bool) -> torch.Tensor:
+def mask_from_score(score: torch.Tensor, cfg: LLMPruneConfig, per_row: bool) -> torch.Tensor:
     if cfg.n_m is not None:
         return nm_mask(score, *cfg.n_m)
     return unstructured_mask(score, cfg.sparsity, per_row)
 
 
-def magnitude_mask(w: torch.Tensor, cfg: PruneConfig) -> torch.Tensor:
+def magnitude_mask(w: torch.Tensor, cfg: LLMPruneConfig) -> torch.Tensor:
     """|W|, thresholded over the whole layer (unstructured) or per M-group (N:M)."""
     return mask_from_score(w.abs().float(), cfg, per_row=False)
 
 
 @torch.no_grad()
-def magnitude_prune(model: torch.nn.Module, cfg: PruneConfig) -> dict[str, float]:
+def magnitude_prune(model: torch.nn.Module, cfg: LLMPruneConfig) -> dict[str, float]:
     """Prune every decoder-block linear in place (no calibration); returns each layer's sparsity."""
     from efficientml.llm.compress.mappings import BLOCK_LINEARS
 

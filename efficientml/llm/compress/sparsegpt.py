@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from efficientml.llm.compress.stats import HessianAccumulator
-from efficientml.llm.compress.magnitude import PruneConfig, nm_mask
+from efficientml.llm.compress.magnitude import LLMPruneConfig, nm_mask
 
 
 @torch.no_grad()
-def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, cfg: PruneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, cfg: LLMPruneConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Pruned weight (same shape, fp32) and its keep-mask, given the input Hessian."""
     W = W.detach().clone().float()
     H = H.detach().clone().float()
@@ -57,7 +57,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, cfg: PruneConfig) -> tuple
     return W * keep_all, keep_all
 
 
-def sparsegpt_processor(model, cfg: PruneConfig, pack: bool = True, log: dict | None = None):
+def sparsegpt_processor(model, cfg: LLMPruneConfig, pack: bool = True, log: dict | None = None):
     from efficientml.llm.compress.mappings import scaling_groups
 
     sets = [g.linears for g in scaling_groups(model)]

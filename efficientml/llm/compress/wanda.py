@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from efficientml.llm.compress.magnitude import PruneConfig, mask_from_score
+from efficientml.llm.compress.magnitude import LLMPruneConfig, mask_from_score
 
 
 def wanda_score(w: torch.Tensor, x_sq_sum: torch.Tensor) -> torch.Tensor:
     return w.abs().float() * x_sq_sum.sqrt()[None, :]  # (out, in)
 
 
-def wanda_processor(model, cfg: PruneConfig, pack: bool = True, log: dict | None = None):
+def wanda_processor(model, cfg: LLMPruneConfig, pack: bool = True, log: dict | None = None):
     from efficientml.llm.compress.mappings import scaling_groups
 
     sets = [g.linears for g in scaling_groups(model)]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from efficientml.llm.compress import AWQConfig, RTNConfig, quantize
+from efficientml import apply
+from efficientml.llm.compress import AWQConfig, RTNConfig
 from efficientml.llm.compress.awq import apply_scale, search_clip
 from efficientml.llm.compress.calib import run_blockwise
 from efficientml.llm.compress.mappings import scaling_groups, usable
@@ -43,7 +44,7 @@ def test_awq_beats_rtn_with_outlier_channels(ids, calib):
     errs = {}
     for name, conf in {"rtn": RTNConfig(3, 32), "awq": AWQConfig(3, 32, n_grid=10, clip_grid=10)}.items():
         m = tiny_model(outliers=True)
-        quantize(m, conf, calib, progress=False)
+        apply(m, conf, calib=calib, inplace=True, progress=False)
         with torch.no_grad():
             errs[name] = (m(ids) - y).pow(2).mean().item()
     assert errs["awq"] < 0.8 * errs["rtn"]
@@ -64,7 +65,7 @@ def test_clip_search_never_worse_than_no_clip():
 def test_lab4_ablations_run(ids, calib):
     for mode in ("fp16", "scale"):
         m = tiny_model(outliers=True)
-        quantize(m, AWQConfig(4, 32, salient_mode=mode, clip=False), calib, progress=False)
+        apply(m, AWQConfig(4, 32, salient_mode=mode, clip=False), calib=calib, inplace=True, progress=False)
         kinds = {type(x).__name__ for x in m.modules()}
         assert ("QuantLinear" in kinds) == (mode == "scale")  # fp16-kept channels cannot be packed
 

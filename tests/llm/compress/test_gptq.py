@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from efficientml import apply
 from efficientml.core.errors import ConfigError
 from efficientml.llm.compress import GPTQConfig
 from efficientml.llm.compress.gptq import gptq_quantize
@@ -85,7 +86,7 @@ def test_lazy_blocks_equal_sequential_gptq(spec):
 def test_gptq_beats_rtn_on_a_model(calib, ids):
     """End to end on a tiny model: GPTQ's logits are closer to the fp logits than RTN's (plain GPTQ; the
     default sink share too — a random model has no attention sink to protect, so it gains less)."""
-    from efficientml.llm.compress import RTNConfig, quantize
+    from efficientml.llm.compress import RTNConfig
 
     from ..conftest import tiny_model
 
@@ -96,7 +97,7 @@ def test_gptq_beats_rtn_on_a_model(calib, ids):
                        "gptq_fp": GPTQConfig(3, 32, propagate="fp", sink_share=0.0),
                        "gptq_sink": GPTQConfig(3, 32)}.items():
         m = tiny_model(outliers=True)
-        quantize(m, conf, calib, progress=False)
+        apply(m, conf, calib=calib, inplace=True, progress=False)
         with torch.no_grad():
             errs[name] = (m(ids) - ref).pow(2).mean().item()
     assert errs["gptq"] < 0.8 * errs["rtn"]

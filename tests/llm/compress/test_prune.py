@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from efficientml import apply
 from efficientml.core.errors import ConfigError
-from efficientml.llm.compress import PruneConfig, prune, sparsity_of
+from efficientml.llm.compress import LLMPruneConfig, sparsity_of
 from efficientml.llm.compress.stats import HessianAccumulator
 from efficientml.llm.compress.magnitude import magnitude_mask, nm_mask
 from efficientml.llm.compress.sparsegpt import sparsegpt_prune
@@ -25,9 +26,9 @@ def test_nm_masks_exact(n, m):
 def test_wanda_keeps_small_weights_on_large_inputs():
     w = torch.tensor([[1.0, 0.1, 0.9, 0.2]])
     x_sq = torch.tensor([1.0, 400.0, 1.0, 1.0])  # channel 1 carries 20× larger activations
-    cfg = PruneConfig("wanda", sparsity=0.5)
+    cfg = LLMPruneConfig("wanda", sparsity=0.5)
     wanda = mask_from_score(wanda_score(w, x_sq), cfg, per_row=True)
-    mag = magnitude_mask(w, PruneConfig("magnitude", sparsity=0.5))
+    mag = magnitude_mask(w, LLMPruneConfig("magnitude", sparsity=0.5))
     assert wanda.tolist() == [[True, True, False, False]]
     assert mag.tolist() == [[True, False, True, False]]
 
@@ -40,7 +41,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():
     h.add(x)
     errs = {}
     for nm in (None, (2, 4)):
-        cfg = PruneConfig("sparsegpt", 0.5, n_m=nm, block_size=16)
+        cfg = LLMPruneConfig("sparsegpt", 0.5, n_m=nm, block_size=16)
         ws, keep = sparsegpt_prune(w, h.value(), cfg)
         assert abs(1 - keep.float().mean().item() - 0.5) < 1e-6 and bool((ws[~keep] == 0).all())
         errs["sparsegpt", nm] = (x @ (ws - w).t()).pow(2).mean().item()
@@ -55,7 +56,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_prune_model_reaches_sparsity(method, nm, calib):
     m = tiny_model()
-    r = prune(m, PruneConfig(method, 0.5, n_m=nm), calib, progress=False)
+    r = apply(m, LLMPruneConfig(method, 0.5, n_m=nm), calib=calib, inplace=True, progress=False).report
     assert abs(r["sparsity"] - 0.5) < 1e-3 and abs(sparsity_of(m) - 0.5) < 1e-3
     if nm:
         w = m.model.layers[0].mlp.down_proj.weight
@@ -64,8 +65,8 @@ def test_prune_model_reaches_sparsity(method, nm, calib):
 
 def test_prune_bad_input():
     with pytest.raises(ConfigError, match="n_m must be"):
-        PruneConfig("wanda", n_m=(4, 2))
+        LLMPruneConfig("wanda", n_m=(4, 2))
     with pytest.raises(ConfigError, match="method must be one of"):
-        PruneConfig("random")
+        LLMPruneConfig("random")
     with pytest.raises(ConfigError, match="needs calibration tokens"):
-        prune(tiny_model(), PruneConfig("wanda"), None)
+        apply(tiny_model(), LLMPruneConfig("wanda"), calib=None, inplace=True)

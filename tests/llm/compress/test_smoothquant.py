@@ -1,6 +1,7 @@
 import torch
 
-from efficientml.llm.compress import SmoothQuantConfig, quantize
+from efficientml import apply
+from efficientml.llm.compress import SmoothQuantConfig
 from efficientml.llm.compress.awq import apply_scale
 from efficientml.llm.compress.mappings import scaling_groups
 from efficientml.llm.kernels.qlinear import W8A8Linear, quantize_act_per_token
@@ -44,7 +45,7 @@ def test_smoothing_helps_w8a8_with_outliers(ids, calib):
     for smooth in (False, True):
         for act in ("dynamic", "static"):
             m = tiny_model(outliers=True)
-            quantize(m, SmoothQuantConfig(alpha=0.5, smooth=smooth, act=act), calib, progress=False)
+            apply(m, SmoothQuantConfig(alpha=0.5, smooth=smooth, act=act), calib=calib, inplace=True, progress=False)
             assert sum(isinstance(x, W8A8Linear) for x in m.modules()) == 14
             with torch.no_grad():
                 sq[smooth, act] = _sqnr(y, m(ids))

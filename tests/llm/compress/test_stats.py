@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from efficientml import apply
 from efficientml.core.errors import ConfigError
-from efficientml.llm.compress import AWQConfig, GPTQConfig, quantize
+from efficientml.llm.compress import AWQConfig, GPTQConfig
 
 from ..conftest import tiny_model
 
@@ -20,12 +21,12 @@ def _weights(m):
 def test_stored_stats_reproduce_a_calibration_run(conf, other, calib):
     """Statistics kept from one run quantize any setting exactly as a run over the calibration set would."""
     first = tiny_model(outliers=True)
-    stats = quantize(first, conf, calib, pack=False, progress=False, keep_stats=True)["stats"]
+    stats = apply(first, conf, calib=calib, inplace=True, pack=False, progress=False, keep_stats=True).report["stats"]
     assert len(stats.blocks) == 2 and stats.tokens == calib.numel()
     for c in (conf, other):
         direct, reused = tiny_model(outliers=True), tiny_model(outliers=True)
-        quantize(direct, c, calib, pack=False, progress=False)
-        quantize(reused, c, pack=False, progress=False, stats=stats)
+        apply(direct, c, calib=calib, inplace=True, pack=False, progress=False)
+        apply(reused, c, inplace=True, pack=False, progress=False, stats=stats)
         a, b = _weights(direct), _weights(reused)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
@@ -33,23 +34,24 @@ def test_stored_stats_reproduce_a_calibration_run(conf, other, calib):
 
 def test_awq_plus_gptq_from_merged_stats(calib):
     awq = AWQConfig(3, 32, n_grid=5, clip_grid=5, search_samples=2)
-    s_awq = quantize(tiny_model(outliers=True), awq, calib, pack=False, progress=False, keep_stats=True)["stats"]
-    s_gptq = quantize(tiny_model(outliers=True), GPTQConfig(3, 32, propagate="fp"), calib, pack=False,
-                      progress=False, keep_stats=True)["stats"]
+    s_awq = apply(tiny_model(outliers=True), awq, calib=calib, inplace=True, pack=False, progress=False,
+                  keep_stats=True).report["stats"]
+    s_gptq = apply(tiny_model(outliers=True), GPTQConfig(3, 32, propagate="fp"), calib=calib, inplace=True,
+                   pack=False, progress=False, keep_stats=True).report["stats"]
     both = AWQConfig(3, 32, n_grid=5, clip_grid=5, search_samples=2, use_gptq=True)
     direct, reused = tiny_model(outliers=True), tiny_model(outliers=True)
-    quantize(direct, both, calib, pack=False, progress=False)
-    quantize(reused, both, pack=False, progress=False, stats=s_awq.merge(s_gptq))
+    apply(direct, both, calib=calib, inplace=True, pack=False, progress=False)
+    apply(reused, both, inplace=True, pack=False, progress=False, stats=s_awq.merge(s_gptq))
     a, b = _weights(direct), _weights(reused)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
     with pytest.raises(ConfigError, match="Hessians"):
-        quantize(tiny_model(), both, stats=s_awq, progress=False)
+        apply(tiny_model(), both, inplace=True, stats=s_awq, progress=False)
 
 
 def test_stats_need_fp_propagation(calib):
     with pytest.raises(ConfigError, match="propagate='fp'"):
-        quantize(tiny_model(), GPTQConfig(4, 32), calib, keep_stats=True, progress=False)
+        apply(tiny_model(), GPTQConfig(4, 32), calib=calib, inplace=True, keep_stats=True, progress=False)
 
 
 def test_sink_share_counts_the_first_position_more(calib):
@@ -58,10 +60,10 @@ def test_sink_share_counts_the_first_position_more(calib):
     share, T = 0.2, calib.shape[1]
     w = share * (T - 1) / (1 - share)
     assert w / (w + T - 1) == pytest.approx(share)
-    h1 = quantize(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=0.0), calib, pack=False, progress=False,
-                  keep_stats=True)["stats"]
-    hw = quantize(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=share), calib, pack=False,
-                  progress=False, keep_stats=True)["stats"]
+    h1 = apply(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=0.0), calib=calib, inplace=True,
+               pack=False, progress=False, keep_stats=True).report["stats"]
+    hw = apply(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=share), calib=calib, inplace=True,
+               pack=False, progress=False, keep_stats=True).report["stats"]
     assert (h1.sink_share, hw.sink_share) == (0.0, share)
     m = tiny_model()
     with torch.no_grad():  # block 0's q/k/v input at position 0: the normed embeddings of the first tokens
@@ -69,6 +71,6 @@ def test_sink_share_counts_the_first_position_more(calib):
     diff = hw.blocks[0].hessian["self_attn.q_proj"] - h1.blocks[0].hessian["self_attn.q_proj"]
     torch.testing.assert_close(diff, 2.0 / calib.numel() * (w - 1.0) * x0.t() @ x0, rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="sink"):
-        quantize(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=share), stats=h1, progress=False)
+        apply(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=share), inplace=True, stats=h1, progress=False)
     with pytest.raises(ConfigError, match="sink_share"):
         GPTQConfig(4, 32, sink_share=1.0)

@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
+from efficientml import apply
 from efficientml.core.errors import ConfigError, UnsupportedError
 from efficientml.llm.compress import (AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig, load_compressed,
-                                      quantize, save_compressed)
+                                      save_compressed)
 from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
 
 from ..conftest import tiny_model
@@ -14,7 +15,7 @@ from ..conftest import tiny_model
 @pytest.mark.parametrize("conf", [RTNConfig(4, 32), RTNConfig(3, 32, True), GPTQConfig(4, None)])
 def test_save_load_round_trip(tmp_path, conf, ids, calib):
     m = tiny_model()
-    quantize(m, conf, calib, progress=False)
+    apply(m, conf, calib=calib, inplace=True, progress=False)
     with torch.no_grad():
         ref = m(ids)
     save_compressed(m, None, tmp_path / "q")
@@ -29,7 +30,7 @@ def test_save_load_round_trip(tmp_path, conf, ids, calib):
 
 def test_w8a8_round_trip(tmp_path, ids, calib):
     m = tiny_model()
-    quantize(m, SmoothQuantConfig(act="static"), calib, progress=False)
+    apply(m, SmoothQuantConfig(act="static"), calib=calib, inplace=True, progress=False)
     with torch.no_grad():
         ref = m(ids)
     save_compressed(m, None, tmp_path / "w8")
@@ -41,7 +42,7 @@ def test_w8a8_round_trip(tmp_path, ids, calib):
 
 def test_existing_output_folder_refused(tmp_path):
     m = tiny_model()
-    quantize(m, RTNConfig(4, 32))
+    apply(m, RTNConfig(4, 32), inplace=True)
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="already exists"):
@@ -57,7 +58,7 @@ def test_compressed_tensors_reader_agrees(tmp_path):
     from safetensors.torch import load_file
 
     m = tiny_model()
-    quantize(m, RTNConfig(4, 32))
+    apply(m, RTNConfig(4, 32), inplace=True)
     save_compressed(m, None, tmp_path / "q")
     qc = QuantizationConfig.model_validate(json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"])
     scheme = qc.config_groups["group_0"]
@@ -75,15 +76,15 @@ def test_family_without_mapping(calib):
     m = tiny_model()
     object.__setattr__(m.config, "model_type", "gpt2")
     with pytest.raises(UnsupportedError, match="no scaling-group mapping"):
-        quantize(m, AWQConfig(4, 32), calib)
+        apply(m, AWQConfig(4, 32), calib=calib, inplace=True)
 
 
 def test_too_few_calibration_tokens():
     m = tiny_model()
     with pytest.raises(ConfigError, match="needs at least 128"):
-        quantize(m, GPTQConfig(4, 32), torch.zeros(2, 16, dtype=torch.long))
+        apply(m, GPTQConfig(4, 32), calib=torch.zeros(2, 16, dtype=torch.long), inplace=True)
     with pytest.raises(ConfigError, match="needs calibration tokens"):
-        quantize(m, AWQConfig(4, 32), None)
+        apply(m, AWQConfig(4, 32), calib=None, inplace=True)
 
 
 def test_generic_load_opens_compressed_folders(tmp_path, ids, calib):
@@ -92,7 +93,7 @@ def test_generic_load_opens_compressed_folders(tmp_path, ids, calib):
     from efficientml.llm.io.load import load, load_tokenizer
 
     m = tiny_model()
-    quantize(m, RTNConfig(4, 32), calib, progress=False)
+    apply(m, RTNConfig(4, 32), calib=calib, inplace=True, progress=False)
     with torch.no_grad():
         ref = m(ids)
     save_compressed(m, load_tokenizer("smollm2-135m"), tmp_path / "q")
@@ -111,7 +112,7 @@ def test_phi3_checkpoint_holds_fused_projections(tmp_path, conf, ids, calib):
     from safetensors.torch import load_file
 
     m = tiny_model(model_type="phi3", tie_word_embeddings=False)
-    quantize(m, conf, calib, progress=False)
+    apply(m, conf, calib=calib, inplace=True, progress=False)
     with torch.no_grad():
         ref = m(ids)
     save_compressed(m, None, tmp_path / "q")
@@ -147,7 +148,7 @@ def test_transformers_loads_the_checkpoint(tmp_path, ids, calib, family, options
     transformers = pytest.importorskip("transformers")
 
     m = tiny_model(model_type=family, **options)
-    quantize(m, conf, calib, progress=False)
+    apply(m, conf, calib=calib, inplace=True, progress=False)
     with torch.no_grad():
         ref = m(ids)
     save_compressed(m, None, tmp_path / "q", float_dtype=torch.float32)

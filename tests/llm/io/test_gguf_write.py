@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from efficientml import apply
 from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedError
 from efficientml.data.paths import resolve
 from efficientml.llm.config import LlamaConfig
@@ -216,10 +217,10 @@ def test_sentencepiece_tokenizer_from_gguf_is_written_back(tmp_path, text, write
 def test_quantized_linears_are_written_exactly(small_tok, tmp_path, bits):
     """RTN/AWQ/GPTQ weights on a symmetric grid with groups of 32 go into Q4_0 / Q8_0 unchanged: the
     file's weights (read by us and by transformers) are exactly the QuantLinears' dequantized weights."""
-    from efficientml.llm.compress import QuantLinear, RTNConfig, quantize
+    from efficientml.llm.compress import QuantLinear, RTNConfig
 
     m = tiny()
-    quantize(m, RTNConfig(w_bits=bits, group_size=32, symmetric=True))
+    apply(m, RTNConfig(w_bits=bits, group_size=32, symmetric=True), inplace=True)
     path = save_gguf(m, small_tok, tmp_path / "q.gguf", outtype="f32")
     kinds = {t.name: t.kind for t in GGUFFile(path).infos}
     assert kinds["blk.1.attn_q.weight"] == kinds["blk.0.ffn_down.weight"] == ("Q4_0" if bits == 4 else "Q8_0")
@@ -249,12 +250,12 @@ def test_what_cannot_be_written_is_refused(small_tok, tmp_path):
         save_gguf(m, tok, tmp_path / "x.gguf", outtype="q4_k")
     with pytest.raises(ConfigError, match="tokenizer"):
         save_gguf(m, None, tmp_path / "x.gguf")
-    from efficientml.llm.compress import RTNConfig, quantize  # not silently re-quantized to another grid
+    from efficientml.llm.compress import RTNConfig  # not silently re-quantized to another grid
 
     for spec in (dict(w_bits=4, group_size=32), dict(w_bits=4, group_size=None, symmetric=True),
                  dict(w_bits=3, group_size=32, symmetric=True)):
         q = tiny()
-        quantize(q, RTNConfig(**spec))
+        apply(q, RTNConfig(**spec), inplace=True)
         with pytest.raises(UnsupportedError, match="GGUF holds exactly only symmetric 4-bit"):
             save_gguf(q, tok, tmp_path / "x.gguf")
     q = tiny()

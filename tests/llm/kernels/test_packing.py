@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from efficientml import apply
 from efficientml.core.errors import ConfigError
-from efficientml.llm.compress import RTNConfig, WeightQuantSpec, quantize
+from efficientml.llm.compress import RTNConfig, WeightQuantSpec
 from efficientml.quant.packing import pack_int32, unpack_int32
 from efficientml.llm.kernels.qlinear import QuantLinear
 from efficientml.llm.compress.rtn import fake_quantize, quantize_weight
@@ -47,8 +48,8 @@ def test_fake_quant_error_bounded_by_half_step():
 @pytest.mark.parametrize("conf", [RTNConfig(4, 32), RTNConfig(3, 64), RTNConfig(4, None, True)])
 def test_packed_logits_equal_fake_quant_logits(conf, ids):
     fake, real = tiny_model(), tiny_model()
-    quantize(fake, conf, pack=False)
-    quantize(real, conf, pack=True)
+    apply(fake, conf, inplace=True, pack=False)
+    apply(real, conf, inplace=True, pack=True)
     assert sum(isinstance(m, QuantLinear) for m in real.modules()) == 14
     with torch.no_grad():
         d = (fake(ids) - real(ids)).abs().max().item()
@@ -61,7 +62,7 @@ def test_bad_bits_and_group_size(model):
     with pytest.raises(ConfigError, match="bits must be an integer from 2 to 8"):
         RTNConfig(w_bits=1)
     with pytest.raises(ConfigError, match="group_size 48 does not divide"):
-        quantize(model, RTNConfig(4, 48))
+        apply(model, RTNConfig(4, 48), inplace=True)
     assert all(type(m).__name__ != "QuantLinear" for m in model.modules())  # nothing half done
 
 
