@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r'''
 import copy, json
 import torch, torch.nn as nn
-from efficientml.core.channels import CHANNEL_OPS, Member
-from efficientml.prune import PruneConfig, prune, register_channel_op
+from efficientml.core.channels import CHANNEL_OPS
+from efficientml.prune import Member, PruneConfig, prune, register_channel_op
 
 builtin_at_import = all(t in CHANNEL_OPS for t in (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.ReLU))
 
