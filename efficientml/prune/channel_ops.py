@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from efficientml.core.channels import Member, TraceContext, register_channel_op
+from efficientml.core.channels import CHANNEL_OPS, Member, TraceContext, register_channel_op
 from efficientml.core.errors import UnsupportedError
 from efficientml.prune.shrink import shrink_batchnorm, shrink_conv, shrink_linear
 
@@ -105,15 +105,20 @@ NON_TENSOR_METHODS = {"size", "dim", "numel"}
 
 
 def register_builtin_ops() -> None:
-    """(Re)register the rules for PyTorch's modules (done once at import)."""
+    """Register the rules for PyTorch's modules (done once at import). A type that already has a
+    rule (a user's, registered through :mod:`efficientml.core.channels` first) keeps it."""
+    def default(t: type, trace, shrink=None) -> None:
+        if t not in CHANNEL_OPS:
+            register_channel_op(t, trace, shrink)
+
     for t in _ELEMENTWISE_MODULES:
-        register_channel_op(t, _passthrough)
+        default(t, _passthrough)
     for t in (nn.BatchNorm1d, nn.BatchNorm2d):
-        register_channel_op(t, _norm_trace, shrink_batchnorm)
+        default(t, _norm_trace, shrink_batchnorm)
     for t in (nn.Conv1d, nn.Conv2d):
-        register_channel_op(t, _conv_trace, shrink_conv)
-    register_channel_op(nn.Linear, _linear_trace, shrink_linear)
-    register_channel_op(nn.Flatten, _flatten_trace)
+        default(t, _conv_trace, shrink_conv)
+    default(nn.Linear, _linear_trace, shrink_linear)
+    default(nn.Flatten, _flatten_trace)
 
 
 register_builtin_ops()
