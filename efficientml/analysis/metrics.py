@@ -85,7 +85,8 @@ def compare_outputs(reference: torch.Tensor, test: torch.Tensor) -> OutputCompar
 
 def compare_models(reference: nn.Module, test: nn.Module, inputs: Any) -> OutputComparison:
     """Run both models (eval mode, no grad) on ``inputs`` and compare their outputs."""
-    from efficientml.analysis.trace import eval_mode, make_inputs
+    from efficientml.analysis.inputs import make_inputs
+    from efficientml.analysis.trace import eval_mode
 
     args, kwargs = make_inputs(reference, inputs=inputs)
     outs = []

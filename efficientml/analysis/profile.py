@@ -19,7 +19,8 @@ from efficientml.analysis.params import count_parameters, model_size_bytes
 from efficientml.analysis.receptive_field import WindowLayer, receptive_fields_from_trace
 from efficientml.analysis.report import (format_bytes, format_count, format_shape, markdown_table,
                                          rich_table)
-from efficientml.analysis.trace import make_inputs, trace_model
+from efficientml.analysis.inputs import make_inputs
+from efficientml.analysis.trace import trace_model
 
 
 @dataclass

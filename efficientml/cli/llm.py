@@ -22,41 +22,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p.add_subparsers(dest="llm_command", metavar="ACTION")
     p.set_defaults(func=lambda a: (p.print_help(), 0)[1])
 
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("model", help="smollm2-135m, a .gguf file, a Hugging Face model folder, or a Hub id "
-                            "(owner/name[@revision], owner/name/file.gguf)")
-        q.add_argument("--dtype", choices=sorted(DTYPES) + ["auto"], default="float32",
-                       help="float32 (default), bfloat16, float16, or auto: the checkpoint's own (config.json "
-                            "torch_dtype; a GGUF's float type, float32 for quantized weights)")
-        q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
-        q.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch)")
+    for add in (_add_info, _add_ppl, _add_generate, _add_chat, _add_convert):
+        add(s)
+    from efficientml.cli import llm_compress  # `llm quantize` / `llm prune` (efficientml.llm.compress)
+    llm_compress.register(s)
 
-    def sampling(q: argparse.ArgumentParser, max_new: int) -> None:
-        q.add_argument("--max-new-tokens", type=positive_int, default=max_new)
-        q.add_argument("--temperature", type=float, default=None,
-                       help="0 = greedy (the default, unless the model's generation config samples)")
-        q.add_argument("--top-k", type=positive_int, default=None)
-        q.add_argument("--top-p", type=float, default=None)
-        q.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability")
-        q.add_argument("--repetition-penalty", type=float, default=None,
-                       help="> 1 discourages tokens already in the prompt or output (default 1 = off)")
-        q.add_argument("--generation-config", choices=["auto", "none"], default="auto",
-                       help="auto (default): settings not given here come from the model's generation_config.json "
-                            "or GGUF sampling metadata, as in transformers and vLLM; none: greedy unless set here")
-        q.add_argument("--seed", type=int, default=None)
-        q.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                       help="end the answer where this text appears (not shown); repeatable")
 
+def _model_args(q: argparse.ArgumentParser) -> None:
+    """The model and where it runs: every `llm` action takes these."""
+    q.add_argument("model", help="smollm2-135m, a .gguf file, a Hugging Face model folder, or a Hub id "
+                        "(owner/name[@revision], owner/name/file.gguf)")
+    q.add_argument("--dtype", choices=sorted(DTYPES) + ["auto"], default="float32",
+                   help="float32 (default), bfloat16, float16, or auto: the checkpoint's own (config.json "
+                        "torch_dtype; a GGUF's float type, float32 for quantized weights)")
+    q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    q.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch)")
+
+
+def _sampling_args(q: argparse.ArgumentParser, max_new: int) -> None:
+    """Sampling options of `llm generate` and `llm chat`."""
+    q.add_argument("--max-new-tokens", type=positive_int, default=max_new)
+    q.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (the default, unless the model's generation config samples)")
+    q.add_argument("--top-k", type=positive_int, default=None)
+    q.add_argument("--top-p", type=float, default=None)
+    q.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability")
+    q.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages tokens already in the prompt or output (default 1 = off)")
+    q.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                   help="auto (default): settings not given here come from the model's generation_config.json "
+                        "or GGUF sampling metadata, as in transformers and vLLM; none: greedy unless set here")
+    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer where this text appears (not shown); repeatable")
+
+
+def _add_info(s: argparse._SubParsersAction) -> None:
+    """`llm info`: configuration, parameter count, tokenizer."""
     q = s.add_parser("info", help="configuration, parameter count, tokenizer")
-    common(q)
+    _model_args(q)
     add_json_flag(q)
     q.set_defaults(func=run_info)
 
+
+def _add_ppl(s: argparse._SubParsersAction) -> None:
+    """`llm ppl`: perplexity on a corpus or a text file."""
     q = s.add_parser("ppl", help="perplexity on a corpus or a text file",
                      description="Perplexity with the protocol of efficientml.llm.eval: the text is "
                                  "tokenized whole, cut into windows of --context tokens every --stride "
                                  "tokens; each token with context in its window is scored once.")
-    common(q)
+    _model_args(q)
     src = q.add_mutually_exclusive_group()
     src.add_argument("--dataset", default="wikitext2-raw-test",
                      help="wikitext2-raw-test (default), tinyshakespeare, …")
@@ -69,38 +84,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_flag(q)
     q.set_defaults(func=run_ppl)
 
+
+def _add_generate(s: argparse._SubParsersAction) -> None:
+    """`llm generate`: complete prompts."""
     q = s.add_parser("generate", help="complete a prompt (streamed)")
-    common(q)
+    _model_args(q)
     q.add_argument("prompt", nargs="+", help="the prompt text; several prompts run as one left-padded batch")
     q.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     q.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='extra chat-template variables, e.g. \'{"enable_thinking": false}\' (Qwen3)')
     q.add_argument("--logprobs", action="store_true",
                    help="with --json: each new token's id, text and log-probability under the model")
-    sampling(q, 128)
+    _sampling_args(q, 128)
     add_json_flag(q)
     q.set_defaults(func=run_generate)
 
+
+def _add_chat(s: argparse._SubParsersAction) -> None:
+    """`llm chat`: multi-turn chat."""
     q = s.add_parser("chat", help="multi-turn chat in the terminal (reads stdin when piped)")
-    common(q)
+    _model_args(q)
     q.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     q.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='extra chat-template variables, e.g. \'{"enable_thinking": false}\' (Qwen3)')
     q.add_argument("--max-context", type=positive_int, default=2048)
-    sampling(q, 256)
+    _sampling_args(q, 256)
     q.set_defaults(func=run_chat)
 
+
+def _add_convert(s: argparse._SubParsersAction) -> None:
+    """`llm convert`: write a Hugging Face folder or a GGUF file."""
     q = s.add_parser("convert", help="save as a Hugging Face folder (config.json, safetensors, tokenizer) "
                                       "or as a GGUF file for llama.cpp")
-    common(q)
+    _model_args(q)
     q.add_argument("output", help="output folder, or a .gguf file (written atomically)")
     q.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"], default="f16",
                    help="GGUF: the matrices' type (norms stay f32; embeddings q8_0 under q4_*); default f16")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=run_convert)
-
-    from efficientml.cli import llm_compress  # `llm quantize` / `llm prune` (efficientml.llm.compress)
-    llm_compress.register(s)
 
 
 def _load(args: argparse.Namespace):

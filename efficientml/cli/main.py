@@ -1,8 +1,8 @@
 """Entry point: ``efficientml <subcommand> …``.
 
 Each subcommand lives in ``efficientml/cli/<name>.py`` and exposes ``register(subparsers)``, which adds
-its parser and sets ``func(args) -> int``. Subcommand modules are listed in ``SUBCOMMANDS``; a
-subcommand whose module is missing (a part not built yet) is simply absent. Library errors
+its parser and sets ``func(args) -> int``. Subcommand modules are listed in ``SUBCOMMANDS`` (every
+entry must exist: a new subcommand is one module plus one entry here). Library errors
 (:class:`EfficientMLError`) print as one line, without a traceback unless ``--debug``.
 """
 
@@ -15,10 +15,7 @@ import sys
 from efficientml.core.errors import EfficientMLError
 
 # module name in efficientml.cli → order of appearance in --help
-SUBCOMMANDS = [
-    "demo", "profile", "train", "eval", "prune", "quantize", "formats", "distill", "search",
-    "engine", "llm",
-]
+SUBCOMMANDS = ["demo", "profile", "train", "eval", "prune", "quantize", "formats", "llm"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"efficientml {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(f"efficientml.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"efficientml.cli.{name}":
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(f"efficientml.cli.{name}").register(sub)
     return parser
 
 

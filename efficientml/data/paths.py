@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from efficientml.core.errors import DataNotFoundError
+from efficientml.core.paths import cache_dir  # noqa: F401  (re-exported: data.paths.cache_dir)
 from efficientml.core.serialization import atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,10 +43,6 @@ def models_roots() -> list[Path]:
         roots.append(Path(env))
     roots += [REPO_ROOT.parent / "shared" / "models", REPO_ROOT / "shared" / "models"]
     return roots
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EFFICIENTML_CACHE", Path.home() / ".cache" / "efficientml"))
 
 
 def sha256_file(path: Path) -> str:

@@ -15,12 +15,15 @@ constants his trainer used, not the CIFAR statistics).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from efficientml.core.channels import Member, TraceContext, register_channel_op
 from efficientml.core.config import check_choice, check_range
-from efficientml.core.errors import ConfigError
+from efficientml.core.errors import ConfigError, ShapeError
 from efficientml.models.pretrained import find_weights, load_weights
 from efficientml.models.registry import MODELS
 
@@ -52,6 +55,47 @@ class PadShortcut(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+# How channel pruning sees the shortcut (registered below; efficientml.prune reads the registry).
+# It pads e//2 zero channels before and e - e//2 after the input channels. The sum conv(x) + pad(x)
+# couples the middle channels to the previous stage's stream, and the zero channels to nothing. To
+# keep the padding symmetric after pruning (forward pads evenly on both sides), the i-th zero channel
+# before is tied to the i-th zero channel after: they are removed in pairs; an odd extra one is kept.
+
+def _pad_shortcut_trace(ctx: TraceContext, module: PadShortcut, ids: list[int]) -> list[int]:
+    extra = module.out_channels - module.in_channels
+    before = ctx.ids.fresh(extra // 2)
+    after = ctx.ids.fresh(extra - extra // 2)
+    for a, b in zip(before, after):  # removed in pairs so the padding stays even on both sides
+        ctx.ids.union(a, b)
+    if len(after) > len(before):
+        ctx.ids.freeze(after[len(before):])
+    for i, c in enumerate(ids):
+        ctx.ids.add(c, Member(ctx.name, "in", i))
+    out = before + ids + after
+    for j, c in enumerate(out):
+        ctx.ids.add(c, Member(ctx.name, "out", j))
+    return out
+
+
+def _shrink_pad_shortcut(m: PadShortcut, keep_in: list[int] | None,
+                         keep_out: list[int] | None) -> PadShortcut:
+    cin = len(keep_in) if keep_in is not None else m.in_channels
+    keep_out = keep_out if keep_out is not None else list(range(m.out_channels))
+    before = (m.out_channels - m.in_channels) // 2
+    z1 = sum(1 for j in keep_out if j < before)
+    z2 = sum(1 for j in keep_out if j >= before + m.in_channels)
+    if z1 != (z1 + z2) // 2 or len(keep_out) != cin + z1 + z2:
+        raise ShapeError(f"option-A shortcut would pad {z1} channels before and {z2} after; the "
+                         f"module pads evenly, so the plan is inconsistent")
+    new = copy.copy(m)
+    new.in_channels, new.out_channels = cin, len(keep_out)
+    return new
+
+
+register_channel_op(PadShortcut, _pad_shortcut_trace, _shrink_pad_shortcut,
+                    attrs=("in_channels", "out_channels"))
 
 
 class BasicBlock(nn.Module):

@@ -1,47 +1,36 @@
 """Channel dependency graph: which channels of which layers must be removed together.
 
 The model is traced with torch.fx and every tensor's channel dimension (dim 1) is followed through the
-graph as a list of *channel ids*, one per channel. A conv/linear creates fresh ids for its outputs and
-records that it *consumes* its input ids; BatchNorm, activations and pooling pass ids through; an
-addition unifies the ids of its operands position by position (a union-find), so a residual stream
-becomes one set of channels shared by every block that writes to it; a concatenation joins lists;
-a depthwise conv passes ids through (its ``groups`` follow the channel count); flatten repeats each id
-once per spatial position, so the next linear loses ``H·W`` columns per removed channel.
+graph as a list of *channel ids*, one per channel. What a module does to the ids is its channel op
+(:mod:`efficientml.prune.channel_ops` for PyTorch's modules: a conv/linear creates fresh ids for its
+outputs and *consumes* its input ids, BatchNorm, activations and pooling pass them through, flatten
+repeats them per position). Between modules, an addition unifies the ids of its operands position by
+position (a union-find), so a residual stream becomes one set of channels shared by every block that
+writes to it, and a concatenation joins lists.
 
-Option-A ResNet shortcuts (:class:`~efficientml.models.resnet_cifar.PadShortcut`) pad ``e//2`` zero
-channels before and ``e - e//2`` after the input channels. The sum ``conv(x) + pad(x)`` couples
-the middle channels to the previous stage's stream, and the zero channels to nothing. To keep the
-padding symmetric after pruning (the module pads evenly on both sides), the i-th zero channel before
-is tied to the i-th zero channel after: they are removed in pairs; an odd extra channel is kept.
-
-Per-module behaviour is data: :data:`CHANNEL_OPS` maps a module type to how it moves channel ids
-(``trace``) and how it is rebuilt smaller (``shrink``, in :mod:`efficientml.prune.surgery`). Ops the
-graph does not know raise :class:`UnsupportedError` naming the op and the layer, or, with
-``on_unsupported="skip"``, freeze every channel they touch and are listed in ``DependencyGraph.skipped``.
+Per-module behaviour is data: :data:`~efficientml.core.channels.CHANNEL_OPS` maps a module type to how
+it moves channel ids (``trace``) and how it is rebuilt smaller (``shrink``); a model describes its own
+modules with :func:`register_channel_op` (the CIFAR ResNets' option-A shortcut does, in
+:mod:`efficientml.models.resnet_cifar`). Ops the graph does not know raise :class:`UnsupportedError`
+naming the op and the layer, or, with ``on_unsupported="skip"``, freeze every channel they touch and
+are listed in ``DependencyGraph.skipped``.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from efficientml.core.channels import (CHANNEL_OPS, ChannelIds, ChannelOp, Member,  # noqa: F401
+                                       TraceContext, register_channel_op)
 from efficientml.core.errors import UnsupportedError
-
-
-@dataclass(frozen=True)
-class Member:
-    """One place a channel lives: ``module``'s input or output channel ``index``."""
-
-    module: str
-    role: str      # "in" or "out"
-    index: int
+from efficientml.prune.channel_ops import (BINARY_FUNCS, BINARY_METHODS, NON_TENSOR_METHODS, REDUCE,
+                                          UNARY_FUNCS, UNARY_METHODS, flatten_ids)
 
 
 @dataclass
@@ -78,182 +67,6 @@ class ChannelGroup:
         return len(self.channels)
 
 
-# --------------------------------------------------------------------------------------------------
-# union-find over channel ids
-
-
-class _Ids:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.members: dict[int, set[Member]] = {}
-        self.frozen: set[int] = set()
-
-    def fresh(self, n: int) -> list[int]:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return list(range(start, start + n))
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def add(self, cid: int, member: Member) -> None:
-        self.members.setdefault(cid, set()).add(member)
-
-    def freeze(self, ids: list[int]) -> None:
-        self.frozen.update(ids)
-
-
-@dataclass
-class TraceContext:
-    """What a channel op's ``trace`` sees: the id table and shapes of its input/output."""
-
-    ids: _Ids
-    name: str
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ChannelOp:
-    """How a module type moves channel ids (``trace``) and is rebuilt with fewer (``shrink``)."""
-
-    trace: Callable[[TraceContext, nn.Module, list[int]], list[int]]
-    shrink: Callable[[nn.Module, list[int] | None, list[int] | None], nn.Module] | None = None
-
-
-CHANNEL_OPS: dict[type, ChannelOp] = {}
-
-
-def register_channel_op(module_type: type, trace: Callable, shrink: Callable | None = None) -> None:
-    """Teach the graph (and surgery) a module type: ``trace(ctx, module, in_ids) -> out_ids`` and
-    ``shrink(module, keep_in, keep_out) -> new module`` (``None`` keeps that side whole)."""
-    CHANNEL_OPS[module_type] = ChannelOp(trace, shrink)
-
-
-def _passthrough(ctx: TraceContext, module: nn.Module, ids: list[int]) -> list[int]:
-    return ids
-
-
-def _norm_trace(ctx: TraceContext, module: nn.Module, ids: list[int]) -> list[int]:
-    for i, c in enumerate(ids):
-        ctx.ids.add(c, Member(ctx.name, "out", i))
-    return ids
-
-
-def _conv_trace(ctx: TraceContext, module: nn.Module, ids: list[int]) -> list[int]:
-    g, cin, cout = module.groups, module.in_channels, module.out_channels
-    if g == 1:
-        for i, c in enumerate(ids):
-            ctx.ids.add(c, Member(ctx.name, "in", i))
-        out = ctx.ids.fresh(cout)
-        for j, c in enumerate(out):
-            ctx.ids.add(c, Member(ctx.name, "out", j))
-        return out
-    if g == cin == cout:  # depthwise: output channel i is computed from input channel i only
-        for i, c in enumerate(ids):
-            ctx.ids.add(c, Member(ctx.name, "in", i))
-            ctx.ids.add(c, Member(ctx.name, "out", i))
-        return ids
-    raise UnsupportedError(
-        f"layer {ctx.name!r} is a grouped conv (groups={g}, {cin}→{cout} channels); channel pruning "
-        f"handles ordinary (groups=1) and depthwise (groups=in=out) convs only")
-
-
-def _linear_trace(ctx: TraceContext, module: nn.Module, ids: list[int]) -> list[int]:
-    if len(ctx.in_shape) != 2:
-        raise UnsupportedError(
-            f"layer {ctx.name!r} is a Linear applied to a {len(ctx.in_shape)}-D tensor; channel "
-            f"pruning follows Linear layers on (batch, features) inputs only")
-    for i, c in enumerate(ids):
-        ctx.ids.add(c, Member(ctx.name, "in", i))
-    out = ctx.ids.fresh(module.out_features)
-    for j, c in enumerate(out):
-        ctx.ids.add(c, Member(ctx.name, "out", j))
-    return out
-
-
-def _flatten_ids(ids: list[int], shape: tuple[int, ...]) -> list[int]:
-    spatial = math.prod(shape[2:])
-    return [c for c in ids for _ in range(spatial)]  # channel-major: C·H·W order
-
-
-def _flatten_trace(ctx: TraceContext, module: nn.Module, ids: list[int]) -> list[int]:
-    start = module.start_dim % len(ctx.in_shape)
-    if start == 1:
-        return _flatten_ids(ids, ctx.in_shape)
-    if start >= 2:
-        return ids
-    raise UnsupportedError(f"layer {ctx.name!r} flattens the batch dimension; cannot follow channels")
-
-
-def _pad_shortcut_trace(ctx: TraceContext, module: nn.Module, ids: list[int]) -> list[int]:
-    extra = module.out_channels - module.in_channels
-    before = ctx.ids.fresh(extra // 2)
-    after = ctx.ids.fresh(extra - extra // 2)
-    for a, b in zip(before, after):  # removed in pairs so the padding stays even on both sides
-        ctx.ids.union(a, b)
-    if len(after) > len(before):
-        ctx.ids.freeze(after[len(before):])
-    for i, c in enumerate(ids):
-        ctx.ids.add(c, Member(ctx.name, "in", i))
-    out = before + ids + after
-    for j, c in enumerate(out):
-        ctx.ids.add(c, Member(ctx.name, "out", j))
-    return out
-
-
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d, nn.Upsample, nn.Softplus,
-)
-
-
-def _default_ops() -> None:
-    from efficientml.prune import surgery
-
-    for t in _ELEMENTWISE_MODULES:
-        register_channel_op(t, _passthrough)
-    for t in (nn.BatchNorm1d, nn.BatchNorm2d):
-        register_channel_op(t, _norm_trace, surgery.shrink_batchnorm)
-    for t in (nn.Conv1d, nn.Conv2d):
-        register_channel_op(t, _conv_trace, surgery.shrink_conv)
-    register_channel_op(nn.Linear, _linear_trace, surgery.shrink_linear)
-    register_channel_op(nn.Flatten, _flatten_trace)
-    try:
-        from efficientml.models.resnet_cifar import PadShortcut
-    except ImportError:  # the zoo is optional for user models
-        return
-    register_channel_op(PadShortcut, _pad_shortcut_trace, surgery.shrink_pad_shortcut)
-
-
-# --------------------------------------------------------------------------------------------------
-# functional ops met in forward() code
-
-_UNARY_FUNCS = {
-    F.relu, torch.relu, F.relu6, F.hardtanh, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh,
-    F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.dropout, F.max_pool2d,
-    F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, torch.clamp, F.softplus,
-    torch.nn.functional.relu_,
-}
-_BINARY_FUNCS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
-                 operator.imul, torch.add, torch.sub, torch.mul, torch.div}
-_UNARY_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clamp", "clamp_", "float", "to",
-                  "clone", "detach", "sigmoid_", "tanh_", "hardtanh_", "type_as"}
-_BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
-_REDUCE = {"mean", "sum", "amax", "amin"}
-_NON_TENSOR_METHODS = {"size", "dim", "numel"}
-
-
 def _op_name(node: fx.Node) -> str:
     t = node.target
     if node.op == "call_method":
@@ -280,8 +93,6 @@ class _Tracer(fx.Tracer):
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model`` (modules in :data:`CHANNEL_OPS` stay leaves)."""
-    if not CHANNEL_OPS:
-        _default_ops()
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError on data-dependent control flow)
@@ -340,7 +151,7 @@ class DependencyGraph:
 class _Builder:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, on_unsupported: str):
         self.model, self.gm, self.mode = model, gm, on_unsupported
-        self.ids = _Ids()
+        self.ids = ChannelIds()
         self.slots: dict[fx.Node, list[int] | None] = {}
         self.skipped: list[str] = []
         self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
@@ -373,7 +184,7 @@ class _Builder:
         if shape is None or len(shape) < 2:
             if not tensor_inputs:
                 return None
-            if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
+            if node.op == "call_method" and node.target in NON_TENSOR_METHODS:
                 return None
             if node.op == "call_function" and node.target is getattr:  # x.shape
                 return None
@@ -413,9 +224,9 @@ class _Builder:
 
     def visit_function(self, node: fx.Node, shape: tuple[int, ...]) -> list[int]:
         t = node.target
-        if t in _UNARY_FUNCS:
+        if t in UNARY_FUNCS:
             return self.unary(node)
-        if t in _BINARY_FUNCS:
+        if t in BINARY_FUNCS:
             return self.binary(node, shape)
         if t is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
@@ -429,11 +240,11 @@ class _Builder:
 
     def visit_method(self, node: fx.Node, shape: tuple[int, ...]) -> list[int]:
         t = node.target
-        if t in _UNARY_METHODS:
+        if t in UNARY_METHODS:
             return self.unary(node)
-        if t in _BINARY_METHODS:
+        if t in BINARY_METHODS:
             return self.binary(node, shape)
-        if t in _REDUCE:
+        if t in REDUCE:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             return self.reduce(node, dim)
         if t == "flatten":
@@ -445,7 +256,7 @@ class _Builder:
             if in_shape is None or ids is None:
                 raise _Unknown
             if len(shape) == 2 and shape[0] == in_shape[0] and math.prod(shape) == math.prod(in_shape):
-                return _flatten_ids(ids, in_shape)
+                return flatten_ids(ids, in_shape)
             if shape[:2] == in_shape[:2]:
                 return ids
         raise _Unknown
@@ -482,7 +293,7 @@ class _Builder:
             raise _Unknown
         start %= len(in_shape)
         if start == 1:
-            return _flatten_ids(ids, in_shape)
+            return flatten_ids(ids, in_shape)
         if start >= 2:
             return ids
         raise _Unknown

@@ -12,7 +12,6 @@ channels in place, which is how tests check surgery — both must give identical
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -21,97 +20,11 @@ import torch.nn as nn
 
 from efficientml.core.errors import ShapeError, UnsupportedError
 from efficientml.core.modules import get_module, set_module
-from efficientml.prune.graph import CHANNEL_OPS, DependencyGraph
+from efficientml.core.channels import CHANNEL_OPS
+from efficientml.prune.graph import DependencyGraph
+from efficientml.prune.shrink import shrink_batchnorm, shrink_conv, shrink_linear  # noqa: F401
 
 Keep = tuple[list[int] | None, list[int] | None]   # (input channels kept, output channels kept)
-
-
-# --------------------------------------------------------------------------------------------------
-# per-module shrink functions (registered in graph.CHANNEL_OPS)
-
-def _idx(keep: list[int], device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(keep, dtype=torch.long, device=device)
-
-
-def shrink_conv(m: nn.Module, keep_in: list[int] | None, keep_out: list[int] | None) -> nn.Module:
-    w = m.weight.detach()
-    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-    if depthwise:
-        keep = keep_out if keep_out is not None else keep_in
-        if keep_in is not None and keep_out is not None and list(keep_in) != list(keep_out):
-            raise ShapeError("a depthwise conv must keep the same input and output channels")
-        keep = keep if keep is not None else list(range(m.out_channels))
-        cin = cout = groups = len(keep)
-        w = w[_idx(keep, w.device)]
-        bias_keep = keep
-    else:
-        if m.groups != 1:
-            raise UnsupportedError(f"cannot shrink a grouped conv with groups={m.groups}")
-        if keep_out is not None:
-            w = w[_idx(keep_out, w.device)]
-        if keep_in is not None:
-            w = w[:, _idx(keep_in, w.device)]
-        cout, cin, groups = w.shape[0], w.shape[1], 1
-        bias_keep = keep_out
-    new = type(m)(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups,
-                  m.bias is not None, m.padding_mode, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if m.bias is not None:
-            b = m.bias.detach()
-            new.bias.copy_(b[_idx(bias_keep, b.device)] if bias_keep is not None else b)
-    new.train(m.training)
-    return new
-
-
-def shrink_linear(m: nn.Linear, keep_in: list[int] | None, keep_out: list[int] | None) -> nn.Linear:
-    w = m.weight.detach()
-    if keep_out is not None:
-        w = w[_idx(keep_out, w.device)]
-    if keep_in is not None:
-        w = w[:, _idx(keep_in, w.device)]
-    new = nn.Linear(w.shape[1], w.shape[0], m.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if m.bias is not None:
-            b = m.bias.detach()
-            new.bias.copy_(b[_idx(keep_out, b.device)] if keep_out is not None else b)
-    new.train(m.training)
-    return new
-
-
-def shrink_batchnorm(m: nn.Module, keep_in: list[int] | None, keep_out: list[int] | None) -> nn.Module:
-    keep = keep_out if keep_out is not None else keep_in
-    if keep is None:
-        return m
-    new = type(m)(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
-    ref = m.weight if m.affine else m.running_mean
-    new = new.to(device=ref.device, dtype=ref.dtype)
-    i = _idx(keep, ref.device)
-    with torch.no_grad():
-        if m.affine:
-            new.weight.copy_(m.weight[i])
-            new.bias.copy_(m.bias[i])
-        if m.track_running_stats:
-            new.running_mean.copy_(m.running_mean[i])
-            new.running_var.copy_(m.running_var[i])
-            new.num_batches_tracked.copy_(m.num_batches_tracked)
-    new.train(m.training)
-    return new
-
-
-def shrink_pad_shortcut(m: nn.Module, keep_in: list[int] | None, keep_out: list[int] | None) -> nn.Module:
-    cin = len(keep_in) if keep_in is not None else m.in_channels
-    keep_out = keep_out if keep_out is not None else list(range(m.out_channels))
-    before = (m.out_channels - m.in_channels) // 2
-    z1 = sum(1 for j in keep_out if j < before)
-    z2 = sum(1 for j in keep_out if j >= before + m.in_channels)
-    if z1 != (z1 + z2) // 2 or len(keep_out) != cin + z1 + z2:
-        raise ShapeError(f"option-A shortcut would pad {z1} channels before and {z2} after; the "
-                         f"module pads evenly, so the plan is inconsistent")
-    new = copy.copy(m)
-    new.in_channels, new.out_channels = cin, len(keep_out)
-    return new
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,13 +145,15 @@ def _params_after(mod: nn.Module, k_in: list[int] | None, k_out: list[int] | Non
 
 
 def channel_attrs(model: nn.Module) -> dict[str, list[int]]:
-    """Channel counts of weightless layers that surgery changes (option-A shortcuts): saved beside a
-    pruned state dict so :func:`resize_like` can restore them."""
-    try:
-        from efficientml.models.resnet_cifar import PadShortcut
-    except ImportError:
-        return {}
-    return {n: [m.in_channels, m.out_channels] for n, m in model.named_modules() if isinstance(m, PadShortcut)}
+    """Channel counts of weightless layers that surgery changes (the ``attrs`` their channel op
+    declares, e.g. option-A shortcuts' ``in_channels``/``out_channels``): saved beside a pruned state
+    dict so :func:`resize_like` can restore them."""
+    out = {}
+    for name, m in model.named_modules():
+        op = CHANNEL_OPS.get(type(m))
+        if op is not None and op.attrs:
+            out[name] = [int(getattr(m, a)) for a in op.attrs]
+    return out
 
 
 def resize_like(model: nn.Module, state: dict[str, torch.Tensor],
@@ -265,7 +180,13 @@ def resize_like(model: nn.Module, state: dict[str, torch.Tensor],
             if key in state and state[key].shape[0] != mod.num_features:
                 set_module(model, name, type(mod)(state[key].shape[0], mod.eps, mod.momentum, mod.affine,
                                                   mod.track_running_stats))
-    for name, (cin, cout) in (attrs or {}).items():
+    for name, values in (attrs or {}).items():
         mod = get_module(model, name)
-        mod.in_channels, mod.out_channels = int(cin), int(cout)
+        op = CHANNEL_OPS.get(type(mod))
+        names = op.attrs if op is not None and op.attrs else ("in_channels", "out_channels")
+        if len(values) != len(names):
+            raise ShapeError(f"saved channel attributes {values} of layer {name!r} do not match "
+                             f"its {len(names)} attributes {names}")
+        for a, v in zip(names, values):
+            setattr(mod, a, int(v))
     return model

@@ -70,12 +70,7 @@ def fit(model: nn.Module, train_loader: Iterable, cfg: TrainConfig | None = None
     seed_everything(cfg.seed)
     device = _device_of(model)
     opt = optimizer or make_optimizer(model, cfg)
-    lr_at = SCHEDULES[cfg.schedule](total, cfg.warmup_frac)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    if start_step:  # resuming: jump the schedule to where the checkpoint left it
-        sched.last_epoch = start_step
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_at(start_step)
+    sched = _schedule(opt, cfg, total, start_step)
     use_amp = cfg.amp and device.type == "cuda"
     hist, step, t0 = History(steps=start_step), start_step, time.perf_counter()
     epoch = 0
@@ -88,18 +83,7 @@ def fit(model: nn.Module, train_loader: Iterable, cfg: TrainConfig | None = None
             if i >= remaining:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
-                loss = (loss_fn(logits, y) if loss_fn is not None else
-                        F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model, logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
+            loss, logits = _train_batch(model, x, y, opt, sched, cfg, use_amp, loss_fn, extra_loss)
             step += 1
             if after_step is not None:
                 after_step(model)
@@ -118,6 +102,37 @@ def fit(model: nn.Module, train_loader: Iterable, cfg: TrainConfig | None = None
         epoch += 1
     hist.steps, hist.seconds = step, time.perf_counter() - t0
     return hist
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int,
+              start_step: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule over ``total`` steps, already at ``start_step`` when resuming."""
+    lr_at = SCHEDULES[cfg.schedule](total, cfg.warmup_frac)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    if start_step:  # resuming: jump the schedule to where the checkpoint left it
+        sched.last_epoch = start_step
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_at(start_step)
+    return sched
+
+
+def _train_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, use_amp: bool,
+                 loss_fn: Callable | None, extra_loss: Callable | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, optimizer and schedule step on one batch; returns (loss, logits)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        logits = model(x)
+        loss = (loss_fn(logits, y) if loss_fn is not None else
+                F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
+        if extra_loss is not None:
+            loss = loss + extra_loss(model, logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return loss, logits
 
 
 @torch.inference_mode()

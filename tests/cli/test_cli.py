@@ -1,12 +1,14 @@
 """The CLI: --help everywhere, JSON output, and one clear sentence (no traceback) on bad input."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from efficientml.cli.main import build_parser, main
+from efficientml.cli.main import SUBCOMMANDS, build_parser, main
 
 
 def _run(argv, capsys):
@@ -91,5 +93,64 @@ def test_demo_json(capsys):
     assert rep["latency_ms"]["batch1"]["threads"] == 2
 
 
+def _subparsers(parser):
+    return next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+
+
+def test_every_listed_subcommand_exists_and_parses(capsys):
+    sub = _subparsers(build_parser())
+    assert list(sub.choices) == SUBCOMMANDS  # nothing listed that is not there, in --help order
+    for cmd in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0, cmd
+        assert f"usage: efficientml {cmd}" in capsys.readouterr().out
+    llm_sub = _subparsers(sub.choices["llm"])
+    assert set(llm_sub.choices) == {"info", "ppl", "generate", "chat", "convert", "quantize", "prune"}
+    for cmd in llm_sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main(["llm", cmd, "--help"])
+        assert e.value.code == 0 and f"usage: efficientml llm {cmd}" in capsys.readouterr().out
+
+
+# optional extras (plot, data, llm, export, compare) and triton: none may be needed to build the parser
+OPTIONAL = ["matplotlib", "sklearn", "tokenizers", "gguf", "jinja2", "huggingface_hub", "onnx",
+            "onnxruntime", "transformers", "compressed_tensors", "sentencepiece", "triton"]
+
+_HIDDEN = r"""
+import importlib.abc, json, sys
+BLOCKED = set(sys.argv[1].split(","))
+refused = []
+
+class Refuse(importlib.abc.MetaPathFinder):   # as if the optional packages were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            refused.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Refuse())
+try:
+    import tokenizers
+    hidden = False
+except ModuleNotFoundError:
+    hidden = True
+from efficientml.cli.main import build_parser
+parser = build_parser()
+sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+loaded = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
+print(json.dumps({"hidden": hidden, "prog": parser.prog, "commands": list(sub.choices),
+                  "loaded": loaded}))
+"""
+
+
 def test_parser_builds_without_optional_packages():
-    assert build_parser().prog == "efficientml"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _HIDDEN, ",".join(OPTIONAL)], capture_output=True,
+                          text=True, env=env, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["hidden"] is True            # the finder really refuses them
+    assert r["prog"] == "efficientml" and r["commands"] == SUBCOMMANDS
+    assert r["loaded"] == []

@@ -85,7 +85,7 @@ def _load() -> object:
         elif (cc := _compiler()) is None:
             status = "off (no C compiler found: set CC or install gcc/clang)"
         else:
-            from efficientml.data.paths import cache_dir
+            from efficientml.core.paths import cache_dir
 
             try:
                 lib, flags = _build_any(cc, cache_dir() / "kernels")
