@@ -351,7 +351,7 @@ def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
 
 
 _PLAIN_MODULES = {"LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "MLP", "RMSNorm", "Rotary",
-                  "Linear", "Embedding", "ModuleList"}
+                  "Linear", "Embedding", "ModuleList", "GemvLinear", "PackedProjections"}  # the last two: kernel swaps
 
 
 def _exact_block_type(mod: nn.Module, name: str) -> int:

@@ -27,7 +27,8 @@ from efficientml.core.serialization import atomic_dir
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.io.fused import fuse_split, split_fused
 from efficientml.llm.io.generation_config import generation_config
-from efficientml.llm.model import LlamaForCausalLM, build_model, pack_projections
+from efficientml.llm.kernels.packed import pack_projections
+from efficientml.llm.model import LlamaForCausalLM, build_model
 from efficientml.llm.io.tokenizer import Tokenizer
 
 
