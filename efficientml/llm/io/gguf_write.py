@@ -386,7 +386,7 @@ def _plan(model: nn.Module, arch: str, outtype: str) -> list[tuple[str, Any, tup
     cfg: LlamaConfig = model.config
     quantized = {}  # state-dict prefix → (module, exact GGUF block type)
     for name, mod in model.named_modules():
-        if type(mod).__name__ == "QuantLinear":
+        if type(mod).__name__ in ("QuantLinear", "QuantLinearDequant", "QuantLinearTriton"):  # kernel swaps too
             quantized[name] = (mod, _exact_block_type(mod, name))
         elif type(mod).__name__ not in _PLAIN_MODULES:
             raise UnsupportedError(f"module {name!r} is a {type(mod).__name__}, not part of a plain Llama model: "
