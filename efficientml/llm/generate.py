@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from efficientml.core.errors import ConfigError, ShapeError
+from efficientml.llm.decode_step import decode_step
 from efficientml.llm.kv_cache import KVCache, StaticKVCache
 from efficientml.llm.stop_strings import StopText, TextStream
 
@@ -126,74 +127,6 @@ class GenerationResult:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
-class _StepCache(KVCache):
-    """A decode step's view of a static cache: the same buffers, positions taken from ``input_pos``,
-    no Python-int bookkeeping (``torch.compile`` would guard on the length and recompile every step)."""
-
-    static_shapes = True
-
-    def __init__(self, cache: StaticKVCache) -> None:
-        self.inner, self.max_length, self.length = cache, cache.max_length, 0
-
-    def update(self, layer_idx, k, v, input_pos):
-        return self.inner.update(layer_idx, k, v, input_pos)
-
-    def advance(self, n: int) -> None:
-        pass
-
-    @property
-    def key_mask(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self.inner.key_mask
-
-
-class _GraphStep:
-    """A decode step captured as a CUDA graph over a static-shape cache. Inputs are copied into fixed
-    buffers, then the graph replays: no Python, no kernel launches per layer."""
-
-    def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch: int, use_compile: bool) -> None:
-        dev = cache.k.device
-        self.model, self.cache, self.view, self.batch = model, cache, _StepCache(cache), batch
-        self.key_mask = cache.key_mask  # the padding mask the graph reads (None: no padding)
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        # warm-up and capture write one slot; use the last one, which the mask hides until it is reached
-        self.pos = torch.full((1,), cache.max_length - 1, dtype=torch.long, device=dev)
-        self.fn = torch.compile(self._eager, fullgraph=True, dynamic=False) if use_compile else self._eager
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up (allocations, rope tables, autotuning) off the capture
-            for _ in range(3):
-                self.out = self.fn()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.fn()
-
-    def _eager(self) -> torch.Tensor:  # the caller tracks positions; the graph has no Python bookkeeping
-        return self.model(self.ids, self.view, input_pos=self.pos, num_logits=1)[:, -1]  # (B, V)
-
-    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        self.ids.copy_(ids.view_as(self.ids))
-        self.pos.fill_(pos)
-        self.graph.replay()
-        return self.out
-
-
-class _CompiledStep:
-    """CPU: the decode step compiled once per static cache (fused elementwise ops, no per-op dispatch);
-    the caller tracks positions."""
-
-    def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch: int) -> None:
-        self.model, self.view, self.batch = model, _StepCache(cache), batch
-        self.key_mask = cache.key_mask
-        self.fn = torch.compile(self._eager, fullgraph=True, dynamic=False)
-
-    def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, self.view, input_pos=pos, num_logits=1)[:, -1]  # (B, V)
-
-    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.fn(ids, torch.tensor([pos], device=ids.device))
-
-
 def _as_batch(prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, device: torch.device,
               attention_mask: torch.Tensor | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) ids and, where rows have padding, a (B, T) bool mask of the real tokens (left-padded)."""
@@ -266,7 +199,7 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
                          f"context ({cache.max_length} tokens) are free")
     max_new = min(config.max_new_tokens, cache.max_length - cache.length - T + 1)
     _mark_padding(cache, real, B, T, dev)
-    step = _decode_step(model, cache, B, cuda_graph, use_compile) if max_new > 1 else None
+    step = decode_step(model, cache, B, cuda_graph, use_compile) if max_new > 1 else None
     gen = None
     if config.seed is not None:
         gen = torch.Generator(device=dev)
@@ -383,28 +316,3 @@ def _mark_padding(cache: KVCache, real: torch.Tensor | None, B: int, T: int, dev
     if real is not None:
         free[:, :T] = real
     cache.mark_keys(torch.arange(cache.length, cache.max_length, device=dev), free)
-
-
-def _decode_step(model: torch.nn.Module, cache: KVCache, B: int, cuda_graph: bool | None,
-                 use_compile: bool) -> "_GraphStep | _CompiledStep | None":
-    """The captured (CUDA graph) or compiled (CPU) decode step for this cache, made once per cache and
-    reused while batch, model and padding mask are the same (reuse the cache with reset()); None: the
-    step runs eagerly."""
-    dev = next(model.parameters()).device
-    # dynamic-NTK / LongRoPE past the trained context needs the sequence length on the host every step
-    rope = getattr(getattr(model, "model", None), "rope", None)
-    eager_only = bool(getattr(rope, "dynamic", False)) and cache.max_length > rope.initial
-    static = isinstance(cache, StaticKVCache) and cache.static_shapes and not eager_only
-    use_graph = (cuda_graph if cuda_graph is not None else dev.type == "cuda") and dev.type == "cuda" and static
-    if use_graph:
-        kind, attr = _GraphStep, "_graph_step"
-    elif use_compile and dev.type == "cpu" and static:
-        kind, attr = _CompiledStep, "_compiled_step"
-    else:
-        return None
-    step = getattr(cache, attr, None)
-    if step is None or step.batch != B or step.model is not model or step.key_mask is not cache.key_mask:
-        step = _GraphStep(model, cache, B, use_compile) if use_graph \
-            else _CompiledStep(model, cache, B)
-        setattr(cache, attr, step)
-    return step

@@ -14,29 +14,30 @@ from torch import nn
 
 from efficientml.core.modules import set_module
 from efficientml.llm.kernels import cpu_gemv, triton_gemv
-from efficientml.llm.kernels.gemv_linear import GemvLinear
+from efficientml.llm.kernels.gemv_linear import GemvLinear, check_kernel
 from efficientml.llm.kernels.packed import PackedProjections, decode_layout
 
 
 def _swapped(mod: nn.Module, kernel: str, enable: bool) -> nn.Module:
     """What ``mod`` becomes when ``kernel`` is turned on (off): itself when it is not concerned."""
     if enable:
-        if type(mod) is nn.Linear:
+        if type(mod) is nn.Linear or (isinstance(mod, GemvLinear) and mod.kernel != kernel):
             return GemvLinear.wrap(mod, kernel)
-        if isinstance(mod, (GemvLinear, PackedProjections)) and mod.kernel != kernel:
-            return GemvLinear.wrap(mod, kernel) if isinstance(mod, GemvLinear) else mod.with_kernel(kernel)
-        return mod
-    if isinstance(mod, GemvLinear) and mod.kernel == kernel:
+        if isinstance(mod, PackedProjections) and mod.kernel != kernel:
+            return mod.with_kernel(kernel)
+    elif isinstance(mod, GemvLinear) and mod.kernel == kernel:
         return mod.unwrap()
-    if isinstance(mod, PackedProjections) and mod.kernel == kernel:
+    elif isinstance(mod, PackedProjections) and mod.kernel == kernel:
         return mod.with_kernel(None)
     return mod
 
 
 def swap_kernel(model: nn.Module, kernel: str, enable: bool = True) -> int:
     """Swap every plain ``nn.Linear`` and packed group of ``model`` onto ``kernel`` ("cpu" / "gpu"),
-    or back (``enable=False``), by dotted name; other modules (quantized, hooked-in replacements)
-    are left alone. Returns the number of modules swapped."""
+    or back (``enable=False``), by dotted name; other modules (quantized linears, other
+    replacements) are left alone. Returns the number of modules swapped. Does not check that the
+    kernel can run here: :func:`use_cpu_gemv` / :func:`use_gpu_gemv` do."""
+    check_kernel(kernel)
     todo = [(name, new) for name, mod in model.named_modules() if name
             and (new := _swapped(mod, kernel, enable)) is not mod]
     for name, new in todo:

@@ -40,7 +40,7 @@ def clone_as(mod: nn.Module, cls: type[nn.Module]) -> nn.Module:
     (shared), its hooks and attributes; ``mod`` itself is left as it was."""
     new = cls.__new__(cls)
     new.__dict__.update(mod.__dict__)
-    for d in ("_parameters", "_buffers", "_modules"):  # own dicts: assigning on one leaves the other
+    for d in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):  # own containers
         object.__setattr__(new, d, type(getattr(mod, d))(getattr(mod, d)))
     return new
 

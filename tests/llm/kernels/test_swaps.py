@@ -110,7 +110,7 @@ def test_gemv_linear_keeps_hooks_and_runs_f_linear_off_kernel():
 def test_compiled_decode_step_is_one_graph_with_the_kernel_op():
     """The compiled CPU decode step over GemvLinear / PackedProjections: one graph, no breaks, the
     kernel op once per packed q/k/v, o, packed gate/up, down and lm_head."""
-    from efficientml.llm.generate import _StepCache
+    from efficientml.llm.decode_step import _StepCache
     from efficientml.llm.kernels.decode import use_cpu_gemv
     from efficientml.llm.kv_cache import StaticKVCache
 
