@@ -297,7 +297,7 @@ def main() -> None:
     from efficientml.llm.compress import (AWQConfig, CalibConfig, GPTQConfig, LLMPruneConfig, RTNConfig,
                                           SmoothQuantConfig, calibration_tokens, load_compressed, save_compressed)
     from efficientml.llm.compress.kv_quant import kv_quant_score_fn
-    from efficientml.llm.kernels.qlinear import QuantLinear
+    from efficientml.llm.kernels.qlinear_kernels import use_quant_kernel
     from efficientml.llm.eval import PerplexityProtocol, perplexity
     from efficientml.llm.generate import SamplingConfig, generate
     from efficientml.llm.io.load import load
@@ -490,15 +490,14 @@ def main() -> None:
         rows = (("fp32", base, True), ("bf16", copy.deepcopy(base).to(torch.bfloat16), True), ("w4_packed", packed, True),
                 ("w4g64_bf16_int4_kernel", packed64, True), ("w4g64_bf16_dequant", packed64, False))
         for name, model, int4 in rows:
-            QuantLinear.use_cpu_int4 = int4
+            use_quant_kernel(model, "auto" if int4 else "dequant")  # "dequant": torch's int4 kernel off
             generate(model, prompt, SamplingConfig(max_new_tokens=2))  # warm-up
             runs = [generate(model, prompt, SamplingConfig(max_new_tokens=n_new)) for _ in range(3)]
             real[f"{name}_decode_tok_s"] = sorted(r.decode_tok_s for r in runs)[1]
             print(f"{name}: decode {real[f'{name}_decode_tok_s']:.2f} tok/s", flush=True)
-        QuantLinear.use_cpu_int4 = True
         real["rows"] = {"w4_packed": "AWQ W4 g192 (the table's g128 setting), fp32 activations: dequantize + GEMM",
-                        "w4g64_bf16_int4_kernel": "RTN W4 g64, bf16: torch's int4 CPU kernel (QuantLinear.use_cpu_int4)",
-                        "w4g64_bf16_dequant": "the same model with use_cpu_int4=False: dequantize to bf16 + GEMM"}
+                        "w4g64_bf16_int4_kernel": "RTN W4 g64, bf16: torch's int4 CPU kernel (QuantLinear on bf16 CPU)",
+                        "w4g64_bf16_dequant": "the same model, use_quant_kernel(model, 'dequant'): dequantize to bf16 + GEMM"}
         real["decode_protocol"] = f"batch 1, prompt 32 tokens, {n_new} new tokens greedy, median of 3, {args.threads} thread(s)"
         R["real_path"] = real
         save()

@@ -250,7 +250,7 @@ def part_decode(rec: BenchmarkRecord, quick: bool, args_new_tokens: int = 64, ar
     from efficientml.llm.generate import SamplingConfig, generate
 
     from efficientml.llm.kernels import cpu_gemv
-    from efficientml.llm.model import prepare_cpu_decode
+    from efficientml.llm.kernels.decode import prepare_cpu_decode
 
     model, tok, hf, _, load_s = load_pair()
     t = time.perf_counter()
@@ -332,8 +332,8 @@ def part_decode_batch(rec: BenchmarkRecord, quick: bool, new_tokens: int = 64, r
     external timing as ``decode``. Also one step's products alone at 1, 4 and 8 rows."""
     from efficientml.llm.kernels import cpu_gemv
     from efficientml.llm.generate import SamplingConfig, generate
+    from efficientml.llm.kernels.decode import prepare_cpu_decode
     from efficientml.llm.kv_cache import StaticKVCache
-    from efficientml.llm.model import prepare_cpu_decode
 
     model, tok, hf, _, _ = load_pair()
     path = prepare_cpu_decode(model)
@@ -496,8 +496,9 @@ def gpu_gemv_shapes(model, iters: int = 50) -> dict:
     from efficientml.llm.kernels import triton_gemv
 
     a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    shapes = {"qkv": a.packed.weight if a.packed.weight is not None else a.q_proj.weight,
-              "o": a.o_proj.weight, "gate_up": m.packed.weight if m.packed.weight is not None else m.gate_proj.weight,
+    shapes = {"qkv": a.packed.weight if getattr(a.packed, "weight", None) is not None else a.q_proj.weight,
+              "o": a.o_proj.weight,
+              "gate_up": m.packed.weight if getattr(m.packed, "weight", None) is not None else m.gate_proj.weight,
               "down": m.down_proj.weight, "lm_head": model.lm_head.weight}
     out = {}
     for name, w0 in shapes.items():
@@ -639,7 +640,9 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
     from efficientml.llm.config import LlamaConfig
     from efficientml.llm.io.load import load, save_hf
     from efficientml.llm.kernels import triton_gemv
-    from efficientml.llm.model import build_model, pack_projections, use_gpu_gemv
+    from efficientml.llm.kernels.decode import use_gpu_gemv
+    from efficientml.llm.kernels.packed import pack_projections
+    from efficientml.llm.model import build_model
 
     dev = "cuda"
     reps = 2 if quick else 3

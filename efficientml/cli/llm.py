@@ -224,7 +224,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 def _for_decode(model):
     """CPU generation streams the weights once per token: run them on the matrix-vector kernel (or
     re-lay them for MKL's where it cannot be built)."""
-    from efficientml.llm.model import prepare_cpu_decode
+    from efficientml.llm.kernels.decode import prepare_cpu_decode
 
     if model.device.type == "cpu":
         prepare_cpu_decode(model)

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from efficientml.core.errors import ConfigError, ShapeError
+from efficientml.llm.decode_step import decode_step
 from efficientml.llm.kv_cache import KVCache, StaticKVCache
 from efficientml.llm.stop_strings import StopText, TextStream
 
@@ -126,74 +127,6 @@ class GenerationResult:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
-class _StepCache(KVCache):
-    """A decode step's view of a static cache: the same buffers, positions taken from ``input_pos``,
-    no Python-int bookkeeping (``torch.compile`` would guard on the length and recompile every step)."""
-
-    static_shapes = True
-
-    def __init__(self, cache: StaticKVCache) -> None:
-        self.inner, self.max_length, self.length = cache, cache.max_length, 0
-
-    def update(self, layer_idx, k, v, input_pos):
-        return self.inner.update(layer_idx, k, v, input_pos)
-
-    def advance(self, n: int) -> None:
-        pass
-
-    @property
-    def key_mask(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self.inner.key_mask
-
-
-class _GraphStep:
-    """A decode step captured as a CUDA graph over a static-shape cache. Inputs are copied into fixed
-    buffers, then the graph replays: no Python, no kernel launches per layer."""
-
-    def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch: int, use_compile: bool) -> None:
-        dev = cache.k.device
-        self.model, self.cache, self.view = model, cache, _StepCache(cache)
-        self.key_mask = cache.key_mask  # the padding mask the graph reads (None: no padding)
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        # warm-up and capture write one slot; use the last one, which the mask hides until it is reached
-        self.pos = torch.full((1,), cache.max_length - 1, dtype=torch.long, device=dev)
-        self.fn = torch.compile(self._eager, fullgraph=True, dynamic=False) if use_compile else self._eager
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up (allocations, rope tables, autotuning) off the capture
-            for _ in range(3):
-                self.out = self.fn()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.fn()
-
-    def _eager(self) -> torch.Tensor:  # the caller tracks positions; the graph has no Python bookkeeping
-        return self.model(self.ids, self.view, input_pos=self.pos, num_logits=1)[:, -1]  # (B, V)
-
-    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        self.ids.copy_(ids.view_as(self.ids))
-        self.pos.fill_(pos)
-        self.graph.replay()
-        return self.out
-
-
-class _CompiledStep:
-    """CPU: the decode step compiled once per static cache (fused elementwise ops, no per-op dispatch);
-    the caller tracks positions."""
-
-    def __init__(self, model: torch.nn.Module, cache: StaticKVCache, batch: int) -> None:
-        self.model, self.view, self.batch = model, _StepCache(cache), batch
-        self.key_mask = cache.key_mask
-        self.fn = torch.compile(self._eager, fullgraph=True, dynamic=False)
-
-    def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, self.view, input_pos=pos, num_logits=1)[:, -1]  # (B, V)
-
-    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.fn(ids, torch.tensor([pos], device=ids.device))
-
-
 def _as_batch(prompt: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, device: torch.device,
               attention_mask: torch.Tensor | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) ids and, where rows have padding, a (B, T) bool mask of the real tokens (left-padded)."""
@@ -244,8 +177,9 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     With ``tokenizer`` each row is decoded as it streams (:class:`~efficientml.llm.stop_strings.
     TextStream`): ``on_text(row, piece)`` gets the text that may be shown, ``result.texts`` the whole
     texts; ``config.stop_strings`` need it (rows end where their text completes one).
-    ``return_logprobs``: each new token's log-probability under the model's own distribution (log-softmax of the logits, before penalty and sampling
-    warpers, as vLLM reports them), in ``result.logprobs``.
+    ``return_logprobs``: each new token's log-probability under the model's own distribution
+    (log-softmax of the logits, before penalty and sampling warpers, as vLLM reports them), in
+    ``result.logprobs``.
 
     ``cache``: continue an existing cache (multi-turn chat); by default a new one sized for prompt +
     new tokens. ``cuda_graph`` (default: on when the model is on CUDA) captures the decode step;
@@ -257,87 +191,52 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
     B, T = ids.shape
     if tokenizer is None and (config.stop_strings or on_text is not None):
         raise ConfigError("stop_strings and on_text need the decoded text: pass generate(..., tokenizer=tok)")
-    texts = None if tokenizer is None else \
-        [TextStream(tokenizer, config.stop_strings, config.stop_token_ids) for _ in range(B)]
-    ctx = model.config.max_position_embeddings
+    rows = _Rows(B, tokenizer, config, on_token, on_text, return_logprobs)
     if cache is None:
-        need = T + config.max_new_tokens
-        if T > ctx:
-            raise ShapeError(f"the prompt has {T} tokens; the model's context is {ctx} tokens")
-        graphable = bool(cuda_graph if cuda_graph is not None else dev.type == "cuda")
-        cache = StaticKVCache.for_model(model, B, min(need, ctx),
-                                        static_shapes=graphable or (use_compile and dev.type == "cpu"))
+        cache = _new_cache(model, B, T, config, cuda_graph, use_compile, dev)
     if cache.length + T > cache.max_length:
         raise ShapeError(f"the prompt has {T} tokens but only {cache.max_length - cache.length} of the "
                          f"context ({cache.max_length} tokens) are free")
     max_new = min(config.max_new_tokens, cache.max_length - cache.length - T + 1)
-    if real is not None or cache.key_mask is not None:  # padding: this prompt's, and none after it
-        free = torch.ones(B, cache.max_length - cache.length, dtype=torch.bool, device=dev)
-        if real is not None:
-            free[:, :T] = real
-        # recorded before a decode step is captured or compiled: the step reads the mask
-        cache.mark_keys(torch.arange(cache.length, cache.max_length, device=dev), free)
-    # dynamic-NTK / LongRoPE past the trained context needs the sequence length on the host every step
-    rope = getattr(getattr(model, "model", None), "rope", None)
-    eager_only = bool(getattr(rope, "dynamic", False)) and cache.max_length > rope.initial
-    use_compile = use_compile and not eager_only
-    use_graph = (cuda_graph if cuda_graph is not None else dev.type == "cuda") and dev.type == "cuda" \
-        and isinstance(cache, StaticKVCache) and cache.static_shapes and not eager_only
+    _mark_padding(cache, real, B, T, dev)
+    step = decode_step(model, cache, B, cuda_graph, use_compile) if max_new > 1 else None
     gen = None
     if config.seed is not None:
         gen = torch.Generator(device=dev)
         gen.manual_seed(config.seed)
-    stop_ids = set(config.stop_token_ids)
-    step = None
-    if use_graph and max_new > 1:  # captured once per cache: reuse the cache (reset()) to reuse the graph
-        step = getattr(cache, "_graph_step", None)
-        if step is None or step.ids.shape[0] != B or step.model is not model \
-                or step.key_mask is not cache.key_mask:
-            step = _GraphStep(model, cache, B, use_compile)
-            cache._graph_step = step  # type: ignore[attr-defined]
-    elif use_compile and dev.type == "cpu" and isinstance(cache, StaticKVCache) and cache.static_shapes \
-            and max_new > 1:  # compiled once per cache: reuse the cache (reset()) to reuse it
-        step = getattr(cache, "_compiled_step", None)
-        if step is None or step.batch != B or step.model is not model \
-                or step.key_mask is not cache.key_mask:
-            step = _CompiledStep(model, cache, B)
-            cache._compiled_step = step  # type: ignore[attr-defined]
 
     t0 = time.perf_counter()
     logits = model(ids, cache, num_logits=1)[:, -1]  # (B, V)
-    seen = None
-    if config.repetition_penalty != 1.0:  # (B, V): tokens of this call's prompt, then of its output
-        hits = torch.ones_like(ids, dtype=torch.int32) if real is None else real.int()  # padding is not seen
-        seen = torch.zeros(logits.shape, dtype=torch.int32, device=dev).scatter_add_(1, ids, hits) > 0
+    t_first = _decode(model, cache, step, rows, logits, _seen(ids, real, logits, config), config, gen, max_new)
+    t_end = time.perf_counter()
+    rows.flush()
+    lengths = [T] * B if real is None else real.sum(1).tolist()
+    return GenerationResult(rows.out, T, t_first - t0, t_end - t_first, rows.done, lengths, rows.logprobs,
+                            rows.texts())
+
+
+def _seen(ids: torch.Tensor, real: torch.Tensor | None, logits: torch.Tensor,
+          config: SamplingConfig) -> torch.Tensor | None:
+    """(B, V) bool: the tokens of this call's prompt (padding aside) the repetition penalty hits; None
+    when it is off. The decode loop adds each new token."""
+    if config.repetition_penalty == 1.0:
+        return None
+    hits = torch.ones_like(ids, dtype=torch.int32) if real is None else real.int()  # padding is not seen
+    return torch.zeros(logits.shape, dtype=torch.int32, device=ids.device).scatter_add_(1, ids, hits) > 0
+
+
+def _decode(model: torch.nn.Module, cache: KVCache, step, rows: "_Rows", logits: torch.Tensor,
+            seen: torch.Tensor | None, config: SamplingConfig, gen: torch.Generator | None, max_new: int) -> float:
+    """Sample from the prefill's ``logits`` (B, V), then decode one token per step (on ``step`` when
+    captured or compiled) until every row has ended or ``max_new`` tokens are out. Returns the time
+    the first token was out."""
     tok = sample(logits, config, gen, seen)  # (B,)
-    lps: list[list[float]] | None = [[] for _ in range(B)] if return_logprobs else None
-    out = [[] for _ in range(B)]
-    done = [False] * B
     t_first = 0.0
     for i in range(max_new):
-        host = tok.tolist()  # one host sync per step: stop checks and streaming need the ids
+        all_done = rows.take(tok, logits)  # one host sync per step: stop checks and streaming need the ids
         if i == 0:
             t_first = time.perf_counter()
-        if lps is not None:
-            lp = torch.log_softmax(logits.float(), -1).gather(1, tok[:, None])[:, 0].tolist()
-        for r, t in enumerate(host):
-            if not done[r]:
-                out[r].append(t)
-                if lps is not None:
-                    lps[r].append(lp[r])
-        if on_token is not None:
-            on_token(host)
-        for r, t in enumerate(host):
-            if done[r]:
-                continue
-            if texts is not None:
-                piece = texts[r].put(t)
-                if piece and on_text is not None:
-                    on_text(r, piece)
-            done[r] = t in stop_ids or (texts is not None and texts[r].done)
-        if all(done):
-            break
-        if i == max_new - 1:
+        if all_done or i == max_new - 1:
             break
         pos = cache.length
         if step is not None:
@@ -348,11 +247,72 @@ def generate(model: torch.nn.Module, prompt: Sequence[int] | Sequence[Sequence[i
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
         tok = sample(logits, config, gen, seen)
-    t_end = time.perf_counter()
-    for r, stream in enumerate(texts or []):
-        piece = stream.flush()
-        if piece and on_text is not None:
-            on_text(r, piece)
-    lengths = [T] * B if real is None else real.sum(1).tolist()
-    return GenerationResult(out, T, t_first - t0, t_end - t_first, done, lengths, lps,
-                            None if texts is None else [s.text for s in texts])
+    return t_first
+
+
+class _Rows:
+    """Each row's new tokens, log-probabilities, streamed text and whether it has ended."""
+
+    def __init__(self, batch: int, tokenizer, config: SamplingConfig, on_token, on_text,
+                 return_logprobs: bool) -> None:
+        self.out: list[list[int]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+        self.logprobs: list[list[float]] | None = [[] for _ in range(batch)] if return_logprobs else None
+        self.streams = None if tokenizer is None else \
+            [TextStream(tokenizer, config.stop_strings, config.stop_token_ids) for _ in range(batch)]
+        self.stop_ids = set(config.stop_token_ids)
+        self.on_token, self.on_text = on_token, on_text
+
+    def take(self, tok: torch.Tensor, logits: torch.Tensor) -> bool:
+        """Record this step's tokens (B,) drawn from ``logits`` (B, V); True when every row has ended."""
+        host = tok.tolist()
+        if self.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), -1).gather(1, tok[:, None])[:, 0].tolist()
+        for r, t in enumerate(host):
+            if not self.done[r]:
+                self.out[r].append(t)
+                if self.logprobs is not None:
+                    self.logprobs[r].append(lp[r])
+        if self.on_token is not None:
+            self.on_token(host)
+        for r, t in enumerate(host):
+            if self.done[r]:
+                continue
+            if self.streams is not None:
+                piece = self.streams[r].put(t)
+                if piece and self.on_text is not None:
+                    self.on_text(r, piece)
+            self.done[r] = t in self.stop_ids or (self.streams is not None and self.streams[r].done)
+        return all(self.done)
+
+    def flush(self) -> None:
+        for r, stream in enumerate(self.streams or []):
+            piece = stream.flush()
+            if piece and self.on_text is not None:
+                self.on_text(r, piece)
+
+    def texts(self) -> list[str] | None:
+        return None if self.streams is None else [s.text for s in self.streams]
+
+
+def _new_cache(model: torch.nn.Module, B: int, T: int, config: SamplingConfig, cuda_graph: bool | None,
+               use_compile: bool, dev: torch.device) -> StaticKVCache:
+    """A cache for prompt + new tokens (at most the context), with static shapes when the decode step
+    will be captured (CUDA graph) or compiled (CPU)."""
+    ctx = model.config.max_position_embeddings
+    if T > ctx:
+        raise ShapeError(f"the prompt has {T} tokens; the model's context is {ctx} tokens")
+    graphable = bool(cuda_graph if cuda_graph is not None else dev.type == "cuda")
+    return StaticKVCache.for_model(model, B, min(T + config.max_new_tokens, ctx),
+                                   static_shapes=graphable or (use_compile and dev.type == "cpu"))
+
+
+def _mark_padding(cache: KVCache, real: torch.Tensor | None, B: int, T: int, dev: torch.device) -> None:
+    """Record which key slots from here on hold real tokens: this prompt's padding, none after it.
+    Recorded before a decode step is captured or compiled: the step reads the mask."""
+    if real is None and cache.key_mask is None:
+        return
+    free = torch.ones(B, cache.max_length - cache.length, dtype=torch.bool, device=dev)
+    if real is not None:
+        free[:, :T] = real
+    cache.mark_keys(torch.arange(cache.length, cache.max_length, device=dev), free)

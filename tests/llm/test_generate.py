@@ -260,7 +260,8 @@ def test_compiled_cpu_decode_matches_eager():
     inputs, not guards) and decodes the same tokens as the eager path, also on reuse."""
     from efficientml.llm.config import LlamaConfig
     from efficientml.llm.kv_cache import StaticKVCache
-    from efficientml.llm.model import build_model, decode_layout, pack_projections
+    from efficientml.llm.kernels.packed import decode_layout, pack_projections
+    from efficientml.llm.model import build_model
 
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

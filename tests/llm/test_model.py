@@ -179,7 +179,7 @@ def test_logits_match_transformers(name, tmp_path):
 
 
 def test_packed_projections_same_logits_and_state():
-    from efficientml.llm.model import pack_projections
+    from efficientml.llm.kernels.packed import pack_projections
 
     cfg = CONFIGS["qwen2-bias"]
     m = make(cfg)
@@ -209,7 +209,7 @@ def test_packed_projections_same_logits_and_state():
 def test_packed_runs_one_row_on_cpu_and_several_rows_separately():
     """CPU: one row (decoding) runs as one packed matmul; several rows run the separate matmuls
     (faster under MKL); both give the modules' own outputs."""
-    from efficientml.llm.model import pack_projections
+    from efficientml.llm.kernels.packed import pack_projections
 
     cfg = CONFIGS["qwen2-bias"]
     m = pack_projections(make(cfg))
@@ -227,7 +227,7 @@ def test_packed_runs_one_row_on_cpu_and_several_rows_separately():
 def test_packed_model_traces_with_torch_compile():
     """The decode step is compiled on CUDA (torch.compile inside the CUDA graph); dynamo must trace the
     packed projections (data_ptr is not traceable) — checked here with the eager backend on CPU."""
-    from efficientml.llm.model import pack_projections
+    from efficientml.llm.kernels.packed import pack_projections
 
     cfg = CONFIGS["qwen2-bias"]
     m = pack_projections(make(cfg))
@@ -239,7 +239,7 @@ def test_packed_model_traces_with_torch_compile():
 
 
 def test_decode_layout_keeps_values_names_ties_and_packing():
-    from efficientml.llm.model import decode_layout, pack_projections
+    from efficientml.llm.kernels.packed import decode_layout, pack_projections
 
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -267,7 +267,7 @@ def test_decode_layout_keeps_values_names_ties_and_packing():
 
 def test_decode_layout_model_saves_and_reloads(tmp_path):
     from efficientml.llm.io.load import load_hf, save_hf
-    from efficientml.llm.model import decode_layout, pack_projections
+    from efficientml.llm.kernels.packed import decode_layout, pack_projections
 
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

@@ -202,7 +202,7 @@ def _pack_value(v: Any) -> bytes:
 
 
 _PLAIN_MODULES = {"LlamaForCausalLM", "LlamaModel", "DecoderLayer", "Attention", "MLP", "RMSNorm", "Rotary",
-                  "Linear", "Embedding", "ModuleList"}
+                  "Linear", "Embedding", "ModuleList", "GemvLinear", "PackedProjections"}  # the last two: kernel swaps
 
 
 def _exact_block_type(mod: nn.Module, name: str) -> int:
@@ -224,7 +224,7 @@ def _plan(model: nn.Module, fam: families.Family, outtype: str) -> list[tuple[st
     cfg: LlamaConfig = model.config
     quantized = {}  # state-dict prefix → (module, exact GGUF block type)
     for name, mod in model.named_modules():
-        if type(mod).__name__ == "QuantLinear":
+        if type(mod).__name__ in ("QuantLinear", "QuantLinearDequant", "QuantLinearTriton"):  # kernel swaps too
             quantized[name] = (mod, _exact_block_type(mod, name))
         elif type(mod).__name__ not in _PLAIN_MODULES:
             raise UnsupportedError(f"module {name!r} is a {type(mod).__name__}, not part of a plain Llama model: "

@@ -25,9 +25,10 @@ from efficientml.llm.config import LlamaConfig
 from efficientml.llm.io.folder import WEIGHT_FORMATS, hf_config, weight_files
 from efficientml.llm.io.fused import fuse_split, split_fused
 from efficientml.llm.io.generation_config import generation_config
-from efficientml.llm.model import LlamaForCausalLM, build_model, pack_projections
 from efficientml.llm.io.source import BUILTIN_MODELS, open_source, resolve_source
 from efficientml.llm.io.tokenizer import Tokenizer
+from efficientml.llm.kernels.packed import pack_projections
+from efficientml.llm.model import LlamaForCausalLM, build_model
 
 # the sources and folder helpers live in source.py / folder.py (below hub and generation_config); load
 # keeps their names for callers

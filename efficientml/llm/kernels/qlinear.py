@@ -2,16 +2,12 @@
 
 - :class:`QuantLinear` — W{2..8}A16: packed int32 codes (compressed-tensors layout), fp16 group scales
   and packed zero points. CPU: dequantize on the fly into ``x.dtype`` and run one GEMM (memory holds the
-  packed weight; the dense one lives for one call). CUDA: the same by default; ``use_fused = True``
-  (per module, or ``QuantLinear.use_fused`` for all) runs fp16/bf16 inputs of at most
-  ``FUSED_MAX_ROWS`` rows through the fused Triton kernel of :mod:`.triton_wq`, which reads the packed
-  words directly. That kernel is correct (tested on an H200) but not yet fast: 0.72–2.0 ms against
-  0.05 ms for the dense bf16 matmul at 7B-MLP decode shapes (benchmarks/results/llm_compression_gpu.json),
-  so it is off by default. CPU with bf16 inputs, 4 bits and groups of 32/64/128/256: torch's int4 CPU
-  kernel (``_weight_int4pack_mm_for_cpu``, the one torchao's int4 weight-only path uses), on a copy of
-  the weight in its tile layout built on the first such call (as many bytes as ``weight_packed``; bf16
-  scales and float zeros ``(8 − z)·s``, so it matches fake quantization to bf16 precision, not 1e-3).
-  ``use_cpu_int4 = False`` turns it off.
+  packed weight; the dense one lives for one call). CUDA: the same. CPU with bf16 inputs, 4 bits and
+  groups of 32/64/128/256: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``, the one torchao's
+  int4 weight-only path uses), on a copy of the weight in its tile layout built on the first such call
+  (as many bytes as ``weight_packed``; bf16 scales and float zeros ``(8 − z)·s``, so it matches fake
+  quantization to bf16 precision, not 1e-3). Other kernel choices are module swaps
+  (:mod:`.qlinear_kernels`: the fused Triton kernel on CUDA, or dequantize + GEMM always).
 - :class:`W8A8Linear` — int8 per-channel symmetric weights, int8 activations (per-token dynamic or
   per-tensor static scales). CUDA: ``torch._int_mm`` (int32 accumulation); CPU: the integer product in
   fp32 (this torch build's CPU ``_int_mm`` runs at ~0.3 GFLOP/s, ~20–50× slower than fp32 GEMM), i.e.
@@ -28,19 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efficientml.llm.kernels import triton_wq
 from efficientml.quant.packing import pack_int32, packed_words, unpack_int32
 from efficientml.llm.compress.rtn import QuantizedWeight, WeightQuantSpec
 
 
-FUSED_MAX_ROWS = 64  # up to this many rows (tokens) the fused kernel beats dequantize + GEMM
-
 
 class QuantLinear(nn.Module):
     """Weight-only quantized linear; ``out = x @ dequant(W).T + b``."""
-
-    use_fused = False  # CUDA: the fused Triton kernel for small batches (see the module docstring)
-    use_cpu_int4 = True  # CPU, bf16 inputs, W4 with groups of 32/64/128/256: torch's int4 kernel
 
     def __init__(self, in_features: int, out_features: int, spec: WeightQuantSpec, bias: bool = False,
                  device: torch.device | str | None = None, scale_dtype: torch.dtype = torch.float16) -> None:
@@ -94,17 +84,21 @@ class QuantLinear(nn.Module):
         return ((u.to(dtype) - z.to(dtype)) * s.to(dtype)).view(out, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.use_fused and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS and triton_wq.available(x.device)):
-            return triton_wq.wq_matmul(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
-                                       self.spec.bits, self.in_features, self.bias)
-        if self.use_cpu_int4 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and self._cpu_int4_ok():
-            w, sz = self._cpu_int4_weight()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), w,
-                                                           self.in_features // self.weight_scale.shape[1], sz)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self._cpu_int4_ok():
+            return self.cpu_int4_matmul(x)
+        return self.dequant_matmul(x)
+
+    def dequant_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path: dequantize into ``x.dtype``, one GEMM."""
         return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def cpu_int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 CPU inputs on torch's int4 kernel (W4, groups of 32/64/128/256: :meth:`_cpu_int4_ok`)."""
+        w, sz = self._cpu_int4_weight()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), w,
+                                                       self.in_features // self.weight_scale.shape[1], sz)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _cpu_int4_ok(self) -> bool:
         g = self.in_features // self.weight_scale.shape[1]

@@ -84,7 +84,9 @@ def test_gemv_off_says_why(monkeypatch):
 def test_gemv_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     """A compiler that fails every flag set: the kernel is off with the compiler's message, nothing is
     left in the cache, and prepare_cpu_decode falls back to decode_layout."""
-    from efficientml.llm.model import build_model, pack_projections, prepare_cpu_decode
+    from efficientml.llm.kernels.decode import prepare_cpu_decode
+    from efficientml.llm.kernels.packed import pack_projections
+    from efficientml.llm.model import build_model
 
     _fresh_state(monkeypatch)
     bad = tmp_path / "badcc"
@@ -108,7 +110,9 @@ def test_model_on_gemv_matches_plain_and_keeps_other_paths(monkeypatch):
     """use_cpu_gemv: one-row decoding goes through the kernel with the same logits; prefill (more
     rows than the kernel takes), a module with a hook and a swapped module do not; enable=False
     undoes it."""
-    from efficientml.llm.model import build_model, pack_projections, use_cpu_gemv
+    from efficientml.llm.kernels.decode import use_cpu_gemv
+    from efficientml.llm.kernels.packed import pack_projections
+    from efficientml.llm.model import build_model
 
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -152,7 +156,9 @@ def test_small_batch_decoding_runs_on_the_kernel(monkeypatch):
     """A decode step of 3 sequences (3 rows, left padding in one) runs every projection on the kernel
     once for all rows, with the logits of the plain path; each row's result equals that row's
     product alone, bit for bit (the kernel is batch-invariant)."""
-    from efficientml.llm.model import build_model, pack_projections, use_cpu_gemv
+    from efficientml.llm.kernels.decode import use_cpu_gemv
+    from efficientml.llm.kernels.packed import pack_projections
+    from efficientml.llm.model import build_model
 
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
@@ -185,7 +191,9 @@ def test_compiled_decode_on_gemv_matches_eager():
     plain eager path."""
     from efficientml.llm.generate import SamplingConfig, generate
     from efficientml.llm.kv_cache import StaticKVCache
-    from efficientml.llm.model import build_model, pack_projections, use_cpu_gemv
+    from efficientml.llm.kernels.decode import use_cpu_gemv
+    from efficientml.llm.kernels.packed import pack_projections
+    from efficientml.llm.model import build_model
 
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

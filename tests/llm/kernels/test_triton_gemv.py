@@ -57,7 +57,9 @@ def test_gemv_rejects_what_it_cannot_run(interpreted):
 
 def test_model_on_triton_gemv_matches_plain_interpreter(interpreted):
     """use_gpu_gemv (here on the interpreter): one-row decoding through the kernel, same logits."""
-    from efficientml.llm.model import build_model, pack_projections, use_gpu_gemv
+    from efficientml.llm.kernels.decode import use_gpu_gemv
+    from efficientml.llm.kernels.packed import pack_projections
+    from efficientml.llm.model import build_model
 
     cfg = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
@@ -72,9 +74,9 @@ def test_model_on_triton_gemv_matches_plain_interpreter(interpreted):
         cache.reset()
         m(ids[:, :6], cache)
         torch.testing.assert_close(m(ids[:, 6:], cache)[:, -1], ref, rtol=1e-5, atol=1e-5)
-        assert m.lm_head.gpu_gemv and m.model.layers[0].self_attn.packed.gpu_gemv
+        assert m.lm_head.kernel == "gpu" and m.model.layers[0].self_attn.packed.kernel == "gpu"
         use_gpu_gemv(m, enable=False)
-        assert not m.lm_head.gpu_gemv
+        assert type(m.lm_head) is torch.nn.Linear and m.model.layers[0].self_attn.packed.kernel is None
 
 
 @pytest.mark.cuda

@@ -53,8 +53,9 @@ def test_fused_rejects_bad_shapes(interpreted):
 @pytest.mark.parametrize("bits,group,sym", SETTINGS)
 def test_fused_matches_dequantized_cuda(bits, group, sym):
     ql = _layer(bits, group, sym, n=256, k=384, device="cuda")
-    ql.use_fused = True
+    from efficientml.llm.kernels.qlinear_kernels import as_quant_kernel
+
     x = torch.randn(4, ql.in_features, device="cuda", dtype=torch.float16)
-    out = ql(x)  # fused path (fp16, 4 rows)
+    out = as_quant_kernel(ql, "triton")(x)  # fused path (fp16, 4 rows)
     ref = torch.nn.functional.linear(x.float(), ql.dequantize(torch.float32), ql.bias.float())
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
