@@ -14,9 +14,9 @@ from efficientml.llm.compress.gptq import GPTQConfig
 from efficientml.llm.compress.kv_quant import QuantizedKVCache
 from efficientml.llm.compress.magnitude import PruneConfig
 from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
-from efficientml.llm.compress.rtn import RTNConfig, WeightQuantSpec
+from efficientml.llm.compress.rtn import RTNConfig
 from efficientml.llm.compress.smoothquant import SmoothQuantConfig
 
 __all__ = ["AWQConfig", "CalibConfig", "GPTQConfig", "PruneConfig", "QuantLinear", "QuantizedKVCache", "RTNConfig",
-           "SmoothQuantConfig", "W8A8Linear", "WeightQuantSpec", "calibration_tokens", "load_compressed", "prune",
+           "SmoothQuantConfig", "W8A8Linear", "calibration_tokens", "load_compressed", "prune",
            "quantize", "run_blockwise", "save_compressed", "sparsity_of"]
