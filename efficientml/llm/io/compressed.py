@@ -41,7 +41,7 @@ from efficientml.core.modules import set_module
 from efficientml.core.serialization import atomic_dir
 from efficientml.llm.io.fused_compressed import fuse_compressed, fused_module_name, split_compressed
 from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
-from efficientml.quant.grid import weight_grid as WeightQuantSpec  # TODO(merge): call weight_grid directly
+from efficientml.quant.grid import weight_grid as WeightQuantSpec  # the LLM weight grid (import-only change)
 from efficientml.llm.io.generation_config import generation_config
 
 
