@@ -14,7 +14,8 @@ import torch
 
 from efficientml.analysis import measure_latency
 from efficientml.llm.kernels.qlinear import QuantLinear
-from efficientml.llm.compress.rtn import WeightQuantSpec, quantize_weight
+from efficientml.llm.compress.rtn import quantize_weight
+from efficientml.quant.grid import weight_grid
 
 
 def main() -> int:
@@ -24,7 +25,7 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "rows": {}}
     for n, k in ((11008, 4096), (4096, 11008)):
         w = torch.randn(n, k) * 0.02
-        ql = QuantLinear.from_quantized(quantize_weight(w, WeightQuantSpec(bits=4, group_size=128)),
+        ql = QuantLinear.from_quantized(quantize_weight(w, weight_grid(bits=4, group_size=128)),
                                         scale_dtype=torch.bfloat16).cuda()
         dense = torch.nn.Linear(k, n, bias=False).cuda().to(torch.bfloat16)
         dense.weight.data.copy_(ql.dequantize(torch.float32).to(torch.bfloat16))

@@ -21,6 +21,7 @@ Sections (``--sections``, run separately and combined with ``--merge``):
   fp model's activations and the statistics do not depend on the setting;
 - ``w4``/``w3``/``w4pc``: the other rows, quantized from those statistics (``apply(..., stats=...)``,
   tested to give the same weights as a calibration run) — no second pass over 65k tokens per row;
+- ``formats``: NF4 / FP8 E4M3 / MXFP4 weights (quant.formats, simulated: fake-quantized weights);
 - ``sq``/``prune``/``kv``: SmoothQuant, pruning, KV cache; ``real``: packed W4 size and decode tok/s;
 - ``mem``: the 1B memory target, a subprocess per method (a clean peak RSS): a randomly initialized
   model with Llama-3.2-1B's shapes in bf16, built on the meta device and filled tensor by tensor,
@@ -248,6 +249,29 @@ def compute_targets(rec: BenchmarkRecord) -> None:
                          "not measured at 128 × 512 calibration tokens in the merged runs"))
 
 
+# --------------------------------------------------------------------------------------------- number formats
+FORMAT_ROWS = ("nf4", "fp8_e4m3", "mxfp4")
+
+
+def formats_part(base, ppl, R: dict) -> None:
+    """The ``formats`` section: weight-only number formats of quant.formats on the table's protocol.
+    Simulated path: every decoder-block linear holds its rounded weights in fp32, nothing is packed.
+    NF4: absmax per block of 64; FP8 E4M3: one fp32 scale per output channel; MXFP4: E8M0 per 32."""
+    from efficientml.llm.compress.weight_format import WeightFormatConfig, apply_weight_format
+
+    rows = {}
+    for name in FORMAT_ROWS:
+        m = copy.deepcopy(base)
+        rep = apply_weight_format(m, WeightFormatConfig(name))
+        rows[name] = {"ppl": ppl(m, f"{name}_weights"), "bits_per_weight": rep["bits_per_weight"],
+                      "config": rep["config"]}
+        del m
+    R["weight_formats"] = {"path": "simulated", "rows": rows,
+                           "note": "fake-quantized weights (llm.compress.weight_format), block linears only; "
+                                   "bits_per_weight: what a packed layout would take (elements + scales), "
+                                   "not measured bytes; perplexity rows results.ppl.<format>_weights"}
+
+
 # --------------------------------------------------------------------------------------------- main
 # the α / clip searches (library defaults: n_grid 20, 4 search samples, 20 clip steps, 512 clip tokens)
 AWQ_BENCH = dict(n_grid=20, search_samples=2, clip_grid=20, clip_tokens=512)
@@ -263,7 +287,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None)
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sections", default="fp,calib,w4,w3,w4pc,sq,prune,kv,real,mem")
+    ap.add_argument("--sections", default="fp,calib,w4,w3,w4pc,formats,sq,prune,kv,real,mem")
     ap.add_argument("--rows", default="rtn,awq,gptq,awq+gptq", help="methods evaluated in the w4/w3/w4pc sections: 'meth' for all, 'w4:meth' for one")
     ap.add_argument("--calib-methods", default="awq,gptq", help="the timed runs of the calib section")
     ap.add_argument("--stats", default="/tmp/efficientml_llm_compression_stats",
@@ -409,6 +433,9 @@ def main() -> None:
             del m
         R["ablation_sink"] = abl
         del st0
+        save()
+    if "formats" in sections:
+        formats_part(base, ppl, R)
         save()
     R["stats_reuse"] = {"note": "table rows other than the timed ones are quantized from the statistics (mean |x|, "
                         "search samples, Hessians) kept by the timed AWQ and GPTQ runs; tests check that this gives "

@@ -72,7 +72,9 @@ def channel_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int, layer: str = "") -> torch.Tensor:
-    """At most ``n`` nonzeros in each group of ``m`` consecutive input channels."""
+    """Keep the ``n`` highest scores of every ``m`` consecutive input channels (dim 1), per output
+    channel and kernel position. The one N:M mask: CNN pruning, sparse execution and the LLM pruners
+    (magnitude, Wanda, SparseGPT) all use it."""
     if n > m:
         raise ConfigError(f"N:M sparsity needs N ≤ M, got N={n} > M={m}")
     c_in = scores.shape[1]

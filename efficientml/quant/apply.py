@@ -24,10 +24,9 @@ from efficientml.core.transform import LayerFilter, TransformResult, apply, regi
 from efficientml.quant.adaround import AdaRoundConfig, adaround
 from efficientml.quant.binary import MODES, binarize_model
 from efficientml.quant.deep_compression import DeepCompressionConfig, magnitude_prune
-from efficientml.quant.formats import FORMATS, FloatFormat, IntFormat, MXFormat, NF4Format
+from efficientml.quant.formats import FORMATS, quantize_to_format
 from efficientml.quant.integer import IntegerConfig, convert_integer
 from efficientml.quant.kmeans import KMeansConfig, kmeans_quantize
-from efficientml.quant.linear import LinearQuantSpec, fake_quantize
 from efficientml.quant.qat import QATConfig, prepare_qat
 
 SUPPORTED_LAYERS = (nn.Conv2d, nn.Linear)
@@ -68,20 +67,9 @@ QuantizeResult = TransformResult           # the older name of the one result ty
 
 
 def quantize_weight(w: torch.Tensor, cfg: WeightOnlyConfig) -> torch.Tensor:
-    fmt = FORMATS.get(cfg.format)
-    if isinstance(fmt, IntFormat):
-        spec = LinearQuantSpec(bits=fmt.bits, symmetric=cfg.symmetric and fmt.bits > 1,
-                               granularity=cfg.granularity, group_size=cfg.group_size, narrow=cfg.symmetric)
-        return fake_quantize(w, spec)
-    flat = w.reshape(w.shape[0], -1)
-    if isinstance(fmt, (NF4Format, MXFormat)):
-        return fmt.quantize(flat).reshape(w.shape)
-    assert isinstance(fmt, FloatFormat)
-    if fmt.bits >= 16:
-        return fmt.quantize(w)
-    amax = flat.abs().amax(1, keepdim=True).clamp(min=1e-12)
-    scale = amax / fmt.max_value
-    return (fmt.quantize(flat / scale) * scale).reshape(w.shape)
+    """``w`` rounded to ``cfg.format`` (see :func:`efficientml.quant.formats.quantize_to_format`)."""
+    return quantize_to_format(w, FORMATS.get(cfg.format), granularity=cfg.granularity,
+                              group_size=cfg.group_size, symmetric=cfg.symmetric)
 
 
 def _whole_model(filt: LayerFilter, what: str) -> None:

@@ -19,7 +19,6 @@ import copy
 import operator
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.fx as fx
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from efficientml.core.config import check_choice
 from efficientml.core.errors import ShapeError, UnsupportedError
 from efficientml.core.modules import named_layers, set_module
+from efficientml.quant.packing import pack_int32
 
 MODES = ("bwn", "xnor", "twn", "ttq")
 
@@ -216,20 +216,24 @@ _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.in
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """(…, K) ±1 (or any reals: ≥ 0 → bit 1) → (…, ceil(K/8)) uint8, MSB first, zero-padded."""
-    bits = (x >= 0).cpu().numpy().astype(np.uint8)
-    return torch.from_numpy(np.packbits(bits, axis=-1))
+    """(…, K) ±1 (or any reals: ≥ 0 → bit 1) → (…, ceil(K/32)) int32 words: 1-bit codes in the one
+    packed layout of :func:`efficientml.quant.packing.pack_int32` (element i = bit i, zero-padded)."""
+    k = x.shape[-1]
+    bits = (x >= 0).reshape(-1, k).to(torch.uint8)                    # (rows, K)
+    return pack_int32(bits, 1).reshape(*x.shape[:-1], -1)
 
 
 def xnor_popcount_matmul(a_packed: torch.Tensor, b_packed: torch.Tensor, k: int) -> torch.Tensor:
-    """a (M, K/8), b (N, K/8) packed signs → (M, N) int32 = Σ a_i·b_i over ±1 vectors of length k:
-    2·popcount(xnor(a, b)) − k, with the padding bits (which xnor to 1) subtracted."""
-    if a_packed.shape[-1] != b_packed.shape[-1] or a_packed.shape[-1] * 8 < k:
+    """a (M, W), b (N, W) packed signs (int32 words of :func:`pack_signs`, or any integer words) →
+    (M, N) int = Σ a_i·b_i over ±1 vectors of length k: 2·popcount(xnor(a, b)) − k, with the padding
+    bits (which xnor to 1) subtracted."""
+    nbits = a_packed.shape[-1] * a_packed.element_size() * 8
+    if a_packed.shape[-1] != b_packed.shape[-1] or nbits < k:
         raise ShapeError(f"packed operands must have the same ≥ {k} bits, got {tuple(a_packed.shape)} "
                          f"and {tuple(b_packed.shape)}")
-    xnor = ~(a_packed.unsqueeze(1) ^ b_packed.unsqueeze(0))          # (M, N, K/8) uint8
-    matches = _POPCOUNT[xnor.long()].sum(-1)                           # (M, N)
-    pad = a_packed.shape[-1] * 8 - k
+    xnor = ~(a_packed.unsqueeze(1) ^ b_packed.unsqueeze(0))          # (M, N, W)
+    matches = _POPCOUNT[xnor.contiguous().view(torch.uint8).long()].sum(-1)  # (M, N) over the bytes
+    pad = nbits - k
     return 2 * (matches - pad) - k
 
 

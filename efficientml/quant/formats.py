@@ -8,6 +8,10 @@ quantiles, QLoRA) and OCP MX (an E8M0 power of two per 32 elements: MXFP8/MXFP6/
 
     FORMATS.get("fp8_e4m3").quantize(x)      # == x.to(torch.float8_e4m3fn).float()
     FORMATS.get("mxfp4").quantize(w)         # w.shape[-1] % 32 == 0
+
+Weights (CNN or LLM, one output channel per row) are rounded to a format by :func:`quantize_to_format`:
+INT-n on the integer grid of :mod:`efficientml.quant.grid`, minifloats under one scale per output
+channel, NF4/MX with their own block scales along the flattened inputs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from efficientml.core.errors import ConfigError, ShapeError
 from efficientml.core.registry import Registry
+from efficientml.quant.grid import GridSpec, fake_quantize
 
 
 @dataclass(frozen=True)
@@ -288,3 +293,29 @@ def int_format(bits: int, signed: bool = True) -> IntFormat:
     if not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ConfigError(f"integer formats have 1 to 8 bits, got {bits!r}")
     return FORMATS.get(f"{'' if signed else 'u'}int{bits}")  # type: ignore[return-value]
+
+
+def quantize_to_format(w: torch.Tensor, fmt: NumberFormat, *, granularity: str = "channel", group_size: int = 128,
+                       symmetric: bool = True) -> torch.Tensor:
+    """``w`` (rows = output channels, …) rounded to ``fmt``, same shape and dtype (fake quantization).
+
+    - INT-n / UINT-n: the integer grid (:func:`~efficientml.quant.grid.fake_quantize`) per
+      ``granularity`` / ``group_size``; ``symmetric`` also narrows the range to ±(2^(b−1)−1).
+    - NF4, MX: the format's own block scales (absmax per 64 / E8M0 per 32) along the flattened inputs.
+    - Minifloats (FP8, FP6, FP4): one scale per output channel mapping its max |w| to the format's max.
+    - 16/32-bit floats: a plain cast.
+    """
+    if isinstance(fmt, IntFormat):
+        spec = GridSpec(bits=fmt.bits, symmetric=symmetric and fmt.bits > 1, granularity=granularity,
+                        group_size=group_size, narrow=symmetric)
+        return fake_quantize(w, spec)
+    flat = w.reshape(w.shape[0], -1)                          # (out, in·kh·kw)
+    if isinstance(fmt, (NF4Format, MXFormat)):
+        return fmt.quantize(flat).reshape(w.shape)
+    if not isinstance(fmt, FloatFormat):
+        raise ConfigError(f"number format {fmt.name!r} has no weight quantizer")
+    if fmt.bits >= 16:
+        return fmt.quantize(w)
+    amax = flat.abs().amax(1, keepdim=True).clamp(min=1e-12)  # (out, 1)
+    scale = amax / fmt.max_value
+    return (fmt.quantize(flat / scale) * scale).reshape(w.shape)

@@ -327,7 +327,7 @@ def calibrate_program(program: Program, batches: Iterable[torch.Tensor], cfg: In
     if n == 0:
         raise ConfigError("calibration got no data: the calibration loader yielded no batches")
     qps: dict[str, QParams] = {}
-    from efficientml.quant.linear import scale_zero_point
+    from efficientml.quant.grid import scale_zero_point
 
     for ins in program.instrs:
         names = _tensor_inputs(ins) if not isinstance(ins.step, InputStep) else []

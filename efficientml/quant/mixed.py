@@ -21,7 +21,7 @@ from efficientml.core.config import Config
 from efficientml.core.errors import ConfigError
 from efficientml.core.lazy import optional_import
 from efficientml.core.modules import named_layers
-from efficientml.quant.linear import fake_quantize
+from efficientml.quant.grid import fake_quantize
 from efficientml.quant.rounding import weight_spec
 
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 
 from efficientml.core.modules import named_layers
-from efficientml.quant.linear import LinearQuantSpec, fake_quantize
+from efficientml.quant.grid import GridSpec, fake_quantize
 
 
-def weight_spec(bits: int, per_channel: bool = True, rounding: str = "nearest") -> LinearQuantSpec:
-    return LinearQuantSpec(bits=bits, symmetric=True, granularity="channel" if per_channel else "tensor",
+def weight_spec(bits: int, per_channel: bool = True, rounding: str = "nearest") -> GridSpec:
+    return GridSpec(bits=bits, symmetric=True, granularity="channel" if per_channel else "tensor",
                            narrow=True, rounding=rounding)
 
 

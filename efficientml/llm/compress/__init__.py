@@ -16,9 +16,9 @@ from efficientml.llm.compress.gptq import GPTQConfig
 from efficientml.llm.compress.kv_quant import KVCacheQuantConfig, QuantizedKVCache
 from efficientml.llm.compress.magnitude import LLMPruneConfig
 from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
-from efficientml.llm.compress.rtn import RTNConfig, WeightQuantSpec
+from efficientml.llm.compress.rtn import RTNConfig
 from efficientml.llm.compress.smoothquant import SmoothQuantConfig
 
 __all__ = ["AWQConfig", "CalibConfig", "GPTQConfig", "KVCacheQuantConfig", "LLMPruneConfig", "QuantLinear",
-           "QuantizedKVCache", "RTNConfig", "SmoothQuantConfig", "W8A8Linear", "WeightQuantSpec",
+           "QuantizedKVCache", "RTNConfig", "SmoothQuantConfig", "W8A8Linear",
            "calibration_tokens", "load_compressed", "run_blockwise", "save_compressed", "sparsity_of"]

@@ -25,11 +25,12 @@ from torch import nn
 
 from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
+from efficientml.quant.grid import GridSpec, fake_quantize, weight_grid
 from efficientml.llm.compress.calib import BlockData
 from efficientml.llm.compress.gptq import gptq_quantize_shared
 from efficientml.llm.compress.mappings import ScalingGroup, scaling_groups, usable
 from efficientml.llm.kernels.qlinear import install_quantized
-from efficientml.llm.compress.rtn import WeightQuantSpec, fake_quantize, quantize_weight
+from efficientml.llm.compress.rtn import quantize_weight
 from efficientml.llm.compress.stats import collect_block
 
 
@@ -65,8 +66,8 @@ class AWQConfig(Config):
         check_range("gptq_sink_share", self.gptq_sink_share, 0.0, 1.0, hi_open=True)
 
     @property
-    def spec(self) -> WeightQuantSpec:
-        return WeightQuantSpec(self.w_bits, self.group_size, self.symmetric)
+    def spec(self) -> GridSpec:
+        return weight_grid(self.w_bits, self.group_size, self.symmetric)
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def _salient(x_mean: torch.Tensor, frac: float) -> torch.Tensor:
 
 @torch.no_grad()
 def search_scale(data: BlockData, group: ScalingGroup, x: torch.Tensor, x_mean: torch.Tensor,
-                 spec: WeightQuantSpec, n_grid: int, rows: int = 1024) -> tuple[torch.Tensor, float, list[float]]:
+                 spec: GridSpec, n_grid: int, rows: int = 1024) -> tuple[torch.Tensor, float, list[float]]:
     """Best per-channel scale for ``group`` by grid search over α. x: (n, T, in) sample inputs."""
     block = data.block
     mod = block.get_submodule(group.inspect)
@@ -129,7 +130,7 @@ def search_scale(data: BlockData, group: ScalingGroup, x: torch.Tensor, x_mean: 
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, spec: WeightQuantSpec, grid: int, max_shrink: float,
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: GridSpec, grid: int, max_shrink: float,
                 oc_batch: int = 256) -> torch.Tensor:
     """Per-group clipping threshold (out, G) minimizing the group-wise output error on tokens x (n, in)."""
     out, n = w.shape
@@ -160,6 +161,77 @@ def _input_sets(model: nn.Module) -> list[tuple[str, ...]]:
     return [g.linears for g in scaling_groups(model)]
 
 
+def _search_scales(data: BlockData, st, groups: list[ScalingGroup], X: dict, cfg: AWQConfig, cache: dict
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Each usable group's input scale (by its first linear's name) and the α found (None: fixed)."""
+    block, x_mean, spec = data.block, st.x_mean, cfg.spec
+    scales: dict[str, torch.Tensor] = {}
+    info = {}
+    for grp in groups:
+        k = grp.linears[0]
+        if not usable(grp, block):
+            continue
+        if cfg.salient_mode == "scale":
+            s = torch.ones_like(x_mean[k])
+            s[_salient(x_mean[k], cfg.salient_fraction)] = cfg.salient_scale
+            a = None
+        elif cfg.salient_mode == "fp16":
+            continue
+        elif (data.index, "scale", k) in cache:
+            s, a = cache[data.index, "scale", k]
+        else:
+            s, a, _ = search_scale(data, grp, X[k], x_mean[k], spec, cfg.n_grid)
+            cache[data.index, "scale", k] = (s, a)
+        scales[k] = s
+        info[grp.inspect] = a
+    return scales, info
+
+
+def _gptq_set(block: nn.Module, st, names: tuple[str, ...], s: torch.Tensor | None, cfg: AWQConfig,
+              consume: bool) -> dict:
+    """GPTQ of one input set after scaling: H' = diag(1/s)·H·diag(1/s), since the inputs are x / s."""
+    k = names[0]
+    H = st.hessian.pop(k) if consume else st.hessian[k].clone()
+    if s is not None:
+        H.div_(s[:, None]).div_(s[None, :])  # inputs are x / s now: H' = diag(1/s) H diag(1/s)
+    ws = [block.get_submodule(n).weight.detach().float() for n in names]
+    gq = dict(zip(names, gptq_quantize_shared(ws, H, cfg.spec, cfg.gptq_damp, cfg.gptq_block_size,
+                                              act_order=cfg.gptq_act_order,
+                                              static_groups=cfg.gptq_act_order,  # packed order
+                                              name=k, overwrite_h=True)))
+    del H, ws
+    return gq
+
+
+def _quantize_set(data: BlockData, st, names: tuple[str, ...], scales: dict, X: dict, cfg: AWQConfig,
+                  cache: dict, pack: bool, consume: bool) -> None:
+    """Quantize (clip search + RTN, or GPTQ) and install every linear of one input set."""
+    block, spec, k = data.block, cfg.spec, names[0]
+    xs = X[k].reshape(-1, X[k].shape[-1])
+    gq = _gptq_set(block, st, names, scales.get(k), cfg, consume) if cfg.use_gptq else {}
+    for name in names:
+        lin = block.get_submodule(name)
+        w = lin.weight.detach().float()
+        if cfg.use_gptq:
+            qw = gq.pop(name)
+        else:
+            max_abs = None
+            if cfg.clip and not name.endswith(("q_proj", "k_proj")):
+                if (data.index, "clip", name) not in cache:
+                    step = max(1, xs.shape[0] // cfg.clip_tokens)
+                    cache[data.index, "clip", name] = search_clip(w, xs[::step], spec, cfg.clip_grid, cfg.max_shrink)
+                max_abs = cache[data.index, "clip", name]
+            qw = quantize_weight(w, spec, max_abs, name)
+        if cfg.salient_mode == "fp16":
+            keep = _salient(st.x_mean[k], cfg.salient_fraction)
+            deq = qw.dequantize()
+            deq[:, keep] = w[:, keep]
+            lin.weight.copy_(deq)
+        else:
+            install_quantized(block, name, qw, pack)
+        del w, qw
+
+
 def awq_transform(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict | None = None,
                   search_cache: dict | None = None, consume: bool = True):
     """A ``transform(data, stats)`` applying AWQ (optionally + GPTQ) to one block from its statistics
@@ -171,80 +243,23 @@ def awq_transform(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
     cache = search_cache if search_cache is not None else {}
     groups = scaling_groups(model)
     sets = _input_sets(model)
-    spec = cfg.spec
     pack = pack and cfg.salient_mode != "fp16"
     log = log if log is not None else {}
 
     @torch.no_grad()
     def transform(data: BlockData, st) -> None:
         block = data.block
-        x_mean = st.x_mean
         n_s = min(cfg.search_samples, next(iter(st.samples.values())).shape[0])
         X = {k: v[:n_s] for k, v in st.samples.items()}  # (n_s, T, in)
-
-        scales: dict[str, torch.Tensor] = {}
-        info = {}
-        for grp in groups:
-            k = grp.linears[0]
-            if not usable(grp, block):
-                continue
-            if cfg.salient_mode == "scale":
-                s = torch.ones_like(x_mean[k])
-                s[_salient(x_mean[k], cfg.salient_fraction)] = cfg.salient_scale
-                a = None
-            elif cfg.salient_mode == "fp16":
-                continue
-            elif (data.index, "scale", k) in cache:
-                s, a = cache[data.index, "scale", k]
-            else:
-                s, a, _ = search_scale(data, grp, X[k], x_mean[k], spec, cfg.n_grid)
-                cache[data.index, "scale", k] = (s, a)
-            scales[k] = s
-            info[grp.inspect] = a
+        scales, info = _search_scales(data, st, groups, X, cfg, cache)
         for grp in groups:  # apply all scales after all searches (each search saw the fp block)
             k = grp.linears[0]
             if k in scales:
                 apply_scale(block, grp, scales[k])
                 X[k] = X[k] / scales[k]
         log[data.index] = {"alpha": info}
-
         for names in sets:
-            k = names[0]
-            s = scales.get(k)
-            xs = X[k].reshape(-1, X[k].shape[-1])
-            gq = {}
-            if cfg.use_gptq:
-                H = st.hessian.pop(k) if consume else st.hessian[k].clone()
-                if s is not None:
-                    H.div_(s[:, None]).div_(s[None, :])  # inputs are x / s now: H' = diag(1/s) H diag(1/s)
-                ws = [block.get_submodule(n).weight.detach().float() for n in names]
-                gq = dict(zip(names, gptq_quantize_shared(ws, H, spec, cfg.gptq_damp, cfg.gptq_block_size,
-                                                          act_order=cfg.gptq_act_order,
-                                                          static_groups=cfg.gptq_act_order,  # packed order
-                                                          name=k, overwrite_h=True)))
-                del H, ws
-            for name in names:
-                lin = block.get_submodule(name)
-                w = lin.weight.detach().float()
-                if cfg.use_gptq:
-                    qw = gq.pop(name)
-                else:
-                    max_abs = None
-                    if cfg.clip and not name.endswith(("q_proj", "k_proj")):
-                        if (data.index, "clip", name) not in cache:
-                            step = max(1, xs.shape[0] // cfg.clip_tokens)
-                            cache[data.index, "clip", name] = search_clip(w, xs[::step], spec, cfg.clip_grid,
-                                                                          cfg.max_shrink)
-                        max_abs = cache[data.index, "clip", name]
-                    qw = quantize_weight(w, spec, max_abs, name)
-                if cfg.salient_mode == "fp16":
-                    keep = _salient(x_mean[k], cfg.salient_fraction)
-                    deq = qw.dequantize()
-                    deq[:, keep] = w[:, keep]
-                    lin.weight.copy_(deq)
-                else:
-                    install_quantized(block, name, qw, pack)
-                del w, qw
+            _quantize_set(data, st, names, scales, X, cfg, cache, pack, consume)
 
     return transform
 

@@ -19,7 +19,7 @@ import torch
 
 from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
-from efficientml.llm.compress.rtn import QuantizedWeight, WeightQuantSpec, compute_qparams
+from efficientml.quant.grid import GridSpec, QTensor, qparams, weight_grid
 from efficientml.llm.compress.stats import BlockStats, collect_block
 
 
@@ -48,14 +48,14 @@ class GPTQConfig(Config):
                               "groups in the original column order)")
 
     @property
-    def spec(self) -> WeightQuantSpec:
-        return WeightQuantSpec(self.w_bits, self.group_size, self.symmetric)
+    def spec(self) -> GridSpec:
+        return weight_grid(self.w_bits, self.group_size, self.symmetric)
 
 
 @torch.no_grad()
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp: float = 0.01,
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-                  name: str = "layer", overwrite_h: bool = False) -> QuantizedWeight:
+                  name: str = "layer", overwrite_h: bool = False) -> QTensor:
     """GPTQ on one weight (out, in) given its input Hessian (in, in); ``overwrite_h`` lets it use H's
     memory as scratch (the caller's H is then garbage) — for wide layers H dominates peak memory."""
     Wt = torch.empty(W.shape[1], W.shape[0], dtype=torch.float32, device=W.device)
@@ -63,9 +63,65 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp:
     return _gptq(Wt, H, spec, damp, block_size, act_order, static_groups, name, overwrite_h)
 
 
+def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Dampen H, then its inverse's upper Cholesky factor U (H⁻¹ = UᵀU), all in H's memory."""
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    # one (in, in) buffer (8192² fp32 = 268 MB): L, then H⁻¹, then its upper Cholesky factor, all in place
+    torch.linalg.cholesky(H, out=H)
+    H.tril_()
+    torch.cholesky_inverse(H, out=H)
+    torch.linalg.cholesky(H, upper=True, out=H)
+    return H.triu_()  # row i of U drives the updates after column i
+
+
+class _Columns:
+    """The column loop's state: Wt (in, out) updated in place, U = chol(H⁻¹), per-group qparams."""
+
+    def __init__(self, Wt: torch.Tensor, Hinv: torch.Tensor, spec: GridSpec, gs: int, group_of: list[int],
+                 scale: torch.Tensor, zero: torch.Tensor, dynamic_groups: bool) -> None:
+        self.Wt, self.Hinv, self.spec, self.gs, self.group_of = Wt, Hinv, spec, gs, group_of
+        self.scale, self.zero, self.dynamic_groups = scale, zero, dynamic_groups
+        self.codes_t = torch.empty(Wt.shape, dtype=torch.uint8, device=Wt.device)  # (in, out)
+        self.cur = None  # (group, scale, zero) of the current column
+
+    def _qparams(self, col: int, i1: int, i2: int, i: int, Err1: torch.Tensor) -> tuple:
+        """(scale, zero) of the column's group; a dynamic group takes them from its updated weights."""
+        Wt, gs, g = self.Wt, self.gs, self.group_of[col]
+        new_group = self.dynamic_groups and col % gs == 0
+        if new_group:  # group starts: qparams from its updated weights
+            span = Wt[col:min(col + gs, i2)]
+            if col + gs > i2:  # the group runs past this block: add the block's pending updates
+                rest = Wt[i2:col + gs] - self.Hinv[i1:col, i2:col + gs].t() @ Err1[:i]
+                span = torch.cat([span, rest])
+            s_g, z_g = qparams(span.t(), self.spec.replace(granularity="channel"))
+            self.scale[:, g], self.zero[:, g] = s_g[:, 0], z_g[:, 0]
+        if new_group or self.cur is None or self.cur[0] != g:
+            self.cur = (g, self.scale[:, g].contiguous(), self.zero[:, g].float())
+        return self.cur[1], self.cur[2]
+
+    def block(self, i1: int, i2: int) -> None:
+        """Quantize columns i1 … i2−1, each pushing its error onto the later columns of the block;
+        then one lazy GEMM update of the columns after the block."""
+        Wt, Hinv, qmax = self.Wt, self.Hinv, self.spec.code_max
+        out = Wt.shape[1]
+        Err1 = torch.empty(i2 - i1, out, dtype=torch.float32, device=Wt.device)  # (cols, out) scaled errors
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            s_c, z_c = self._qparams(col, i1, i2, i, Err1)
+            w = Wt[col]                                          # (out,) this column, with all updates so far
+            u = torch.round(w / s_c + z_c).clamp_(0, qmax)       # its codes
+            self.codes_t[col] = u.to(torch.uint8)
+            err = (w - (u - z_c) * s_c) / Hinv1[i, i]
+            Wt[col:i2].addr_(Hinv1[i, i:], err, alpha=-1.0)      # push the error onto this block's columns
+            Err1[i] = err
+        if i2 < Wt.shape[0]:  # lazy update of the columns after the block: one GEMM, in place
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
+
+
 @torch.no_grad()
-def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp: float, block_size: int, act_order: bool,
-          static_groups: bool, name: str, overwrite_h: bool) -> QuantizedWeight:
+def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float, block_size: int, act_order: bool,
+          static_groups: bool, name: str, overwrite_h: bool) -> QTensor:
     """GPTQ on the transposed weight ``Wt`` (in, out), updated in place: a column of W is a contiguous
     row of Wt, so the column updates and the lazy block update write in place (no (out, in) temporaries).
     Memory: Wt, H (factored and inverted in place) and the uint8 codes."""
@@ -80,7 +136,7 @@ def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp: float,
     scale = torch.zeros(out, G, dtype=torch.float32, device=Wt.device)
     zero = torch.zeros(out, G, dtype=torch.int32, device=Wt.device)
     if spec.group_size is None or static_groups:  # qparams fixed up front from the original weight
-        scale, zero = compute_qparams(Wt.t(), spec, name=name)
+        scale, zero = qparams(Wt.t(), spec)
 
     perm = torch.arange(n, device=Wt.device)
     if act_order:
@@ -88,53 +144,20 @@ def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: WeightQuantSpec, damp: float,
         Wt, H = Wt[perm], H[perm][:, perm]
     group_of = (perm // gs).tolist()
 
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    # one (in, in) buffer (8192² fp32 = 268 MB): L, then H⁻¹, then its upper Cholesky factor, all in place
-    torch.linalg.cholesky(H, out=H)
-    H.tril_()
-    torch.cholesky_inverse(H, out=H)
-    torch.linalg.cholesky(H, upper=True, out=H)
-    Hinv = H.triu_()  # H⁻¹ = UᵀU; row i of U drives the updates after column i
-
-    codes_t = torch.empty(n, out, dtype=torch.uint8, device=Wt.device)
-    qmax = spec.qmax
-    dynamic_groups = spec.group_size is not None and not static_groups
-    cur = None  # (group, scale, zero) of the current column
+    Hinv = _inverse_hessian_factor(H, damp)
+    cols = _Columns(Wt, Hinv, spec, gs, group_of, scale, zero, spec.group_size is not None and not static_groups)
     for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        Err1 = torch.empty(i2 - i1, out, dtype=torch.float32, device=Wt.device)  # (cols, out) scaled errors
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = group_of[col]
-            new_group = dynamic_groups and col % gs == 0
-            if new_group:  # group starts: qparams from its updated weights
-                span = Wt[col:min(col + gs, i2)]
-                if col + gs > i2:  # the group runs past this block: add the block's pending updates
-                    rest = Wt[i2:col + gs] - Hinv[i1:col, i2:col + gs].t() @ Err1[:i]
-                    span = torch.cat([span, rest])
-                s_g, z_g = compute_qparams(span.t(), spec.replace(group_size=None))
-                scale[:, g], zero[:, g] = s_g[:, 0], z_g[:, 0]
-            if new_group or cur is None or cur[0] != g:
-                cur = (g, scale[:, g].contiguous(), zero[:, g].float())
-            _, s_c, z_c = cur
-            w = Wt[col]                                          # (out,) this column, with all updates so far
-            u = torch.round(w / s_c + z_c).clamp_(0, qmax)       # its codes
-            codes_t[col] = u.to(torch.uint8)
-            err = (w - (u - z_c) * s_c) / Hinv1[i, i]
-            Wt[col:i2].addr_(Hinv1[i, i:], err, alpha=-1.0)      # push the error onto this block's columns
-            Err1[i] = err
-        if i2 < n:  # lazy update of the columns after the block: one GEMM, in place
-            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
-    del Hinv, H
+        cols.block(i1, min(i1 + block_size, n))
+    codes_t = cols.codes_t
+    del Hinv, H, cols
     if act_order:
         codes_t = codes_t[torch.argsort(perm)]
-    return QuantizedWeight(codes_t.t().contiguous(), scale, zero, spec)
+    return QTensor(codes_t.t().contiguous(), scale, zero, spec)
 
 
-def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, spec: WeightQuantSpec, damp: float = 0.01,
+def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, spec: GridSpec, damp: float = 0.01,
                          block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-                         name: str = "layer", overwrite_h: bool = False) -> list[QuantizedWeight]:
+                         name: str = "layer", overwrite_h: bool = False) -> list[QTensor]:
     """GPTQ for linears sharing one input (q/k/v, gate/up): their rows are independent given H, so
     they are quantized as one stacked weight — the same result with one column loop."""
     Wt = torch.cat([w.detach().t().float() for w in ws], dim=1)  # (in, Σ out): the only fp32 copy
@@ -143,7 +166,7 @@ def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, spec: WeightQu
     out, i = [], 0
     for w in ws:
         r = slice(i, i + w.shape[0])
-        out.append(QuantizedWeight(qw.codes[r], qw.scale[r], qw.zero[r], spec))
+        out.append(QTensor(qw.codes[r], qw.scale[r], qw.zero[r], spec))
         i += w.shape[0]
     return out
 

@@ -1,7 +1,8 @@
 """Sparsity masks (unstructured and N:M) and magnitude pruning, the baseline Wanda and SparseGPT beat.
 
 A mask is a bool tensor shaped like the weight, True = keep. ``n_m=(2, 4)`` keeps the 2 largest of every
-4 consecutive input weights of each row (the layout sparse tensor cores accelerate).
+4 consecutive input weights of each row (the layout sparse tensor cores accelerate): the N:M mask is
+:func:`efficientml.prune.masks.nm_mask`, the same one the CNN pruner uses.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
+from efficientml.prune.masks import nm_mask
 
 
 @dataclass(frozen=True)
@@ -41,17 +43,6 @@ class LLMPruneConfig(Config):
     @property
     def effective_sparsity(self) -> float:
         return 1 - self.n_m[0] / self.n_m[1] if self.n_m else self.sparsity
-
-
-def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the ``n`` highest scores of every ``m`` consecutive columns of each row."""
-    out, cols = score.shape
-    if cols % m:
-        raise ConfigError(f"N:M sparsity with M={m} needs the input dimension ({cols}) to be a multiple of {m}")
-    s = score.reshape(out, cols // m, m)
-    keep = torch.zeros_like(s, dtype=torch.bool)
-    keep.scatter_(-1, torch.topk(s, n, dim=-1).indices, True)
-    return keep.reshape(out, cols)
 
 
 def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:

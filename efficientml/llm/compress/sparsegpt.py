@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from efficientml.llm.compress.stats import HessianAccumulator
-from efficientml.llm.compress.magnitude import LLMPruneConfig, nm_mask
+from efficientml.llm.compress.magnitude import LLMPruneConfig
+from efficientml.prune.masks import nm_mask
 
 
 @torch.no_grad()

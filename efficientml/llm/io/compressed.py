@@ -41,7 +41,7 @@ from efficientml.core.modules import set_module
 from efficientml.core.serialization import atomic_dir
 from efficientml.llm.io.fused_compressed import fuse_compressed, fused_module_name, split_compressed
 from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
-from efficientml.llm.compress.rtn import WeightQuantSpec
+from efficientml.quant.grid import weight_grid  # the LLM weight grid (import-only change)
 from efficientml.llm.io.generation_config import generation_config
 
 
@@ -181,7 +181,7 @@ def _quantized_modules(model: nn.Module, state: dict[str, torch.Tensor], fmt: st
     """Swap in a meta QuantLinear / W8A8Linear for every quantized linear ``state`` holds; their names."""
     if fmt == "pack-quantized":
         w = grp["weights"]
-        spec = WeightQuantSpec(int(w["num_bits"]), w.get("group_size") if w["strategy"] == "group" else None,
+        spec = weight_grid(int(w["num_bits"]), w.get("group_size") if w["strategy"] == "group" else None,
                                bool(w["symmetric"]))
         names = [k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed")]
         for n in names:

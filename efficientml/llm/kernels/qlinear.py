@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from efficientml.quant.grid import GridSpec, QTensor, dequantize_codes
 from efficientml.quant.packing import pack_int32, packed_words, unpack_int32
-from efficientml.llm.compress.rtn import QuantizedWeight, WeightQuantSpec
 
 
 
 class QuantLinear(nn.Module):
     """Weight-only quantized linear; ``out = x @ dequant(W).T + b``."""
 
-    def __init__(self, in_features: int, out_features: int, spec: WeightQuantSpec, bias: bool = False,
+    def __init__(self, in_features: int, out_features: int, spec: GridSpec, bias: bool = False,
                  device: torch.device | str | None = None, scale_dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
@@ -52,7 +52,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+    def from_quantized(cls, qw: QTensor, bias: torch.Tensor | None = None,
                        scale_dtype: torch.dtype = torch.float16) -> "QuantLinear":
         out, n = qw.codes.shape
         m = cls(n, out, qw.spec, bias is not None, device=qw.codes.device, scale_dtype=scale_dtype)
@@ -76,12 +76,12 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out, n = self.out_features, self.in_features
         G = self.weight_scale.shape[1]
-        u = self.codes().view(out, G, n // G)
+        u = self.codes()
+        if dtype == torch.float32 or u.device.type == "cpu":  # fp32 math == fake-quant exactly
+            return dequantize_codes(u, self.weight_scale, self.zeros(), dtype)
         z = self.zeros()[..., None]
         s = self.weight_scale.float()[..., None]
-        if dtype == torch.float32 or u.device.type == "cpu":
-            return ((u.float() - z.float()) * s).view(out, n).to(dtype)  # fp32 math == fake-quant exactly
-        return ((u.to(dtype) - z.to(dtype)) * s.to(dtype)).view(out, n)
+        return ((u.view(out, G, n // G).to(dtype) - z.to(dtype)) * s.to(dtype)).view(out, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self._cpu_int4_ok():
@@ -202,7 +202,7 @@ class W8A8Linear(nn.Module):
 
 
 @torch.no_grad()
-def install_quantized(parent: nn.Module, name: str, qw: QuantizedWeight, pack: bool = True) -> nn.Module:
+def install_quantized(parent: nn.Module, name: str, qw: QTensor, pack: bool = True) -> nn.Module:
     """Put ``qw`` in place of the linear ``parent.<name>``: a :class:`QuantLinear` (real, packed) or,
     with ``pack=False``, the same linear holding the dequantized weights (fake quantization)."""
     from efficientml.core.modules import get_module, set_module

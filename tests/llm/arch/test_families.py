@@ -119,7 +119,8 @@ def _tokenizer(tmp_path, write_tokenizer_gguf, vocab: int):
 
 
 def test_a_registered_family_runs_end_to_end(new_family, tmp_path, write_tokenizer_gguf, ids, calib):
-    from efficientml.llm.compress import AWQConfig, load_compressed, quantize, save_compressed
+    from efficientml import apply
+    from efficientml.llm.compress import AWQConfig, load_compressed, save_compressed
     from efficientml.llm.io.gguf import GGUFFile
     from efficientml.llm.io.gguf_write import save_gguf
     from efficientml.llm.io.load import load_gguf, load_hf, save_hf
@@ -153,7 +154,7 @@ def test_a_registered_family_runs_end_to_end(new_family, tmp_path, write_tokeniz
 
     assert scaling_groups(m) == arch.get(base).scaling_groups  # compression: the same AWQ as its base
     for model in (m, ref):
-        quantize(model, AWQConfig(4, 32, n_grid=4, clip_grid=4), calib, progress=False)
+        apply(model, AWQConfig(4, 32, n_grid=4, clip_grid=4), calib=calib, inplace=True, progress=False)
     save_compressed(m, None, tmp_path / "awq")
     q, _ = load_compressed(tmp_path / "awq")
     with torch.no_grad():

@@ -6,7 +6,7 @@ from efficientml.llm.compress import AWQConfig, RTNConfig
 from efficientml.llm.compress.awq import apply_scale, search_clip
 from efficientml.llm.compress.calib import run_blockwise
 from efficientml.llm.compress.mappings import scaling_groups, usable
-from efficientml.llm.compress.rtn import WeightQuantSpec, fake_quantize
+from efficientml.quant.grid import fake_quantize, weight_grid
 
 from ..conftest import tiny_model
 
@@ -55,7 +55,7 @@ def test_clip_search_never_worse_than_no_clip():
     w = torch.randn(32, 64)
     w[0, 0] = 8.0  # one outlier weight stretches its group's range
     x = torch.randn(256, 64)
-    spec = WeightQuantSpec(3, 32)
+    spec = weight_grid(3, 32)
     mx = search_clip(w, x, spec, grid=20, max_shrink=0.5)
     err_clip = (x @ (fake_quantize(w, spec, max_abs=mx) - w).t()).pow(2).mean()
     err_rtn = (x @ (fake_quantize(w, spec) - w).t()).pow(2).mean()

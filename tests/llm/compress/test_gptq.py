@@ -6,7 +6,7 @@ from efficientml.core.errors import ConfigError
 from efficientml.llm.compress import GPTQConfig
 from efficientml.llm.compress.gptq import gptq_quantize
 from efficientml.llm.compress.stats import HessianAccumulator
-from efficientml.llm.compress.rtn import WeightQuantSpec, compute_qparams, fake_quantize
+from efficientml.quant.grid import fake_quantize, qparams, weight_grid
 
 
 def _layer():
@@ -21,16 +21,16 @@ def _layer():
     return w, x, h.value()
 
 
-@pytest.mark.parametrize("spec,kw", [(WeightQuantSpec(4, 32), {}), (WeightQuantSpec(3, None, True), {}),
-                                     (WeightQuantSpec(4, 32), {"act_order": True, "static_groups": True}),
-                                     (WeightQuantSpec(3, None), {"act_order": True})])
+@pytest.mark.parametrize("spec,kw", [(weight_grid(4, 32), {}), (weight_grid(3, None, True), {}),
+                                     (weight_grid(4, 32), {"act_order": True, "static_groups": True}),
+                                     (weight_grid(3, None), {"act_order": True})])
 def test_gptq_reconstruction_error_below_rtn(spec, kw):
     w, x, H = _layer()
     qw = gptq_quantize(w, H, spec, block_size=32, **kw)
     err_gptq = (x @ (qw.dequantize() - w).t()).pow(2).mean().item()
     err_rtn = (x @ (fake_quantize(w, spec) - w).t()).pow(2).mean().item()
     assert err_gptq < 0.8 * err_rtn
-    assert int(qw.codes.max()) <= spec.qmax  # codes on the grid the packed format stores
+    assert int(qw.codes.max()) <= spec.code_max  # codes on the grid the packed format stores
 
 
 @pytest.mark.parametrize("n", [8, 1100])  # 1100: accumulated as a block upper triangle, mirrored on read
@@ -67,15 +67,15 @@ def _sequential_gptq(w, H, spec, damp=0.01):
     Q = torch.zeros_like(W)
     for i in range(n):
         if i % gs == 0:
-            s, z = compute_qparams(W[:, i:i + gs], spec.replace(group_size=None))
+            s, z = qparams(W[:, i:i + gs], spec.replace(group_size=None))
             s, z = s[:, 0], z[:, 0].float()
-        Q[:, i] = (torch.round(W[:, i] / s + z).clamp(0, spec.qmax) - z) * s
+        Q[:, i] = (torch.round(W[:, i] / s + z).clamp(0, spec.code_max) - z) * s
         W[:, i:] -= ((W[:, i] - Q[:, i]) / U[i, i])[:, None] * U[i, i:][None, :]
     return Q
 
 
-@pytest.mark.parametrize("spec", [WeightQuantSpec(4, 64), WeightQuantSpec(3, 32), WeightQuantSpec(3, 128),
-                                  WeightQuantSpec(4, None, True)])
+@pytest.mark.parametrize("spec", [weight_grid(4, 64), weight_grid(3, 32), weight_grid(3, 128),
+                                  weight_grid(4, None, True)])
 def test_lazy_blocks_equal_sequential_gptq(spec):
     """Groups of 32/64 straddle blocks of 48 columns: a group's qparams must see the block's pending updates."""
     w, x, H = _layer()

@@ -3,10 +3,11 @@ import torch
 
 from efficientml import apply
 from efficientml.core.errors import ConfigError
-from efficientml.llm.compress import RTNConfig, WeightQuantSpec
+from efficientml.llm.compress import RTNConfig
 from efficientml.quant.packing import pack_int32, unpack_int32
 from efficientml.llm.kernels.qlinear import QuantLinear
-from efficientml.llm.compress.rtn import fake_quantize, quantize_weight
+from efficientml.llm.compress.rtn import quantize_weight
+from efficientml.quant.grid import fake_quantize, weight_grid
 
 from ..conftest import tiny_model
 
@@ -27,8 +28,8 @@ def test_int4_is_nibble_pairs_low_first():
     assert b[0, 0].item() == 0x21 and b[0, 1].item() == 0x43
 
 
-@pytest.mark.parametrize("spec", [WeightQuantSpec(4, 32), WeightQuantSpec(3, 64), WeightQuantSpec(4, None, True),
-                                  WeightQuantSpec(8, 16, True)])
+@pytest.mark.parametrize("spec", [weight_grid(4, 32), weight_grid(3, 64), weight_grid(4, None, True),
+                                  weight_grid(8, 16, True)])
 def test_quant_linear_equals_fake_quant(spec):
     w = torch.randn(48, 64)
     qw = quantize_weight(w, spec)
@@ -39,7 +40,7 @@ def test_quant_linear_equals_fake_quant(spec):
 
 def test_fake_quant_error_bounded_by_half_step():
     w = torch.randn(16, 128)
-    spec = WeightQuantSpec(4, 32)
+    spec = weight_grid(4, 32)
     qw = quantize_weight(w, spec)
     err = (qw.dequantize() - w).abs().reshape(16, 4, 32)
     assert bool((err <= qw.scale[..., None] / 2 + 1e-6).all())
@@ -66,7 +67,7 @@ def test_bad_bits_and_group_size(model):
     assert all(type(m).__name__ != "QuantLinear" for m in model.modules())  # nothing half done
 
 
-@pytest.mark.parametrize("spec", [WeightQuantSpec(4, 64), WeightQuantSpec(4, 32, True), WeightQuantSpec(4, None, True)])
+@pytest.mark.parametrize("spec", [weight_grid(4, 64), weight_grid(4, 32, True), weight_grid(4, None, True)])
 def test_cpu_int4_kernel_matches_fake_quant_in_bf16(spec):
     """bf16 inputs on CPU run torch's int4 kernel on the same codes; against the fp32 product of the
     fake-quantized weight the error is bf16 rounding (scales, zeros, inputs, output), like the bf16

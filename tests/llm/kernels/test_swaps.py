@@ -126,7 +126,8 @@ def test_compiled_decode_step_is_one_graph_with_the_kernel_op():
 
 
 def test_quant_kernel_swaps_share_buffers_and_match_the_reference():
-    from efficientml.llm.compress.rtn import WeightQuantSpec, quantize_weight
+    from efficientml.llm.compress.rtn import quantize_weight
+    from efficientml.quant.grid import weight_grid
     from efficientml.llm.kernels.qlinear import QuantLinear
     from efficientml.llm.kernels.qlinear_kernels import (QuantLinearDequant, QuantLinearTriton, as_quant_kernel,
                                                          use_quant_kernel)
@@ -135,8 +136,8 @@ def test_quant_kernel_swaps_share_buffers_and_match_the_reference():
     w = torch.randn(32, 64, generator=g)
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
     for i in range(2):
-        model[i] = QuantLinear.from_quantized(quantize_weight(model[i].weight.detach(), WeightQuantSpec(4, 32)))
-    q = QuantLinear.from_quantized(quantize_weight(w, WeightQuantSpec(4, 32)))
+        model[i] = QuantLinear.from_quantized(quantize_weight(model[i].weight.detach(), weight_grid(4, 32)))
+    q = QuantLinear.from_quantized(quantize_weight(w, weight_grid(4, 32)))
     x = torch.randn(3, 64, generator=g)
     d = as_quant_kernel(q, "dequant")
     assert type(d) is QuantLinearDequant and d.weight_packed is q.weight_packed and d.weight_scale is q.weight_scale

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from efficientml.llm.kernels.qlinear import QuantLinear
-from efficientml.llm.compress.rtn import WeightQuantSpec, quantize_weight
+from efficientml.llm.compress.rtn import quantize_weight
+from efficientml.quant.grid import weight_grid
 
 pytest.importorskip("triton")
 
@@ -16,7 +17,7 @@ SETTINGS = [(4, 32, False), (3, 64, False), (4, None, True), (8, 32, False), (2,
 
 def _layer(bits, group, sym, n=72, k=192, device="cpu"):
     torch.manual_seed(bits * 100 + (group or 0))
-    qw = quantize_weight(torch.randn(n, k), WeightQuantSpec(bits=bits, group_size=group, symmetric=sym))
+    qw = quantize_weight(torch.randn(n, k), weight_grid(bits=bits, group_size=group, symmetric=sym))
     return QuantLinear.from_quantized(qw, bias=torch.randn(n), scale_dtype=torch.float32).to(device)
 
 
