@@ -233,8 +233,9 @@ def selected_parts(parts: dict[str, Any], *specs: str | list[str] | None) -> lis
 
 
 def run_parts(parts: dict[str, Any], names: list[str], state: Any, after: Any = None) -> dict[str, float]:
-    """Run ``parts[name](state)`` for each selected name, in order; ``after(name)`` follows each one
-    (typically writing the record, so a long run keeps what it finished). Returns seconds per part."""
+    """Run ``parts[name](state)`` for each selected name, in order; ``after(name, seconds)`` follows
+    each one (typically writing the record, so a long run keeps what it finished). Returns seconds
+    per part."""
     seconds: dict[str, float] = {}
     for name in names:
         log("part", name)
@@ -242,7 +243,7 @@ def run_parts(parts: dict[str, Any], names: list[str], state: Any, after: Any = 
         parts[name](state)
         seconds[name] = time.perf_counter() - t0
         if after is not None:
-            after(name)
+            after(name, seconds[name])
     return seconds
 
 

@@ -94,7 +94,7 @@ def test_parts_selection_and_runner():
     with pytest.raises(ConfigError, match=r"unknown benchmark part 'w3' \(did you mean 'w4'\?\)"):
         selected_parts(parts, "w3")
     done = []
-    secs = run_parts(parts, ["w4", "kv"], "state", after=done.append)
+    secs = run_parts(parts, ["w4", "kv"], "state", after=lambda name, seconds: done.append(name))
     assert order == [("w4", "state"), ("kv", "state")] and done == ["w4", "kv"] and list(secs) == ["w4", "kv"]
     ap = argparse.ArgumentParser()
     add_part_options(ap, parts)
