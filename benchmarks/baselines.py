@@ -12,19 +12,15 @@ trained here with the same recipe, so `python benchmarks/baselines.py` reproduce
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from efficientml.analysis import measure_latency, profile  # noqa: E402
-from efficientml.analysis.record import BenchmarkRecord  # noqa: E402
-from efficientml.data import fashion_mnist_loaders  # noqa: E402
-from efficientml.models import build_model  # noqa: E402
-from efficientml.train import TrainConfig, evaluate, fit, load_checkpoint, save_checkpoint  # noqa: E402
+from efficientml.analysis import measure_latency, profile
+from efficientml.analysis.record import REPO_ROOT as ROOT, BenchmarkRecord, log
+from efficientml.data import fashion_mnist_loaders
+from efficientml.models import build_model
+from efficientml.train import TrainConfig, evaluate, fit, load_checkpoint, save_checkpoint
 
 # name → (model kwargs, training recipe). The VGG is the course VGG at width 0.25 (16…128 channels):
 # the full-width VGG (606M MACs) does not train in reasonable time on 2 CPU cores.
@@ -61,7 +57,8 @@ def train_baseline(name: str, out: Path, quick: bool = False):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run on tiny subsets; writes no JSON")
+    ap.add_argument("--quick", action="store_true", help="smoke run on tiny subsets; JSON only with --out")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/baselines.json)")
     ap.add_argument("--models", nargs="*", default=list(RECIPES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-train", action="store_true",
@@ -81,7 +78,7 @@ def main() -> None:
             model, meta = load_checkpoint(ck)
             source = "loaded checkpoint"
         else:
-            print(f"training {name} ({'quick' if args.quick else 'full recipe'}) …", flush=True)
+            log(f"training {name} ({'quick' if args.quick else 'full recipe'}) …")
             model, meta = train_baseline(name, ck, quick=args.quick)
             source = "trained in this run"
         model.eval()
@@ -120,10 +117,10 @@ def main() -> None:
         rec.target(f"{name}_fmnist_accuracy", None, ">=", 0.0,
                    note=f"not measured: no checkpoint {checkpoint_path(name).name} (run without --no-train "
                         "to train it with the recipe above)")
-    if args.quick:
-        print("quick mode: no JSON written")
+    if args.quick and not args.out:
+        print("quick mode: no JSON written (--out to write one)")
         return
-    print(f"wrote {rec.write()}")
+    print(f"wrote {rec.write(args.out)}")
 
 
 if __name__ == "__main__":
