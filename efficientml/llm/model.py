@@ -222,9 +222,8 @@ class _Packed:
 
     On CPU the packed matmul runs for one-row inputs (decoding), and for as many rows as the
     matrix-vector kernel takes once it is on (:func:`use_cpu_gemv`: a small batch of sequences);
-    with more rows (prefill, perplexity windows) MKL runs the separate, narrower matmuls faster —
-    SmolLM2-135M's forward over 46 / 256 / 1024 tokens took 278 / 749 / 3811 ms separate vs 311 /
-    807 / 4043 ms packed, 2 threads."""
+    with more rows (prefill, perplexity windows) MKL runs the separate, narrower matmuls faster
+    (measured on SmolLM2-135M's forward at 46 to 1024 tokens)."""
 
     def __init__(self) -> None:
         self.weight: torch.Tensor | None = None
@@ -310,8 +309,8 @@ def decode_layout(model: nn.Module) -> nn.Module:
     """Store every ``nn.Linear`` weight (out, in) as the transpose of a contiguous (in, out) buffer, in
     place, for inference on CPU. A batch-1 decode step is a chain of matrix-vector products that stream
     the weights from memory; with this layout ``F.linear`` reaches the BLAS kernel that reads the
-    weight row after row (about 2× the bandwidth of the default layout on a 2-thread x86 CPU, see
-    benchmarks/llm_core.py). Values, names, shapes and ``state_dict`` are unchanged (savers make
+    weight row after row (more bandwidth than the default layout on x86 CPUs; benchmarks/llm_core.py
+    measures it). Values, names, shapes and ``state_dict`` are unchanged (savers make
     tensors contiguous), packed q/k/v and gate/up stay packed, and tied embeddings stay tied.
 
     Call it after compression, before generation: code that ``view``-s a weight needs contiguous

@@ -5,8 +5,8 @@
   packed weight; the dense one lives for one call). CUDA: the same by default; ``use_fused = True``
   (per module, or ``QuantLinear.use_fused`` for all) runs fp16/bf16 inputs of at most
   ``FUSED_MAX_ROWS`` rows through the fused Triton kernel of :mod:`.triton_wq`, which reads the packed
-  words directly. That kernel is correct (tested on an H200) but not yet fast: 0.72–2.0 ms against
-  0.05 ms for the dense bf16 matmul at 7B-MLP decode shapes (benchmarks/results/llm_compression_gpu.json),
+  words directly. That kernel is correct (tested on an H200) but not yet fast: slower than the dense
+  bf16 matmul at 7B-MLP decode shapes (benchmarks/results/llm_compression_gpu.json has the times),
   so it is off by default. CPU with bf16 inputs, 4 bits and groups of 32/64/128/256: torch's int4 CPU
   kernel (``_weight_int4pack_mm_for_cpu``, the one torchao's int4 weight-only path uses), on a copy of
   the weight in its tile layout built on the first such call (as many bytes as ``weight_packed``; bf16
@@ -14,7 +14,7 @@
   ``use_cpu_int4 = False`` turns it off.
 - :class:`W8A8Linear` — int8 per-channel symmetric weights, int8 activations (per-token dynamic or
   per-tensor static scales). CUDA: ``torch._int_mm`` (int32 accumulation); CPU: the integer product in
-  fp32 (this torch build's CPU ``_int_mm`` runs at ~0.3 GFLOP/s, ~20–50× slower than fp32 GEMM), i.e.
+  fp32 (torch's CPU ``_int_mm`` is far slower than fp32 GEMM), i.e.
   the same integers, exact up to fp32 summation for K ≤ 1024 and ≤ 1 ulp-level drift beyond.
 
 State-dict names equal the checkpoint's (``weight_packed``, ``weight_scale``, ``weight_zero_point``,
