@@ -28,9 +28,11 @@ def test_compress_cnn(capsys):
 
 def test_quantize_llm_and_chat():
     pytest.importorskip("tokenizers")
+    out = run_example("quantize_llm_and_chat", "--method", "rtn", "--max-new-tokens", "12")
+    # imported after the example: importing llm.kernels.qlinear before llm.compress hits an import
+    # cycle (qlinear → llm.compress.rtn → awq → qlinear) that the layering work removes
     from efficientml.llm.kernels.qlinear import QuantLinear
 
-    out = run_example("quantize_llm_and_chat", "--method", "rtn", "--max-new-tokens", "12")
     packed = [m for m in out["model"].modules() if isinstance(m, QuantLinear)]
     assert len(packed) == 30 * 7                           # every q/k/v/o/gate/up/down of the 30 blocks
     assert all(m.spec.bits == 4 and m.spec.group_size == 64 for m in packed)
