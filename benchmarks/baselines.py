@@ -12,19 +12,15 @@ trained here with the same recipe, so `python benchmarks/baselines.py` reproduce
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from efficientml.analysis import measure_latency, profile  # noqa: E402
-from efficientml.analysis.record import BenchmarkRecord  # noqa: E402
-from efficientml.data import fashion_mnist_loaders  # noqa: E402
-from efficientml.models import build_model  # noqa: E402
-from efficientml.train import TrainConfig, evaluate, fit, load_checkpoint, save_checkpoint  # noqa: E402
+from efficientml.analysis import measure_latency, profile
+from efficientml.analysis.record import REPO_ROOT as ROOT, BenchmarkRecord, log
+from efficientml.data import fashion_mnist_loaders
+from efficientml.models import build_model
+from efficientml.train import TrainConfig, evaluate, fit, load_checkpoint, save_checkpoint
 
 # name → (model kwargs, training recipe). The VGG is the course VGG at width 0.25 (16…128 channels):
 # the full-width VGG (606M MACs) does not train in reasonable time on 2 CPU cores.
@@ -59,9 +55,38 @@ def train_baseline(name: str, out: Path, quick: bool = False):
     return model, meta
 
 
+def measure(name: str, model, meta: dict, ck: Path, source: str, test, quick: bool, threads: int) -> dict:
+    """One model's row: accuracy, cost (params, MACs, peak activations) and measured latency."""
+    model.eval()
+    acc = evaluate(model, test)["accuracy"]
+    prof = profile(model, (1, 1, 28, 28), name=name)
+    runs = 3 if quick else 30
+    lat1 = measure_latency(model, torch.randn(1, 1, 28, 28), warmup=5, runs=runs, threads=threads)
+    lat64 = measure_latency(model, torch.randn(64, 1, 28, 28), warmup=3, runs=max(3, runs // 2),
+                            threads=threads)
+    row = {
+        "test_accuracy": round(acc, 2), "params": prof.params, "macs": prof.macs,
+        "peak_activation_bytes_fp32": prof.peak_activation_bytes(32),
+        "peak_activation_bytes_int8": prof.peak_activation_bytes(8),
+        "size_bytes_fp32": prof.size_bytes["fp32"],
+        "latency_ms_bs1": lat1.to_dict(), "latency_ms_bs64": lat64.to_dict(),
+        "latency_kind": "measured",
+        "checkpoint": str(ck.relative_to(ROOT)), "source": source,
+        "model_kwargs": meta.get("model_kwargs"), "how_trained": {
+            "command": meta.get("command"), "train_config": meta.get("train_config"),
+            "epochs": [{k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()}
+                       for e in meta.get("history", [])]},
+    }
+    print(f"{name:12s} acc {acc:6.2f}%  params {prof.params:>9,}  MACs {prof.macs:>12,}  "
+          f"peak act {prof.peak_activation_bytes(32) / 1024:.1f} KiB  "
+          f"bs1 {lat1.median_ms:.2f} ms  bs64 {lat64.median_ms:.2f} ms", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run on tiny subsets; writes no JSON")
+    ap.add_argument("--quick", action="store_true", help="smoke run on tiny subsets; JSON only with --out")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/baselines.json)")
     ap.add_argument("--models", nargs="*", default=list(RECIPES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-train", action="store_true",
@@ -81,32 +106,10 @@ def main() -> None:
             model, meta = load_checkpoint(ck)
             source = "loaded checkpoint"
         else:
-            print(f"training {name} ({'quick' if args.quick else 'full recipe'}) …", flush=True)
+            log(f"training {name} ({'quick' if args.quick else 'full recipe'}) …")
             model, meta = train_baseline(name, ck, quick=args.quick)
             source = "trained in this run"
-        model.eval()
-        acc = evaluate(model, test)["accuracy"]
-        prof = profile(model, (1, 1, 28, 28), name=name)
-        runs = 3 if args.quick else 30
-        lat1 = measure_latency(model, torch.randn(1, 1, 28, 28), warmup=5, runs=runs, threads=args.threads)
-        lat64 = measure_latency(model, torch.randn(64, 1, 28, 28), warmup=3, runs=max(3, runs // 2),
-                                threads=args.threads)
-        rows[name] = {
-            "test_accuracy": round(acc, 2), "params": prof.params, "macs": prof.macs,
-            "peak_activation_bytes_fp32": prof.peak_activation_bytes(32),
-            "peak_activation_bytes_int8": prof.peak_activation_bytes(8),
-            "size_bytes_fp32": prof.size_bytes["fp32"],
-            "latency_ms_bs1": lat1.to_dict(), "latency_ms_bs64": lat64.to_dict(),
-            "latency_kind": "measured",
-            "checkpoint": str(ck.relative_to(ROOT)), "source": source,
-            "model_kwargs": meta.get("model_kwargs"), "how_trained": {
-                "command": meta.get("command"), "train_config": meta.get("train_config"),
-                "epochs": [{k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()}
-                           for e in meta.get("history", [])]},
-        }
-        print(f"{name:12s} acc {acc:6.2f}%  params {prof.params:>9,}  MACs {prof.macs:>12,}  "
-              f"peak act {prof.peak_activation_bytes(32) / 1024:.1f} KiB  "
-              f"bs1 {lat1.median_ms:.2f} ms  bs64 {lat64.median_ms:.2f} ms", flush=True)
+        rows[name] = measure(name, model, meta, ck, source, test, args.quick, args.threads)
     rec.results = {"dataset": "Fashion-MNIST test (10,000 images, 28×28, no padding)",
                    "input_shape": [1, 1, 28, 28], "threads": args.threads, "models": rows}
     if "vgg" in rows:
@@ -120,10 +123,10 @@ def main() -> None:
         rec.target(f"{name}_fmnist_accuracy", None, ">=", 0.0,
                    note=f"not measured: no checkpoint {checkpoint_path(name).name} (run without --no-train "
                         "to train it with the recipe above)")
-    if args.quick:
-        print("quick mode: no JSON written")
+    if args.quick and not args.out:
+        print("quick mode: no JSON written (--out to write one)")
         return
-    print(f"wrote {rec.write()}")
+    print(f"wrote {rec.write(args.out)}")
 
 
 if __name__ == "__main__":

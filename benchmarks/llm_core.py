@@ -18,7 +18,8 @@ Parts (``--part``), each recorded in benchmarks/results/llm_core.json with the c
 
     python benchmarks/llm_core.py --part ppl      # ≈ 2 × 80 TFLOP on CPU: long
     python benchmarks/llm_core.py --part decode
-    python benchmarks/llm_core.py --quick         # a few windows / tokens, for CI
+    python benchmarks/llm_core.py --parts ppl,decode
+    python benchmarks/llm_core.py --quick         # a few windows / tokens, for CI (JSONs to temp files)
 """
 
 from __future__ import annotations
@@ -34,16 +35,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from efficientml.analysis.record import REPO_ROOT, BenchmarkRecord, git_commit
+from efficientml.analysis.record import (REPO_ROOT, BenchmarkRecord, add_part_options, default_out, git_commit,
+                                         log, merge_records, read_record, run_parts, selected_parts)
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 PROMPT = ("The history of the Roman Empire spans more than a thousand years, from the founding of the "
           "city to the fall of Constantinople. In this essay we describe its institutions, its army, "
           "its economy and the reasons for its long survival.")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def read_bandwidth_gbs(device: str = "cpu", mb: int = 512, reps: int = 7) -> dict:
@@ -579,6 +577,33 @@ def gpu_targets(rec: BenchmarkRecord) -> None:
 GPU_SECTIONS = ("llama2_7b_shapes", "smollm2_135m")
 
 
+def _gpu_run_rows(d: dict, f: str, base: int) -> dict:
+    """One GPU JSON as a record whose rows and runs are numbered from ``base``: a plain run becomes
+    run ``base`` (its bandwidth copied onto its rows); an earlier merge keeps its runs, shifted."""
+    res = d["results"]
+    merged = "runs" in res
+    if merged:
+        runs, bw = [dict(r, run=r["run"] + base) for r in res["runs"]], None
+    else:
+        runs = [{"run": base, "file": Path(f).name, "created": d["created"], "git_commit": d["git_commit"],
+                 "command": d["command"], "device": d["machine"].get("device"), "bandwidth": res.get("bandwidth")}]
+        bw = res.get("bandwidth", {}).get("read_gbs")
+    out: dict = {"runs": runs}
+    for sec in GPU_SECTIONS:
+        for k, v in res.get(sec, {}).items():
+            if isinstance(v, dict):
+                v = dict(v, run=v.get("run", 0) + base) if merged else dict(v, run=base)
+                if bw is not None:
+                    v.setdefault("read_gbs_same_run", bw)
+            elif not merged:
+                k = f"{k} (run {base})"
+            out.setdefault(sec, {})[k] = v
+    for k, v in res.items():  # anything else (software, ppl_cuda, …): later files win
+        if k not in GPU_SECTIONS and k not in ("runs", "bandwidth", "commands"):
+            out[k] = v
+    return dict(d, results=out, targets=[])
+
+
 def merge_gpu(files: list[str], out: Path) -> None:
     """Fold several GPU runs' JSONs (sections run in separate calls) into one llm_core_gpu.json; each
     row records which run it came from, later files win per row. A file that is itself a merge (the
@@ -586,37 +611,16 @@ def merge_gpu(files: list[str], out: Path) -> None:
     session adds to it: ``--merge-gpu benchmarks/results/llm_core_gpu.json NEW.json``."""
     from efficientml.core.serialization import write_json
 
-    rec = BenchmarkRecord("llm_core_gpu")
-    runs, machine = [], None
+    docs = []
     for f in files:
-        d = json.loads(Path(f).read_text())
-        machine = d["machine"]
-        res = d["results"]
-        base = len(runs)
-        if "runs" in res:  # an earlier merge: its rows already name their runs
-            runs += [dict(r, run=r["run"] + base) for r in res["runs"]]
-            bw = None
-        else:
-            runs.append({"run": base, "file": Path(f).name, "created": d["created"],
-                         "git_commit": d["git_commit"], "command": d["command"],
-                         "device": d["machine"].get("device"), "bandwidth": res.get("bandwidth")})
-            bw = res.get("bandwidth", {}).get("read_gbs")
-        for sec in GPU_SECTIONS:
-            for k, v in res.get(sec, {}).items():
-                if isinstance(v, dict):
-                    v = dict(v, run=v.get("run", 0) + base) if "runs" in res else dict(v, run=base)
-                    if bw is not None:
-                        v.setdefault("read_gbs_same_run", bw)
-                elif "runs" not in res:
-                    k = f"{k} (run {base})"
-                rec.results.setdefault(sec, {})[k] = v
-        for k, v in res.items():  # anything else (software, ppl_cuda, …): later files win
-            if k not in GPU_SECTIONS and k not in ("runs", "bandwidth", "commands"):
-                rec.results[k] = v
-    rec.results["runs"] = runs
+        d = read_record(f)
+        docs.append(_gpu_run_rows(d, f, sum(len(x["results"]["runs"]) for x in docs)))
+    rec = merge_records(docs, "llm_core_gpu")  # rows one level deep per section, runs concatenated
+    runs = rec.results["runs"]
+    rec.results = {k: v for k, v in rec.results.items() if k != "runs"} | {"runs": runs}
     gpu_targets(rec)
     doc = rec.to_dict()
-    doc.update(machine=machine, created=runs[-1]["created"], git_commit=runs[-1]["git_commit"],
+    doc.update(machine=docs[-1]["machine"], created=runs[-1]["created"], git_commit=runs[-1]["git_commit"],
                command="python benchmarks/llm_core.py --merge-gpu " + " ".join(Path(f).name for f in files))
     write_json(out, doc)
 
@@ -768,10 +772,25 @@ def part_gpu(quick: bool, sections: list[str], out: Path, light: bool = False) -
     log(f"wrote {out}")
 
 
-def main() -> int:
+# the parts in the order they run; each is a function of the Run below
+PARTS = {
+    "ppl": lambda r: part_ppl(r.rec, r.args.quick, Path(r.args.progress) if r.args.progress else None,
+                              r.args.stop_after, device=r.args.device),
+    "decode": lambda r: part_decode(r.rec, r.args.quick, r.args.new_tokens, r.args.repeats),
+    "decode-batch": lambda r: part_decode_batch(r.rec, r.args.quick, r.args.new_tokens, r.args.repeats),
+    "gpu": lambda r: part_gpu(r.args.quick, r.args.gpu_sections.split(","), r.gpu_out, r.args.gpu_light),
+}
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, rec: BenchmarkRecord, out: Path, gpu_out: Path):
+        self.args, self.rec, self.out, self.gpu_out = args, rec, out, gpu_out
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["ppl", "decode", "decode-batch", "gpu", "all"], default="all")
-    ap.add_argument("--quick", action="store_true")
+    add_part_options(ap, PARTS, merge=False, out=False)
+    ap.add_argument("--part", choices=[*PARTS, "all"], default=None, help="one part (the older spelling of --parts)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--progress", default=None, help="ppl: save/resume window sums in this JSON file")
     ap.add_argument("--stop-after", type=float, default=None, help="ppl: stop after this many seconds")
@@ -783,34 +802,25 @@ def main() -> int:
     ap.add_argument("--gpu-light", action="store_true", help="gpu: batch 1 only (no batch 16; 7b without transformers' row)")
     ap.add_argument("--merge-gpu", nargs="+", default=None, metavar="JSON",
                     help="merge GPU runs' JSONs (sections run separately) into --gpu-out")
-    ap.add_argument("--gpu-out", default=None, help="gpu: default benchmarks/results/llm_core_gpu.json")
-    args = ap.parse_args()
+    ap.add_argument("--gpu-out", default=None, help="gpu: default benchmarks/results/llm_core_gpu.json (quick: a temp file)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    gpu_out = default_out("llm_core_gpu", args.quick, args.gpu_out)
     if args.merge_gpu:
-        merge_gpu(args.merge_gpu, Path(args.gpu_out) if args.gpu_out else RESULTS / "llm_core_gpu.json")
+        merge_gpu(args.merge_gpu, default_out("llm_core_gpu", False, args.gpu_out))
         return 0
-    out = Path(args.out) if args.out else (RESULTS / "llm_core.json" if not args.quick
-                                           else Path(tempfile.gettempdir()) / "llm_core_quick.json")
+    out = default_out("llm_core", args.quick, args.out)
     rec = BenchmarkRecord("llm_core")
     if out.is_file():  # parts run separately accumulate into one file
-        old = json.loads(out.read_text())
+        old = read_record(out)
         rec.results, rec.targets = old.get("results", {}), old.get("targets", [])
-    parts = ["ppl", "decode", "decode-batch", "gpu"] if args.part == "all" else [args.part]
-    for p in parts:
-        log(f"part {p}")
-        if p == "gpu":
-            part_gpu(args.quick, args.gpu_sections.split(","),
-                     Path(args.gpu_out) if args.gpu_out else RESULTS / "llm_core_gpu.json", args.gpu_light)
-            continue
-        if p == "ppl":
-            part_ppl(rec, args.quick, Path(args.progress) if args.progress else None, args.stop_after,
-                     device=args.device)
-        elif p == "decode-batch":
-            part_decode_batch(rec, args.quick, args.new_tokens, args.repeats)
-        else:
-            part_decode(rec, args.quick, args.new_tokens, args.repeats)
-        rec.results.setdefault("commands", {})[p] = rec.command
-        rec.write(out)  # after each part, so a long run keeps what it finished
+
+    def done(name: str, seconds: float) -> None:
+        if name != "gpu":  # the gpu part writes its own record (llm_core_gpu.json)
+            rec.results.setdefault("commands", {})[name] = rec.command
+            rec.write(out)  # after each part, so a long run keeps what it finished
+
+    run_parts(PARTS, selected_parts(PARTS, args.parts, args.part), Run(args, rec, out, gpu_out), after=done)
     log(f"wrote {out}")
     return 0
 

@@ -1,16 +1,17 @@
 """Pruning benchmark → benchmarks/results/pruning.json (and pruning_gpu.json for 2:4 on a GPU).
 
     nice python benchmarks/pruning.py --full               # the committed JSON (CPU, 2 threads)
-    python benchmarks/pruning.py --quick                   # minutes; random-init models if no checkpoint
-    python benchmarks/pruning.py --full --part resnet      # one part; merged into the existing JSON
+    python benchmarks/pruning.py --quick                   # minutes, JSON to a temp file (or --out)
+    python benchmarks/pruning.py --full --parts resnet     # one part; merged into the existing JSON
+    python benchmarks/pruning.py --merge a.json b.json     # parts run separately, into --out
 
 Parts (all on Fashion-MNIST baselines from checkpoints/, 28×28 inputs):
 - ``finegrained``: global L2 magnitude masks on every conv/linear weight of the VGG, fine-tuned with
   the masks re-applied after every step; size = nonzero parameters / all parameters.
 - ``channel``: uniform channel pruning of the VGG (the smallest ratio giving ≥ 2× fewer MACs), L2
   criterion, physical surgery, fine-tune; MACs (theoretical) and CPU latency (measured, 2 threads).
-- ``criteria``: accuracy before fine-tuning at 50% channel sparsity for each criterion, and the Lab1
-  effect (keep-first channels without vs with the Frobenius-norm sort).
+- ``criteria``: accuracy before fine-tuning at 50% channel sparsity for each criterion, and the effect
+  of sorting input channels by norm before pruning (keep-first channels without vs with the sort).
 - ``netadapt``: NetAdapt to half the measured batch-64 latency (checked on whole-model measurements,
   side by side with the dense model), then a long fine-tune.
 - ``resnet``: ResNet-20 channel-pruned to ≤ 60% MACs + fine-tune; pretrained CIFAR ResNet-56 at
@@ -25,22 +26,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from efficientml.analysis import count_macs, count_parameters  # noqa: E402
-from efficientml.analysis.record import BenchmarkRecord, git_commit  # noqa: E402
-from efficientml.data import fashion_mnist_loaders  # noqa: E402
-from efficientml.prune import PruneConfig, prune, recalibrate_bn  # noqa: E402
-from efficientml.prune.report import compare  # noqa: E402
-from efficientml.train import TrainConfig, evaluate, fit  # noqa: E402
+from efficientml.analysis import count_macs, count_parameters
+from efficientml.analysis.record import (BenchmarkRecord, add_part_options, default_out,
+                                         find_checkpoint, git_commit, log, merge_records, read_record,
+                                         run_parts, selected_parts)
+from efficientml.data import fashion_mnist_loaders
+from efficientml.prune import PruneConfig, prune, recalibrate_bn
+from efficientml.prune.report import compare
+from efficientml.train import TrainConfig, evaluate, fit
 
 SAMPLE = (1, 28, 28)
 TARGETS = (("finegrained_size_ratio", "<=", 0.25), ("finegrained_acc_drop", "<=", 0.3),
@@ -48,20 +47,6 @@ TARGETS = (("finegrained_size_ratio", "<=", 0.25), ("finegrained_acc_drop", "<="
            ("channel_cpu_speedup_bs64", ">=", 1.5), ("resnet20_mac_ratio", "<=", 0.6),
            ("resnet20_acc_drop", "<=", 1.0), ("resnet56_ratio0_max_abs_diff", "<=", 1e-6),
            ("netadapt_latency_reduction", ">=", 2.0))
-PARTS = ("finegrained", "channel", "criteria", "netadapt", "resnet", "gpu")
-
-
-def log(*a: object) -> None:
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
-
-
-def find_checkpoint(names: list[str]) -> Path | None:
-    for n in names:
-        p = ROOT / "checkpoints" / n
-        if p.is_file():
-            return p
-    return None
-
 
 def load_baseline(kind: str, quick: bool, override: str | None = None):
     from efficientml.models import build_model
@@ -69,7 +54,7 @@ def load_baseline(kind: str, quick: bool, override: str | None = None):
 
     names = {"vgg": ["vgg_fmnist.safetensors", "vgg_fashionmnist.safetensors"],
              "resnet20": ["resnet20_fmnist.safetensors", "resnet20_fashionmnist.safetensors"]}[kind]
-    path = Path(override) if override else find_checkpoint(names)
+    path = find_checkpoint(names, override)
     if path is not None:
         from efficientml.data.paths import sha256_file
 
@@ -344,7 +329,7 @@ def part_resnet(env: Env, rec: BenchmarkRecord, checkpoint: str | None = None) -
                note="max |logits(original) − logits(pruned at ratio 0)| on 20 CIFAR-10 samples")
 
 
-def part_gpu(quick: bool) -> None:
+def part_gpu(quick: bool, out: Path) -> None:
     from efficientml.prune.sparse import semi_structured_available, sparse24_benchmark
 
     rec = BenchmarkRecord("pruning_gpu", device="cuda" if torch.cuda.is_available() else "cpu")
@@ -360,26 +345,14 @@ def part_gpu(quick: bool) -> None:
         rec.target("sparse24_speedup_4096tok_11008x4096", round(v, 3), ">=", 1.0,
                    note="measured: dense fp16 / 2:4 fp16 median latency, nn.Linear(11008→4096) "
                         "(weight 4096×11008) at 4096 tokens" + ("" if v >= 1 else "; slower than dense"))
-    rec.write()
-    log("wrote", ROOT / "benchmarks" / "results" / "pruning_gpu.json")
+    log("wrote", rec.write(out))
 
 
 def merge(sources: list[str], out: Path) -> int:
-    """Fold separately run parts into one record (each part keeps its own commit in results.runs)."""
-    rec = BenchmarkRecord("pruning")
-    if out.is_file():
-        old = json.loads(out.read_text())
-        rec.results, rec.targets, rec.command = old["results"], old["targets"], old["command"]
-        rec.created, rec.commit = old["created"], old["git_commit"]
-    for src in sources:
-        d = json.loads(Path(src).read_text())
-        runs = rec.results.get("runs", []) + d["results"].get("runs", [])
-        secs = {**rec.results.get("seconds", {}), **d["results"].get("seconds", {})}
-        rec.results.update(d["results"])
-        rec.results["runs"], rec.results["seconds"] = runs, secs
-        for t in d["targets"]:
-            rec.targets = [x for x in rec.targets if x["id"] != t["id"]] + [t]
-        rec.command += " ; " + d["command"]
+    """Fold separately run parts into ``out`` (each part keeps its own commit in results.runs); a
+    target whose part never ran is recorded as not measured."""
+    docs = ([read_record(out)] if out.is_file() else []) + [read_record(s) for s in sources]
+    rec = merge_records(docs, "pruning")
     have = {t["id"] for t in rec.targets}
     for tid, op, thr in TARGETS:
         if tid not in have:
@@ -390,12 +363,60 @@ def merge(sources: list[str], out: Path) -> int:
     return 0
 
 
-def main() -> int:
+class Run:
+    """What the parts share: options, the record, the data/fine-tuning recipe and the VGG baseline
+    (loaded on the first VGG part; its fine-tuned dense reference too when a part needs one)."""
+
+    def __init__(self, args: argparse.Namespace, parts: list[str], rec: BenchmarkRecord, out: Path):
+        self.args, self.parts, self.rec, self.out = args, parts, rec, out
+        self.env: Env | None = None
+        self.base: torch.nn.Module | None = None
+        self.base_acc = self.ref_acc = 0.0
+
+    def vgg(self) -> tuple[Env, torch.nn.Module]:
+        if self.base is None:
+            env = self.env
+            self.base, meta = load_baseline("vgg", self.args.quick, self.args.vgg_checkpoint)
+            self.base_acc = self.ref_acc = env.acc(self.base)
+            self.rec.results["vgg_baseline"] = {**meta, "test_accuracy": self.base_acc,
+                                                "macs": count_macs(self.base, (1, *SAMPLE)).macs,
+                                                "params": count_parameters(self.base)}
+            log("vgg baseline", self.base_acc)
+            if any(p in self.parts for p in ("finegrained", "channel")):
+                self.ref_acc, info = env.reference(self.base, self.base_acc)
+                self.rec.results["vgg_reference"] = info
+                log("vgg reference", info)
+        return self.env, self.base
+
+
+def _vgg_part(fn, reference: bool = True):
+    """A VGG part: drops are measured against the fine-tuned dense reference, except for the
+    criteria table (accuracy before fine-tuning, against the checkpoint)."""
+    def part(run: Run) -> None:
+        env, base = run.vgg()
+        fn(env, run.rec, base, run.ref_acc if reference else run.base_acc)
+        log(fn.__name__.removeprefix("part_"), "done", run.rec.targets[-3:])
+    return part
+
+
+# the parts in the order they run (the VGG parts share one seeded random stream: keep the order)
+PARTS = {
+    "gpu": lambda run: part_gpu(run.args.quick, default_out("pruning_gpu", run.args.quick)),
+    "finegrained": _vgg_part(part_finegrained),
+    "channel": _vgg_part(part_channel),
+    "netadapt": _vgg_part(part_netadapt),
+    "criteria": _vgg_part(part_criteria, reference=False),
+    "resnet": lambda run: part_resnet(run.env, run.rec, run.args.resnet_checkpoint),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="tiny budgets, for tests and CI")
+    mode.add_argument("--quick", action="store_true", help="tiny budgets, for tests and CI (JSON to a temp file)")
     mode.add_argument("--full", action="store_true", help="the budgets of the committed JSON")
-    ap.add_argument("--part", action="append", choices=PARTS, help="run only these parts (repeatable)")
+    add_part_options(ap, PARTS, quick=False)
+    ap.add_argument("--part", action="append", choices=list(PARTS), help="run only these parts (repeatable)")
     ap.add_argument("--vgg-checkpoint", default=None, help="VGG baseline (default checkpoints/vgg_f*mnist)")
     ap.add_argument("--resnet-checkpoint", default=None, help="ResNet-20 baseline (default checkpoints/resnet20_f*mnist)")
     ap.add_argument("--ft-images", type=int, default=None,
@@ -403,64 +424,48 @@ def main() -> int:
     ap.add_argument("--ft-epochs", type=float, default=None, help="fine-tuning epochs (default 1)")
     ap.add_argument("--netadapt-step", type=float, default=0.12,
                     help="NetAdapt's first per-iteration latency drop, as a fraction of the initial latency")
-    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                    help="merge the results and targets of these runs (e.g. parts run in parallel) into --out")
-    ap.add_argument("--out", default=None, help="where to write the JSON (default benchmarks/results/)")
-    args = ap.parse_args()
-    parts = args.part or list(PARTS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.merge:
-        return merge(args.merge, Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "pruning.json")
+        return merge(args.merge, default_out("pruning", False, args.out))
+    parts = selected_parts(PARTS, args.parts, args.part)
     # 1 intra-op thread for pruning, training and evaluation: on the shared 2-core machine two threads
     # spin-wait against other processes and run several times slower. Latency is always measured
     # with threads=2 (analysis.measure_latency sets it for the measurement only).
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    if "gpu" in parts:
-        part_gpu(args.quick)
-        parts = [p for p in parts if p != "gpu"]
-        if not parts:
-            return 0
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / ("pruning_quick.json" if args.quick else "pruning.json")
+    if parts == ["gpu"]:
+        PARTS["gpu"](Run(args, parts, BenchmarkRecord("pruning_gpu"), Path()))
+        return 0
+    out = default_out("pruning", args.quick, args.out)
     rec = BenchmarkRecord("pruning")
-    if out.is_file() and args.part:  # merge into the previous run's other parts
-        old = json.loads(out.read_text())
-        rec.results = old.get("results", {})
-        rec.targets = old.get("targets", [])
+    if out.is_file() and (args.part or args.parts):  # merge into the previous run's other parts
+        old = read_record(out)
+        rec.results, rec.targets = old.get("results", {}), old.get("targets", [])
         rec.command = old.get("command", rec.command) + " ; " + rec.command
-    rec.results.setdefault("runs", []).append({"parts": parts, "git_commit": git_commit(),
+    cpu_parts = [p for p in parts if p != "gpu"]
+    rec.results.setdefault("runs", []).append({"parts": cpu_parts, "git_commit": git_commit(),
                                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    env = Env(args.quick, args.netadapt_step, args.ft_images, args.ft_epochs)
+    run = Run(args, cpu_parts, rec, out)
+    if "gpu" in parts:  # first, before the CPU parts' data and seeded random stream
+        PARTS["gpu"](run)
+    run.env = env = Env(args.quick, args.netadapt_step, args.ft_images, args.ft_epochs)
     protocol = {
         "test_images": env.test_subset, "finetune_images": env.ft_subset, "finetune_epochs": env.ft_epochs,
         "torch_threads_for_training_and_eval": 1, "latency_threads": 2,
         "why": "2 CPU cores shared with five other engineers' training jobs; budgets sized to finish"}
     rec.results.setdefault("protocol", protocol)
-    for p in parts:  # parts rerun with another budget say so
+    for p in cpu_parts:  # parts rerun with another budget say so
         rec.results.setdefault("protocol_by_part", {})[p] = protocol
-    if any(p in parts for p in ("finegrained", "channel", "criteria", "netadapt")):
-        base, meta = load_baseline("vgg", args.quick, args.vgg_checkpoint)
-        base_acc = env.acc(base)
-        rec.results["vgg_baseline"] = {**meta, "test_accuracy": base_acc, "macs": count_macs(base, (1, *SAMPLE)).macs,
-                                       "params": count_parameters(base)}
-        log("vgg baseline", base_acc)
-        ref_acc = base_acc
-        if any(p in parts for p in ("finegrained", "channel")):
-            ref_acc, info = env.reference(base, base_acc)
-            rec.results["vgg_reference"] = info
-            log("vgg reference", info)
-        for name, fn in (("finegrained", part_finegrained), ("channel", part_channel),
-                         ("netadapt", part_netadapt), ("criteria", part_criteria)):
-            if name in parts:
-                t0 = time.perf_counter()
-                fn(env, rec, base, base_acc if name == "criteria" else ref_acc)
-                rec.results.setdefault("seconds", {})[name] = time.perf_counter() - t0
-                log(name, "done", [t for t in rec.targets][-3:])
-                rec.write(out)
-    if "resnet" in parts:
-        t0 = time.perf_counter()
-        part_resnet(env, rec, args.resnet_checkpoint)
-        rec.results.setdefault("seconds", {})["resnet"] = time.perf_counter() - t0
-        log("resnet done", rec.targets[-3:])
+
+    def done(name: str, seconds: float) -> None:
+        rec.results.setdefault("seconds", {})[name] = seconds
+        rec.write(out)
+
+    run_parts(PARTS, cpu_parts, run, after=done)
     rec.write(out)
     log("wrote", out)
     return 0

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -33,34 +33,28 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from efficientml.analysis.latency import measure_latency  # noqa: E402
-from efficientml.analysis.record import BenchmarkRecord  # noqa: E402
-from efficientml.core.serialization import save_state_dict  # noqa: E402
-from efficientml.data import fashion_mnist_loaders  # noqa: E402
-from efficientml.distill import TeacherLoss  # noqa: E402
-from efficientml.quant import (AdaRoundConfig, BinaryConfig, DeepCompressionConfig, IntegerConfig,  # noqa: E402
+from efficientml.analysis.latency import measure_latency
+from efficientml.analysis.record import (REPO_ROOT as ROOT, BenchmarkRecord, add_part_options,
+                                         find_checkpoint, log, run_parts, selected_parts)
+from efficientml.core.serialization import save_state_dict
+from efficientml.data import fashion_mnist_loaders
+from efficientml.distill import TeacherLoss
+from efficientml.quant import (AdaRoundConfig, BinaryConfig, DeepCompressionConfig, IntegerConfig,
                                KMeansConfig, QATConfig, adaround, export_qat, kmeans_quantize,
                                load_compressed, magnitude_prune, prepare_qat, quantize, round_to_float16,
                                save_compressed, strip_kmeans)
-from efficientml.quant.deep_compression import apply_masks  # noqa: E402
-from efficientml.quant.kmeans import kmeans_codebooks  # noqa: E402
-from efficientml.quant.mixed import (apply_bits, layer_sensitivity, layer_sizes, pareto_front,  # noqa: E402
+from efficientml.quant.deep_compression import apply_masks
+from efficientml.quant.kmeans import kmeans_codebooks
+from efficientml.quant.mixed import (apply_bits, layer_sensitivity, layer_sizes, pareto_front,
                                      plot_pareto, search_bits, weight_bytes)
-from efficientml.quant.rounding import round_weights  # noqa: E402
-from efficientml.quant.torch_ref import torch_ao_int8  # noqa: E402
-from efficientml.train import TrainConfig, evaluate, fit, load_checkpoint  # noqa: E402
+from efficientml.quant.rounding import round_weights
+from efficientml.quant.torch_ref import torch_ao_int8
+from efficientml.train import TrainConfig, evaluate, fit, load_checkpoint
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
 warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
 
 OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "kl")
-
-
-def log(*a: object) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
 def acc(model: nn.Module, loader) -> float:
@@ -86,13 +80,7 @@ def finetune(model: nn.Module, loader, epochs: float, lr: float, optimizer: str 
     return out
 
 
-def find_checkpoint(explicit: str | None) -> Path:
-    cands = [Path(explicit)] if explicit else [ROOT / "checkpoints" / n for n in
-                                              ("vgg_fmnist.safetensors", "vgg_fashionmnist.safetensors")]
-    for c in cands:
-        if c.is_file():
-            return c
-    raise SystemExit(f"no VGG Fashion-MNIST checkpoint found (tried {[str(c) for c in cands]})")
+VGG_CHECKPOINTS = ["vgg_fmnist.safetensors", "vgg_fashionmnist.safetensors"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,23 +317,8 @@ def bench_resnet20() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny subsets and iteration counts; no JSON")
-    ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--latency-threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quantization.json)")
-    ap.add_argument("--partial", default="/tmp/quantization_partial.json",
-                    help="sections finished so far are saved here; --resume reuses them")
-    ap.add_argument("--resume", action="store_true", help="skip sections already in --partial")
-    ap.add_argument("--only", nargs="*", default=None, help="run only these sections (saved to --partial, no JSON)")
-    ap.add_argument("--threads", type=int, default=2, help="intra-op threads for training and evaluation")
-    ap.add_argument("--device", default="cpu", help="device for the training sections run with --only "
-                    "(kmeans, deep_compression, binary); the committed JSON is measured on CPU")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    quick = args.quick
+def schedule(quick: bool) -> dict:
+    """Fine-tuning epochs, iteration counts and Deep Compression settings (``q`` in the sections)."""
     # fractions of an epoch sized for a 2-core CPU shared by six engineers (see the module docstring)
     # Deep Compression sparsity per layer: conv6/conv7 see 3×3 maps and hold half of all weights, so they
     # are pruned hardest; the 28→7-pixel layers conv1–conv4 keep more (one-shot pruning + 0.12 epoch of
@@ -366,83 +339,99 @@ def main() -> int:
         q.update(km4_epochs=0.02, km2_epochs=0.02, dc_prune_epochs=[0.02, 0.02, 0.02], dc_kmeans_epochs=0.02,
                  tern_epochs=0.02, ttq_epochs=0.02, bin_epochs=0.02, qat_epochs=0.02, ada_iters=5, speed_rounds=1,
                  speed_runs=2, test_images=500)
-    rec = BenchmarkRecord("quantization")
-    ckpt = find_checkpoint(args.checkpoint)
-    base, meta = load_checkpoint(ckpt, device=args.device)
-    base.eval()
-    train, test = fashion_mnist_loaders(batch_size=128, augment=True, test_subset=q["test_images"],
-                                        train_subset=2000 if quick else None, eval_batch_size=500, seed=3)
-    calib_loader, val = fashion_mnist_loaders(batch_size=64, augment=False, train_subset=512, test_subset=200,
-                                              seed=1)
-    calib = [b for b in calib_loader]                           # 8 batches of 64 training images
-    val = fashion_mnist_loaders(batch_size=500, augment=False, train_subset=1000, seed=2)[0]
-    val.shuffle = False
-    _, test_small = fashion_mnist_loaders(batch_size=500, augment=False, test_subset=500 if quick else 1000,
-                                          eval_batch_size=500, seed=4)
-    q["ref_test"] = fashion_mnist_loaders(batch_size=100, augment=False, test_subset=200, eval_batch_size=100,
-                                          seed=5)[1]
-    fp32 = acc(base, test)
-    fp32_small = acc(base, test_small)
-    log("fp32", fp32, "checkpoint", ckpt)
-    rec.results["setup"] = {"checkpoint": str(ckpt.relative_to(ROOT)) if ckpt.is_relative_to(ROOT) else str(ckpt),
-                            "model": meta.get("model"), "model_kwargs": meta.get("model_kwargs"),
-                            "fp32_accuracy": fp32, "test_images": len(test.data),
-                            "train_threads": args.threads, "device": args.device, "quick": quick,
-                            "calibration": f"{len(calib)} batches of 64 un-augmented training images",
-                            "schedule": {k: v for k, v in q.items() if k != "ref_test"}}
+    return q
 
-    tmp = Path(tempfile.mkdtemp(prefix="quant_bench_"))
-    import json
 
-    partial = Path(args.partial)
-    sections = json.loads(partial.read_text()) if args.resume and partial.is_file() else {}
-    if sections:
-        log("resuming with sections", sorted(sections))
-        rec.results["setup"]["sections_from_partial_file"] = {
-            "sections": sorted(sections), "note": "computed by earlier runs (--only/--resume) and reused as saved; "
-            "the other sections were computed by this run"}
-    t0 = time.perf_counter()
-    models: dict = {}
+class State:
+    """The checkpoint, data, schedule and finished sections every part reads (``sections`` is what
+    --partial saves and --resume reuses)."""
 
-    def run(name: str, fn) -> None:
-        if name in sections or (args.only is not None and name not in args.only):
+    def __init__(self, args: argparse.Namespace, rec: BenchmarkRecord):
+        quick = self.quick = args.quick
+        self.args, self.rec, self.q = args, rec, schedule(quick)
+        q = self.q
+        ckpt = find_checkpoint(VGG_CHECKPOINTS, args.checkpoint)
+        if ckpt is None or not ckpt.is_file():
+            raise SystemExit(f"no VGG Fashion-MNIST checkpoint found (tried {args.checkpoint or VGG_CHECKPOINTS})")
+        self.base, meta = load_checkpoint(ckpt, device=args.device)
+        self.base.eval()
+        self.train, self.test = fashion_mnist_loaders(batch_size=128, augment=True, test_subset=q["test_images"],
+                                                      train_subset=2000 if quick else None, eval_batch_size=500,
+                                                      seed=3)
+        calib_loader, val = fashion_mnist_loaders(batch_size=64, augment=False, train_subset=512, test_subset=200,
+                                                  seed=1)
+        self.calib = [b for b in calib_loader]                      # 8 batches of 64 training images
+        self.val = fashion_mnist_loaders(batch_size=500, augment=False, train_subset=1000, seed=2)[0]
+        self.val.shuffle = False
+        _, self.test_small = fashion_mnist_loaders(batch_size=500, augment=False,
+                                                   test_subset=500 if quick else 1000, eval_batch_size=500, seed=4)
+        q["ref_test"] = fashion_mnist_loaders(batch_size=100, augment=False, test_subset=200, eval_batch_size=100,
+                                              seed=5)[1]
+        self.fp32, self.fp32_small = acc(self.base, self.test), acc(self.base, self.test_small)
+        log("fp32", self.fp32, "checkpoint", ckpt)
+        rec.results["setup"] = {"checkpoint": str(ckpt.relative_to(ROOT)) if ckpt.is_relative_to(ROOT) else str(ckpt),
+                                "model": meta.get("model"), "model_kwargs": meta.get("model_kwargs"),
+                                "fp32_accuracy": self.fp32, "test_images": len(self.test.data),
+                                "train_threads": args.threads, "device": args.device, "quick": quick,
+                                "calibration": f"{len(self.calib)} batches of 64 un-augmented training images",
+                                "schedule": {k: v for k, v in q.items() if k != "ref_test"}}
+        self.tmp = Path(tempfile.mkdtemp(prefix="quant_bench_"))
+        self.models: dict = {}
+        self.partial = Path(args.partial)
+        self.sections = json.loads(self.partial.read_text()) if args.resume and self.partial.is_file() else {}
+
+
+def _section(name: str, fn):
+    """A part that computes one section (skipped when --resume found it; saved to --partial)."""
+    def part(st: State) -> None:
+        if name in st.sections:
             return
-        sections[name] = fn()
+        st.sections[name] = fn(st)
         log(name, "done")
-        if not quick:
-            partial.write_text(json.dumps(sections, default=float))
+        if not st.quick:
+            st.partial.write_text(json.dumps(st.sections, default=float))
+    return part
 
-    run("resnet20", bench_resnet20)
 
-    def ints() -> dict:
-        out, ms = bench_int8(base, calib, val, test, fp32, q)
-        models.update(ms)
-        return out
+def part_int8(st: State) -> None:
+    """Integer-only int8/int4 per calibrator (sections calibrators, int8); keeps the best model for
+    the speed parts. Not run with --only: the speed parts then need it from an earlier run."""
+    if st.args.only is None and any(k not in st.sections for k in ("int8", "speed", "speed_1thread")):
+        out, ms = bench_int8(st.base, st.calib, st.val, st.test, st.fp32, st.q)
+        st.models.update(ms)
+        st.sections.update(out)
 
-    if args.only is None and ("int8" not in sections or "speed" not in sections or "speed_1thread" not in sections):
-        sections.update(ints())
-    run("speed", lambda: bench_speed(base, models["best"], calib, args.latency_threads, q["speed_rounds"],
-                                     q["speed_runs"]))
-    run("speed_1thread", lambda: bench_speed(base, models["best"], calib, 1, max(1, q["speed_rounds"] // 2),
-                                             q["speed_runs"]))
-    if args.only is not None:
-        pass
-    else:
-        log("speed", sections["speed"]["median_ms"], sections["speed_1thread"]["median_ms"])
-    run("kmeans", lambda: bench_kmeans(base, train, test, fp32, q))
-    run("deep_compression", lambda: bench_deep_compression(base, train, test, fp32, q, tmp))
-    run("rounding", lambda: bench_rounding(base, calib, test, fp32, q))
-    run("binary", lambda: bench_binary(base, train, test, fp32, q))
-    run("qat_lsq", lambda: bench_qat(base, train, test, fp32, q))
-    plot_path = ROOT / "benchmarks" / "results" / "quantization_pareto.png"
-    run("mixed_precision", lambda: bench_mixed(base, calib, test_small, fp32_small,
-                                               plot_path if not quick else tmp / "p.png"))
-    if args.only is not None:
-        log("only", args.only, "done; saved to", partial)
-        return 0
-    sections["seconds_total"] = round(time.perf_counter() - t0, 1)
-    rec.results.update(sections)
 
+def part_speed_1thread(st: State) -> None:
+    q = st.q
+    _section("speed_1thread", lambda s: bench_speed(s.base, s.models["best"], s.calib, 1,
+                                                    max(1, q["speed_rounds"] // 2), q["speed_runs"]))(st)
+    if st.args.only is None:
+        log("speed", st.sections["speed"]["median_ms"], st.sections["speed_1thread"]["median_ms"])
+
+
+# the sections in the order they run (they share one seeded random stream: keep the order)
+PARTS = {
+    "resnet20": _section("resnet20", lambda s: bench_resnet20()),
+    "int8": part_int8,
+    "speed": _section("speed", lambda s: bench_speed(s.base, s.models["best"], s.calib, s.args.latency_threads,
+                                                     s.q["speed_rounds"], s.q["speed_runs"])),
+    "speed_1thread": part_speed_1thread,
+    "kmeans": _section("kmeans", lambda s: bench_kmeans(s.base, s.train, s.test, s.fp32, s.q)),
+    "deep_compression": _section("deep_compression", lambda s: bench_deep_compression(s.base, s.train, s.test,
+                                                                                      s.fp32, s.q, s.tmp)),
+    "rounding": _section("rounding", lambda s: bench_rounding(s.base, s.calib, s.test, s.fp32, s.q)),
+    "binary": _section("binary", lambda s: bench_binary(s.base, s.train, s.test, s.fp32, s.q)),
+    "qat_lsq": _section("qat_lsq", lambda s: bench_qat(s.base, s.train, s.test, s.fp32, s.q)),
+    "mixed_precision": _section("mixed_precision", lambda s: bench_mixed(
+        s.base, s.calib, s.test_small, s.fp32_small,
+        ROOT / "benchmarks" / "results" / "quantization_pareto.png" if not s.quick else s.tmp / "p.png")),
+}
+
+
+def record_targets(st: State) -> None:
+    """Every target from the finished sections."""
+    rec, sections, q = st.rec, st.sections, st.q
     km, i8, sp, dc, bn, rn = (sections["kmeans"], sections["int8"], sections["speed"], sections["deep_compression"],
                               sections["binary"], sections["resnet20"])
     rec.target("kmeans8_acc_drop", km["kmeans8"]["drop"], "<=", 0.2, "fp32 − k-means 8-bit accuracy, no fine-tuning")
@@ -474,9 +463,46 @@ def main() -> int:
     rec.target("resnet20_int8_agreement", best_rn[1]["agreement"], ">=", 19,
                f"top-1 agreement with fp32 on the 20 CIFAR samples ({best_rn[0]})")
     rec.target("resnet20_int8_sqnr_db", round(best_rn[1]["sqnr_db"], 2), ">=", 25, f"logit SQNR vs fp32 ({best_rn[0]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_part_options(ap, PARTS, quick=False, merge=False, out=False)
+    ap.add_argument("--quick", action="store_true", help="tiny subsets and iteration counts; JSON only with --out")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--latency-threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quantization.json)")
+    ap.add_argument("--partial", default="/tmp/quantization_partial.json",
+                    help="sections finished so far are saved here; --resume reuses them")
+    ap.add_argument("--resume", action="store_true", help="skip sections already in --partial")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these sections (saved to --partial, no JSON)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads for training and evaluation")
+    ap.add_argument("--device", default="cpu", help="device for the training sections run with --only "
+                    "(kmeans, deep_compression, binary); the committed JSON is measured on CPU")
+    args = ap.parse_args(argv)
+    if args.parts and args.only is None:  # --parts is --only under the shared name
+        args.only = selected_parts(PARTS, args.parts)
+    names = list(PARTS) if args.only is None else selected_parts(PARTS, ",".join(args.only)) if args.only else []
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rec = BenchmarkRecord("quantization")
+    st = State(args, rec)
+    if st.sections:
+        log("resuming with sections", sorted(st.sections))
+        rec.results["setup"]["sections_from_partial_file"] = {
+            "sections": sorted(st.sections), "note": "computed by earlier runs (--only/--resume) and reused as saved; "
+            "the other sections were computed by this run"}
+    t0 = time.perf_counter()
+    run_parts(PARTS, names, st)
+    if args.only is not None:
+        log("only", args.only, "done; saved to", st.partial)
+        return 0
+    st.sections["seconds_total"] = round(time.perf_counter() - t0, 1)
+    rec.results.update(st.sections)
+    record_targets(st)
     for t in rec.targets:
         log("target", t)
-    if not quick:
+    if not args.quick or args.out:  # a quick run writes only where --out says (never the committed file)
         log("wrote", rec.write(args.out))
     return 0
 

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--m", type=positive_int, default=4, help="M of N:M")
     p.add_argument("--layers", default="", help="comma-separated layer names (default: all)")
     p.add_argument("--exclude", default="", help="comma-separated layer names to leave alone")
-    p.add_argument("--sort", action="store_true", help="Lab1 Frobenius-norm channel sort first")
+    p.add_argument("--sort", action="store_true",
+                   help="sort input channels by norm before pruning (keep-first then keeps the strongest)")
     p.add_argument("--skip-unsupported", action="store_true",
                    help="leave channels touched by unknown ops unpruned instead of failing")
     p.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tuning epochs (fractional ok)")

@@ -1,4 +1,4 @@
-"""The course VGG (MIT 6.5940 Lab 0/1): eight conv3×3-BN-ReLU layers, four 2×2 max-pools, a linear head.
+"""The VGG of MIT 6.5940's exercises: eight conv3×3-BN-ReLU layers, four 2×2 max-pools, a linear head.
 
 At width 1.0 on 32×32×3 CIFAR images it has 9.23M parameters and 606M MACs. ``width`` scales every
 conv's channels (rounded, at least 1); ``in_channels`` and ``num_classes`` adapt it to other data

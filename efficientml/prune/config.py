@@ -36,7 +36,7 @@ class PruneConfig(Config):
     num_patterns: int = 8                       # pattern: size of the pattern library
     per_layer: tuple[tuple[str, float], ...] = ()  # (layer, sparsity) overrides
     scope: str = "local"                        # fine-grained: per-layer ("local") or one global threshold
-    sort_inputs: bool = False                   # channel: Lab1 Frobenius-norm sort before pruning
+    sort_inputs: bool = False                   # channel: sort input channels by norm before pruning
     on_unsupported: str = "error"               # channel: "error" or "skip" (leave that group unpruned)
     refit: bool = True                          # criterion "thinet": least-squares refit of next layers
     calib_batches: int = 4                      # batches of calibration data for data-driven criteria

@@ -16,8 +16,8 @@ name           what it measures                                                 
 ``apoz``       ``1 − APoZ``: share of positive post-BN activations on calibration data      yes
 ``thinet``     greedy ThiNet order: channels whose removal least changes the next layer's    yes
                output go first (pair with the least-squares refit in :mod:`refit`)
-``input_l2``   Frobenius norm of the next layer's input-channel slices (the Lab1 sort key)   no
-``first``      keep the first channels (Lab1's naive baseline)                              no
+``input_l2``   Frobenius norm of the next layer's input-channel slices (channel-sort key)    no
+``first``      keep the first channels (the unsorted baseline)                              no
 =============  ==========================================================================  ========
 
 Register your own: ``CRITERIA.register("mine", MyCriterion())`` with the same two methods.
@@ -324,7 +324,7 @@ def _columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class InputNorm(Criterion):
-    """Lab1's sort key: the Frobenius norm of the next layers' weight slices reading each channel."""
+    """The channel-sort key: the Frobenius norm of the next layers' weight slices reading each channel."""
 
     name = "input_l2"
     channel_only = True
@@ -340,7 +340,7 @@ class InputNorm(Criterion):
 
 
 class First(Criterion):
-    """Keep the first channels, drop the last (Lab1's unsorted baseline)."""
+    """Keep the first channels, drop the last (the unsorted baseline)."""
 
     name = "first"
     channel_only = True

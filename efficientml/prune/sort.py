@@ -1,8 +1,8 @@
-"""Lab1's channel sort: reorder each group's channels by the Frobenius norm of the next layers'
+"""Channel sort: reorder each group's channels by the Frobenius norm of the next layers'
 input-channel slices, most important first, without changing what the network computes.
 
 After sorting, "keep the first k channels" keeps the k most important ones — the step that turns
-Lab1's naive channel pruning into a usable one. Groups with fixed channels (model inputs/outputs,
+naive keep-the-first-k channel pruning into a usable one. Groups with fixed channels (model inputs/outputs,
 skipped ops) or option-A shortcuts (whose padding fixes the channel order) are left as they are.
 """
 

@@ -108,7 +108,7 @@ def sparse24_benchmark(shapes: tuple[tuple[int, int], ...] = ((4096, 11008), (11
 
 def _csr(w: torch.Tensor) -> Any:
     """A CSR matrix for ``w`` (2-D): scipy's when installed (its CSR × dense kernel is far faster on
-    CPU than torch's beta CSR path, measured ~10× here), else a torch sparse CSR tensor."""
+    CPU than torch's beta CSR path), else a torch sparse CSR tensor."""
     try:
         import scipy.sparse as sp
     except ImportError:

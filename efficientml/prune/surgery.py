@@ -36,7 +36,7 @@ class ChannelPlan:
     """Which channels of each group survive: ``kept[group_id]`` lists channel positions in the group.
 
     Groups not in ``kept`` are untouched. With ``permute=True`` the listed order is kept (used by the
-    Lab1 sort); otherwise each layer keeps its surviving channels in their original order."""
+    channel sort by norm); otherwise each layer keeps its surviving channels in their original order."""
 
     graph: DependencyGraph
     kept: dict[int, list[int]] = field(default_factory=dict)

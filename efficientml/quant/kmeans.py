@@ -5,7 +5,7 @@ midpoints (O(M log k)), and the update is a ``scatter_add``. k-means++ seeds fro
 Pruning-aware: weights that are exactly zero keep index −1 (stored as 0, no centroid) and stay zero
 during fine-tuning. Storage: N·M index bits + 32·2^N codebook bits per layer.
 
-Fine-tuning (Deep Compression / Lab2): :class:`KMeansLinear`/:class:`KMeansConv2d` hold the
+Fine-tuning (Deep Compression's centroid fine-tuning): :class:`KMeansLinear`/:class:`KMeansConv2d` hold the
 centroids as the trainable parameter and rebuild the weight as ``centroids[labels]``; autograd of
 that gather sums the gradients of all weights of a cluster into its centroid (gradient grouping).
 """

@@ -17,7 +17,7 @@ class TrainConfig(Config):
     optimizer: str = "sgd"           # "sgd" (momentum, nesterov) or "adamw"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "triangular"     # Lab0 triangular (peak at warmup_frac), "cosine", "constant"
+    schedule: str = "triangular"     # linear up to the peak at warmup_frac, then down | "cosine" | "constant"
     warmup_frac: float = 0.3
     label_smoothing: float = 0.0
     grad_clip: float | None = None   # max global grad norm

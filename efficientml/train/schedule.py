@@ -7,7 +7,7 @@ from typing import Callable
 
 
 def triangular(total_steps: int, peak_frac: float = 0.3) -> Callable[[int], float]:
-    """The course's Lab0 schedule: linear warm-up from 0 to the peak at ``peak_frac`` of training,
+    """Triangular schedule: linear warm-up from 0 to the peak at ``peak_frac`` of training,
     then linearly down to 0 at the end. Step 0 gets a small nonzero LR so the first step moves."""
     peak = max(1.0, peak_frac * total_steps)
 

@@ -8,7 +8,7 @@ by the error of the group's ``inspect`` module output between the fp block and t
 (except q/k, whose errors softmax amplifies) shrinks each group's range by the ratio minimizing
 ``‖WX − Q_clip(W)X‖``. The block's next inputs are the fp block's outputs (scaling is exact).
 
-The course's Lab4 ablations are fields: ``salient_mode="fp16"`` keeps the top ``salient_fraction``
+The salient-channel ablations are fields: ``salient_mode="fp16"`` keeps the top ``salient_fraction``
 input channels (by x̄) unquantized (simulated: a packed checkpoint cannot hold them, so it forces
 fake quantization), ``salient_mode="scale"`` multiplies them by ``salient_scale`` instead of searching,
 and ``n_grid`` sets the α grid. ``use_gptq=True`` composes AWQ's scales with GPTQ (no clipping: GPTQ
@@ -46,7 +46,7 @@ class AWQConfig(Config):
     clip_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512          # tokens (evenly sampled) for the clip search
-    salient_mode: str = "none"      # "none" | "fp16" | "scale" (Lab4 ablations)
+    salient_mode: str = "none"      # "none" | "fp16": keep salient input channels unquantized | "scale": scale them
     salient_fraction: float = 0.01
     salient_scale: float = 2.0
     use_gptq: bool = False          # AWQ scales, then GPTQ instead of RTN (+clip)

@@ -3,10 +3,10 @@ decoding) or a few (up to :data:`MAX_ROWS`: a small batch of sequences, a short 
 read from memory once for all of them.
 
 A batch-1 decode step is a chain of matrix-vector products that stream every weight from memory
-once. MKL's sgemv reaches about 11 GB/s of this machine's 17 GB/s on SmolLM2's shapes (576×576 to
-576×49152) with two threads, and less on the small ones; the kernel here reaches about 15 GB/s on
-the same chain (``benchmarks/llm_core.py`` records both), because each thread streams one
-contiguous block of rows and prefetches ahead of it.
+once. MKL's sgemv stays well below the machine's read bandwidth on SmolLM2's shapes (576×576 to
+576×49152), more so on the small ones; the kernel here gets closer on the same chain
+(``benchmarks/llm_core.py`` records both against the measured bandwidth), because each thread
+streams one contiguous block of rows and prefetches ahead of it.
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``, ``gcc``,
 ``clang``) for this CPU (``-march=native``, OpenMP) into ``$EFFICIENTML_CACHE/kernels`` (written
