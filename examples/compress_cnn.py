@@ -20,8 +20,9 @@ from efficientml.analysis import profile
 from efficientml.data.cifar_samples import load_cifar_samples
 from efficientml.models import build_model
 from efficientml.models.resnet_cifar import PRETRAINED_MEAN, PRETRAINED_STD
-from efficientml.prune import PruneConfig, prune, recalibrate_bn
-from efficientml.quant import IntegerConfig, quantize
+from efficientml import apply
+from efficientml.prune import PruneConfig, recalibrate_bn
+from efficientml.quant import IntegerConfig
 
 
 def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -40,13 +41,13 @@ def main(argv: list[str] | None = None) -> dict:
     before = profile(model, (1, 3, 32, 32), name="resnet20")
 
     # 1. channel pruning: L2 norm of each channel, residual streams pruned together, layers shrunk
-    pruned = prune(model, PruneConfig(method="channel", sparsity=args.ratio, criterion="l2"),
+    pruned = apply(model, PruneConfig(method="channel", sparsity=args.ratio, criterion="l2"),
                    example_inputs=x[:2]).model
     recalibrate_bn(pruned, [(x, y)])  # BatchNorm statistics of the narrower network
     after = profile(pruned, (1, 3, 32, 32), name="resnet20-pruned")
 
     # 2. int8: per-channel weights, BN folded, activation ranges from the calibration batch
-    int8 = quantize(pruned, IntegerConfig(observer="minmax"), calibration=[x]).model
+    int8 = apply(pruned, IntegerConfig(observer="minmax"), calib=[x]).model
 
     row = {"params": (before.params, after.params), "macs": (before.macs, after.macs),
            "correct_of_20": {"fp32": top1(model, x, y), "pruned": top1(pruned, x, y), "pruned_int8": top1(int8, x, y)},

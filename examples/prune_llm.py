@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 
 from efficientml.data.text import load_text
-from efficientml.llm.compress import CalibConfig, PruneConfig, calibration_tokens, prune
+from efficientml import apply
+from efficientml.llm.compress import CalibConfig, LLMPruneConfig, calibration_tokens
 from efficientml.llm.eval import PerplexityProtocol, perplexity
 from efficientml.llm.io.load import load
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     n_m = tuple(int(v) for v in args.n_m.split(":")) if args.n_m else None
     calib = calibration_tokens(tok, CalibConfig("wikitext2-valid", args.calib_samples, args.context, 0))
-    report = prune(model, PruneConfig(args.method, 0.5, n_m=n_m), calib, progress=False)  # in place
+    report = apply(model, LLMPruneConfig(args.method, 0.5, n_m=n_m), calib=calib, inplace=True, progress=False).report
     sparse = perplexity(model, ids, proto, batch_size=4, max_windows=args.windows).perplexity
 
     print(f"{args.method} {args.n_m or '50%'}: sparsity {report['sparsity']:.3f}, "

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from efficientml.llm.chat import ChatSession
-from efficientml.llm.compress import AWQConfig, CalibConfig, RTNConfig, calibration_tokens, quantize
+from efficientml import apply
+from efficientml.llm.compress import AWQConfig, CalibConfig, RTNConfig, calibration_tokens
 from efficientml.llm.generate import SamplingConfig
 from efficientml.llm.io.compressed import load_compressed, save_compressed
 from efficientml.llm.io.load import load
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = AWQConfig(w_bits=4, group_size=64, search_samples=min(2, args.calib_samples), clip_tokens=128)
     else:
         calib, config = None, RTNConfig(w_bits=4, group_size=64)
-    report = quantize(model, config, calib, progress=False)  # in place; linears become packed QuantLinear
+    report = apply(model, config, calib=calib, inplace=True, progress=False).report  # linears become packed QuantLinear
 
     with tempfile.TemporaryDirectory() as td:
         folder = Path(args.out or Path(td) / "w4")
