@@ -53,7 +53,7 @@ from torch import nn
 from efficientml.core.errors import ShapeError
 from efficientml.llm.config import LlamaConfig, alibi_slopes
 from efficientml.llm.kv_cache import KVCache
-from efficientml.llm.rope import Rotary, apply_rope, rope_inv_freq  # noqa: F401  (rope_inv_freq: re-exported)
+from efficientml.llm.rope import Rotary, apply_rope
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 

@@ -76,7 +76,7 @@ def llama3_scaling(factors: torch.Tensor, cfg: LlamaConfig, where: str) -> dict[
     rather than as parameters; find the llama3 parameters (factor, low/high frequency factors, original
     context) that give exactly these divisors. None when every divisor is 1; an error when none fit,
     rather than a model whose positions are silently wrong."""
-    from efficientml.llm.model import rope_inv_freq
+    from efficientml.llm.rope import rope_inv_freq
 
     f = factors.double().flatten()
     if f.numel() != cfg.dim_per_head // 2:

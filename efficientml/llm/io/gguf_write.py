@@ -146,7 +146,7 @@ def model_metadata(cfg: LlamaConfig, fam: families.Family, outtype: str, name: s
         if v is not None:
             meta[f"{arch}.{key}"] = int(v) if field == "sliding_window" else float(v)
     if cfg.rope_type == "longrope":  # LongRoPE's pretrained context and attention factor (its factors: tensors)
-        from efficientml.llm.model import rope_inv_freq
+        from efficientml.llm.rope import rope_inv_freq
 
         meta[f"{arch}.rope.scaling.original_context_length"] = cfg.rope_original_context
         meta[f"{arch}.rope.scaling.attn_factor"] = float(rope_inv_freq(cfg)[1])
@@ -219,7 +219,7 @@ def _exact_block_type(mod: nn.Module, name: str) -> int:
 def _plan(model: nn.Module, fam: families.Family, outtype: str) -> list[tuple[str, Any, tuple[int, ...], int]]:
     """(gguf name, state-dict key / a computed tensor / a QuantLinear, PyTorch shape, ggml type) for
     every tensor."""
-    from efficientml.llm.model import rope_inv_freq
+    from efficientml.llm.rope import rope_inv_freq
 
     cfg: LlamaConfig = model.config
     quantized = {}  # state-dict prefix → (module, exact GGUF block type)

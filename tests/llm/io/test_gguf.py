@@ -189,7 +189,7 @@ def _llamacpp_rope_factors(hd, base, factor, lo, hi, old):
 def test_llama3_rope_freqs_become_llama3_scaling(tmp_path):
     from efficientml.llm.io.gguf import llama3_scaling
     from efficientml.llm.io.load import load_gguf
-    from efficientml.llm.model import rope_inv_freq
+    from efficientml.llm.rope import rope_inv_freq
 
     cfg = dataclasses.replace(CFG, hidden_size=512, num_attention_heads=4, rope_theta=500000.0)  # head_dim 128
     m = build_model(cfg, device="cpu")
