@@ -13,7 +13,7 @@ weight-quantization table:
 - weights are evaluated with fake quantization (tested equal to the packed model within 1e-3 logits);
   the real-path section saves, reloads and times the packed checkpoint.
 
-Sections (``--sections``, run separately and combined with ``--merge``):
+Parts (``--parts``, older name ``--sections``; run separately and combined with ``--merge``):
 
 - ``calib``: the timed end-to-end AWQ and GPTQ runs at W4 g128 on the full calibration set
   (``awq_minutes``, ``gptq_minutes``); their calibration statistics (mean |x|, search samples,
@@ -27,10 +27,10 @@ Sections (``--sections``, run separately and combined with ``--merge``):
   model with Llama-3.2-1B's shapes in bf16, built on the meta device and filled tensor by tensor,
   calibrated block by block on a few tokens; peak RSS (VmHWM) ÷ the model's bf16 bytes.
 
-    python benchmarks/llm_compression.py --threads 2 --sections fp,calib --out a.json
-    python benchmarks/llm_compression.py --threads 2 --sections w4,w3 --rows rtn,awq+gptq ... --out b.json
+    python benchmarks/llm_compression.py --threads 2 --parts fp,calib --out a.json
+    python benchmarks/llm_compression.py --threads 2 --parts w4,w3 --rows rtn,awq+gptq ... --out b.json
     python benchmarks/llm_compression.py --merge a.json b.json ... [--carry old.json]
-    python benchmarks/llm_compression.py --quick    # a smoke run in a few minutes
+    python benchmarks/llm_compression.py --quick    # a smoke run in a few minutes (JSON to a temp file)
 """
 
 from __future__ import annotations
@@ -46,10 +46,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from efficientml.analysis.record import BenchmarkRecord  # noqa: E402
+from efficientml.analysis.record import (REPO_ROOT as ROOT, BenchmarkRecord, add_part_options, default_out,
+                                         merge_records, run_parts, selected_parts)
 
 
 def rss_peak_bytes() -> int:
@@ -150,15 +148,11 @@ def merge(paths: list[str], out: str | None, carry: str | None = None, ablation:
               for p in paths if Path(p).is_file() and Path(p).stat().st_size]
     parts = [d for d in loaded if "results" in d]
     mem_parts = {d["method"]: d for d in loaded if "ratio" in d}  # --mem-worker outputs (files *.mem)
-    rec = BenchmarkRecord("llm_compression")
+    merged = merge_records(parts, "llm_compression")
+    rec = BenchmarkRecord("llm_compression")  # this command, now; the parts' own commands are listed
     rec.results = {"parts": [{"command": p["command"], "git_commit": p["git_commit"], "created": p["created"]}
                              for p in parts]}
-    for p in parts:
-        for k, v in p["results"].items():
-            if isinstance(v, dict) and isinstance(rec.results.get(k), dict):
-                rec.results[k] = {**rec.results[k], **v}
-            else:
-                rec.results.setdefault(k, v)
+    rec.results.update({k: v for k, v in merged.results.items() if k != "parts"})
     if mem_parts:
         rec.results["memory_1b"] = {**rec.results.get("memory_1b", {}), **mem_parts}
     if carry:  # an earlier record's sections that were not rerun, unchanged (each with its own fp)
@@ -249,29 +243,6 @@ def compute_targets(rec: BenchmarkRecord) -> None:
                          "not measured at 128 × 512 calibration tokens in the merged runs"))
 
 
-# --------------------------------------------------------------------------------------------- number formats
-FORMAT_ROWS = ("nf4", "fp8_e4m3", "mxfp4")
-
-
-def formats_part(base, ppl, R: dict) -> None:
-    """The ``formats`` section: weight-only number formats of quant.formats on the table's protocol.
-    Simulated path: every decoder-block linear holds its rounded weights in fp32, nothing is packed.
-    NF4: absmax per block of 64; FP8 E4M3: one fp32 scale per output channel; MXFP4: E8M0 per 32."""
-    from efficientml.llm.compress.weight_format import WeightFormatConfig, apply_weight_format
-
-    rows = {}
-    for name in FORMAT_ROWS:
-        m = copy.deepcopy(base)
-        rep = apply_weight_format(m, WeightFormatConfig(name))
-        rows[name] = {"ppl": ppl(m, f"{name}_weights"), "bits_per_weight": rep["bits_per_weight"],
-                      "config": rep["config"]}
-        del m
-    R["weight_formats"] = {"path": "simulated", "rows": rows,
-                           "note": "fake-quantized weights (llm.compress.weight_format), block linears only; "
-                                   "bits_per_weight: what a packed layout would take (elements + scales), "
-                                   "not measured bytes; perplexity rows results.ppl.<format>_weights"}
-
-
 # --------------------------------------------------------------------------------------------- main
 # the α / clip searches (library defaults: n_grid 20, 4 search samples, 20 clip steps, 512 clip tokens)
 AWQ_BENCH = dict(n_grid=20, search_samples=2, clip_grid=20, clip_tokens=512)
@@ -280,14 +251,328 @@ AWQ_BENCH = dict(n_grid=20, search_samples=2, clip_grid=20, clip_tokens=512)
 GPTQ_BENCH = dict(propagate="fp", act_order=True, static_groups=True)
 AWQ_GPTQ_BENCH = dict(AWQ_BENCH, use_gptq=True, gptq_act_order=True)
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+DEFAULT_PARTS = "fp,calib,w4,w3,w4pc,formats,sq,prune,kv,real,mem"
+
+
+class State:
+    """What the parts share: the fp model and tokenizer, the evaluation ids and protocol, the
+    calibration tokens, the record (``R`` = its results) and the options."""
+
+    def __init__(self, args: argparse.Namespace, parts: list[str], mem_proc: subprocess.Popen | None):
+        from efficientml.data.text import load_text
+        from efficientml.llm.compress import CalibConfig, calibration_tokens
+        from efficientml.llm.eval import PerplexityProtocol
+        from efficientml.llm.io.load import load
+
+        self.args, self.parts, self.mem_proc = args, parts, mem_proc
+        self.windows = args.windows or (2 if args.quick else 40)
+        n_calib = args.calib_samples or (2 if args.quick else 128)
+        self.rec = BenchmarkRecord("llm_compression")
+        self.out_path = None if args.out is None and not args.quick else default_out("llm_compression", args.quick,
+                                                                                     args.out)
+        self.base, self.tok = load("smollm2-135m")
+        if args.tiny:  # smoke test of this script: a 2-layer random model with SmolLM2's vocabulary
+            from efficientml.llm.config import LlamaConfig
+            from efficientml.llm.model import build_model
+
+            torch.manual_seed(0)
+            self.base = build_model(LlamaConfig(vocab_size=49152, hidden_size=192, intermediate_size=384,
+                                                num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                                                tie_word_embeddings=True, max_position_embeddings=1024), "cpu").eval()
+        self.ids = self.tok.encode(load_text("wikitext2-raw-test"), add_bos=False)
+        self.proto = PerplexityProtocol(context=512)
+        calib_cfg = CalibConfig("wikitext2-valid", n_calib, 512, 0)
+        self.calib = calibration_tokens(self.tok, calib_cfg)
+        self.R = R = self.rec.results
+        R["protocol"] = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to fp32 (= fp)",
+                         "perplexity": {"text": "wikitext2-raw-test", "context": 512, "stride": 512, "bos": False,
+                                        "windows": self.windows, "tokens_scored": None,
+                                        "note": "first N non-overlapping 512-token windows of the file (fixed prefix)"},
+                         "calibration": calib_cfg.to_dict(), "calibration_tokens": int(self.calib.numel()),
+                         "threads": args.threads,
+                         "g128_note": "hidden size 576 is not a multiple of 128: 'g128' rows use group_size 192",
+                         "evaluation": "fake-quantized weights (packed logits equal them within 1e-3, tests); "
+                                       "W8A8 rows run the W8A8Linear modules (float-emulated int8 matmul on CPU)"}
+        R["ppl"] = {}
+        R["quant_seconds"] = {}
+        self.fp: float | None = None
+        self.settings = SETTINGS
+        R["settings"] = SETTINGS
+        R["method_configs"] = method_configs()
+
+    def save(self) -> None:
+        self.rec.write(self.out_path)
+
+    def ppl(self, m, name: str, score_fn=None) -> float:
+        """Perplexity of ``m`` on the protocol's windows, recorded as results.ppl[name]."""
+        from efficientml.llm.eval import perplexity
+
+        r = perplexity(m, self.ids, self.proto, batch_size=4, max_windows=self.windows, score_fn=score_fn)
+        self.R["protocol"]["perplexity"]["tokens_scored"] = r.tokens_scored
+        self.R["ppl"][name] = r.perplexity
+        print(f"{name:28s} ppl {r.perplexity:8.3f}  ({r.seconds:.0f} s)", flush=True)
+        self.save()
+        return r.perplexity
+
+    def stats_file(self, meth: str) -> Path:
+        return Path(f"{self.args.stats}.{meth}.pt")
+
+    def load_stats(self):  # AWQ's (mean |x|, search samples) and GPTQ's (Hessians) statistics, same tokens
+        return torch.load(self.stats_file("awq"), weights_only=False).merge(
+            torch.load(self.stats_file("gptq"), weights_only=False))
+
+
+SETTINGS = {"w4g128": dict(w_bits=4, group_size=192, symmetric=False),
+            "w3g128": dict(w_bits=3, group_size=192, symmetric=False),
+            "w4pc_sym": dict(w_bits=4, group_size=None, symmetric=True)}
+
+
+def method_configs() -> dict:
+    from efficientml.llm.compress import AWQConfig, GPTQConfig
+
+    return {"awq": AWQConfig(**AWQ_BENCH).to_dict(), "gptq": GPTQConfig(**GPTQ_BENCH).to_dict(),
+            "awq+gptq": AWQConfig(**AWQ_GPTQ_BENCH).to_dict(),
+            "note": "w_bits/group_size/symmetric per setting (results.settings); GPTQ propagates the "
+                    "fp block outputs, so every method sees the fp model's activations and the "
+                    "statistics of the two timed runs serve every setting (results.stats_reuse)"}
+
+
+def part_fp(st: State) -> None:
+    st.fp = st.ppl(st.base, "fp")
+
+
+def part_calib(st: State) -> None:
+    """The two timed end-to-end runs (W4 g128), their statistics kept for the table parts."""
+    from efficientml.core.transform import apply
+    from efficientml.llm.compress import AWQConfig, GPTQConfig
+
+    wq = st.settings["w4g128"]
+    for meth in st.args.calib_methods.split(","):
+        conf = AWQConfig(**wq, **AWQ_BENCH) if meth == "awq" else GPTQConfig(**wq, **GPTQ_BENCH)
+        m = copy.deepcopy(st.base)
+        rep = apply(m, conf, calib=st.calib, inplace=True, pack=False, progress=False, keep_stats=True).report
+        torch.save(rep.pop("stats"), st.stats_file(meth))
+        st.R["quant_seconds"][f"{meth}_w4g128"] = rep["seconds"]
+        print(f"{meth} w4g128 calibration: {rep['seconds'] / 60:.2f} min on {st.calib.numel()} tokens", flush=True)
+        st.save()
+        st.ppl(m, f"{meth}_w4g128")
+        del m
+
+
+def weight_table(key: str, sname: str):
+    """A row set of the weight-quantization table (``--rows``: "meth" for every part, "part:meth"
+    for one), quantized from the timed runs' statistics."""
+    def part(st: State) -> None:
+        from efficientml.core.transform import apply
+        from efficientml.llm.compress import AWQConfig, GPTQConfig, RTNConfig
+
+        rows = [r.split(":")[-1] for r in st.args.rows.split(",") if r and r.split(":")[0] in (key, r)]
+        wq = st.settings[sname]
+        stats = st.load_stats()
+        confs = {"rtn": RTNConfig(**wq), "awq": AWQConfig(**wq, **AWQ_BENCH), "gptq": GPTQConfig(**wq, **GPTQ_BENCH),
+                 "awq+gptq": AWQConfig(**wq, **AWQ_GPTQ_BENCH)}
+        cache: dict = {}  # AWQ's searched scales, reused by AWQ+GPTQ (same statistics and setting)
+        for meth in ("awq", "rtn", "gptq", "awq+gptq"):
+            if meth not in rows and not (meth == "awq" and "awq+gptq" in rows):
+                continue
+            m = copy.deepcopy(st.base)
+            rep = apply(m, confs[meth], inplace=True, pack=False, progress=False,
+                        stats=None if meth == "rtn" else stats, search_cache=cache).report
+            st.R["quant_seconds"][f"{meth}_{sname}_from_stats"] = rep["seconds"]
+            if meth in rows:
+                st.ppl(m, f"{meth}_{sname}")
+            del m
+        del stats
+        st.save()
+    return part
+
+
+def part_ablate(st: State) -> None:
+    """GPTQ with act-order but every calibration token weighted once (sink_share=0)."""
+    from efficientml.core.transform import apply
+    from efficientml.llm.compress import GPTQConfig
+    from efficientml.llm.eval import perplexity
+
+    conf0 = GPTQConfig(**st.settings["w4g128"], **{**GPTQ_BENCH, "sink_share": 0.0})
+    m = copy.deepcopy(st.base)
+    st0 = apply(m, conf0, calib=st.calib, inplace=True, pack=False, progress=False, keep_stats=True).report["stats"]
+    del m
+    abl = {"config": conf0.to_dict(), "ppl": {},
+           "note": "GPTQ as in the table (act-order, static groups) with sink_share=0: each calibration token "
+                   "weighted once; with results.ablation (plain GPTQ) and the table this separates the two changes"}
+    for sname, wq in st.settings.items():
+        m = copy.deepcopy(st.base)
+        apply(m, GPTQConfig(**wq, **{**GPTQ_BENCH, "sink_share": 0.0}), inplace=True, pack=False, progress=False,
+              stats=st0)
+        key = f"gptq_actorder_nosink_{sname}"
+        abl["ppl"][key] = perplexity(m, st.ids, st.proto, batch_size=4, max_windows=st.windows).perplexity
+        print(f"gptq act-order, sink_share 0, {sname}: ppl {abl['ppl'][key]:.3f}", flush=True)
+        del m
+    st.R["ablation_sink"] = abl
+    st.save()
+
+
+FORMAT_ROWS = ("nf4", "fp8_e4m3", "mxfp4")
+
+
+def part_formats(st: State) -> None:
+    """Weight-only number formats of quant.formats on the table's protocol. Simulated path: every
+    decoder-block linear holds its rounded weights in fp32, nothing is packed. NF4: absmax per block of
+    64; FP8 E4M3: one fp32 scale per output channel; MXFP4: E8M0 per 32."""
+    from efficientml.llm.compress.weight_format import WeightFormatConfig, apply_weight_format
+
+    rows = {}
+    for name in FORMAT_ROWS:
+        m = copy.deepcopy(st.base)
+        rep = apply_weight_format(m, WeightFormatConfig(name))
+        rows[name] = {"ppl": st.ppl(m, f"{name}_weights"), "bits_per_weight": rep["bits_per_weight"],
+                      "config": rep["config"]}
+        del m
+    st.R["weight_formats"] = {"path": "simulated", "rows": rows,
+                              "note": "fake-quantized weights (llm.compress.weight_format), block linears only; "
+                                      "bits_per_weight: what a packed layout would take (elements + scales), "
+                                      "not measured bytes; perplexity rows results.ppl.<format>_weights"}
+    st.save()
+
+
+def part_sq(st: State) -> None:
+    from efficientml.core.transform import apply
+    from efficientml.llm.compress import SmoothQuantConfig
+
+    sq = {}
+    for smooth in (False, True):
+        for act in ("dynamic", "static"):
+            m = copy.deepcopy(st.base)
+            apply(m, SmoothQuantConfig(alpha=0.5, smooth=smooth, act=act), calib=st.calib, inplace=True, progress=False)
+            tag = f"{act}_{'smooth' if smooth else 'nosmooth'}"
+            sq[tag] = st.ppl(m, f"w8a8_{tag}")
+            del m
+    st.R["smoothquant"] = {"alpha": 0.5, "ppl": sq, "fp": st.fp}
+    st.rec.target("smoothquant_w8a8_ppl_rel_increase", sq["dynamic_smooth"] / st.fp - 1, "<=", 0.03,
+                  note=f"per-token dynamic W8A8 with smoothing (α=0.5); without smoothing {sq['dynamic_nosmooth']:.3f}")
+    st.R["smoothquant"]["smooth_beats_nosmooth_dynamic"] = sq["dynamic_smooth"] < sq["dynamic_nosmooth"]
+    st.save()
+
+
+def part_prune(st: State) -> None:
+    from efficientml.core.transform import apply
+    from efficientml.llm.compress import LLMPruneConfig
+
+    pr = {}
+    for tag, nm in (("50", None), ("2of4", (2, 4))):
+        for meth in ("magnitude", "wanda", "sparsegpt"):
+            m = copy.deepcopy(st.base)
+            rep = apply(m, LLMPruneConfig(meth, 0.5, n_m=nm), calib=st.calib, inplace=True, progress=False).report
+            pr[f"{meth}_{tag}"] = st.ppl(m, f"{meth}_{tag}")
+            st.R.setdefault("prune_sparsity", {})[f"{meth}_{tag}"] = rep["sparsity"]
+            del m
+        for meth in ("wanda", "sparsegpt"):
+            st.rec.target(f"{meth}_vs_magnitude_ppl_ratio_{tag}", pr[f"{meth}_{tag}"] / pr[f"magnitude_{tag}"], "<",
+                          1.0, note=f"{meth} ppl / magnitude ppl at {'50% unstructured' if nm is None else '2:4'}")
+    st.R["prune_ppl"] = pr
+    st.save()
+
+
+def part_kv(st: State) -> None:
+    from efficientml.llm.compress.kv_quant import kv_quant_score_fn
+
+    kv = {b: st.ppl(st.base, f"kv_int{b}", kv_quant_score_fn(st.base, b)) for b in (8, 4)}
+    st.rec.target("kv_int8_ppl_rel_change", abs(kv[8] / st.fp - 1), "<=", 0.005,
+                  note=f"|ppl(int8 KV, per-token per-head) / ppl(fp) − 1|; int4 KV ppl {kv[4]:.3f}")
+    st.R["kv_cache"] = {"int8": kv[8], "int4": kv[4], "fp": st.fp, "granularity": "per token, per KV head"}
+    st.save()
+
+
+def part_mem(st: State) -> None:
+    """Collect the 1B workers started with the run (they share the CPU with the parts before this
+    one, never with the decode timings of ``real``)."""
+    if st.mem_proc is None:
+        return
+    mem = collect_mem(st.mem_proc)
+    st.R["memory_1b"] = mem
+    ratios = [mem.get(k, {}).get("ratio") for k in ("awq", "gptq")]
+    ok = all(r is not None for r in ratios)
+    st.rec.target("calib_peak_rss_ratio_1b", max(ratios) if ok else None, "<=", 1.5,
+                  note="max over AWQ and GPTQ of peak RSS / bf16 model bytes; random Llama-3.2-1B shapes, "
+                       f"{mem.get('awq', {}).get('calib_tokens')} calibration tokens, first blocks transformed "
+                       "(blocks_transformed; the per-block memory pattern repeats)")
+    st.save()
+
+
+def _packed_models(st: State, td: Path, real: dict):
+    """AWQ W4 g192 (fp16 scales) and RTN W4 g64 (bf16) saved packed, sizes recorded, loaded back."""
+    from efficientml.core.transform import apply
+    from efficientml.llm.compress import AWQConfig, RTNConfig, load_compressed, save_compressed
+
+    m = copy.deepcopy(st.base)
+    conf = AWQConfig(**st.settings["w4g128"], **AWQ_BENCH)
+    apply(m, conf, inplace=True, pack=True, progress=False, stats=torch.load(st.stats_file("awq"), weights_only=False))
+    qdir = td / "awq-w4"
+    save_compressed(m, st.tok, qdir, float_dtype=torch.float16, recipe=conf.to_dict())
+    real["packed_dir_bytes"] = sum(f.stat().st_size for f in qdir.iterdir())
+    real["packed_safetensors_bytes"] = (qdir / "model.safetensors").stat().st_size
+    packed, _ = load_compressed(qdir)
+    # W4 g64 RTN in bf16: a group size torch's int4 CPU kernel takes (32/64/128/256; 192 is not)
+    m64 = copy.deepcopy(st.base)
+    apply(m64, RTNConfig(4, 64), inplace=True, pack=True, progress=False)
+    save_compressed(m64, st.tok, td / "rtn-w4g64", float_dtype=torch.bfloat16)
+    real["w4g64_packed_dir_bytes"] = sum(f.stat().st_size for f in (td / "rtn-w4g64").iterdir())
+    packed64, _ = load_compressed(td / "rtn-w4g64", dtype=torch.bfloat16)
+    return packed, packed64
+
+
+def part_real(st: State) -> None:
+    """Packed W4 checkpoints: bytes on disk and batch-1 decode tok/s against fp32 and bf16."""
+    from efficientml.llm.generate import SamplingConfig, generate
+    from efficientml.llm.kernels.qlinear_kernels import use_quant_kernel
+
+    real = {}
+    with tempfile.TemporaryDirectory() as td:
+        packed, packed64 = _packed_models(st, Path(td), real)
+    base = st.base
+    real["fp32_weight_bytes"] = sum(p.numel() * 4 for p in base.parameters())
+    real["bf16_weight_bytes"] = real["fp32_weight_bytes"] // 2
+    prompt = st.calib[0, :32].tolist()
+    n_new = 32
+    rows = (("fp32", base, True), ("bf16", copy.deepcopy(base).to(torch.bfloat16), True), ("w4_packed", packed, True),
+            ("w4g64_bf16_int4_kernel", packed64, True), ("w4g64_bf16_dequant", packed64, False))
+    for name, model, int4 in rows:
+        use_quant_kernel(model, "auto" if int4 else "dequant")  # "dequant": torch's int4 kernel off
+        generate(model, prompt, SamplingConfig(max_new_tokens=2))  # warm-up
+        runs = [generate(model, prompt, SamplingConfig(max_new_tokens=n_new)) for _ in range(3)]
+        real[f"{name}_decode_tok_s"] = sorted(r.decode_tok_s for r in runs)[1]
+        print(f"{name}: decode {real[f'{name}_decode_tok_s']:.2f} tok/s", flush=True)
+    real["rows"] = {"w4_packed": "AWQ W4 g192 (the table's g128 setting), fp32 activations: dequantize + GEMM",
+                    "w4g64_bf16_int4_kernel": "RTN W4 g64, bf16: torch's int4 CPU kernel (QuantLinear on bf16 CPU)",
+                    "w4g64_bf16_dequant": "the same model, use_quant_kernel(model, 'dequant'): dequantize to bf16 + GEMM"}
+    real["decode_protocol"] = f"batch 1, prompt 32 tokens, {n_new} new tokens greedy, median of 3, {st.args.threads} thread(s)"
+    st.R["real_path"] = real
+    st.save()
+
+
+def note_stats_reuse(st: State) -> None:
+    st.R["stats_reuse"] = {"note": "table rows other than the timed ones are quantized from the statistics (mean |x|, "
+                           "search samples, Hessians) kept by the timed AWQ and GPTQ runs; tests check that this "
+                           "gives the same weights as a calibration run (tests/llm/compress/test_stats.py)"}
+
+
+# the parts in the order they run; a new row set is one function of State and one entry here.
+# "ablate" runs only when asked for (it is not in DEFAULT_PARTS); "mem" collects the 1B workers
+# started at the beginning of the run.
+PARTS = {"fp": part_fp, "calib": part_calib, "w4": weight_table("w4", "w4g128"),
+         "w3": weight_table("w3", "w3g128"), "w4pc": weight_table("w4pc", "w4pc_sym"), "ablate": part_ablate,
+         "formats": part_formats,
+         "sq": part_sq, "prune": part_prune, "kv": part_kv, "mem": part_mem, "real": part_real}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_part_options(ap, PARTS)
     ap.add_argument("--tiny", action="store_true", help="smoke-test the script on a tiny random model")
-    ap.add_argument("--windows", type=int, default=None)
-    ap.add_argument("--calib-samples", type=int, default=None)
+    ap.add_argument("--windows", type=int, default=None, help="perplexity windows (default 40; quick 2)")
+    ap.add_argument("--calib-samples", type=int, default=None, help="calibration samples × 512 tokens (default 128)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sections", default="fp,calib,w4,w3,w4pc,formats,sq,prune,kv,real,mem")
+    ap.add_argument("--sections", default=None, help=f"the older name of --parts (default {DEFAULT_PARTS})")
     ap.add_argument("--rows", default="rtn,awq,gptq,awq+gptq", help="methods evaluated in the w4/w3/w4pc sections: 'meth' for all, 'w4:meth' for one")
     ap.add_argument("--calib-methods", default="awq,gptq", help="the timed runs of the calib section")
     ap.add_argument("--stats", default="/tmp/efficientml_llm_compression_stats",
@@ -296,13 +581,14 @@ def main() -> None:
                     "(their own protocol and fp) are carried over unchanged")
     ap.add_argument("--ablation", action="store_true", help="with --merge --carry: keep the carried record's "
                     "GPTQ rows as results.ablation (the GPTQ settings they were measured with are kept too)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--mem-worker", default=None)
+    ap.add_argument("--mem-worker", default=None, help="internal: run one 1B memory worker (awq or gptq)")
     ap.add_argument("--mem-tokens", type=int, default=128)
     ap.add_argument("--mem-blocks", type=int, default=2)
-    ap.add_argument("--merge", nargs="+", default=None,
-                    help="combine JSONs written by runs over disjoint --sections into the final file")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.merge:
         merge(args.merge, args.out, args.carry, args.ablation)
         return
@@ -310,228 +596,18 @@ def main() -> None:
         mem_worker(args.mem_worker, args.mem_tokens, args.mem_blocks, args.threads)
         return
     torch.set_num_threads(args.threads)
-    windows = args.windows or (2 if args.quick else 40)
-    n_calib = args.calib_samples or (2 if args.quick else 128)
-    sections = set(args.sections.split(","))
+    parts = selected_parts(PARTS, args.parts, args.sections, DEFAULT_PARTS)
+    # the 1B workers start first and run while the perplexity parts do
     mem_proc = start_mem(("awq", "gptq"), 64 if args.quick else 128, 1 if args.quick else 2, args.threads) \
-        if "mem" in sections else None
-
-    from efficientml.data.text import load_text
-    from efficientml.core.transform import apply
-    from efficientml.llm.compress import (AWQConfig, CalibConfig, GPTQConfig, LLMPruneConfig, RTNConfig,
-                                          SmoothQuantConfig, calibration_tokens, load_compressed, save_compressed)
-    from efficientml.llm.compress.kv_quant import kv_quant_score_fn
-    from efficientml.llm.kernels.qlinear_kernels import use_quant_kernel
-    from efficientml.llm.eval import PerplexityProtocol, perplexity
-    from efficientml.llm.generate import SamplingConfig, generate
-    from efficientml.llm.io.load import load
-
-    rec = BenchmarkRecord("llm_compression")
-    out_path = Path(args.out) if args.out else None
-    base, tok = load("smollm2-135m")
-    if args.tiny:  # smoke test of this script: a 2-layer random model with SmolLM2's vocabulary
-        from efficientml.llm.config import LlamaConfig
-        from efficientml.llm.model import build_model
-
-        torch.manual_seed(0)
-        base = build_model(LlamaConfig(vocab_size=49152, hidden_size=192, intermediate_size=384, num_hidden_layers=2,
-                                       num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True,
-                                       max_position_embeddings=1024), "cpu").eval()
-    ids = tok.encode(load_text("wikitext2-raw-test"), add_bos=False)
-    proto = PerplexityProtocol(context=512)
-    calib_cfg = CalibConfig("wikitext2-valid", n_calib, 512, 0)
-    calib = calibration_tokens(tok, calib_cfg)
-    R = rec.results
-    R["protocol"] = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to fp32 (= fp)",
-                     "perplexity": {"text": "wikitext2-raw-test", "context": 512, "stride": 512, "bos": False,
-                                    "windows": windows, "tokens_scored": None,
-                                    "note": "first N non-overlapping 512-token windows of the file (fixed prefix)"},
-                     "calibration": calib_cfg.to_dict(), "calibration_tokens": int(calib.numel()),
-                     "threads": args.threads,
-                     "g128_note": "hidden size 576 is not a multiple of 128: 'g128' rows use group_size 192",
-                     "evaluation": "fake-quantized weights (packed logits equal them within 1e-3, tests); "
-                                   "W8A8 rows run the W8A8Linear modules (float-emulated int8 matmul on CPU)"}
-    R["ppl"] = {}
-    R["quant_seconds"] = {}
-
-    def save() -> None:
-        rec.write(out_path)
-
-    def ppl(m, name, score_fn=None) -> float:
-        r = perplexity(m, ids, proto, batch_size=4, max_windows=windows, score_fn=score_fn)
-        R["protocol"]["perplexity"]["tokens_scored"] = r.tokens_scored
-        R["ppl"][name] = r.perplexity
-        print(f"{name:28s} ppl {r.perplexity:8.3f}  ({r.seconds:.0f} s)", flush=True)
-        save()
-        return r.perplexity
-
-    fp = ppl(base, "fp") if "fp" in sections else None
-    settings = {"w4g128": dict(w_bits=4, group_size=192, symmetric=False),
-                "w3g128": dict(w_bits=3, group_size=192, symmetric=False),
-                "w4pc_sym": dict(w_bits=4, group_size=None, symmetric=True)}
-    R["settings"] = settings
-    R["method_configs"] = {"awq": AWQConfig(**AWQ_BENCH).to_dict(), "gptq": GPTQConfig(**GPTQ_BENCH).to_dict(),
-                           "awq+gptq": AWQConfig(**AWQ_GPTQ_BENCH).to_dict(),
-                           "note": "w_bits/group_size/symmetric per setting (results.settings); GPTQ propagates the "
-                                   "fp block outputs, so every method sees the fp model's activations and the "
-                                   "statistics of the two timed runs serve every setting (results.stats_reuse)"}
-    def stats_file(meth: str) -> Path:
-        return Path(f"{args.stats}.{meth}.pt")
-
-    def load_stats():  # AWQ's (mean |x|, search samples) and GPTQ's (Hessians) statistics, same tokens
-        return torch.load(stats_file("awq"), weights_only=False).merge(torch.load(stats_file("gptq"), weights_only=False))
-
-    if "calib" in sections:  # the two timed end-to-end runs (W4 g128), their statistics kept for the table
-        wq = settings["w4g128"]
-        for meth in args.calib_methods.split(","):
-            conf = AWQConfig(**wq, **AWQ_BENCH) if meth == "awq" else GPTQConfig(**wq, **GPTQ_BENCH)
-            m = copy.deepcopy(base)
-            rep = apply(m, conf, calib=calib, inplace=True, pack=False, progress=False, keep_stats=True).report
-            torch.save(rep.pop("stats"), stats_file(meth))
-            R["quant_seconds"][f"{meth}_w4g128"] = rep["seconds"]
-            print(f"{meth} w4g128 calibration: {rep['seconds'] / 60:.2f} min on {calib.numel()} tokens", flush=True)
-            save()
-            ppl(m, f"{meth}_w4g128")
-            del m
-
-    for key, sname in (("w4", "w4g128"), ("w3", "w3g128"), ("w4pc", "w4pc_sym")):
-        if key not in sections:
-            continue
-        # --rows: "meth" for every section, "section:meth" for one
-        rows = [r.split(":")[-1] for r in args.rows.split(",") if r and r.split(":")[0] in (key, r)]
-        wq = settings[sname]
-        stats = load_stats()
-        confs = {"rtn": RTNConfig(**wq), "awq": AWQConfig(**wq, **AWQ_BENCH), "gptq": GPTQConfig(**wq, **GPTQ_BENCH),
-                 "awq+gptq": AWQConfig(**wq, **AWQ_GPTQ_BENCH)}
-        cache: dict = {}  # AWQ's searched scales, reused by AWQ+GPTQ (same statistics and setting)
-        for meth in ("awq", "rtn", "gptq", "awq+gptq"):
-            if meth not in rows and not (meth == "awq" and "awq+gptq" in rows):
-                continue
-            m = copy.deepcopy(base)
-            rep = apply(m, confs[meth], inplace=True, pack=False, progress=False,
-                        stats=None if meth == "rtn" else stats, search_cache=cache).report
-            R["quant_seconds"][f"{meth}_{sname}_from_stats"] = rep["seconds"]
-            if meth in rows:
-                ppl(m, f"{meth}_{sname}")
-            del m
-        del stats
-        save()
-    if "ablate" in sections:  # GPTQ with act-order but every calibration token weighted once (sink_share=0)
-        conf0 = GPTQConfig(**settings["w4g128"], **{**GPTQ_BENCH, "sink_share": 0.0})
-        m = copy.deepcopy(base)
-        st0 = apply(m, conf0, calib=calib, inplace=True, pack=False, progress=False, keep_stats=True).report["stats"]
-        del m
-        abl = {"config": conf0.to_dict(), "ppl": {},
-               "note": "GPTQ as in the table (act-order, static groups) with sink_share=0: each calibration token "
-                       "weighted once; with results.ablation (plain GPTQ) and the table this separates the two changes"}
-        for sname, wq in settings.items():
-            m = copy.deepcopy(base)
-            apply(m, GPTQConfig(**wq, **{**GPTQ_BENCH, "sink_share": 0.0}), inplace=True, pack=False, progress=False,
-                  stats=st0)
-            abl["ppl"][f"gptq_actorder_nosink_{sname}"] = perplexity(m, ids, proto, batch_size=4, max_windows=windows).perplexity
-            print(f"gptq act-order, sink_share 0, {sname}: ppl {abl['ppl'][f'gptq_actorder_nosink_{sname}']:.3f}", flush=True)
-            del m
-        R["ablation_sink"] = abl
-        del st0
-        save()
-    if "formats" in sections:
-        formats_part(base, ppl, R)
-        save()
-    R["stats_reuse"] = {"note": "table rows other than the timed ones are quantized from the statistics (mean |x|, "
-                        "search samples, Hessians) kept by the timed AWQ and GPTQ runs; tests check that this gives "
-                        "the same weights as a calibration run (tests/llm/compress/test_stats.py)"}
-    if "sq" in sections:
-        sq = {}
-        for smooth in (False, True):
-            for act in ("dynamic", "static"):
-                m = copy.deepcopy(base)
-                apply(m, SmoothQuantConfig(alpha=0.5, smooth=smooth, act=act), calib=calib, inplace=True,
-                      progress=False)
-                sq[f"{act}_{'smooth' if smooth else 'nosmooth'}"] = ppl(m, f"w8a8_{act}_{'smooth' if smooth else 'nosmooth'}")
-                del m
-        R["smoothquant"] = {"alpha": 0.5, "ppl": sq, "fp": fp}
-        rel = sq["dynamic_smooth"] / fp - 1
-        rec.target("smoothquant_w8a8_ppl_rel_increase", rel, "<=", 0.03,
-                   note=f"per-token dynamic W8A8 with smoothing (α=0.5); without smoothing {sq['dynamic_nosmooth']:.3f}")
-        R["smoothquant"]["smooth_beats_nosmooth_dynamic"] = sq["dynamic_smooth"] < sq["dynamic_nosmooth"]
-        save()
-
-    if "prune" in sections:
-        pr = {}
-        for tag, nm in (("50", None), ("2of4", (2, 4))):
-            for meth in ("magnitude", "wanda", "sparsegpt"):
-                m = copy.deepcopy(base)
-                rep = apply(m, LLMPruneConfig(meth, 0.5, n_m=nm), calib=calib, inplace=True, progress=False).report
-                pr[f"{meth}_{tag}"] = ppl(m, f"{meth}_{tag}")
-                R.setdefault("prune_sparsity", {})[f"{meth}_{tag}"] = rep["sparsity"]
-                del m
-            for meth in ("wanda", "sparsegpt"):
-                rec.target(f"{meth}_vs_magnitude_ppl_ratio_{tag}", pr[f"{meth}_{tag}"] / pr[f"magnitude_{tag}"], "<", 1.0,
-                           note=f"{meth} ppl / magnitude ppl at {'50% unstructured' if nm is None else '2:4'}")
-        R["prune_ppl"] = pr
-        save()
-
-    if "kv" in sections:
-        kv = {b: ppl(base, f"kv_int{b}", kv_quant_score_fn(base, b)) for b in (8, 4)}
-        rec.target("kv_int8_ppl_rel_change", abs(kv[8] / fp - 1), "<=", 0.005,
-                   note=f"|ppl(int8 KV, per-token per-head) / ppl(fp) − 1|; int4 KV ppl {kv[4]:.3f}")
-        R["kv_cache"] = {"int8": kv[8], "int4": kv[4], "fp": fp, "granularity": "per token, per KV head"}
-        save()
-
-    # the 1B workers run while the sections above do; collected before the decode timings, which must
-    # not share the CPU with them
-    if mem_proc is not None:
-        mem = collect_mem(mem_proc)
-        R["memory_1b"] = mem
-        ratios = [mem.get(k, {}).get("ratio") for k in ("awq", "gptq")]
-        ok = all(r is not None for r in ratios)
-        rec.target("calib_peak_rss_ratio_1b", max(ratios) if ok else None, "<=", 1.5,
-                   note="max over AWQ and GPTQ of peak RSS / bf16 model bytes; random Llama-3.2-1B shapes, "
-                        f"{mem.get('awq', {}).get('calib_tokens')} calibration tokens, first blocks transformed "
-                        "(blocks_transformed; the per-block memory pattern repeats)")
-        save()
-
-    if "real" in sections:
-        real = {}
-        m = copy.deepcopy(base)
-        conf = AWQConfig(**settings["w4g128"], **AWQ_BENCH)
-        apply(m, conf, inplace=True, pack=True, progress=False,
-              stats=torch.load(stats_file("awq"), weights_only=False))
-        with tempfile.TemporaryDirectory() as td:
-            qdir = Path(td) / "awq-w4"
-            save_compressed(m, tok, qdir, float_dtype=torch.float16, recipe=conf.to_dict())
-            real["packed_dir_bytes"] = sum(f.stat().st_size for f in qdir.iterdir())
-            real["packed_safetensors_bytes"] = (qdir / "model.safetensors").stat().st_size
-            packed, _ = load_compressed(qdir)
-            # W4 g64 RTN in bf16: a group size torch's int4 CPU kernel takes (32/64/128/256; 192 is not)
-            m64 = copy.deepcopy(base)
-            apply(m64, RTNConfig(4, 64), inplace=True, pack=True, progress=False)
-            save_compressed(m64, tok, Path(td) / "rtn-w4g64", float_dtype=torch.bfloat16)
-            real["w4g64_packed_dir_bytes"] = sum(f.stat().st_size for f in (Path(td) / "rtn-w4g64").iterdir())
-            packed64, _ = load_compressed(Path(td) / "rtn-w4g64", dtype=torch.bfloat16)
-            del m64
-        real["fp32_weight_bytes"] = sum(p.numel() * 4 for p in base.parameters())
-        real["bf16_weight_bytes"] = real["fp32_weight_bytes"] // 2
-        prompt = calib[0, :32].tolist()
-        n_new = 32
-        rows = (("fp32", base, True), ("bf16", copy.deepcopy(base).to(torch.bfloat16), True), ("w4_packed", packed, True),
-                ("w4g64_bf16_int4_kernel", packed64, True), ("w4g64_bf16_dequant", packed64, False))
-        for name, model, int4 in rows:
-            use_quant_kernel(model, "auto" if int4 else "dequant")  # "dequant": torch's int4 kernel off
-            generate(model, prompt, SamplingConfig(max_new_tokens=2))  # warm-up
-            runs = [generate(model, prompt, SamplingConfig(max_new_tokens=n_new)) for _ in range(3)]
-            real[f"{name}_decode_tok_s"] = sorted(r.decode_tok_s for r in runs)[1]
-            print(f"{name}: decode {real[f'{name}_decode_tok_s']:.2f} tok/s", flush=True)
-        real["rows"] = {"w4_packed": "AWQ W4 g192 (the table's g128 setting), fp32 activations: dequantize + GEMM",
-                        "w4g64_bf16_int4_kernel": "RTN W4 g64, bf16: torch's int4 CPU kernel (QuantLinear on bf16 CPU)",
-                        "w4g64_bf16_dequant": "the same model, use_quant_kernel(model, 'dequant'): dequantize to bf16 + GEMM"}
-        real["decode_protocol"] = f"batch 1, prompt 32 tokens, {n_new} new tokens greedy, median of 3, {args.threads} thread(s)"
-        R["real_path"] = real
-        save()
-
-    compute_targets(rec)
-    save()
-    print(json.dumps(rec.targets, indent=1))
+        if "mem" in parts else None
+    st = State(args, parts, mem_proc)
+    before_sq = [p for p in parts if list(PARTS).index(p) < list(PARTS).index("sq")]
+    run_parts(PARTS, before_sq, st)
+    note_stats_reuse(st)
+    run_parts(PARTS, [p for p in parts if p not in before_sq], st)
+    compute_targets(st.rec)
+    st.save()
+    print(json.dumps(st.rec.targets, indent=1))
 
 
 if __name__ == "__main__":
