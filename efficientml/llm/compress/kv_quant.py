@@ -22,6 +22,9 @@ from efficientml.core.config import Config, check_choice
 from efficientml.core.errors import ConfigError, UnsupportedError
 from efficientml.core.transform import LayerFilter, TransformResult, register_transform
 from efficientml.llm.kv_cache import KVCache
+from efficientml.quant.grid import GridSpec, quantize as grid_quantize
+
+_INT8_KV = GridSpec(8, symmetric=True, granularity="group", group_size=1, narrow=True, scale_dtype="float16")
 
 
 class QuantizedKVCache(KVCache):
@@ -56,11 +59,11 @@ class QuantizedKVCache(KVCache):
 
     def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         B, H, T, hd = x.shape
+        if self.bits == 8:  # the shared grid: symmetric, narrow [-127, 127], fp16 scales per group
+            qt = grid_quantize(x.float().reshape(-1, hd), _INT8_KV.replace(group_size=self.g))
+            return qt.q.reshape(B, H, T, hd), qt.scale.half().reshape(B, H, T, -1), None
+        # int4: asymmetric with a float zero (the group minimum, fp16), not an integer zero point
         xg = x.float().reshape(B, H, T, hd // self.g, self.g)  # groups along the head dimension
-        if self.bits == 8:
-            s = (xg.abs().amax(-1) / 127.0).clamp(min=1e-8).half()  # (B, H, T, G)
-            q = torch.round(xg / s.float()[..., None]).clamp(-127, 127).to(torch.int8)
-            return q.reshape(B, H, T, hd), s, None
         lo, hi = xg.amin(-1), xg.amax(-1)
         s = ((hi - lo) / 15.0).clamp(min=1e-8).half()
         z = lo.half()  # fp16 zero = group minimum

@@ -43,3 +43,16 @@ def test_kv_cache_in_model_and_generate(ids):
 def test_kv_bad_bits():
     with pytest.raises(ConfigError, match="8 or 4"):
         QuantizedKVCache(1, 1, 1, 16, 8, bits=3)
+
+
+@pytest.mark.parametrize("group", [None, 16])
+def test_int8_kv_codes_are_the_shared_grid(group):
+    """int8 KV codes come from quant.grid: equal to the closed form round(x / s), s = fp16(absmax / 127)."""
+    torch.manual_seed(0)
+    c = QuantizedKVCache(1, 2, 3, 64, 8, bits=8, group_size=group)
+    x = torch.randn(2, 3, 5, 64) * 3
+    q, s, _ = c._quantize(x)
+    xg = x.reshape(2, 3, 5, 64 // c.g, c.g)
+    s_ref = (xg.abs().amax(-1) / 127.0).half()
+    q_ref = torch.round(xg / s_ref.float()[..., None]).clamp(-127, 127).to(torch.int8).reshape(2, 3, 5, 64)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
