@@ -296,15 +296,17 @@ class _Rows:
 
 
 def _new_cache(model: torch.nn.Module, B: int, T: int, config: SamplingConfig, cuda_graph: bool | None,
-               use_compile: bool, dev: torch.device) -> StaticKVCache:
+               use_compile: bool, dev: torch.device) -> KVCache:
     """A cache for prompt + new tokens (at most the context), with static shapes when the decode step
     will be captured (CUDA graph) or compiled (CPU)."""
     ctx = model.config.max_position_embeddings
     if T > ctx:
         raise ShapeError(f"the prompt has {T} tokens; the model's context is {ctx} tokens")
+    n = min(T + config.max_new_tokens, ctx)
+    if getattr(model, "kv_cache_factory", None) is not None:  # apply(model, KVCacheQuantConfig(...)):
+        return model.new_cache(B, n)                         # its cache, decoded eagerly (no static shapes)
     graphable = bool(cuda_graph if cuda_graph is not None else dev.type == "cuda")
-    return StaticKVCache.for_model(model, B, min(T + config.max_new_tokens, ctx),
-                                   static_shapes=graphable or (use_compile and dev.type == "cpu"))
+    return StaticKVCache.for_model(model, B, n, static_shapes=graphable or (use_compile and dev.type == "cpu"))
 
 
 def _mark_padding(cache: KVCache, real: torch.Tensor | None, B: int, T: int, dev: torch.device) -> None:

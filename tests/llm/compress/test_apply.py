@@ -119,3 +119,17 @@ def test_kv_cache_quant_config(ids):
         res.model.new_cache(1, 8, static_shapes=True)
     with pytest.raises(UnsupportedError, match="takes no layer filter"):
         apply(m, KVCacheQuantConfig(), filter="model.layers.0.*")
+
+
+def test_generate_uses_the_quantized_kv_cache(ids):
+    """generate() builds the cache apply(KVCacheQuantConfig) installed: the same tokens as greedy decoding
+    through an explicit QuantizedKVCache."""
+    from efficientml.llm.generate import SamplingConfig, generate
+
+    m = tiny_model()
+    q = apply(m, KVCacheQuantConfig(bits=4, group_size=8)).model
+    prompt = ids[0, :6].tolist()
+    cfg = SamplingConfig(max_new_tokens=12)
+    got = generate(q, prompt, cfg).tokens
+    ref = generate(m, prompt, cfg, cache=QuantizedKVCache.for_model(m, 1, 6 + 12, bits=4, group_size=8)).tokens
+    assert got == ref
