@@ -2,11 +2,12 @@
 QuantizeLinear/DequantizeLinear around float ops, int8 weights with per-channel scales, int32 biases
 with S_bias = S_in·S_w. onnxruntime fuses the QDQ pairs into its integer kernels (QLinearConv…).
 A Clip before a QuantizeLinear is written only where the integer range is narrower than uint8's
-(a fused ReLU6 below the calibrated maximum, reduce_range_of="activations"): ORT fuses DQ→Conv→Q
+(a fused ReLU6 whose 6.0 falls inside the grid, reduce_range_of="activations"): ORT fuses DQ→Conv→Q
 only without one. Padding and max-pooling run on the uint8 codes (Pad with the code of the constant).
 
     export_onnx(int_model, "vgg_int8.onnx", example)          # needs the ``export`` extra
     run_onnx("vgg_int8.onnx", x)
+    ort_kernel_counts("vgg_int8.onnx")["qlinearconv_fraction"]   # 1.0: every conv is integer in ORT
 """
 
 from __future__ import annotations
@@ -173,3 +174,24 @@ def run_onnx(path: str | os.PathLike, x: torch.Tensor, optimize: bool = True, th
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+
+
+def ort_kernel_counts(path: str | os.PathLike) -> dict[str, Any]:
+    """Which kernels onnxruntime runs the exported model with after its graph optimizations (QDQ
+    fusion): op counts of the optimized graph, and ``qlinearconv_fraction`` = QLinearConv nodes ÷
+    Conv nodes in the exported graph (1.0: every conv runs as an integer kernel)."""
+    import tempfile
+
+    onnx = optional_import("onnx", "export", "ONNX export")
+    ort = optional_import("onnxruntime", "export", "running ONNX models")
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.log_severity_level = 3                       # the NCHWc-serialization notice is expected
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ops: dict[str, int] = {}
+        for n in onnx.load(opts.optimized_model_filepath).graph.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"ops": ops, "convs": convs, "qlinearconv": ops.get("QLinearConv", 0),
+            "qlinearconv_fraction": ops.get("QLinearConv", 0) / convs if convs else 1.0}
