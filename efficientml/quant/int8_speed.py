@@ -26,14 +26,15 @@ class Int8SpeedWarning(UserWarning):
     """int8 kernels of some layers are slower than their fp32 equivalents on this machine."""
 
 
+def _call_ms(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def _median_ms(fn: Callable[[], Any], reps: int = REPS) -> float:
     fn()                                                   # warm-up (packing, allocation)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
+    return sorted(_call_ms(fn) for _ in range(reps))[reps // 2]
 
 
 def time_layer(step: ConvStep, q: torch.Tensor) -> tuple[float, float]:
@@ -71,3 +72,23 @@ def run_with_speed_check(program: Any, x: torch.Tensor, run: Callable[..., Any])
     out = run(program, "fast", (x,), hook)
     warn_if_slow(timings)
     return out
+
+
+def first_call_batch_latency_ratio(model: Any, x: torch.Tensor, reps: int = 15, rounds: int = 3) -> float:
+    """Batch-1 fast-mode latency of a copy of ``model`` whose first call had ``x``'s batch, divided by
+    that of a copy whose first call had batch 1 (fastest of ``reps`` calls, best of ``rounds``
+    interleaved rounds, so another process on the CPU slows both alike). 1.0: the first call's batch
+    does not matter."""
+    import copy
+
+    after_b, after_1 = (copy.deepcopy(model).with_mode("fast") for _ in range(2))
+    one = x[:1]
+    ratios = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Int8SpeedWarning)
+        after_b(x), after_1(one)
+        for _ in range(rounds):
+            a = min(_call_ms(lambda: after_b(one)) for _ in range(reps))
+            b = min(_call_ms(lambda: after_1(one)) for _ in range(reps))
+            ratios.append(a / b)
+    return min(ratios)

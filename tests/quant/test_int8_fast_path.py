@@ -5,7 +5,6 @@ depthwise kernels lose to fp32 one warning names the layers."""
 import copy
 import dataclasses
 import pickle
-import time
 import warnings
 
 import pytest
@@ -51,28 +50,10 @@ def test_packs_are_per_input_shape_and_shared_by_with_mode_copies(tf_int8):
         torch.testing.assert_close(clone.with_mode("fast")(x[:1]), other(x[:1]), rtol=0, atol=0)
 
 
-def _min_ms(fn, reps):
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
 def test_latency_after_a_batch_8_first_call_equals_latency_after_batch_1(tf_int8):
     base, x = tf_int8
-    after8 = copy.deepcopy(base).with_mode("fast")
-    after1 = copy.deepcopy(base).with_mode("fast")
-    one = x[:1]
-    with torch.no_grad():
-        after8(x), after1(one)
-        ratios = []
-        for _ in range(3):                        # interleaved rounds, min per round (a shared CPU)
-            a = _min_ms(lambda: after8(one), 15)
-            b = _min_ms(lambda: after1(one), 15)
-            ratios.append(a / b)
-    assert min(ratios) <= 1.1, ratios
+    ratio = int8_speed.first_call_batch_latency_ratio(base, x)          # x has batch 8
+    assert ratio <= 1.1, ratio
 
 
 def test_slow_depthwise_int8_layers_are_named_in_one_warning(tf_int8, monkeypatch):
