@@ -214,7 +214,7 @@ class AddStep(Step):
 
 class PassStep(Step):
     """Ops that keep the input's qparams: max-pool (commutes with the affine map), ReLU/ReLU6 as
-    clamps, and data movement (flatten, view, slicing, zero padding) applied to q − Z."""
+    clamps, and data movement (flatten, view, slicing) applied to q − Z; padding is :class:`PadStep`."""
 
     observe = False
 

@@ -66,10 +66,10 @@ def test_padding_ops_are_integer_steps_without_skip_unsupported(tf_net):
     assert max(im.layer_lsb_differences(x).values()) <= 1
 
 
-def test_constant_and_reflection_pads_use_the_right_codes():
+def test_constant_and_reflection_pads_use_the_right_codes(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConstantPad2d((1, 2, 0, 1), 0.5), nn.ReflectionPad2d(1),
-                          nn.Conv2d(4, 2, 3)).eval()
+                          nn.Conv2d(4, 2, 3, padding="same")).eval()
     x = torch.randn(2, 3, 6, 6)
     im = convert_integer(model, [x], IntegerConfig())
     pad_c, pad_r = [ins for ins in im.program.instrs if ins.step.kind == "pad"]
@@ -83,6 +83,12 @@ def test_constant_and_reflection_pads_use_the_right_codes():
     assert torch.equal(r_out, F.pad(r_in.float(), (1, 1, 1, 1), mode="reflect").int())
     assert max(per_layer_fast_lsb(im, x).values()) <= 1
     assert per_layer_fast_lsb(im, x)[pad_c.step.name] == per_layer_fast_lsb(im, x)[pad_r.step.name] == 0
+    path = export_onnx(im, tmp_path / "pads.onnx", x[:1])                   # Pad on uint8 codes in ORT
+    qp_out = im.output_qparams
+    got = torch.round(run_onnx(path, x, optimize=False) / qp_out.scale) + qp_out.zero_point
+    assert int((got - im.integer_output(x, "integer")).abs().max()) <= 1
+    with torch.no_grad():
+        assert _sqnr(model(x), im(x)) >= 30                                 # padding="same" conv included
 
 
 def _export_and_count(im, x, tmp_path, name):
