@@ -4,7 +4,8 @@ PyTorch's int8 depthwise kernels are fast for a few shapes only (3×3/5×5, chan
 stride ≤ 2 on fbgemm); elsewhere they can lose to the fp32 kernel, and a depthwise-heavy network
 (MobileNet, EfficientNet) then runs slower in int8 than in fp32. On the first fast-mode call of an
 :class:`~efficientml.quant.integer.IntegerModel`, each depthwise conv is timed both ways on the
-inputs it actually receives, and one :class:`Int8SpeedWarning` names the layers where int8 lost.
+inputs it actually receives, and one :class:`Int8SpeedWarning` names the layers where int8 lost
+(when together they lose at least 10 % of the depthwise layers' fp32 time).
 ``IntegerConfig(warn_slow_layers=False)`` turns the check off.
 """
 
@@ -19,7 +20,8 @@ import torch
 from efficientml.quant.integer_weighted import ConvStep
 
 REPS = 3            # timed calls per kernel after one warm-up (median)
-MARGIN = 1.1        # int8 counts as slower only beyond this ratio (timer noise)
+MARGIN = 1.1        # a layer's int8 counts as slower only beyond this ratio (timer noise)
+MATERIAL = 0.1      # warn when the slow layers lose ≥ this share of all depthwise layers' fp32 time
 
 
 class Int8SpeedWarning(UserWarning):
@@ -50,8 +52,11 @@ def slow_layers(timings: dict[str, tuple[float, float]]) -> dict[str, tuple[floa
 
 
 def warn_if_slow(timings: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Warn (once per call) when the layers int8 loses on cost a material share of the depthwise
+    layers' fp32 time — not for one sub-millisecond layer within timer noise. Returns those layers."""
     slow = slow_layers(timings)
-    if slow:
+    lost = sum(a - b for a, b in slow.values())
+    if slow and lost >= MATERIAL * sum(b for _, b in timings.values()):
         i8, f32 = sum(t[0] for t in slow.values()), sum(t[1] for t in slow.values())
         names = ", ".join(f"{n} ({a:.2f} vs {b:.2f} ms)" for n, (a, b) in slow.items())
         warnings.warn(f"int8 is slower than fp32 on {len(slow)} of {len(timings)} depthwise layers "

@@ -1,7 +1,8 @@
 """The arithmetic of integer-only inference: fixed-point requantization, quantization parameters,
-BatchNorm folding, the conversion config, and the program's steps without weights (each runs ``float``,
-``integer``, ``emulate`` and ``fast``; Conv2d/Linear are in :mod:`efficientml.quant.integer_weighted`). :mod:`efficientml.quant.integer` traces a model into these steps,
-calibrates them and runs them; the scheme is described there.
+BatchNorm folding, the conversion config, and the program's steps without weights (each runs
+``float``, ``integer``, ``emulate`` and ``fast``; Conv2d/Linear live in
+:mod:`efficientml.quant.integer_weighted`). :mod:`efficientml.quant.integer` traces a model into
+these steps, calibrates them and runs them; the scheme is described there.
 """
 
 from __future__ import annotations
