@@ -173,7 +173,7 @@ class ConvStep(WeightedStep):
 
     @property
     def depthwise(self) -> bool:
-        return self.groups > 1 and self.groups == self.w_q.shape[0] and self.w_q.shape[1] == 1
+        return self.groups > 1 and self.groups == self.weight.shape[0] and self.weight.shape[1] == 1
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
