@@ -38,8 +38,9 @@ def _pad_trace(ctx: TraceContext, module: object, ids: list[int]) -> list[int]:
     return ids
 
 
-_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d,
-                nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d)
+_PAD_MODULES = tuple(getattr(nn, f"{kind}Pad{d}d") for kind in ("Zero", "Constant", "Reflection", "Replication",
+                                                                "Circular") for d in (1, 2, 3)
+                     if hasattr(nn, f"{kind}Pad{d}d"))          # CircularPad* is newer than the others
 
 
 def _norm_trace(ctx: TraceContext, module: nn.Module, ids: list[int]) -> list[int]:
