@@ -13,6 +13,11 @@ does to those ids is data in :data:`CHANNEL_OPS`, keyed by module type:
 - ``attrs`` names the weightless attributes that shrinking changes (e.g. a padding module's channel
   counts), saved beside a pruned state dict so the architecture can be rebuilt.
 
+Functions met in ``forward`` code (``F.pad``, a user's own helper) are registered the same way, in
+:data:`FUNCTION_OPS`: their ``trace`` receives a :class:`FunctionCall` (the function and its arguments,
+each tensor argument replaced by a :class:`TensorArg` holding its shape) in place of the module, and
+they have no ``shrink`` (a function holds no weights to rebuild).
+
 The registry lives in core, not in prune, so that a model zoo (or a user's package) can describe its
 own modules at import without importing the pruning layer above it. PyTorch's built-in modules are
 registered by :mod:`efficientml.prune.channel_ops` when :mod:`efficientml.prune` is imported.
@@ -21,7 +26,7 @@ registered by :mod:`efficientml.prune.channel_ops` when :mod:`efficientml.prune`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
 
@@ -78,7 +83,24 @@ class TraceContext:
     out_shape: tuple[int, ...]
 
 
-TraceFn = Callable[[TraceContext, nn.Module, list[int]], list[int]]
+@dataclass(frozen=True)
+class TensorArg:
+    """A tensor argument of a traced function call, by its shape."""
+
+    shape: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class FunctionCall:
+    """What a registered function's ``trace`` sees in place of a module: the call's target and its
+    arguments (tensors replaced by :class:`TensorArg`)."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+
+
+TraceFn = Callable[[TraceContext, Any, list[int]], list[int]]   # (ctx, module or FunctionCall, ids)
 ShrinkFn = Callable[[nn.Module, "list[int] | None", "list[int] | None"], nn.Module]
 
 
@@ -92,16 +114,29 @@ class ChannelOp:
 
 
 CHANNEL_OPS: dict[type, ChannelOp] = {}
+FUNCTION_OPS: dict[Callable[..., Any], ChannelOp] = {}   # functions (F.pad …) called in forward code
 
 
-def register_channel_op(module_type: type, trace: TraceFn, shrink: ShrinkFn | None = None, *,
+def register_channel_op(target: type | Callable[..., Any], trace: TraceFn, shrink: ShrinkFn | None = None, *,
                         attrs: tuple[str, ...] = ()) -> None:
-    """Teach the graph (and surgery) a module type: ``trace(ctx, module, in_ids) -> out_ids`` and
-    ``shrink(module, keep_in, keep_out) -> new module`` (``None`` keeps that side whole); ``attrs``
-    are the weightless attributes ``shrink`` changes. A later registration replaces an earlier one."""
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise ConfigError(f"register_channel_op needs an nn.Module subclass, got {module_type!r}")
+    """Teach the graph (and surgery) a module type or a function.
+
+    For an ``nn.Module`` subclass: ``trace(ctx, module, in_ids) -> out_ids`` and ``shrink(module,
+    keep_in, keep_out) -> new module`` (``None`` keeps that side whole); ``attrs`` are the weightless
+    attributes ``shrink`` changes. For a function (``F.pad``): ``trace(ctx, call, in_ids)`` with a
+    :class:`FunctionCall`, ``in_ids`` being the first tensor argument's ids; no ``shrink`` or
+    ``attrs``. A later registration replaces an earlier one."""
+    is_module = isinstance(target, type) and issubclass(target, nn.Module)
+    if not is_module and (isinstance(target, type) or not callable(target)):
+        raise ConfigError(f"register_channel_op needs an nn.Module subclass or a function, got {target!r}")
+    label = getattr(target, "__name__", repr(target))
     if not callable(trace) or (shrink is not None and not callable(shrink)):
-        raise ConfigError(f"register_channel_op({module_type.__name__}, …) needs a callable trace "
+        raise ConfigError(f"register_channel_op({label}, …) needs a callable trace "
                           f"and a callable shrink or None")
-    CHANNEL_OPS[module_type] = ChannelOp(trace, shrink, tuple(attrs))
+    if is_module:
+        CHANNEL_OPS[target] = ChannelOp(trace, shrink, tuple(attrs))
+        return
+    if shrink is not None or attrs:
+        raise ConfigError(f"register_channel_op({label}, …): a function has no weights to rebuild, so it "
+                          f"takes no shrink or attrs (pass only trace)")
+    FUNCTION_OPS[target] = ChannelOp(trace)

@@ -6,8 +6,9 @@ surgery, schedules, sensitivity scans, automatic ratio search (NetAdapt, AMC) an
     smaller = res.model                      # a plain nn.Module with fewer channels
 
 A module type the channel graph does not know is taught with ``register_channel_op(type, trace,
-shrink)`` (see :mod:`efficientml.core.channels`; ``trace`` records :class:`Member` s through a
-:class:`TraceContext`). PyTorch's own modules are registered when this package is imported.
+shrink)``, a function called in ``forward`` with ``register_channel_op(fn, trace)`` (see
+:mod:`efficientml.core.channels`; ``trace`` records :class:`Member` s through a
+:class:`TraceContext`). PyTorch's own modules and ``F.pad`` are registered when this package is imported.
 
 Heavier pieces (sensitivity, netadapt, amc, sparse, report) are imported from their modules.
 """

@@ -3,7 +3,9 @@
 Convs and linears consume their input ids and create fresh output ids; BatchNorm passes ids through
 and owns them as outputs (its γ/β are sliced); activations, dropout and pooling pass ids through; a
 depthwise conv passes ids through (its ``groups`` follow the channel count); flatten repeats each id
-once per spatial position, so the next linear loses ``H·W`` columns per removed channel. Registering
+once per spatial position, so the next linear loses ``H·W`` columns per removed channel; padding
+(``nn.ZeroPad2d``, ``nn.ConstantPad2d`` …, and the function ``F.pad``, as TF-ported networks use for
+"SAME" padding) passes ids through when it pads spatial dimensions only. Registering
 at import (not on the first trace) means a user's :func:`register_channel_op` never leaves the
 built-in modules unknown.
 """
@@ -17,13 +19,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from efficientml.core.channels import CHANNEL_OPS, Member, TraceContext, register_channel_op
+from efficientml.core.channels import (CHANNEL_OPS, FUNCTION_OPS, Member, TraceContext,
+                                       register_channel_op)
 from efficientml.core.errors import UnsupportedError
 from efficientml.prune.shrink import shrink_batchnorm, shrink_conv, shrink_linear
 
 
 def _passthrough(ctx: TraceContext, module: nn.Module, ids: list[int]) -> list[int]:
     return ids
+
+
+def _pad_trace(ctx: TraceContext, module: object, ids: list[int]) -> list[int]:
+    """Padding of the spatial dimensions keeps every channel; padding the channel dim adds channels."""
+    if ctx.in_shape[:2] != ctx.out_shape[:2]:
+        raise UnsupportedError(
+            f"layer {ctx.name!r} pads the batch or channel dimension ({ctx.in_shape} → {ctx.out_shape}); "
+            f"channel pruning follows padding of spatial dimensions only")
+    return ids
+
+
+_PAD_MODULES = tuple(getattr(nn, f"{kind}Pad{d}d") for kind in ("Zero", "Constant", "Reflection", "Replication",
+                                                                "Circular") for d in (1, 2, 3)
+                     if hasattr(nn, f"{kind}Pad{d}d"))          # CircularPad* is newer than the others
 
 
 def _norm_trace(ctx: TraceContext, module: nn.Module, ids: list[int]) -> list[int]:
@@ -119,6 +136,10 @@ def register_builtin_ops() -> None:
         default(t, _conv_trace, shrink_conv)
     default(nn.Linear, _linear_trace, shrink_linear)
     default(nn.Flatten, _flatten_trace)
+    for t in _PAD_MODULES:
+        default(t, _pad_trace)
+    if F.pad not in FUNCTION_OPS:
+        register_channel_op(F.pad, _pad_trace)
 
 
 register_builtin_ops()

@@ -26,45 +26,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from efficientml.core.channels import (CHANNEL_OPS, ChannelIds, ChannelOp, Member,  # noqa: F401
-                                       TraceContext, register_channel_op)
+from efficientml.core.channels import (CHANNEL_OPS, FUNCTION_OPS, ChannelIds, ChannelOp,  # noqa: F401
+                                       FunctionCall, Member, TensorArg, TraceContext, register_channel_op)
 from efficientml.core.errors import UnsupportedError
 from efficientml.prune.channel_ops import (BINARY_FUNCS, BINARY_METHODS, NON_TENSOR_METHODS, REDUCE,
                                           UNARY_FUNCS, UNARY_METHODS, flatten_ids)
-
-
-@dataclass
-class ChannelGroup:
-    """Channels that share layers. ``channels[i]`` lists the members of channel i (one channel id).
-
-    ``partition[i]`` labels channels that live in exactly the same layers; ratios are applied per
-    partition so a residual stream loses the same share of its stage-1, stage-2 and stage-3 channels.
-    """
-
-    id: int
-    channels: list[list[Member]]
-    frozen: list[bool]
-    partition: list[int]
-
-    @property
-    def producers(self) -> list[str]:
-        return sorted({m.module for ch in self.channels for m in ch if m.role == "out"})
-
-    @property
-    def consumers(self) -> list[str]:
-        return sorted({m.module for ch in self.channels for m in ch if m.role == "in"})
-
-    @property
-    def name(self) -> str:
-        prods = self.producers
-        return prods[0] if prods else f"group{self.id}"
-
-    @property
-    def prunable(self) -> int:
-        return sum(not f for f in self.frozen)
-
-    def __len__(self) -> int:
-        return len(self.channels)
+from efficientml.prune.groups import ChannelGroup, build_groups  # noqa: F401 - ChannelGroup re-exported
 
 
 def _op_name(node: fx.Node) -> str:
@@ -161,7 +128,7 @@ class _Builder:
     def run(self) -> DependencyGraph:
         for node in self.gm.graph.nodes:
             self.slots[node] = self.visit(node)
-        return DependencyGraph(self.model, self.groups(), self.shapes, self.skipped, self.order)
+        return DependencyGraph(self.model, build_groups(self.ids), self.shapes, self.skipped, self.order)
 
     # -- per node ---------------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> list[int] | None:
@@ -236,7 +203,18 @@ class _Builder:
         if t in (torch.mean, torch.sum, torch.amax):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             return self.reduce(node, dim)
+        if t in FUNCTION_OPS:
+            return self.registered_function(node, FUNCTION_OPS[t], shape)
         raise _Unknown
+
+    def registered_function(self, node: fx.Node, op: ChannelOp, shape: tuple[int, ...]) -> list[int]:
+        src = next((a for a in node.args if isinstance(a, fx.Node)), None)
+        ids = self.slots.get(src) if src is not None else None
+        if ids is None or _shape(src) is None:
+            raise _Unknown
+        arg = lambda n: TensorArg(_shape(n))  # noqa: E731 - tensors as their shapes
+        call = FunctionCall(node.target, fx.node.map_arg(node.args, arg), fx.node.map_arg(node.kwargs, arg))
+        return op.trace(TraceContext(self.ids, _layer_of(node, self.model), _shape(src), shape), call, ids)
 
     def visit_method(self, node: fx.Node, shape: tuple[int, ...]) -> list[int]:
         t = node.target
@@ -331,7 +309,8 @@ class _Builder:
         if self.mode != "skip":
             raise UnsupportedError(
                 f"the channel dependency graph does not understand op {op!r} (node {node.name!r}) in "
-                f"layer {layer!r}; register it with efficientml.prune.graph.register_channel_op or pass "
+                f"layer {layer!r}; register it (module type or function) with efficientml.prune."
+                f"register_channel_op or pass "
                 f"on_unsupported='skip' to leave the channels it touches unpruned")
         for a in tensor_inputs:
             self.ids.freeze(self.slots[a])
@@ -341,55 +320,6 @@ class _Builder:
         out = self.ids.fresh(shape[1])
         self.ids.freeze(out)
         return out
-
-    # -- groups -----------------------------------------------------------------------------------
-    def groups(self) -> list[ChannelGroup]:
-        find = self.ids.find
-        members: dict[int, set[Member]] = {}
-        for cid, ms in self.ids.members.items():
-            members.setdefault(find(cid), set()).update(ms)
-        frozen_roots = {find(c) for c in self.ids.frozen}
-        # channels that share an output layer belong to one group (union-find over roots)
-        parent: dict[int, int] = {r: r for r in members}
-
-        def gfind(a: int) -> int:
-            while parent[a] != a:
-                parent[a] = parent[parent[a]]
-                a = parent[a]
-            return a
-
-        by_out: dict[str, int] = {}
-        for r, ms in members.items():
-            for m in ms:
-                if m.role == "out":
-                    if m.module in by_out:
-                        ra, rb = gfind(by_out[m.module]), gfind(r)
-                        if ra != rb:
-                            parent[max(ra, rb)] = min(ra, rb)
-                    else:
-                        by_out[m.module] = r
-        grouped: dict[int, list[int]] = {}
-        for r in sorted(members):
-            grouped.setdefault(gfind(r), []).append(r)
-        out: list[ChannelGroup] = []
-        for roots in grouped.values():
-            chans = [sorted(members[r], key=lambda m: (m.module, m.role, m.index)) for r in roots]
-            if not any(m.role == "out" for ch in chans for m in ch):
-                continue
-            sigs: dict[frozenset, int] = {}
-            part = [sigs.setdefault(frozenset(m.module for m in ch if m.role == "out"), len(sigs))
-                    for ch in chans]
-            # order channels by their first producer's index so "keep the first k" means what it says
-            order = sorted(range(len(roots)), key=lambda i: _first_out(chans[i]))
-            out.append(ChannelGroup(len(out), [chans[i] for i in order],
-                                    [roots[i] in frozen_roots for i in order], [part[i] for i in order]))
-        return out
-
-
-def _first_out(ch: list[Member]) -> tuple[str, int]:
-    outs = [(m.module, m.index) for m in ch if m.role == "out"]
-    return min(outs) if outs else ("", 0)
-
 
 class _Unknown(Exception):
     """Internal: an op this graph does not know (turned into UnsupportedError or a skip)."""

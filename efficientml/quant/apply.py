@@ -11,6 +11,7 @@ and refuse a filter.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -24,7 +25,7 @@ from efficientml.core.transform import LayerFilter, TransformResult, apply, regi
 from efficientml.quant.adaround import AdaRoundConfig, adaround
 from efficientml.quant.binary import MODES, binarize_model
 from efficientml.quant.deep_compression import DeepCompressionConfig, magnitude_prune
-from efficientml.quant.formats import FORMATS, quantize_to_format
+from efficientml.quant.formats import FORMATS, IntFormat, MXFormat, NF4Format, quantize_to_format
 from efficientml.quant.integer import IntegerConfig, convert_integer
 from efficientml.quant.kmeans import KMeansConfig, kmeans_quantize
 from efficientml.quant.qat import QATConfig, prepare_qat
@@ -46,6 +47,7 @@ class WeightOnlyConfig(Config):
     group_size: int = 128
     symmetric: bool = True
     skip_unsupported: bool = False
+    strict_groups: bool = False
 
     def validate(self) -> None:
         FORMATS.get(self.format)                         # unknown format → ConfigError listing the known
@@ -66,10 +68,45 @@ class BinaryConfig(Config):
 QuantizeResult = TransformResult           # the older name of the one result type
 
 
+def fit_group(cols: int, size: int) -> int:
+    """The group (block) length for rows of ``cols`` inputs when ``size`` is asked for: ``size`` if
+    it divides; ``cols`` (one group per row, i.e. per channel) if the row is shorter; else the largest
+    divisor of ``cols`` below ``size`` if it is at least ``size/4`` (finer, never coarser), else ``cols``."""
+    if cols % size == 0:
+        return size
+    if cols > size:
+        best = max(d for d in range(1, size + 1) if cols % d == 0)
+        if 4 * best >= size:
+            return best
+    return cols
+
+
+def _layer_plan(w: torch.Tensor, cfg: WeightOnlyConfig) -> tuple[dict[str, Any], str | None]:
+    """quantize_to_format arguments for ``w`` and, if the group/block had to change, why."""
+    fmt = FORMATS.get(cfg.format)
+    kw: dict[str, Any] = {"fmt": fmt, "granularity": cfg.granularity, "group_size": cfg.group_size}
+    cols = w[0].numel() if w.dim() > 1 else 0
+    size = getattr(fmt, "block", None) if isinstance(fmt, (NF4Format, MXFormat)) else (
+        cfg.group_size if cfg.granularity == "group" and isinstance(fmt, IntFormat) else None)
+    if cfg.strict_groups or size is None or cols == 0 or cols % size == 0:
+        return kw, None
+    g = fit_group(cols, size)
+    what = "block" if isinstance(fmt, (NF4Format, MXFormat)) else "group"
+    if isinstance(fmt, (NF4Format, MXFormat)):
+        kw["fmt"] = dataclasses.replace(fmt, block=g)
+    elif g == cols:
+        kw["granularity"] = "channel"
+    else:
+        kw["group_size"] = g
+    used = "per channel" if g == cols else f"{what} {g}"
+    return kw, f"{what} {size} does not divide the {cols} inputs per output channel; {used}"
+
+
 def quantize_weight(w: torch.Tensor, cfg: WeightOnlyConfig) -> torch.Tensor:
-    """``w`` rounded to ``cfg.format`` (see :func:`efficientml.quant.formats.quantize_to_format`)."""
-    return quantize_to_format(w, FORMATS.get(cfg.format), granularity=cfg.granularity,
-                              group_size=cfg.group_size, symmetric=cfg.symmetric)
+    """``w`` rounded to ``cfg.format`` (see :func:`efficientml.quant.formats.quantize_to_format`),
+    with the per-layer group fallback of :func:`fit_group` unless ``cfg.strict_groups``."""
+    kw, _ = _layer_plan(w, cfg)
+    return quantize_to_format(w, kw.pop("fmt"), symmetric=cfg.symmetric, **kw)
 
 
 def _whole_model(filt: LayerFilter, what: str) -> None:
@@ -110,15 +147,21 @@ def _weight_only_targets(model: nn.Module, cfg: WeightOnlyConfig, filt: LayerFil
 @register_transform(WeightOnlyConfig)
 def _weight_only(model: nn.Module, cfg: WeightOnlyConfig, *, calib: Any, filter: LayerFilter) -> TransformResult:
     done, skipped = _weight_only_targets(model, cfg, filter)
+    layers: dict[str, Any] = {}
+    fallbacks: dict[str, str] = {}
     with torch.no_grad():
         for name in done:
             m = get_module(model, name)
+            kw, note = _layer_plan(m.weight, cfg)
             try:
-                m.weight.copy_(quantize_weight(m.weight, cfg))
+                m.weight.copy_(quantize_to_format(m.weight, kw.pop("fmt"), symmetric=cfg.symmetric, **kw))
             except ShapeError as e:
                 raise ShapeError(f"layer {name!r}: {e}") from None
-    return TransformResult(model, cfg, "simulated", {n: cfg.format for n in done},
-                           {"quantized_layers": done, "float_layers": skipped})
+            layers[name] = cfg.format if note is None else f"{cfg.format} ({note})"
+            if note is not None:
+                fallbacks[name] = note
+    return TransformResult(model, cfg, "simulated", layers,
+                           {"quantized_layers": done, "float_layers": skipped, "fallbacks": fallbacks})
 
 
 @register_transform(IntegerConfig)

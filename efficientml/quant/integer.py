@@ -9,9 +9,11 @@ The float model is traced (torch.fx) into a short program of steps. Each step ru
 - ``emulate``: float emulation of the same quantized op (dequantize, float op, round to the grid),
 - ``fast``: PyTorch's int8 kernels (fbgemm/x86/onednn) on the same integer weights and scales.
 
-Activations are asymmetric uint8 per tensor; with ``reduce_range`` (default) they use [0, 127] so
-that AVX2 kernels without VNNI (u8·s8 pairs summed in int16) cannot saturate — the integer
-reference then matches the fast kernels. Weights are symmetric int8 in [−127, 127], per channel.
+Activations are asymmetric uint8 per tensor, weights symmetric int8 per channel. ``reduce_range``
+(default) gives up one weight bit (|w| ≤ 63) so that AVX2 kernels without VNNI (u8·s8 pairs summed
+in int16) cannot saturate and the exported ONNX graph needs no Clip nodes; the integer reference
+then matches the fast kernels (see :class:`IntegerConfig` for the choices). Padding ops (TF "SAME"
+padding as ``nn.ZeroPad2d`` or ``F.pad``) are integer steps; ``padding="same"`` convs are supported.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import torch.nn.functional as F
 from efficientml.core.config import check_choice
 from efficientml.core.errors import ConfigError, UnsupportedError
 # the steps and their arithmetic live in integer_ops.py; re-exported here, where users import them
-from efficientml.quant.integer_ops import (AddStep, ConvStep, FloatStep, InputStep,  # noqa: F401
-                                           IntegerConfig, LinearStep, MeanStep, PassStep, QParams,
-                                           Step, WeightedStep, fixed_point, fold_bn, rounding_shift)
+from efficientml.quant.integer_ops import (AddStep, FloatStep, InputStep, IntegerConfig,  # noqa: F401
+                                           MeanStep, PadStep, PassStep, QParams, Step, fixed_point,
+                                           fold_bn, rounding_shift)
+from efficientml.quant.integer_weighted import ConvStep, LinearStep, WeightedStep
+from efficientml.quant.int8_speed import run_with_speed_check
 from efficientml.quant.observers import make_observer
 
 
@@ -39,9 +43,27 @@ from efficientml.quant.observers import make_observer
 # Tracing into a program
 # ------------------------------------------------------------------------------------------------
 _RELU_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
-_MOVE_FUNCS = {torch.flatten, operator.getitem, F.pad, torch.reshape, torch.squeeze, torch.unsqueeze}
+_MOVE_FUNCS = {torch.flatten, operator.getitem, torch.reshape, torch.squeeze, torch.unsqueeze}
+_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d,
+                nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d)
+_PAD_MODES = {"ReflectionPad": "reflect", "ReplicationPad": "replicate"}
 _MOVE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "permute",
                  "transpose"}
+
+
+def _pad_of(node: fx.Node, mod: nn.Module | None, name: str) -> PadStep | None:
+    """The padding step of a pad module or an ``F.pad`` call with static amounts, else None."""
+    if isinstance(mod, _PAD_MODULES):
+        mode = next((m for k, m in _PAD_MODES.items() if type(mod).__name__.startswith(k)), "constant")
+        return PadStep(name, mod.padding, mode, getattr(mod, "value", 0.0))
+    if node.op != "call_function" or node.target is not F.pad:
+        return None
+    names = ("input", "pad", "mode", "value")
+    a = {**dict(zip(names, node.args)), **node.kwargs}
+    if not isinstance(a.get("pad"), (tuple, list)) or any(isinstance(p, fx.Node) for p in a["pad"]):
+        raise UnsupportedError(f"layer {name!r} pads by an amount computed in forward; integer conversion "
+                               "needs static padding (compute it in __init__, or use nn.ZeroPad2d)")
+    return PadStep(name, a["pad"], a.get("mode", "constant"), a.get("value") or 0.0)
 
 
 def _act_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
@@ -72,6 +94,7 @@ class Program:
     instrs: list[Instr]
     output: Any                      # value name(s) of the outputs
     float_layers: list[str] = field(default_factory=list)
+    speed_checked: bool = False      # the one-time int8-vs-fp32 check of depthwise layers has run
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -145,6 +168,9 @@ class _ProgramBuilder:
             self.emit(last, AddStep(name, act), self.ref(node.args[:2]))
             self.alias[last.name] = last.name
             return None
+        pad = _pad_of(node, mod, name)
+        if pad is not None:
+            return self.emit(node, pad, self.ref(node.args[:1]))
         act = _act_of(node, self.modules)
         if act is not None:
             fn = F.relu if act == "relu" else F.relu6
@@ -250,6 +276,9 @@ class IntegerModel(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         if self.mode == "float":
             return _run(self.program, "float", (x,))
+        if self.mode == "fast" and not self.program.speed_checked and self.config.warn_slow_layers:
+            self.program.speed_checked = True           # once per program, shared by with_mode copies
+            return self._dequant_outputs(run_with_speed_check(self.program, x, _run))
         out = _run(self.program, self.mode, (x,))
         return self._dequant_outputs(out)
 

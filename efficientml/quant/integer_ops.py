@@ -1,7 +1,8 @@
 """The arithmetic of integer-only inference: fixed-point requantization, quantization parameters,
-BatchNorm folding, the conversion config, and the program's steps (each runs ``float``, ``integer``,
-``emulate`` and ``fast``). :mod:`efficientml.quant.integer` traces a model into these steps,
-calibrates them and runs them; the scheme is described there.
+BatchNorm folding, the conversion config, and the program's steps without weights (each runs
+``float``, ``integer``, ``emulate`` and ``fast``; Conv2d/Linear live in
+:mod:`efficientml.quant.integer_weighted`). :mod:`efficientml.quant.integer` traces a model into
+these steps, calibrates them and runs them; the scheme is described there.
 """
 
 from __future__ import annotations
@@ -74,7 +75,14 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d 
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class IntegerConfig(Config):
-    """Integer-only int8 conversion. ``observer``: minmax, ema, percentile, mse or kl."""
+    """Integer-only int8 conversion. ``observer``: minmax, ema, percentile, mse or kl.
+
+    ``reduce_range`` keeps AVX2 kernels' int16 pair sums (u8·s8) from saturating by giving up one bit
+    of ``reduce_range_of``: "weights" (default; |w| ≤ 63, activations keep the full uint8 range, as
+    ONNX Runtime recommends — its Clip-free QDQ graph then fuses every conv into QLinearConv) or
+    "activations" ([0, 127], PyTorch's fbgemm convention; the exported graph needs Clip nodes that
+    stop ORT's fusion). With ``reduce_range=False`` the fast path packs 8-bit weights for an exact
+    engine where the default one saturates (see :mod:`efficientml.quant.integer_weighted`)."""
 
     kind = "integer_int8"
     weight_bits: int = 8
@@ -82,8 +90,10 @@ class IntegerConfig(Config):
     per_channel: bool = True
     observer: str = "minmax"
     reduce_range: bool = True
+    reduce_range_of: str = "weights"
     calibration_batches: int = 8
     skip_unsupported: bool = False      # keep layers without an integer kernel in float (reported)
+    warn_slow_layers: bool = True       # first fast call: warn if depthwise int8 layers lose to fp32
 
     def validate(self) -> None:
         if self.weight_bits not in range(2, 9):
@@ -91,13 +101,20 @@ class IntegerConfig(Config):
         if self.activation_bits not in range(2, 9):
             raise ConfigError(f"integer activations need 2 to 8 bits, got {self.activation_bits!r}")
         check_choice("observer", self.observer, OBSERVERS.names())
+        check_choice("reduce_range_of", self.reduce_range_of, ("weights", "activations"))
         check_range("calibration_batches", self.calibration_batches, 1, 10 ** 6)
 
     def act_range(self) -> tuple[int, int]:
         top = 2 ** self.activation_bits - 1
-        if self.reduce_range and self.activation_bits == 8:
+        if self.reduce_range and self.reduce_range_of == "activations" and self.activation_bits == 8:
             top = 127
         return 0, top
+
+    def weight_qmax(self) -> int:
+        """Largest |code| of the symmetric weights: 2^(b−1) − 1, or 63 for reduced 8-bit weights."""
+        if self.reduce_range and self.reduce_range_of == "weights" and self.weight_bits == 8:
+            return 63
+        return 2 ** (self.weight_bits - 1) - 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,122 +178,6 @@ def _act(y: torch.Tensor, act: str | None) -> torch.Tensor:
     return y
 
 
-class WeightedStep(Step):
-    """Conv2d or Linear with BN folded in and an optional fused ReLU/ReLU6."""
-
-    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None):
-        super().__init__(name)
-        self.weight = weight.detach().float().clone()
-        self.bias = (bias.detach().float().clone() if bias is not None
-                     else torch.zeros(weight.shape[0]))
-        self.act = act
-
-    def float(self, x: torch.Tensor) -> torch.Tensor:
-        return _act(self._op(x, self.weight, self.bias), self.act)
-
-    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def finalize(self, cfg: IntegerConfig) -> None:
-        qmax = 2 ** (cfg.weight_bits - 1) - 1
-        flat = self.weight.reshape(self.weight.shape[0], -1)
-        amax = flat.abs().amax(1) if cfg.per_channel else flat.abs().max().expand(flat.shape[0])
-        self.w_scale = torch.clamp(amax / qmax, min=1e-12)                           # (C_out,)
-        self.w_q = torch.clamp(torch.round(self.weight / self.w_scale.view(-1, *[1] * (self.weight.dim() - 1))),
-                               -qmax, qmax).to(torch.int32)
-        s_in = self.in_qp[0].scale
-        self.b_scale = (s_in * self.w_scale.double()).float()                        # S_bias = S_in·S_w
-        self.b_q = torch.round(self.bias.double() / self.b_scale.double()).to(torch.int32)
-        z_in = self.in_qp[0].zero_point
-        # Σ_k q_w (per output channel): the cross term Z_in·Σ q_w folds into the bias
-        self.w_sum = self.w_q.reshape(self.w_q.shape[0], -1).sum(1).to(torch.int64)
-        self.b_eff = self.b_q.to(torch.int64) - z_in * self.w_sum
-        m = s_in * self.w_scale.double() / self.out_qp.scale                          # per channel
-        self.m0, self.shift = fixed_point(m)
-        self.lo, self.hi = _clamp_bounds(self.out_qp, self.act)
-        self._packed = None
-
-    def _requant(self, acc: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        shape = [1] * acc.dim()
-        shape[channel_dim] = -1
-        out = rounding_shift(acc, self.m0.view(shape), self.shift.view(shape)) + self.out_qp.zero_point
-        return torch.clamp(out, self.lo, self.hi).to(torch.int32)
-
-    def emulate(self, q: torch.Tensor) -> torch.Tensor:
-        x = self.in_qp[0].dequantize(q)
-        w = self.w_q.float() * self.w_scale.view(-1, *[1] * (self.weight.dim() - 1))
-        y = self._op(x, w, self.b_q.double().mul(self.b_scale.double()).float())
-        out = torch.round(y / self.out_qp.scale) + self.out_qp.zero_point
-        return torch.clamp(out, self.lo, self.hi).to(torch.int32)
-
-    def _qweight(self) -> torch.Tensor:
-        return torch._make_per_channel_quantized_tensor(
-            self.w_q.to(torch.int8), self.w_scale.double(), torch.zeros_like(self.w_scale, dtype=torch.int64), 0)
-
-    def _fbias(self) -> torch.Tensor:
-        return (self.b_q.double() * self.b_scale.double()).float()
-
-
-class ConvStep(WeightedStep):
-    kind = "conv2d"
-
-    def __init__(self, name: str, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
-                 act: str | None):
-        super().__init__(name, weight, bias, act)
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise UnsupportedError(f"conv {name!r} uses padding {conv.padding!r}/{conv.padding_mode!r}; "
-                                   "integer conv supports numeric zero padding only")
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-
-    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-
-    def integer(self, q: torch.Tensor) -> torch.Tensor:
-        z_in = self.in_qp[0].zero_point
-        B, C, H, W = q.shape
-        ph, pw = self.padding
-        x = F.pad(q, (pw, pw, ph, ph), value=z_in) if (ph or pw) else q    # pad with the real zero
-        kh, kw = self.w_q.shape[2:]
-        # im2col moves integers only (exact in float32 for |q| ≤ 2^24); the products sum in int32
-        cols = F.unfold(x.float(), (kh, kw), dilation=self.dilation, stride=self.stride).to(torch.int32)
-        G, O = self.groups, self.w_q.shape[0]
-        L = cols.shape[-1]
-        cols = cols.view(B, G, -1, L)                                     # (B, G, C/G·kh·kw, L)
-        w = self.w_q.view(G, O // G, -1)                                  # (G, O/G, C/G·kh·kw)
-        acc = torch.matmul(w, cols).view(B, O, L)                         # int32 accumulation
-        acc = acc.to(torch.int64) + self.b_eff.view(1, -1, 1)
-        Ho = (H + 2 * ph - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        Wo = (W + 2 * pw - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        return self._requant(acc, 1).view(B, O, Ho, Wo)
-
-    def fast(self, q: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            self._packed = torch.ops.quantized.conv2d_prepack(
-                self._qweight(), self._fbias(), list(self.stride), list(self.padding),
-                list(self.dilation), self.groups)
-        op = torch.ops.quantized.conv2d_relu if self.act == "relu" else torch.ops.quantized.conv2d
-        y = op(q, self._packed, self.out_qp.scale, self.out_qp.zero_point)
-        return torch.clamp(y, 0.0, 6.0) if self.act == "relu6" else y
-
-
-class LinearStep(WeightedStep):
-    kind = "linear"
-
-    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, w, b)
-
-    def integer(self, q: torch.Tensor) -> torch.Tensor:
-        acc = torch.matmul(q.to(torch.int32), self.w_q.t())              # (…, C_out) int32
-        return self._requant(acc.to(torch.int64) + self.b_eff, -1)
-
-    def fast(self, q: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            self._packed = torch.ops.quantized.linear_prepack(self._qweight(), self._fbias())
-        op = torch.ops.quantized.linear_relu if self.act == "relu" else torch.ops.quantized.linear
-        y = op(q, self._packed, self.out_qp.scale, self.out_qp.zero_point)
-        return torch.clamp(y, 0.0, 6.0) if self.act == "relu6" else y
-
-
 class AddStep(Step):
     kind = "add"
 
@@ -314,7 +215,7 @@ class AddStep(Step):
 
 class PassStep(Step):
     """Ops that keep the input's qparams: max-pool (commutes with the affine map), ReLU/ReLU6 as
-    clamps, and data movement (flatten, view, slicing, zero padding) applied to q − Z."""
+    clamps, and data movement (flatten, view, slicing) applied to q − Z; padding is :class:`PadStep`."""
 
     observe = False
 
@@ -341,6 +242,39 @@ class PassStep(Step):
         if self.mode == "relu6":
             return torch.clamp(q, 0.0, 6.0)
         return self.fn(q, *rest, **kw)
+
+
+class PadStep(Step):
+    """Padding (``nn.ZeroPad2d``, ``nn.ConstantPad2d``, reflection/replication pads, ``F.pad``): data
+    movement that keeps the input's qparams. A constant pads with its code round(v/S) + Z (the real
+    zero is exactly Z; another value is rounded to the grid and clamped to its range)."""
+
+    observe = False
+    kind = "pad"
+
+    def __init__(self, name: str, pad: tuple[int, ...], mode: str = "constant", value: float = 0.0):
+        super().__init__(name)
+        if mode not in ("constant", "reflect", "replicate"):
+            raise UnsupportedError(f"layer {name!r} pads with mode {mode!r}; integer padding supports "
+                                   "constant, reflect and replicate")
+        self.pad, self.mode, self.value = tuple(int(p) for p in pad), mode, float(value or 0.0)
+
+    def code(self) -> int:
+        """The padding constant's integer code in the input's grid."""
+        return int(self.in_qp[0].quantize(torch.tensor(self.value)))
+
+    def float(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, self.pad, self.mode, self.value if self.mode == "constant" else None)
+
+    def integer(self, q: torch.Tensor) -> torch.Tensor:
+        if self.mode == "constant":
+            return F.pad(q, self.pad, value=self.code())
+        return F.pad(q.float(), self.pad, self.mode).to(q.dtype)      # copies codes: exact
+
+    def fast(self, q: torch.Tensor) -> torch.Tensor:
+        if self.mode == "constant":      # quantized pad rounds the value like quantize(): the same code
+            return F.pad(q, self.pad, value=self.in_qp[0].dequantize(torch.tensor(self.code())).item())
+        return F.pad(q, self.pad, self.mode)
 
 
 class MeanStep(Step):

@@ -38,12 +38,12 @@ def test_quantize_entry_point_and_errors():
     r = quantize(m, WeightOnlyConfig(format="fp8_e4m3"))
     assert r.path == "simulated" and len(r.report["quantized_layers"]) == 9
     with pytest.raises(ShapeError, match="layer 'backbone.conv0': nf4 needs the last dimension to be a multiple"):
-        quantize(m, WeightOnlyConfig(format="nf4"))
+        quantize(m, WeightOnlyConfig(format="nf4", strict_groups=True))
     assert not torch.equal(r.model.classifier.weight, m.classifier.weight)          # input untouched
     with pytest.raises(ConfigError, match="unknown number format 'int9'"):
         WeightOnlyConfig(format="int9")
     with pytest.raises(ShapeError, match="group size 7 does not divide"):
-        quantize(m, WeightOnlyConfig(format="int4", granularity="group", group_size=7))
+        quantize(m, WeightOnlyConfig(format="int4", granularity="group", group_size=7, strict_groups=True))
     with pytest.raises(UnsupportedError, match="layer type 'Embedding' has no quantized implementation"):
         quantize(m, WeightOnlyConfig(), filter=LayerFilter(types=("Conv2d", "Embedding")))
     emb = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
