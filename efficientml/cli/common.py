@@ -146,3 +146,27 @@ def check_input_shape(shape: tuple[int, ...], limit_bytes: float = 2e9) -> None:
     if need > limit_bytes:
         raise ShapeError(f"--input-shape {','.join(map(str, shape))} needs {need / 1e9:.1f} GB as fp32 for the "
                          f"input alone; the limit is {limit_bytes / 1e9:.0f} GB (check the numbers)")
+
+
+def device(s: str) -> str:
+    """An argparse type: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``, available in this build."""
+    text = s.strip().lower()
+    if text in ("cpu", "auto"):
+        return text
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N, mps or auto, got {s!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{s!r} is not available: this torch build has no CUDA or no GPU is "
+                                             "visible (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{s!r} is not available: {torch.cuda.device_count()} GPU(s) visible")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{s!r} is not available in this torch build (use cpu)")
+    return text
