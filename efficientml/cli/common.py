@@ -122,15 +122,21 @@ def _parse_value(v: str) -> Any:
 def flag_names(**flags: str) -> Iterator[None]:
     """Re-raise a ConfigError whose message names a Python keyword (``group_size=None``,
     ``skip_unsupported``) with the command-line flag instead (``flag_names(group_size="--group-size")``)."""
-    from efficientml.core.errors import ConfigError
+    from efficientml.core.errors import EfficientMLError
 
     try:
         yield
-    except ConfigError as e:
+    except EfficientMLError as e:
         msg = str(e)
         for kw, flag in flags.items():
             msg = re.sub(rf"(?<![-\w]){re.escape(kw)}(=\w+)?(?!\w)", lambda m: flag, msg)
-        raise ConfigError(msg) from None
+        if msg == str(e):
+            raise
+        try:
+            new = type(e)(msg)
+        except TypeError:  # an error type with its own constructor: keep it as it is
+            raise e from None
+        raise new from None
 
 
 def model_args(p: argparse.ArgumentParser, what: str = "the model builder") -> None:
