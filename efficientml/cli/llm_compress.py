@@ -99,6 +99,7 @@ def register(llm_sub: argparse._SubParsersAction) -> None:
 _FLAGS = dict(w_bits="--w-bits", group_size="--group-size", symmetric="--symmetric", act_order="--act-order",
               gptq_act_order="--act-order", sink_share="--sink-share", gptq_sink_share="--sink-share",
               alpha="--alpha", sparsity="--sparsity", n_m="--n-m", method="--method")
+_FLAGS["weight bits"] = "--w-bits"
 
 
 def _config(args: argparse.Namespace, group_size: int | None):

@@ -71,11 +71,26 @@ def default_shape(name: str | None, model) -> tuple[int, ...]:
     raise ShapeError("cannot guess this model's input shape; pass --input-shape, e.g. 1,3,32,32")
 
 
+def _check_rank(model, shape: tuple[int, ...]) -> None:
+    """A model whose first layer is a Conv2d takes N,C,H,W: say so instead of failing deep inside."""
+    import torch.nn as nn
+
+    from efficientml.core.errors import ShapeError
+
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
+    need = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}.get(type(first))
+    if need is not None and len(shape) != need:
+        dims = {3: "N,C,L", 4: "N,C,H,W", 5: "N,C,D,H,W"}[need]
+        raise ShapeError(f"--input-shape {','.join(map(str, shape))} has {len(shape)} dimensions; this model's first "
+                         f"layer is a {type(first).__name__}, which takes {need} ({dims}, e.g. 1,{first.in_channels},"
+                         f"{','.join(['32'] * (need - 2))})")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from efficientml.analysis import profile
-    from efficientml.core.errors import ConfigError
+    from efficientml.core.errors import ConfigError, ShapeError
     from efficientml.models import list_models
 
     if args.list:
@@ -97,8 +112,15 @@ def run(args: argparse.Namespace) -> int:
     name = src.name or name
     if shape is None:
         shape = getattr(model, "example_shape", None) or default_shape(name, model)
-    prof = profile(model, shape, name=name, latency=args.latency, warmup=args.warmup,
-                   runs=args.runs, threads=args.threads, sparse_format=args.sparse_format)
+    _check_rank(model, shape)
+    try:
+        prof = profile(model, shape, name=name, latency=args.latency, warmup=args.warmup,
+                       runs=args.runs, threads=args.threads, sparse_format=args.sparse_format)
+    except (RuntimeError, ValueError, IndexError) as e:
+        if isinstance(e, ShapeError):
+            raise
+        raise ShapeError(f"the model cannot run on input of shape {tuple(shape)} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if args.json:
         print_json(prof.summary() if args.no_layers else prof.to_dict())
     elif args.markdown:

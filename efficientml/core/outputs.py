@@ -103,6 +103,15 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, folder: bool 
     ``overwrite`` is off (or it is a folder of files we did not write), it is a file where a folder is
     expected or the reverse, its name is too long, it lies under a file, or its folder is not
     writable. Returns the normalized path."""
+    try:
+        return _check_output(path, overwrite, folder, flag)
+    except OSError as e:  # a stat refused on the way (permission denied on a parent, a loop, …)
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"{flag}: cannot write {str(path)!r} ({why(e)})") from None
+
+
+def _check_output(path: str | os.PathLike, overwrite: bool, folder: bool, flag: str) -> Path:
     p = normalize(path)
     what = "folder" if folder else "file"
     if len(p.name.encode()) > NAME_MAX:
