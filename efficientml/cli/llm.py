@@ -144,7 +144,11 @@ def _load(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     src = L.open_source(args.model)
     dtype = L.checkpoint_dtype(src) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
-    return (*L.load(src, dtype=dtype, device=resolve_device(args.device)), src)
+    from efficientml.cli.model_source import warn_not_finite
+
+    model, tok = L.load(src, dtype=dtype, device=resolve_device(args.device))
+    warn_not_finite(model, "the model")
+    return model, tok, src
 
 
 def _json_object(text: str) -> dict:

@@ -96,7 +96,8 @@ def register(llm_sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_prune)
 
 
-_FLAGS = dict(w_bits="--w-bits", group_size="--group-size", symmetric="--symmetric", act_order="--act-order",
+_FLAGS = {"group_size=None": "--group-size channel"}
+_FLAGS.update(w_bits="--w-bits", group_size="--group-size", symmetric="--symmetric", act_order="--act-order",
               gptq_act_order="--act-order", sink_share="--sink-share", gptq_sink_share="--sink-share",
               alpha="--alpha", sparsity="--sparsity", n_m="--n-m", method="--method")
 _FLAGS["weight bits"] = "--w-bits"
@@ -138,12 +139,25 @@ def _open(args: argparse.Namespace):
     from efficientml.core.errors import ConfigError
     from efficientml.llm.io.load import load_config, open_source
 
+    if Path(args.calib).exists():  # a text file: refuse one that is not UTF-8 now, not after the load
+        from efficientml.data.text import load_text
+
+        load_text(args.calib)
     src = open_source(args.model)
     cfg = load_config(src)
     if args.calib_len > cfg.max_position_embeddings:
         raise ConfigError(f"--calib-len {args.calib_len} is longer than the model's {cfg.max_position_embeddings} "
                           "positions; use at most that")
     return src, cfg
+
+
+def _loaded(src):
+    from efficientml.cli.model_source import warn_not_finite
+    from efficientml.llm.io.load import load
+
+    model, tok = load(src)
+    warn_not_finite(model, "the model")
+    return model, tok
 
 
 def _auto_group(args: argparse.Namespace, cfg) -> int | None:
@@ -188,13 +202,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     from efficientml.core.transform import apply
     from efficientml.llm.compress import save_compressed
     from efficientml.llm.io.generation_config import generation_defaults
-    from efficientml.llm.io.load import load
 
     _config(args, 128 if args.group_size == AUTO_GROUP else args.group_size)  # bad bits fail before loading
     _prepare(args)
     src, cfg = _open(args)  # resolved once: the weights and the sampling defaults
     conf = _config(args, _auto_group(args, cfg))
-    model, tok = load(src)
+    model, tok = _loaded(src)
     calib, cc = _calib(args, tok, args.method != "rtn")
     with flag_names(**_FLAGS):
         rep = apply(model, conf, calib=calib, inplace=True, batch_size=args.batch_size, device=args.device).report
@@ -211,13 +224,13 @@ def run_prune(args: argparse.Namespace) -> int:
     from efficientml.core.transform import apply
     from efficientml.llm.compress import LLMPruneConfig
     from efficientml.llm.io.generation_config import generation_defaults
-    from efficientml.llm.io.load import load, save_hf
+    from efficientml.llm.io.load import save_hf
 
     with flag_names(**_FLAGS):
         conf = LLMPruneConfig(args.method, args.sparsity, n_m=args.n_m)
     _prepare(args)
     src, _ = _open(args)
-    model, tok = load(src)
+    model, tok = _loaded(src)
     calib, cc = _calib(args, tok, args.method != "magnitude")
     with flag_names(**_FLAGS):
         rep = apply(model, conf, calib=calib, inplace=True, batch_size=args.batch_size, device=args.device).report

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if meta.get("dataset", "fashion-mnist") != "fashion-mnist":
         raise ConfigError(f"quantize evaluates on Fashion-MNIST; this checkpoint was trained on {meta['dataset']!r}")
     train, test = fashion_mnist_loaders(batch_size=64, augment=False, pad_to=meta.get("pad_to"))
-    with flag_names(skip_unsupported="--skip-unsupported", group_size="--format"):
+    with flag_names(skip_unsupported="--skip-unsupported"):
         res = apply(model, cfg, calib=train)
     qmodel = res.model.with_mode("fast") if args.method == "int8" else res.model
     base = evaluate(model, test, max_batches=args.eval_batches)

@@ -70,7 +70,7 @@ def load_text(name_or_path: str | os.PathLike) -> str:
         from efficientml.core.paths import require_file
 
         require_file(path, "text file", DataNotFoundError)
-    return decode_text(path.read_bytes(), str(path))
+    return decode_text(path.read_bytes(), f"text file {str(path)!r}")
 
 
 def decode_text(data: bytes, where: str = "the text") -> str:

@@ -385,6 +385,12 @@ CASES: list[Case] = [
     _c("llm-q-model-missing", f"llm quantize {S}nope --out {S}q", r"nope"),
     _c("llm-q-gguf-head-count", f"llm quantize {S}h.gguf --out {S}q", r"head_count is 0",
        fx.gguf("h.gguf", head_count=0)),
+    _c("llm-q-calib-latin1", f"llm quantize {LLM} --out {S}q --calib {S}c.txt", r"c.txt' is not UTF-8 text",
+       fx.garbage("c.txt", "na\u00efve text ".encode("latin-1") * 50)),
+    _c("llm-q-calib-dir", f"llm quantize {LLM} --out {S}q --calib {S}adir", r"is a folder; expected a file",
+       fx.folder("adir")),
+    _c("llm-chat-stdin-latin1", f"llm chat {LLM} --max-new-tokens 1", r"text read from stdin is not UTF-8 \(byte 0xe9\)",
+       stdin="caf\u00e9\n".encode("latin-1")),
     _c("llm-prune-sparsity-one", f"llm prune {LLM} --out {S}p --sparsity 1", r"expected a number in \[0, 1\)"),
     _c("llm-prune-sparsity-nan", f"llm prune {LLM} --out {S}p --sparsity nan", r"expected a number in \[0, 1\)"),
     _c("llm-prune-n-m-order", f"llm prune {LLM} --out {S}p --n-m 4:2", r"expected N:M with 0 < N < M"),
@@ -397,6 +403,19 @@ CASES: list[Case] = [
     _c("llm-prune-calib-len", f"llm prune {LLM} --out {S}p --calib-len 9000", r"--calib-len 9000 is longer"),
     _c("llm-prune-readonly", f"llm prune {LLM} --out {S}ro/p", r"cannot write", fx.readonly("ro")),
 ]
+
+
+def _cuda_cases() -> list[Case]:
+    """``--device cuda`` is bad input only where this torch build has no usable CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return [_c("llm-info-device-cuda", f"llm info {LLM} --device cuda", r"'cuda' is not available: this torch build"),
+            _c("llm-q-device-cuda", f"llm quantize {LLM} --out {S}q --device cuda", r"'cuda' is not available")]
+
+
+CASES += _cuda_cases()
 
 
 def _snapshot(root: Path) -> dict[str, str]:

@@ -251,3 +251,12 @@ def test_llm_quantize_default_group_size_fits_smollm2(tmp_path, capsys):
     cfg = load_config("smollm2-135m")
     assert _auto_group(argparse.Namespace(group_size=AUTO_GROUP, method="awq"), cfg) == 64
     assert _auto_group(argparse.Namespace(group_size=None, method="awq"), cfg) is None
+
+
+def test_text_files_utf8_bom_and_utf16_read_the_same(tmp_path):
+    from efficientml.data.text import load_text
+
+    text = "naïve café\r\nline two\n"
+    for enc, name in (("utf-8", "a.txt"), ("utf-8-sig", "b.txt"), ("utf-16", "c.txt")):
+        (tmp_path / name).write_bytes(text.encode(enc))
+        assert load_text(tmp_path / name) == text  # line endings kept, BOM dropped
