@@ -54,6 +54,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 _TMP = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)\.(?P<rand>[^.]+)(?P<old>\.old)?\.tmp$")
+_LEGACY = re.compile(r"^\.(?P<stem>.+)\.(?:(?P<rand>[a-z0-9_]{8})\.tmp|(?P<old>old))$")
+LEGACY_AGE_S = 3600.0
+
+
+def _age(p: Path) -> float:
+    import time
+
+    try:
+        return time.time() - p.lstat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def clean_stale(path: str | os.PathLike) -> list[Path]:
@@ -71,10 +82,17 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
         return []
     for e in entries:
         m = _TMP.match(e.name)
-        if not m or m["stem"] not in stems or _pid_alive(int(m["pid"])):
+        if m and m["stem"] in stems:
+            dead, old = not _pid_alive(int(m["pid"])), bool(m["old"])
+        else:  # names of writers before the pid was in them: dead if untouched for an hour
+            legacy = _LEGACY.match(e.name)
+            if not legacy or legacy["stem"] != path.name:
+                continue
+            dead, old = _age(e) > LEGACY_AGE_S, legacy["old"] is not None
+        if not dead:
             continue
         try:
-            if m["old"] and not path.exists() and not path.is_symlink():
+            if old and not path.exists() and not path.is_symlink():
                 os.replace(e, path)  # the replace died between its two renames: the old output stays
             elif e.is_dir() and not e.is_symlink():
                 shutil.rmtree(e)

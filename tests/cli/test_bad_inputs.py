@@ -260,3 +260,14 @@ def test_text_files_utf8_bom_and_utf16_read_the_same(tmp_path):
     for enc, name in (("utf-8", "a.txt"), ("utf-8-sig", "b.txt"), ("utf-16", "c.txt")):
         (tmp_path / name).write_bytes(text.encode(enc))
         assert load_text(tmp_path / name) == text  # line endings kept, BOM dropped
+
+
+def test_legacy_temp_names_are_cleaned_when_an_hour_old(tmp_path):
+    from efficientml.core.serialization import write_json
+
+    old, fresh = tmp_path / ".x.json.abcd_123.tmp", tmp_path / ".x.json.efgh_456.tmp"
+    old.write_bytes(b"0" * 1000)
+    fresh.write_bytes(b"1")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    write_json(tmp_path / "x.json", [1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name, "x.json"]  # a live writer's may be fresh
