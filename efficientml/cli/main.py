@@ -21,8 +21,11 @@ SUBCOMMANDS = ["demo", "profile", "train", "eval", "prune", "quantize", "formats
 
 
 class _Parser(argparse.ArgumentParser):
+    last_error: str | None = None  # the usage error main() repeats as JSON under --json
+
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
-        self.exit(2, f"efficientml: error: {message} (see '{self.prog} --help')\n")
+        _Parser.last_error = f"{message} (see '{self.prog} --help')"
+        self.exit(2, f"efficientml: error: {_Parser.last_error}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    _Parser.last_error = None
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        given = sys.argv[1:] if argv is None else argv
+        if e.code == 2 and _Parser.last_error and "--json" in given:
+            sys.stdout.write(json.dumps({"error": _Parser.last_error, "exit_code": 2}) + "\n")
+        raise
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

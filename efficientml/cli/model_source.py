@@ -123,11 +123,18 @@ _TORCH_LEVEL = {"conv1d": torch.conv1d, "conv2d": torch.conv2d, "conv3d": torch.
 
 def load_exported(path: str) -> nn.Module:
     p = require_file(path, "exported program", CheckpointError)
+    import logging
+
+    quiet = logging.getLogger("torch.export")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # torch logs a traceback before raising on a bad archive; we say it in one line
     try:
         ep = torch.export.load(str(p))
     except Exception as e:  # torch raises many types for a bad archive
         raise CheckpointError(f"{path!r} is not a torch.export program saved by torch.export.save "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        quiet.setLevel(level)
     gm = ep.module()
     for node in gm.graph.nodes:
         packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", None)

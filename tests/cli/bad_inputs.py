@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+_ROOT = Path(__file__).resolve().parents[2]
+if (_ROOT / "efficientml").is_dir() and "efficientml" not in sys.modules:
+    sys.path.insert(0, str(_ROOT))  # test the package of the tree this file lives in
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its fixtures, however this file was imported
 import bad_fixtures as fx  # noqa: E402
 

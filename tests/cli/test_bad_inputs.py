@@ -271,3 +271,15 @@ def test_legacy_temp_names_are_cleaned_when_an_hour_old(tmp_path):
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     write_json(tmp_path / "x.json", [1])
     assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name, "x.json"]  # a live writer's may be fresh
+
+
+def test_json_errors_are_json_on_stdout(capsys):
+    from efficientml.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["profile", "resnet20", "--runs", "0", "--json"])
+    cap = capsys.readouterr()
+    assert e.value.code == 2 and "expected a positive integer" in json.loads(cap.out)["error"]
+    assert main(["profile", "resnet21", "--json"]) == 2
+    cap = capsys.readouterr()
+    assert json.loads(cap.out) == {"error": cap.err.strip().removeprefix("efficientml: error: "), "exit_code": 2}
