@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from efficientml.cli.common import add_json_flag, positive_int, print_json
+from efficientml.cli.common import add_json_flag, add_overwrite_flag, device, number, positive_int, print_json
 from efficientml.core.errors import ConfigError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -20,12 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Load a LLaMA-family model (built-in name, GGUF file or Hugging Face "
                                    "folder) and evaluate, run or convert it.")
     s = p.add_subparsers(dest="llm_command", metavar="ACTION")
-    p.set_defaults(func=lambda a: (p.print_help(), 0)[1])
+    p.set_defaults(func=_no_action)
 
     for add in (_add_info, _add_ppl, _add_generate, _add_chat, _add_convert):
         add(s)
     from efficientml.cli import llm_compress  # `llm quantize` / `llm prune` (efficientml.llm.compress)
     llm_compress.register(s)
+
+
+def _no_action(args: argparse.Namespace) -> int:
+    """`efficientml llm` alone: a usage error (exit 2), as for any missing argument."""
+    raise ConfigError("choose an action: info, ppl, generate, chat, convert, quantize or prune "
+                      "(see 'efficientml llm --help')")
 
 
 def _model_args(q: argparse.ArgumentParser) -> None:
@@ -35,19 +41,21 @@ def _model_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--dtype", choices=sorted(DTYPES) + ["auto"], default="float32",
                    help="float32 (default), bfloat16, float16, or auto: the checkpoint's own (config.json "
                         "torch_dtype; a GGUF's float type, float32 for quantized weights)")
-    q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    q.add_argument("--device", type=device, default="cpu", help="cpu, cuda, or auto")
     q.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch)")
 
 
 def _sampling_args(q: argparse.ArgumentParser, max_new: int) -> None:
     """Sampling options of `llm generate` and `llm chat`."""
     q.add_argument("--max-new-tokens", type=positive_int, default=max_new)
-    q.add_argument("--temperature", type=float, default=None,
+    q.add_argument("--temperature", type=number("a temperature ≥ 0", 0, 1e4), default=None,
                    help="0 = greedy (the default, unless the model's generation config samples)")
     q.add_argument("--top-k", type=positive_int, default=None)
-    q.add_argument("--top-p", type=float, default=None)
-    q.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability")
-    q.add_argument("--repetition-penalty", type=float, default=None,
+    q.add_argument("--top-p", type=number("a top-p in (0, 1]", 0, 1, low_open=True), default=None)
+    q.add_argument("--min-p", type=number("a min-p in [0, 1]", 0, 1), default=None,
+                   help="drop tokens below min_p × the top probability")
+    q.add_argument("--repetition-penalty", type=number("a repetition penalty > 0", 0, 1e4, low_open=True),
+                   default=None,
                    help="> 1 discourages tokens already in the prompt or output (default 1 = off)")
     q.add_argument("--generation-config", choices=["auto", "none"], default="auto",
                    help="auto (default): settings not given here come from the model's generation_config.json "
@@ -120,7 +128,7 @@ def _add_convert(s: argparse._SubParsersAction) -> None:
     q.add_argument("output", help="output folder, or a .gguf file (written atomically)")
     q.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"], default="f16",
                    help="GGUF: the matrices' type (norms stay f32; embeddings q8_0 under q4_*); default f16")
-    q.add_argument("--overwrite", action="store_true")
+    add_overwrite_flag(q, "the output (a folder only if it holds nothing but files efficientml writes)")
     q.set_defaults(func=run_convert)
 
 
@@ -136,7 +144,11 @@ def _load(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     src = L.open_source(args.model)
     dtype = L.checkpoint_dtype(src) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
-    return (*L.load(src, dtype=dtype, device=resolve_device(args.device)), src)
+    from efficientml.cli.model_source import warn_not_finite
+
+    model, tok = L.load(src, dtype=dtype, device=resolve_device(args.device))
+    warn_not_finite(model, "the model")
+    return model, tok, src
 
 
 def _json_object(text: str) -> dict:
@@ -148,6 +160,10 @@ def _json_object(text: str) -> dict:
     if not isinstance(v, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', "
                                          f"got {text!r}")
+    taken = [k for k in ("messages", "add_generation_prompt", "bos_token", "eos_token") if k in v]
+    if taken:
+        raise argparse.ArgumentTypeError(f"{taken[0]!r} is set by efficientml (the conversation, generation "
+                                         "prompt and special tokens); give only the template's own variables")
     return v
 
 
@@ -274,6 +290,9 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from efficientml.llm.chat import ChatSession
 
+    if sys.stdin is None or sys.stdin.closed:  # `efficientml llm chat … <&-`
+        raise ConfigError("llm chat reads its messages from stdin, which is closed; run it in a terminal or "
+                          "pipe text into it")
     model, tok, src = _load(args)
     model = _for_decode(model)
     chat = ChatSession(model, tok, system=args.system, sampling=_sampling(args, src), max_context=args.max_context,
@@ -285,7 +304,7 @@ def run_chat(args: argparse.Namespace) -> int:
         if interactive:
             sys.stdout.write("> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
+        line = _read_line()
         if not line:
             break
         line = line.strip()
@@ -309,13 +328,28 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_line() -> str:
+    """One line of stdin; '' at its end (or when it was closed meanwhile)."""
+    try:
+        return sys.stdin.readline()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"the text read from stdin is not UTF-8 (byte 0x{e.object[e.start]:02x}); convert it "
+                          "to UTF-8") from None
+    except (OSError, ValueError):
+        return ""
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from efficientml.llm.io.generation_config import generation_defaults
     from efficientml.llm.io.load import save_hf
 
+    from efficientml.core.outputs import check_output
+
+    gguf = str(args.output).lower().endswith(".gguf")
+    check_output(args.output, args.overwrite, folder=not gguf, flag="output")  # before the model loads
     model, tok, src = _load(args)
     sampling = generation_defaults(src)  # carried over, as llama.cpp's converter does
-    if str(args.output).lower().endswith(".gguf"):
+    if gguf:
         from efficientml.llm.io.gguf_write import save_gguf
 
         out = save_gguf(model, tok, args.output, outtype=args.outtype, overwrite=args.overwrite, sampling=sampling)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 
 from efficientml.core.errors import EfficientMLError
@@ -19,8 +21,11 @@ SUBCOMMANDS = ["demo", "profile", "train", "eval", "prune", "quantize", "formats
 
 
 class _Parser(argparse.ArgumentParser):
+    last_error: str | None = None  # the usage error main() repeats as JSON under --json
+
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
-        self.exit(2, f"efficientml: error: {message} (see '{self.prog} --help')\n")
+        _Parser.last_error = f"{message} (see '{self.prog} --help')"
+        self.exit(2, f"efficientml: error: {_Parser.last_error}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    _Parser.last_error = None
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        given = sys.argv[1:] if argv is None else argv
+        if e.code == 2 and _Parser.last_error and "--json" in given:
+            sys.stdout.write(json.dumps({"error": _Parser.last_error, "exit_code": 2}) + "\n")
+        raise
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
@@ -49,11 +61,42 @@ def main(argv: list[str] | None = None) -> int:
     except EfficientMLError as e:
         if args.debug:
             raise
-        print(f"efficientml: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, str(e))
     except KeyboardInterrupt:
         print("efficientml: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `efficientml … | head -c1`: the reader left; say nothing more
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+    except OSError as e:  # a write or read that failed outside our checks (disk full mid-run, …)
+        if args.debug:
+            raise
+        from efficientml.core.outputs import why
+
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        return _fail(args, f"cannot read or write{where} ({why(e)})")
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """One line on stderr; with --json also {"error": …} on stdout, so a script reading it sees why."""
+    message = " ".join(message.split())  # one line, whatever the message held
+    print(f"efficientml: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        try:
+            sys.stdout.write(json.dumps({"error": message, "exit_code": 2}) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+    return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -12,14 +12,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from efficientml.cli.common import add_json_flag, fraction, parse_model_args, positive_int, print_json
+from efficientml.cli.common import (add_json_flag, add_overwrite_flag, flag_names, fraction, number, parse_model_args,
+                                    positive_int, print_json)
+from efficientml.cli.model_source import MODEL_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a model (any granularity/criterion), fine-tune, report",
                        description=__doc__.splitlines()[0])
-    p.add_argument("model", help="zoo model name, e.g. vgg, resnet20, mobilenetv2")
-    p.add_argument("--checkpoint", default=None, help="trained checkpoint (safetensors) to start from")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint to start from: an efficientml one, or a plain state dict (.safetensors, .pt) "
+                        "for MODEL")
     p.add_argument("--method", default="channel",
                    help="fine, pattern, nm, vector, kernel or channel (default channel)")
     p.add_argument("--ratio", type=fraction, default=0.5, help="fraction removed, in [0, 1)")
@@ -33,8 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sort input channels by norm before pruning (keep-first then keeps the strongest)")
     p.add_argument("--skip-unsupported", action="store_true",
                    help="leave channels touched by unknown ops unpruned instead of failing")
-    p.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tuning epochs (fractional ok)")
-    p.add_argument("--lr", type=float, default=None, help="fine-tuning LR (default: checkpoint LR / 10)")
+    p.add_argument("--finetune-epochs", type=number("a non-negative number of epochs", 0, 1e6), default=0.0,
+                   help="fine-tuning epochs (fractional ok)")
+    p.add_argument("--lr", type=number("a learning rate in (0, 100]", 0, 100, low_open=True), default=None,
+                   help="fine-tuning LR (default: checkpoint LR / 10)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--train-subset", type=positive_int, default=None, help="fine-tune on N images")
@@ -46,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--out", default=None, help="pruned checkpoint path (default checkpoints/MODEL_pruned.safetensors)")
     p.add_argument("--report", default=None, help="write the JSON report here")
+    add_overwrite_flag(p, "--out and --report")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -58,31 +65,23 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from efficientml.core.serialization import write_json
-    from efficientml.data.registry import get_dataset
-    from efficientml.models import build_model
     from efficientml.core.transform import LayerFilter, apply
+    from efficientml.data.registry import get_dataset
     from efficientml.prune import PruneConfig
     from efficientml.prune.io import save_pruned
     from efficientml.prune.report import compare, format_table
-    from efficientml.train import TrainConfig, evaluate, fit, load_checkpoint
+    from efficientml.train import TrainConfig, evaluate, fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = get_dataset(args.dataset)
-    if args.checkpoint:
-        model, meta = load_checkpoint(args.checkpoint)
-        if meta.get("model") not in (None, args.model):
-            from efficientml.core.errors import ConfigError
-
-            raise ConfigError(f"checkpoint {args.checkpoint!r} holds a {meta['model']!r} model, not {args.model!r}")
-        base_lr = (meta.get("train_config") or {}).get("lr", 0.1)
-    else:
-        kwargs = {"num_classes": spec.num_classes, "in_channels": spec.in_channels,
-                  **parse_model_args(args.model_arg)}
-        model, meta, base_lr = build_model(args.model, **kwargs), {"model": args.model, "model_kwargs": kwargs}, 0.1
+    with flag_names(method="--method", sparsity="--ratio", criterion="--criterion", n="--n", m="--m",
+                    on_unsupported="--skip-unsupported"):
+        config = PruneConfig(method=args.method, sparsity=args.ratio, criterion=args.criterion, n=args.n, m=args.m,
+                             sort_inputs=args.sort, on_unsupported="skip" if args.skip_unsupported else "error")
+    out = _check_outputs(args)
+    model, meta, base_lr = _model(args, spec)
     model.eval()
-    config = PruneConfig(method=args.method, sparsity=args.ratio, criterion=args.criterion, n=args.n, m=args.m,
-                         sort_inputs=args.sort, on_unsupported="skip" if args.skip_unsupported else "error")
     layers = LayerFilter(include=_names(args.layers), exclude=_names(args.exclude))
     train, test = spec.loaders(batch_size=args.batch_size, augment=True, train_subset=args.train_subset,
                                test_subset=args.test_subset, pad_to=meta.get("pad_to"))
@@ -99,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
         result.masks.remove()
     acc = lambda m: evaluate(m, test)["accuracy"]  # noqa: E731
     table = compare(model, pruned, sample_shape, accuracy=acc, batch_sizes=() if args.no_latency else (1, 64))
-    out = Path(args.out or f"checkpoints/{args.model}_pruned.safetensors")
     save_pruned(out, pruned, {**meta, "prune_config": config.to_dict(),
                               "finetune": ft.to_dict() if ft else None, "test_accuracy": table["after"]["accuracy"]})
     report = {"config": config.to_dict(), "finetune": ft.to_dict() if ft else None, "table": table,
@@ -114,3 +112,37 @@ def run(args: argparse.Namespace) -> int:
             print("left unpruned: " + "; ".join(result.skipped))
         print(f"saved {out}")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> Path:
+    """Before any work: --out (and its JSON) and --report must be new (or --overwrite) and writable."""
+    from efficientml.core.errors import ConfigError
+    from efficientml.core.outputs import check_output
+
+    out = Path(args.out or f"checkpoints/{_stem(args.model)}_pruned.safetensors")
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {str(out)!r} must end in .safetensors (the checkpoint format)")
+    check_output(out, args.overwrite, flag="--out")
+    check_output(out.with_suffix(out.suffix + ".json"), args.overwrite, flag="--out")
+    if args.report:
+        if Path(args.report).resolve() in (out.resolve(), out.with_suffix(out.suffix + ".json").resolve()):
+            raise ConfigError(f"--report {args.report!r} is the checkpoint's own path; give another file")
+        check_output(args.report, args.overwrite, flag="--report")
+    return out
+
+
+def _stem(model: str) -> str:
+    return Path(model.rpartition(":")[2] if ".py:" in model else model).stem
+
+
+def _model(args: argparse.Namespace, spec):
+    """(model, meta, base learning rate) from MODEL and --checkpoint (model_source.py)."""
+    from efficientml.cli import model_source as ms
+
+    kwargs = ms.kwargs_for(args.model, {"num_classes": spec.num_classes, "in_channels": spec.in_channels},
+                           parse_model_args(args.model_arg))
+    src = ms.load_checkpoint(args.checkpoint, args.model, kwargs) if args.checkpoint else ms.build(args.model, kwargs)
+    ms.need_module(src, "pruned")
+    ms.warn_not_finite(src.model, "the model")
+    base_lr = (src.meta.get("train_config") or {}).get("lr", 0.1)
+    return src.model, src.meta, base_lr

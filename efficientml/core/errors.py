@@ -27,3 +27,7 @@ class CheckpointError(EfficientMLError, ValueError):
 
 class UnsupportedError(EfficientMLError, NotImplementedError):
     """An operation, layer type or architecture that efficientml does not handle."""
+
+
+class OutputError(EfficientMLError, OSError):
+    """An output cannot be written: its folder is read-only or full, its name too long, …"""

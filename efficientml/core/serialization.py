@@ -13,24 +13,45 @@ from typing import Any, Iterator
 
 import torch
 
-from efficientml.core.errors import CheckpointError, ConfigError
+from efficientml.core.errors import CheckpointError, EfficientMLError, OutputError
+from efficientml.core.paths import require_file
+from efficientml.core.outputs import check_output, clean_stale, normalize, tmp_prefix, why
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
+
+    Leftovers of killed writers to the same target are deleted first (core/outputs.py); an OS error
+    while writing (disk full, read-only, …) becomes one :class:`OutputError` sentence."""
+    path = normalize(path)
+    _mkdir(path.parent)
+    clean_stale(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {str(path)!r} ({why(e)})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+            os.replace(tmp_path, path)
+        except OSError as e:
+            if isinstance(e, EfficientMLError):
+                raise
+            raise OutputError(f"cannot write {str(path)!r} ({why(e)})") from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create folder {str(folder)!r} ({why(e)})") from None
 
 
 def _umask() -> int:
@@ -43,27 +64,42 @@ def _umask() -> int:
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it becomes ``path``.
 
-    Refuses an existing ``path`` unless ``overwrite`` (the old folder is then replaced only after the
-    new one is complete)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ConfigError(f"output folder {str(path)!r} already exists; choose a new path or pass overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    Refuses an existing ``path`` unless ``overwrite``, and even then refuses a folder holding files
+    efficientml does not write (or the current folder): the old folder is moved aside and deleted
+    only after the new one is in place."""
+    path = check_output(path, overwrite=overwrite, folder=True, flag="output folder")
+    _mkdir(path.parent)
+    clean_stale(path)
     try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(path), suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write {str(path)!r} ({why(e)})") from None
+    try:
+        try:
+            yield tmp
+            _publish(tmp, path)
+        except OSError as e:
+            if isinstance(e, EfficientMLError):
+                raise
+            raise OutputError(f"cannot write {str(path)!r} ({why(e)})") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` and its files the usual modes, then rename it onto ``path`` (the old one aside)."""
+    mask = _umask()
+    for f in tmp.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old.tmp")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
@@ -102,9 +138,7 @@ def load_state_dict(path: str | os.PathLike, device: str = "cpu") -> dict[str, t
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    path = require_file(path, "checkpoint file")
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as e:

@@ -58,15 +58,27 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
                      system_key="fashion-mnist") for name, sha in ((img_name, img_sha), (lbl_name, lbl_sha))]
     images = torch.from_numpy(read_idx(paths[0]).copy()).unsqueeze(1)   # (N, 1, 28, 28) uint8
     labels = torch.from_numpy(read_idx(paths[1]).astype(np.int64))      # (N,)
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise CheckpointError(f"{str(paths[1])!r} holds {tuple(labels.shape)} labels for {len(images)} images "
+                              f"in {str(paths[0])!r}; expected one label per image")
+    if len(labels) and int(labels.max()) >= len(CLASSES):
+        i = int(labels.argmax())
+        raise CheckpointError(f"{str(paths[1])!r} has label {int(labels[i])} at index {i}; Fashion-MNIST labels "
+                              f"are 0 to {len(CLASSES) - 1}")
     return ImageTensors(images, labels, MEAN, STD, CLASSES)
 
 
 def fashion_mnist_loaders(batch_size: int = 128, augment: bool = True, pad_to: int | None = None,
                           train_subset: int | None = None, test_subset: int | None = None,
                           root: str | os.PathLike | None = None, seed: int = 0,
-                          eval_batch_size: int = 512) -> tuple[TensorLoader, TensorLoader]:
-    """(train, test) loaders; train is shuffled and (optionally) augmented with crops and flips."""
-    train, test = load_fashion_mnist("train", root), load_fashion_mnist("test", root)
+                          eval_batch_size: int = 512, test_only: bool = False) -> tuple[TensorLoader | None, TensorLoader]:
+    """(train, test) loaders; train is shuffled and (optionally) augmented with crops and flips.
+    ``test_only``: train is None and its files are not needed (evaluation)."""
+    test = load_fashion_mnist("test", root)  # first: `eval --data-root` names the test file it misses
+    if test_only:
+        return None, TensorLoader(test.subset(test_subset, seed) if test_subset else test, eval_batch_size,
+                                  shuffle=False, pad_to=pad_to)
+    train = load_fashion_mnist("train", root)
     if train_subset:
         train = train.subset(train_subset, seed)
     if test_subset:

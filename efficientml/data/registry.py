@@ -33,7 +33,7 @@ DATASETS.register("fashion-mnist", DatasetSpec("fashion-mnist", 1, 10, 28, "fmni
 
 def _digits(batch_size: int = 128, augment: bool = False, pad_to: int | None = None,
             train_subset: int | None = None, test_subset: int | None = None, root: Any = None,
-            seed: int = 0, eval_batch_size: int = 512) -> tuple[Any, Any]:
+            seed: int = 0, eval_batch_size: int = 512, test_only: bool = False) -> tuple[Any, Any]:
     import torch
 
     from efficientml.data.digits import load_digits
@@ -44,6 +44,9 @@ def _digits(batch_size: int = 128, augment: bool = False, pad_to: int | None = N
         return ImageTensors((x * 255).round().to(torch.uint8), y, (0.3053,), (0.3760,))
 
     train, test = tensors("train"), tensors("test")
+    if test_only:
+        return None, TensorLoader(test.subset(test_subset, seed) if test_subset else test, eval_batch_size,
+                                  pad_to=pad_to)
     if train_subset:
         train = train.subset(train_subset, seed)
     if test_subset:

@@ -64,11 +64,28 @@ def load_text(name_or_path: str | os.PathLike) -> str:
         path = text_path(name_or_path)
     else:
         path = Path(name_or_path)
-        if not path.is_file():
+        if not path.exists():
             raise DataNotFoundError(
                 f"{str(name_or_path)!r} is neither a known corpus ({', '.join(TEXTS)}) nor an existing file")
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the bytes' line endings
-        return f.read()
+        from efficientml.core.paths import require_file
+
+        require_file(path, "text file", DataNotFoundError)
+    return decode_text(path.read_bytes(), f"text file {str(path)!r}")
+
+
+def decode_text(data: bytes, where: str = "the text") -> str:
+    """UTF-8 (a BOM is dropped), or UTF-16 when it starts with a UTF-16 byte-order mark; anything else
+    is one ConfigError naming the first bad byte. Line endings are kept as they are."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where} starts as UTF-16 but is not valid UTF-16 at byte {e.start}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "convert it to UTF-8") from None
 
 
 def _canonical(name: str) -> str:

@@ -60,9 +60,19 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.head_dim is not None and (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
+                                          or self.head_dim <= 0):
+            raise ConfigError(f"head_dim must be a positive integer or absent, got {self.head_dim!r}")
+        for name in ("rms_norm_eps", "rope_theta", "partial_rotary_factor", "embedding_multiplier",
+                     "residual_multiplier", "logits_scaling"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be a finite positive number, got {v!r}")
+        self._check_token_ids()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads})")
@@ -98,6 +108,17 @@ class LlamaConfig:
                               f"({self.attention_multiplier}) must be positive")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
+
+    def _check_token_ids(self) -> None:
+        eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos),
+                          ("pad_token_id", [self.pad_token_id])):
+            for t in ids:
+                if t is None:
+                    continue
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                    raise ConfigError(f"{name} {t!r} is not a token id of the vocabulary (0 to "
+                                      f"{self.vocab_size - 1})")
 
     @property
     def dim_per_head(self) -> int:
@@ -186,16 +207,18 @@ class LlamaConfig:
         extra = {k: v for k, v in d.items() if k not in known and k not in ("rope_parameters",)}
         try:
             return cls(**kw, extra=extra)
-        except TypeError as e:
-            raise CheckpointError(f"{source} has a value of the wrong type ({e})") from e
+        except (TypeError, ConfigError) as e:
+            raise CheckpointError(f"{source} has a wrong value: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LlamaConfig":
-        path = Path(path)
+        from efficientml.core.paths import require_file
+
+        path = require_file(path, "model configuration")
         try:
             d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{str(path)!r} does not exist") from None
+        except OSError as e:
+            raise CheckpointError(f"{str(path)!r} cannot be read ({e.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{str(path)!r} is not valid JSON ({e})") from None
         if not isinstance(d, dict):

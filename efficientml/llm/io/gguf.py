@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from efficientml.core.errors import CheckpointError, UnsupportedError
+from efficientml.core.errors import CheckpointError, ConfigError, EfficientMLError, UnsupportedError
 from efficientml.llm import arch as families
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.io.ggml_quants import BLOCK_FORMATS, BLOCK_SIZES, SUPPORTED, UNDECODED, dequantize_blocks
@@ -219,7 +219,11 @@ class GGUFFile:
             dims = [cur.take("<Q") for _ in range(ndim)]
             ttype, offset = cur.take("<I"), cur.take("<Q")
             infos.append((name, dims, ttype, offset))
-        align = int(self.meta.get("general.alignment", 32))
+        align = self.meta.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, (int, np.integer)) or align <= 0:
+            raise CheckpointError(f"{str(self.path)!r}: general.alignment is {align!r}; expected a positive "
+                                  "integer (32 by default)")
+        align = int(align)
         data_start = (cur.pos + align - 1) // align * align
         self.infos: list[TensorInfo] = []
         for name, dims, ttype, offset in infos:
@@ -252,7 +256,16 @@ class GGUFFile:
 
     @cached_property
     def config(self) -> LlamaConfig:
-        """The model configuration from the metadata (read once per opened file)."""
+        """The model configuration from the metadata (read once per opened file); a missing, zero or
+        wrongly typed value is one CheckpointError naming the file."""
+        try:
+            return self._config()
+        except (ConfigError, TypeError, ValueError, ZeroDivisionError) as e:
+            if isinstance(e, EfficientMLError) and not isinstance(e, ConfigError):
+                raise
+            raise CheckpointError(f"{str(self.path)!r} has wrong model metadata: {e}") from None
+
+    def _config(self) -> LlamaConfig:
         arch = self.arch
         fam, keys = families.by_gguf(arch, self.path.name)
         m = self.meta
@@ -261,6 +274,8 @@ class GGUFFile:
             return m.get(f"{arch}.{key}", default)
 
         n_heads = int(get("attention.head_count"))
+        if n_heads <= 0:
+            raise ConfigError(f"{arch}.attention.head_count is {n_heads}; expected a positive integer")
         d = int(get("embedding_length"))
         names = {t.name for t in self.infos}
         vocab = get("vocab_size")

@@ -10,7 +10,6 @@ special tokens, and the model's chat template (Jinja, rendered like transformers
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -283,29 +282,17 @@ class Tokenizer:
                             **extra: Any) -> str:
         if not self.chat_template:
             raise ConfigError("this tokenizer has no chat template; pass plain text instead of messages")
+        from efficientml.llm.io import chat_template as ct
+
+        ct.check_variables(extra)
         if self._template is None:
-            ext = optional_import("jinja2.ext", "llm", "chat templates")
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(msg: str) -> None:
-                raise ConfigError(f"chat template: {msg}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[ext.loopcontrols])
-            def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-                       separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                                  sort_keys=sort_keys)  # no HTML escaping, unlike Jinja's own filter
-
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama-3.1+ date line
-            env.filters["tojson"] = tojson
-            self._template = env.from_string(self.chat_template)
+            self._template = ct.compile_template(self.chat_template)
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ConfigError(f"each chat message needs 'role' and 'content', got {m!r}")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+        return ct.render(self._template, {"messages": messages, "add_generation_prompt": add_generation_prompt,
+                                          "bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                                          **extra})
 
     # --- saving -----------------------------------------------------------------------------------
 
