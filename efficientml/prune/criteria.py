@@ -153,7 +153,8 @@ class TaylorFisher(Criterion):
         fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
         for x, y in batches:
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+            with torch.enable_grad():  # also when the caller scores under torch.no_grad()
+                F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
             for n, p in model.named_parameters():
                 if p.grad is not None:
                     fisher[n] += p.grad.detach() ** 2 / len(batches)

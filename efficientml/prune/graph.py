@@ -163,7 +163,9 @@ class _Builder:
                 return self.visit_function(node, shape)
             if node.op == "call_method":
                 return self.visit_method(node, shape)
-        except _Unknown:
+        except (_Unknown, UnsupportedError) as e:  # a known module it cannot follow (a grouped conv)
+            if isinstance(e, UnsupportedError) and self.mode != "skip":
+                raise
             return self.unsupported(node, tensor_inputs, shape)
         return self.unsupported(node, tensor_inputs, shape)
 
@@ -178,15 +180,18 @@ class _Builder:
         in_shape = _shape(src)
         if in_ids is None or in_shape is None:
             raise _Unknown
-        if name in self.memo:  # a module called twice: tie its inputs, reuse its outputs
+        # a module with weights called twice: tie inputs, reuse outputs; a stateless one is retraced
+        stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+        if stateful and name in self.memo:
             prev_in, prev_out = self.memo[name]
             for a, b in zip(prev_in, in_ids):
                 self.ids.union(a, b)
             return prev_out
         out = op.trace(TraceContext(self.ids, name, in_shape, shape), module, in_ids)
+        if name not in self.memo:
+            self.shapes[name] = (in_shape, shape)
+            self.order.append(name)
         self.memo[name] = (in_ids, out)
-        self.shapes[name] = (in_shape, shape)
-        self.order.append(name)
         return out
 
     def visit_function(self, node: fx.Node, shape: tuple[int, ...]) -> list[int]:

@@ -6,12 +6,25 @@
     per_layer = allocate_by_params(scan, model, target=0.75)  # hit a total sparsity, cheapest first
 
 The scan prunes one layer at a time (fine-grained L2 by default) without fine-tuning and restores it.
+
+Channel pruning has its own report, one entry per dependency-graph group (the channels that must go
+together: a residual stream, an expand conv's outputs through its depthwise conv), measured before
+committing to any ratio:
+
+    rep = group_sensitivity(model, x, calib, ratios=(0.1, 0.3, 0.5), criterion="thinet")
+    print(rep.table())                                   # metric and logits SQNR per group and ratio
+    cfg = PruneConfig(method="channel", sparsity=0.0, criterion="thinet",
+                      per_layer=choose_group_ratios(rep, max_drop=2.0))
+
+Each group is pruned alone (a copy of the model) and scored on the calibration batches: accuracy when
+they carry labels, else top-1 agreement with the unpruned model (both in %), plus the logits' SQNR
+against the unpruned model (output fidelity). Pruned together, the chosen ratios' drops compound.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -134,3 +147,106 @@ def plot_sensitivity(scan: SensitivityScan, path: str, title: str = "per-layer s
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
+
+
+@dataclass
+class GroupSensitivity:
+    """Per channel group: its size and, per ratio, the metric, logits SQNR and parameters removed."""
+
+    criterion: str
+    metric: str                       # "accuracy", "agreement" or the name of a user's metric
+    baseline: float
+    ratios: list[float]
+    groups: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "metric": self.metric, "baseline": self.baseline,
+                "ratios": self.ratios, "groups": self.groups}
+
+    def table(self) -> str:
+        """A Markdown table: one row per group, ``metric / SQNR dB`` per ratio."""
+        head = "| group | channels | " + " | ".join(f"{r:g}" for r in self.ratios) + " |"
+        rows = [head, "|" + "---|" * (2 + len(self.ratios))]
+        for name, g in self.groups.items():
+            cells = [f"{m:.1f} / {s:.1f}" for m, s in zip(g["metric"], g["sqnr_db"])]
+            rows.append(f"| {name} | {g['prunable']}/{g['channels']} | " + " | ".join(cells) + " |")
+        return "\n".join(rows)
+
+
+def _score(model: nn.Module, batches: list, ref: list[torch.Tensor], metric: Callable | None) -> tuple[float, float]:
+    from efficientml.analysis.metrics import sqnr
+
+    model.eval()
+    with torch.no_grad():
+        outs = [model(x) for x, _ in batches]
+    db = sqnr(torch.cat(ref), torch.cat(outs))
+    if metric is not None:
+        return float(metric(model)), db
+    labelled = all(y is not None for _, y in batches)
+    hits = sum(int((o.argmax(1) == (y if labelled else r.argmax(1))).sum()) for o, r, (_, y) in zip(outs, ref, batches))
+    return 100.0 * hits / sum(o.shape[0] for o in outs), db
+
+
+def group_sensitivity(model: nn.Module, example_inputs: torch.Tensor, calib: Iterable,
+                      ratios: tuple[float, ...] = (0.1, 0.3, 0.5), criterion: str = "l2",
+                      metric: Callable[[nn.Module], float] | None = None, calib_batches: int = 4,
+                      groups: tuple[str, ...] = ()) -> GroupSensitivity:
+    """Prune each channel group alone at each ratio (without fine-tuning) and score it; ``groups``
+    limits the report to groups named by one of their producing layers."""
+    from efficientml.prune.apply import prune
+    from efficientml.prune.criteria import calib_batches as take
+    from efficientml.prune.graph import DependencyGraph
+
+    for r in ratios:
+        check_range("ratio", r, 0.0, 1.0, lo_open=True, hi_open=True)
+    batches = take(calib, calib_batches)
+    if not batches:
+        raise ConfigError("group_sensitivity needs calibration batches: pass calib=<loader or list of (x, y)>")
+    model.eval()
+    with torch.no_grad():
+        ref = [model(x) for x, _ in batches]
+    base, _ = _score(model, batches, ref, metric)
+    graph = DependencyGraph.build(model, example_inputs, on_unsupported="skip")
+    name = "accuracy" if all(y is not None for _, y in batches) else "agreement"
+    rep = GroupSensitivity(criterion, getattr(metric, "__name__", "metric") if metric else name, base, list(ratios))
+    known = {p for g in graph.groups for p in g.producers}
+    for wanted in groups:
+        if wanted not in known:
+            raise ConfigError(f"no channel group is produced by layer {wanted!r}; "
+                              f"producers are: {', '.join(sorted(known))}")
+    for g in graph.groups:
+        if g.prunable == 0 or (groups and not set(groups) & set(g.producers)):
+            continue
+        entry = {"channels": len(g), "prunable": g.prunable, "producers": g.producers,
+                 "metric": [], "sqnr_db": [], "params_removed": []}
+        for r in ratios:
+            cfg = PruneConfig(method="channel", sparsity=0.0, criterion=criterion, on_unsupported="skip",
+                              per_layer=((g.name, r),), calib_batches=calib_batches)
+            pruned = prune(model, cfg, example_inputs=example_inputs, calib=batches).model
+            m, db = _score(pruned, batches, ref, metric)
+            entry["metric"].append(m)
+            entry["sqnr_db"].append(db)
+            entry["params_removed"].append(_n_params(model) - _n_params(pruned))
+        rep.groups[g.name] = entry
+    return rep
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def choose_group_ratios(report: GroupSensitivity, max_drop: float) -> tuple[tuple[str, float], ...]:
+    """``PruneConfig.per_layer`` entries: each group's largest ratio whose metric drop is ≤ ``max_drop``
+    points (and every smaller ratio's is too); groups with none are left out (ratio 0)."""
+    if max_drop < 0:
+        raise ConfigError(f"max_drop must be ≥ 0 points, got {max_drop}")
+    out = []
+    for name, g in report.groups.items():
+        best = 0.0
+        for r, m in zip(report.ratios, g["metric"]):
+            if report.baseline - m > max_drop:
+                break
+            best = r
+        if best > 0:
+            out.append((name, best))
+    return tuple(out)
