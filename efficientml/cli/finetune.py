@@ -1,0 +1,99 @@
+"""``efficientml finetune MODEL --method lora|qlora|full --data FILE.jsonl | --dataset NAME --out DIR``:
+fine-tune an LLM; LoRA/QLoRA save the adapter in PEFT's layout, full fine-tuning a Hugging Face folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from efficientml.cli.common import add_json_flag, console, fraction, positive_int, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune an LLM with LoRA, QLoRA or fully; save the adapter",
+                       description="Supervised fine-tuning of an LLM (built-in name, GGUF file or HF folder) on "
+                                   "a .jsonl file (messages / prompt+response / text per line; loss on the "
+                                   "response) or a text corpus (first 90%%). LoRA/QLoRA write adapter_config.json "
+                                   "+ adapter_model.safetensors (PEFT's layout) into --out.")
+    p.add_argument("model", help="e.g. smollm2-135m, a .gguf file or a Hugging Face folder")
+    p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="a .jsonl file of examples")
+    src.add_argument("--dataset", help="a text corpus name (tinyshakespeare, wikitext2-raw-test, …)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--rank", type=positive_int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--dropout", type=fraction, default=0.0)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated layer names or globs to adapt")
+    p.add_argument("--dora", action="store_true", help="DoRA: magnitude + direction")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--max-length", type=positive_int, default=256, help="tokens per row")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--no-packing", action="store_true", help="one example per row, padded")
+    p.add_argument("--max-chars", type=positive_int, default=None, help="read only this many characters of --dataset")
+    p.add_argument("--eval-rows", type=int, default=8, help="held-out rows to evaluate (--dataset; 0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from efficientml.core.errors import ConfigError
+    from efficientml.core.serialization import write_json
+    from efficientml.finetune import LoRAConfig, trainable_parameters
+    from efficientml.finetune.recipe import corpus_rows, held_out_loss, jsonl_rows, prepare, save_result
+    from efficientml.finetune.sft import SFTConfig, train_sft
+    from efficientml.finetune.sft_data import batches
+    from efficientml.llm.io.load import load
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"output folder {str(out)!r} already exists; choose a new --out or pass --overwrite")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = SFTConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                    optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing, seed=args.seed)
+    lora = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora, dora=args.dora,
+                      target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                      seed=args.seed)
+    model, tok = load(args.model)
+    held = None
+    if args.data:
+        ids, labels = jsonl_rows(tok, args.data, args.max_length, packing=not args.no_packing)
+    else:
+        (ids, labels), held = corpus_rows(tok, args.dataset, args.max_length, max_chars=args.max_chars)
+        held = held[:args.eval_rows] if args.eval_rows > 0 else None
+    model = prepare(model, args.method, lora if args.method != "full" else None)
+    before = held_out_loss(model, held) if held is not None else None
+    quiet = args.json or args.no_progress
+    hist = train_sft(model, batches(ids, labels, min(args.batch_size, ids.shape[0]), seed=args.seed), cfg,
+                     progress=not quiet)
+    after = held_out_loss(model, held) if held is not None else None
+    save_result(model, tok, out, args.method, lora, str(args.model), overwrite=args.overwrite)
+    report = {"model": str(args.model), "method": args.method, "out": str(out), "rows": int(ids.shape[0]),
+              "sft": cfg.to_dict(), "lora": lora.to_dict() if args.method != "full" else None,
+              "trainable": trainable_parameters(model), "train": hist, "eval_before": before, "eval_after": after}
+    write_json(out / "training_log.json", report)
+    if args.json:
+        print_json(report)
+        return 0
+    c = console()
+    t = report["trainable"]
+    c.print(f"{args.method}: {t['trainable']:,} of {t['total']:,} parameters trained ({100 * t['fraction']:.2f}%), "
+            f"{hist['steps']} steps, {hist['tokens_per_s']:.0f} tokens/s")
+    c.print(f"loss {hist['curve'][0]['loss']:.3f} → {hist['curve'][-1]['loss']:.3f}")
+    if after is not None:
+        c.print(f"held-out perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f}")
+    c.print(f"saved to {out}")
+    return 0
