@@ -4,9 +4,8 @@ fine-tune an LLM; LoRA/QLoRA save the adapter in PEFT's layout, full fine-tuning
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from efficientml.cli.common import add_json_flag, console, fraction, positive_int, print_json
+from efficientml.cli.common import add_json_flag, console, fraction, number, positive_int, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--rank", type=positive_int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--alpha", type=number("a positive number", 0, low_open=True), default=32.0)
     p.add_argument("--dropout", type=fraction, default=0.0)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated layer names or globs to adapt")
@@ -33,12 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--max-length", type=positive_int, default=256, help="tokens per row")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=number("a positive learning rate", 0, low_open=True), default=2e-4)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--no-packing", action="store_true", help="one example per row, padded")
     p.add_argument("--max-chars", type=positive_int, default=None, help="read only this many characters of --dataset")
-    p.add_argument("--eval-rows", type=int, default=8, help="held-out rows to evaluate (--dataset; 0: none)")
+    p.add_argument("--eval-rows", type=number("a non-negative integer", 0, integer=True), default=8, help="held-out rows to evaluate (--dataset; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -49,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from efficientml.core.errors import ConfigError
+    from efficientml.core.outputs import check_output
     from efficientml.core.serialization import write_json
     from efficientml.finetune import LoRAConfig, trainable_parameters
     from efficientml.finetune.recipe import corpus_rows, held_out_loss, jsonl_rows, prepare, save_result
@@ -57,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from efficientml.finetune.sft_data import batches
     from efficientml.llm.io.load import load
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"output folder {str(out)!r} already exists; choose a new --out or pass --overwrite")
+    out = check_output(args.out, args.overwrite, folder=True)  # before any work: exists, writable, ours
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = SFTConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,

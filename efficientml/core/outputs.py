@@ -25,7 +25,8 @@ _RANDOM = 8 + len(".tmp")  # mkstemp's random part and our suffix
 # files our folder writers produce (llm convert/quantize/prune, save_hf, save_compressed)
 OUR_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-             "special_tokens_map.json", "efficientml_compression.json", "recipe.json", "README.md")
+             "special_tokens_map.json", "efficientml_compression.json", "recipe.json", "README.md",
+             "adapter_config.json", "adapter_model.safetensors", "training_log.json")
 
 
 def tmp_prefix(path: Path) -> str:

@@ -28,11 +28,12 @@ FALLBACK = "<|user|>\n{prompt}\n<|assistant|>\n"  # for a tokenizer without a ch
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataNotFoundError(f"SFT data file {str(path)!r} does not exist; expected a .jsonl file")
+    from efficientml.core.paths import require_file
+    from efficientml.data.text import decode_text
+
+    path = require_file(path, "SFT data file (.jsonl)", DataNotFoundError)
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(decode_text(path.read_bytes(), f"SFT data file {str(path)!r}").splitlines(), 1):
         if not line.strip():
             continue
         try:
