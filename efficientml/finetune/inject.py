@@ -70,6 +70,10 @@ def inject(model: nn.Module, config: LoRAConfig, filter: LayerFilter,
         set_module(model, n, wrapped)
         layers[n] = {"in": lin.in_features, "out": lin.out_features, "rank": config.rank,
                      "base": type(wrapped.base_layer).__name__}
+    for m in model.modules():  # a fused q/k/v or gate/up buffer cannot stand for adapted layers: drop it
+        if getattr(m, "packed", None) is not None and any(isinstance(getattr(m, f, None), LoRALinear)
+                                                          for f in getattr(m, "fusable", ())):
+            m.packed = None
     return TransformResult(model, config, "real", layers, {"trainable": trainable_parameters(model)})
 
 
