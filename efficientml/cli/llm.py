@@ -139,10 +139,11 @@ def _load(args: argparse.Namespace):
 
     from efficientml.core.device import resolve_device
     from efficientml.llm.io import load as L
+    from efficientml.llm.io.source import open_source
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    src = L.open_source(args.model)
+    src = open_source(args.model)
     dtype = L.checkpoint_dtype(src) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
     from efficientml.cli.model_source import warn_not_finite
 
@@ -191,7 +192,7 @@ def _storage(src) -> str:
     from collections import Counter
 
     if isinstance(src, Path):
-        from efficientml.llm.io.load import weight_files
+        from efficientml.llm.io.folder import weight_files
 
         kind, files = weight_files(src)
         return f"{len(files)} {kind} file(s), {sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
@@ -201,7 +202,8 @@ def _storage(src) -> str:
 
 def run_info(args: argparse.Namespace) -> int:
     from efficientml.llm.io.generation_config import generation_defaults
-    from efficientml.llm.io.load import load_config, load_tokenizer, open_source
+    from efficientml.llm.io.load import load_config, load_tokenizer
+    from efficientml.llm.io.source import open_source
 
     src = open_source(args.model)  # a GGUF file's header is parsed once for all three
     cfg, tok = load_config(src), load_tokenizer(src)

@@ -137,7 +137,8 @@ def _prepare(args: argparse.Namespace) -> None:
 def _open(args: argparse.Namespace):
     """The opened source and its config, checked against --calib-len (before the weights load)."""
     from efficientml.core.errors import ConfigError
-    from efficientml.llm.io.load import load_config, open_source
+    from efficientml.llm.io.load import load_config
+    from efficientml.llm.io.source import open_source
 
     if Path(args.calib).exists():  # a text file: refuse one that is not UTF-8 now, not after the load
         from efficientml.data.text import load_text

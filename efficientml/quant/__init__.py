@@ -16,17 +16,18 @@ from efficientml.quant.deep_compression import (DeepCompressionConfig, load_comp
 from efficientml.quant.formats import FORMATS, get_format
 from efficientml.quant.integer import IntegerConfig, IntegerModel, convert_integer, fold_bn
 from efficientml.quant.kmeans import KMeansConfig, kmeans_1d, kmeans_quantize, strip_kmeans
-from efficientml.quant.linear import LinearQuantSpec, fake_quantize, quantize_tensor, vsquant
+from efficientml.quant.grid import GridSpec, QTensor, fake_quantize
+from efficientml.quant.linear import vsquant
 from efficientml.quant.mixed import MixedPrecisionConfig, layer_sensitivity, search_bits
 from efficientml.quant.observers import OBSERVERS
 from efficientml.quant.qat import QATConfig, export_qat, prepare_qat
 
 __all__ = [
     "AdaRoundConfig", "BinaryConfig", "DeepCompressionConfig", "FORMATS", "IntegerConfig", "IntegerModel",
-    "KMeansConfig", "LinearQuantSpec", "MixedPrecisionConfig", "OBSERVERS", "QATConfig", "QuantizeResult",
+    "GridSpec", "KMeansConfig", "MixedPrecisionConfig", "OBSERVERS", "QATConfig", "QTensor", "QuantizeResult",
     "WeightOnlyConfig", "adaround", "adaround_layer", "binarize", "binarize_model", "convert_integer",
     "fake_quantize", "export_qat", "fold_bn", "get_format", "kmeans_1d", "kmeans_quantize",
     "layer_sensitivity", "load_compressed", "magnitude_prune", "pack_signs", "prepare_qat", "quantize",
-    "quantize_tensor", "round_to_float16", "save_compressed", "search_bits", "size_breakdown", "strip_kmeans", "vsquant",
+    "round_to_float16", "save_compressed", "search_bits", "size_breakdown", "strip_kmeans", "vsquant",
     "xnor_popcount_matmul",
 ]

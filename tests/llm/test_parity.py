@@ -41,7 +41,7 @@ def test_gguf_tensors_equal_transformers_gguf_loader(smollm2, hf_smollm2):
     pytest.importorskip("gguf")
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from efficientml.llm.io.load import resolve_source
+    from efficientml.llm.io.source import resolve_source
 
     theirs = load_gguf_checkpoint(str(resolve_source("smollm2-135m")), return_tensors=True,
                                   model_to_load=hf_smollm2)["tensors"]

@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from efficientml.core.errors import ConfigError
 from efficientml.quant.adaround import AdaRoundConfig, adaround_layer, reconstruction_error
-from efficientml.quant.linear import fake_quantize
+from efficientml.quant.grid import fake_quantize
 from efficientml.quant.rounding import weight_spec
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import efficientml.llm.compress.magnitude as llm_magnitude
-import efficientml.quant.linear as linear
 from efficientml.core.errors import ConfigError, ShapeError
 from efficientml.prune import masks
 from efficientml.quant.binary import pack_signs
@@ -19,9 +18,7 @@ def test_one_spelling_per_grid():
                                                   zero_in_range=False)
     assert weight_grid(3, 64) == GridSpec(3, False, "group", 64, signed=False, scale_dtype="float16",
                                           zero_in_range=False)
-    # the old names are the same objects, not copies
-    assert linear.LinearQuantSpec is GridSpec and linear.fake_quantize is fake_quantize
-    assert llm_magnitude.nm_mask is masks.nm_mask
+    assert llm_magnitude.nm_mask is masks.nm_mask   # one N:M mask, not a copy
 
 
 def test_asymmetric_codes_exact_cnn_and_llm_agree():

@@ -54,8 +54,7 @@ from efficientml.core.serialization import atomic_path
 from efficientml.llm import arch as families
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.io.generation_config import GGUF_SAMPLING
-from efficientml.llm.io.ggml_encode import (BLOCK_BYTES, nbytes, qlinear_bytes, quantize_q4_0, quantize_q4_1,
-                                           quantize_q8_0, tensor_bytes)
+from efficientml.llm.io.ggml_encode import BLOCK_BYTES, nbytes, qlinear_bytes, tensor_bytes
 from efficientml.llm.io.gguf import _SCALARS, _TOP_NAMES, layer_names, permute_rope_rows
 from efficientml.llm.io.gguf_tokenizer import tokenizer_metadata
 from efficientml.llm.io.tokenizer import Tokenizer
@@ -67,8 +66,7 @@ _ALIGN = 32
 _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64 = 4, 5, 6, 7, 8, 9, 10
 
 _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
-__all__ = ["OUTTYPES", "gguf_name", "model_metadata", "permute_rope_rows", "quantize_q4_0", "quantize_q4_1",
-           "quantize_q8_0", "sampling_metadata", "save_gguf", "tokenizer_metadata"]
+__all__ = ["OUTTYPES", "gguf_name", "model_metadata", "sampling_metadata", "save_gguf"]
 
 
 def gguf_name(hf: str, arch: str | families.Family = "llama") -> str:

@@ -22,18 +22,17 @@ from efficientml.core.errors import CheckpointError
 from efficientml.core.lazy import optional_import
 from efficientml.core.serialization import atomic_dir
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.io.folder import WEIGHT_FORMATS, hf_config, weight_files
+from efficientml.llm.io.folder import hf_config, weight_files
 from efficientml.llm.io.fused import fuse_split, split_fused
 from efficientml.llm.io.generation_config import generation_config
-from efficientml.llm.io.source import BUILTIN_MODELS, open_source, resolve_source
+from efficientml.llm.io.source import open_source, resolve_source
 from efficientml.llm.io.tokenizer import Tokenizer
 from efficientml.llm.kernels.packed import pack_projections
 from efficientml.llm.model import LlamaForCausalLM, build_model
 
-# the sources and folder helpers live in source.py / folder.py (below hub and generation_config); load
-# keeps their names for callers
-__all__ = ["BUILTIN_MODELS", "WEIGHT_FORMATS", "checkpoint_dtype", "hf_config", "load", "load_config", "load_gguf",
-           "load_hf", "load_tokenizer", "open_source", "resolve_source", "save_hf", "weight_files"]
+# sources (resolve_source, open_source, BUILTIN_MODELS) live in source.py, folder helpers (hf_config,
+# weight_files, WEIGHT_FORMATS) in folder.py: import them from there
+__all__ = ["checkpoint_dtype", "load", "load_config", "load_gguf", "load_hf", "load_tokenizer", "save_hf"]
 
 
 def load(source: Any, dtype: torch.dtype = torch.float32,

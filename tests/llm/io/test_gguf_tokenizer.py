@@ -34,7 +34,7 @@ def _pair(path):
 @pytest.fixture(scope="module")
 def smollm2_vocab():
     from efficientml.llm.io.gguf import GGUFFile
-    from efficientml.llm.io.load import resolve_source
+    from efficientml.llm.io.source import resolve_source
 
     try:
         gf = GGUFFile(resolve_source("smollm2-135m"))

@@ -15,8 +15,9 @@ from efficientml.core.errors import CheckpointError, ConfigError, UnsupportedErr
 from efficientml.data.paths import resolve
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.io.gguf import GGUFFile
-from efficientml.llm.io.gguf_write import (gguf_name, permute_rope_rows, quantize_q4_0, quantize_q4_1,
-                                           quantize_q8_0, save_gguf)
+from efficientml.llm.io.ggml_encode import quantize_q4_0, quantize_q4_1, quantize_q8_0
+from efficientml.llm.io.gguf import permute_rope_rows
+from efficientml.llm.io.gguf_write import gguf_name, save_gguf
 from efficientml.llm.io.load import load, load_gguf
 from efficientml.llm.model import build_model, init_weights
 from efficientml.llm.io.tokenizer import Tokenizer
@@ -143,7 +144,7 @@ def test_block_encoders_equal_the_ggml_reference(kind):
 def test_smollm2_written_as_q4_1_is_llamacpps_file_tensor_for_tensor(smollm2, tmp_path):
     """SmolLM2's GGUF (written by llama.cpp: Q4_1 blocks, a Q8_0 embedding), loaded to fp32 and written
     back as q4_1: every one of its 272 tensors has the original file's type and bytes."""
-    from efficientml.llm.io.load import resolve_source
+    from efficientml.llm.io.source import resolve_source
 
     path = save_gguf(smollm2[0], smollm2[1], tmp_path / "q4_1.gguf", outtype="q4_1")
     orig = {t.name: t for t in GGUFFile(resolve_source("smollm2-135m")).infos}

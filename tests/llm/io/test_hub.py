@@ -14,7 +14,8 @@ import torch
 from efficientml.core.errors import DataNotFoundError
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.io.hub import HubId, parse_hub_id
-from efficientml.llm.io.load import load_config, load_hf, resolve_source, save_hf
+from efficientml.llm.io.load import load_config, load_hf, save_hf
+from efficientml.llm.io.source import resolve_source
 from efficientml.llm.model import build_model, init_weights
 
 pytest.importorskip("huggingface_hub")

@@ -10,7 +10,8 @@ import torch
 
 from efficientml.core.errors import CheckpointError, ConfigError, DataNotFoundError, UnsupportedError
 from efficientml.llm.config import LlamaConfig
-from efficientml.llm.io.load import load_hf, resolve_source, save_hf
+from efficientml.llm.io.load import load_hf, save_hf
+from efficientml.llm.io.source import resolve_source
 from efficientml.llm.model import build_model, init_weights
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
