@@ -1,5 +1,6 @@
 """QuantLinear on CPU: fp32/bf16/fp16 inputs run torch's int4 kernel (W4, groups 32–256) and int8
-weight-only kernel (W8 per channel) on the packed codes, never a float copy of the weight; checked
+weight-only kernel (W8 per channel) on the packed codes, never a float copy of the weight, in the
+input's dtype (the "bf16" swap computes fp32/fp16 in bf16, the kernels' vectorized dtype); checked
 against the fp32 product of the fake-quantized weight (the reference: dequantize + matmul)."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ needs_int4 = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm
                                 reason="this torch has no int4 CPU kernel")
 needs_int8 = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"),
                                 reason="this torch has no int8 weight-only CPU kernel")
-# max |error| ÷ max |reference| per input dtype: fp32 summation order; bf16/fp16 rounding of x, s, z, y
+# max |error| ÷ max |reference| per compute dtype: fp32 summation order; bf16/fp16 rounding of x, s, z, y
 REL_ERR = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 1.5e-2}
 
 
@@ -44,7 +45,7 @@ def test_w4_runs_the_int4_kernel_in_every_float_dtype(spec, dtype):
     y = q(x.to(dtype))
     assert y.dtype == dtype and y.shape == ref.shape and q._int4_cache is not None
     assert _rel(y, ref) < REL_ERR[dtype]
-    if dtype == torch.float32:  # the reference path: dequantize + GEMM, same numbers to fp32 rounding
+    if dtype == torch.float32:  # the reference path: dequantize + GEMM, exact to fp32 rounding
         assert _rel(q.dequant_matmul(x), ref) < 1e-6
 
 
@@ -96,3 +97,18 @@ def test_greedy_generation_equals_the_dequantize_path(bits, group):
     assert use_quant_kernel(m, "dequant") > 0
     ref = generate(m, prompt, SamplingConfig(max_new_tokens=16)).tokens
     assert fast == ref
+
+
+@needs_int8
+@pytest.mark.parametrize("spec", [weight_grid(4, 32, True), weight_grid(4, 128), weight_grid(8, None, True)])
+def test_bf16_swap_computes_fp32_inputs_in_bf16(spec):
+    from efficientml.llm.kernels.qlinear_kernels import QuantLinearBF16, as_quant_kernel
+
+    q, x, ref = _case(spec)
+    fast = as_quant_kernel(q, "bf16")
+    assert type(fast) is QuantLinearBF16 and fast.weight_packed is q.weight_packed
+    for dtype in (torch.float32, torch.float16):
+        y = fast(x.to(dtype))
+        assert y.dtype == dtype and _rel(y, ref) < REL_ERR[torch.bfloat16]
+        torch.testing.assert_close(y, q(x.to(dtype).bfloat16()).to(dtype), rtol=0, atol=0)
+    assert _rel(q(x), ref) < 2e-6  # QuantLinear itself keeps fp32 inputs in fp32
