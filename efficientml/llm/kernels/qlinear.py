@@ -6,8 +6,8 @@
   uses), on a copy of the weight in its tile layout built on the first such call (as many bytes as
   ``weight_packed``; scales and float zeros ``(8 − z)·s`` in the input's dtype, so fp32 inputs match
   fake quantization to fp32 rounding and bf16 ones to bf16 precision; the kernels are vectorized for
-  bf16 only: the "bf16" swap of :mod:`.qlinear_kernels` computes fp32/fp16 inputs in bf16, ~15× faster,
-  and is what decoding uses); 8 bits per channel run on
+  bf16 only: the "bf16" swap of :mod:`.qlinear_kernels` computes fp32/fp16 inputs in bf16, ~15× faster;
+  decoding runs :mod:`.cpu_qgemv` instead where it builds); 8 bits per channel run on
   torch's int8 weight-only kernel (``_weight_int8pack_mm``, on an int8 copy ``u − 128``: one byte per
   weight, plus a Σx correction for asymmetric zeros). Anything else, and CUDA: dequantize on the fly
   into ``x.dtype`` and run one GEMM (the dense weight lives for one call). Other kernel choices are
