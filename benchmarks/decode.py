@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from efficientml.core.errors import ConfigError
 from efficientml.analysis.record import (REPO_ROOT, BenchmarkRecord, add_part_options, default_out, log, run_parts,
                                          selected_parts)
 
@@ -252,7 +253,8 @@ def decode_targets(st: State) -> None:
 def part_prefill(st: State) -> None:
     """Prompt tokens/s at 512 tokens: our bf16 (and fp32) generate prefill against llama.cpp pp512 bf16."""
     if not hasattr(st, "ours"):
-        raise RuntimeError("the prefill part runs after the decode part (it reuses its models and GGUF files)")
+        raise ConfigError("the prefill part runs after the decode part (it reuses its models and GGUF files): "
+                          "use --parts decode,prefill")
     ids = (st.tok.encode(PROMPT) * 20)[:512]
     ours = {n: [] for n in ("dense_bf16", "dense_fp32")}
     peer: list[float] = []
