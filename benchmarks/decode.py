@@ -77,7 +77,8 @@ class State:
             "new_tokens": self.new_tokens, "repeats": self.repeats, "prefill_tokens": 512, "quick": args.quick,
             "interleaving": "each repeat: every one of our paths, then llama-bench -r 1 on every GGUF file",
             "ours_timing": "generate().decode_tok_s (tokens after the first / their time), greedy",
-            "peer": PEER_PACKAGE, "peer_binary": str(self.bench) if self.bench else None}
+            "peer": PEER_PACKAGE, "peer_binary": str(self.bench) if self.bench else None,
+            "peer_version": peer_version(self.bench) if self.bench else None}
 
     def save(self) -> None:
         self.rec.write(self.out)
@@ -137,6 +138,17 @@ def convert_gguf(outtype: str, folder: Path) -> Path:
     cmd = [sys.executable, "-m", "efficientml", "llm", "convert", "smollm2-135m", str(path), "--outtype", outtype]
     subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT, timeout=900)
     return path
+
+
+def peer_version(bench: Path) -> str | None:
+    """``llama-bench --version``'s first line (the PyPI package gives no commit: "commit unknown")."""
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{bench.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    try:
+        out = subprocess.run([str(bench), "--version"], capture_output=True, text=True, env=env, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    return lines[0] if lines else None
 
 
 def llama_bench(bench: Path, gguf: Path, threads: int, prompt: int, gen: int) -> dict:
