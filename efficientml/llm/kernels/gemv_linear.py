@@ -3,8 +3,8 @@
 :func:`~efficientml.llm.kernels.decode.use_cpu_gemv` / ``use_gpu_gemv`` swap a model's plain
 ``nn.Linear`` s for these (same parameters, shared, not copied: ties and packed row views hold), so the
 model's own forward has no kernel dispatch. Each call that a kernel can take (its ``eligible``: 1 to
-``MAX_ROWS`` fp32 CPU rows for ``cpu_gemv``, one row on CUDA for ``triton_gemv``, a contiguous
-(out, in) weight, no gradient) runs on it; every other call is ``F.linear``, as before the swap.
+``MAX_ROWS`` fp32 CPU rows for ``cpu_gemv``, bf16/fp16 ones for ``cpu_gemv16``, one row on CUDA for
+``triton_gemv``, a contiguous (out, in) weight, no gradient) runs on it; every other call is ``F.linear``, as before the swap.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from efficientml.core.errors import ConfigError
-from efficientml.llm.kernels import cpu_gemv, triton_gemv
+from efficientml.llm.kernels import cpu_gemv, cpu_gemv16, triton_gemv
 
-KERNELS = ("cpu", "gpu")  # "cpu": cpu_gemv (C, fp32); "gpu": triton_gemv (Triton, CUDA)
+KERNELS = ("cpu", "gpu")  # "cpu": cpu_gemv (C, fp32) / cpu_gemv16 (C, bf16/fp16); "gpu": triton_gemv (Triton, CUDA)
 
 
 def gemv_or_none(kernel: str | None, x: torch.Tensor, weight: torch.Tensor,
@@ -25,6 +25,8 @@ def gemv_or_none(kernel: str | None, x: torch.Tensor, weight: torch.Tensor,
     runs its own path). ``kernel`` None: always None."""
     if kernel == "cpu" and cpu_gemv.eligible(x, weight, bias):
         return cpu_gemv.gemv(x, weight, bias)  # looked up per call: tests wrap it to count calls
+    if kernel == "cpu" and cpu_gemv16.eligible(x, weight, bias):
+        return cpu_gemv16.gemv(x, weight, bias)
     if kernel == "gpu" and triton_gemv.eligible(x, weight, bias):
         return triton_gemv.gemv(x, weight, bias)
     return None
