@@ -109,6 +109,21 @@ def use_cpu_qgemv(model: nn.Module, lm_head_bits: int | None = None) -> dict:
     return report
 
 
+def slow_linears(model: nn.Module) -> dict[str, str]:
+    """The quantized linears of ``model`` left without a fast CPU kernel after :func:`prepare_cpu_decode`
+    (they dequantize their weight on every call: ~20× slower than a kernel), each with one line why."""
+    from efficientml.llm.kernels.qlinear_kernels import QuantLinearDequant
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and not isinstance(mod, QuantLinearDequant):
+            on_torch = mod._cpu_int4_ok() or mod._cpu_int8_ok()  # torch's int4 / int8 CPU kernels
+            if not on_torch:
+                why = convertible(mod) or cpu_qgemv.status()
+                out[name] = why
+    return out
+
+
 def prepare_cpu_decode(model: nn.Module, lm_head_bits: int | None = None) -> str:
     """Make batch-1 CPU decoding fast, in place, and say how: quantized linears on the quantized kernel
     (:func:`use_cpu_qgemv`; ``lm_head_bits`` as there), float ones on the matrix-vector kernel when it

@@ -214,3 +214,40 @@ def test_greedy_tokens_match_the_dequantize_reference(bits):
         cache = StaticKVCache.for_model(m, 1, 24, static_shapes=True)
         out = generate(m, prompt, SamplingConfig(max_new_tokens=12), cache=cache, use_compile=True)
         assert out.tokens == want
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_dtype_runs_quantized_weights_on_the_kernel(dtype):
+    """W4 weights in a model of any float dtype: every quantized linear on the kernel (none left to
+    dequantize per call), logits close to the same model's dequantize reference in fp32."""
+    import copy
+
+    from efficientml.llm.kernels.decode import prepare_cpu_decode, slow_linears
+    from efficientml.llm.kernels.qgemv_linear import QGemvLinear
+    from efficientml.llm.kernels.qlinear_kernels import use_quant_kernel
+
+    m = _tiny_quantized(4, 2)
+    ref = copy.deepcopy(m)
+    use_quant_kernel(ref, "dequant")
+    m = m.to(dtype)
+    prepare_cpu_decode(m)
+    assert slow_linears(m) == {}
+    assert sum(isinstance(x, QGemvLinear) for x in m.modules()) == 14
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.inference_mode():
+        out = m(ids)
+        want = ref(ids)
+    assert out.dtype == dtype and _rel(out.float(), want) < (3e-2 if dtype == torch.float32 else 8e-2)
+
+
+@needs_cc
+def test_slow_linears_names_what_has_no_kernel():
+    """3-bit weights have no CPU kernel: prepare_cpu_decode says so, slow_linears names each with why."""
+    from efficientml.llm.kernels.decode import prepare_cpu_decode, slow_linears
+
+    m = _tiny_quantized(3, 3)
+    path = prepare_cpu_decode(m)
+    assert "14 not (e.g. model.layers.0.self_attn.q_proj: 3-bit weights" in path, path
+    slow = slow_linears(m)
+    assert len(slow) == 14 and slow["model.layers.1.mlp.down_proj"].startswith("3-bit weights")
