@@ -3,7 +3,8 @@ activations per block of 32, an integer dot product in the inner loop, OpenMP th
 a contiguous block of weight rows. Any number of input rows (one weight pass for all of them).
 
 The weight layout is :class:`QWeight`: ``qs`` (out, K/2) bytes for 4 bits (GGUF's Q4 nibble order) or
-(out, K) int8 for 8 bits, fp32 block scales ``d`` (out, K/32) and optional offsets ``m``: w = d·q + m.
+(out, K) int8 for 8 bits, fp32 block scales ``d`` (out, K/32) and optional offsets ``m``: w = d·q + m
+(without m: 4-bit codes centred on 8 as in Q4_0, 8-bit ones on 0).
 :func:`pack_codes` builds it from compressed-tensors codes (our QuantLinear: any group of 32·k,
 symmetric or not), :func:`pack_ggml` from GGUF Q4_0 / Q4_1 / Q8_0 blocks — integers stay integers.
 
@@ -97,7 +98,8 @@ def reset() -> None:
 
 @dataclass
 class QWeight:
-    """A weight in the kernel's layout: w[o, 32b + j] = d[o, b]·q + m[o, b] (m None: 0)."""
+    """A weight in the kernel's layout: w[o, 32b + j] = d[o, b]·q + m[o, b]; m None: codes centred on 8
+    (4 bits, Q4_0's d·(q − 8)) or 0 (8 bits)."""
 
     qs: torch.Tensor  # (out, K/2) uint8 (4 bits) or (out, K) int8 (8 bits)
     d: torch.Tensor  # (out, K/32) float32
@@ -122,9 +124,10 @@ class QWeight:
     def dequantize(self) -> torch.Tensor:
         """The weight as fp32 (out, K): for tests and reference paths only."""
         out, K = self.shape
-        w = self.codes().float().view(out, K // QK, QK) * self.d[..., None]
-        if self.m is not None:
-            w = w + self.m[..., None]
+        q = self.codes().float().view(out, K // QK, QK)
+        if self.m is None:
+            return ((q - 8 if self.bits == 4 else q) * self.d[..., None]).view(out, K)
+        w = q * self.d[..., None] + self.m[..., None]
         return w.view(out, K)
 
 
@@ -147,7 +150,8 @@ def pack_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     s = scale.float().repeat_interleave(rep, 1).contiguous()  # (out, K/32)
     z = torch.full_like(s, 1 << (bits - 1)) if zero is None else zero.float().repeat_interleave(rep, 1)
     if bits == 4:
-        return QWeight(_nibbles(codes), s, (-z * s).contiguous(), 4)
+        m = None if zero is None or bool((z == 8).all()) else (-z * s).contiguous()
+        return QWeight(_nibbles(codes), s, m, 4)
     q = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()  # w = (q + 128 − z)·s
     m = ((128 - z) * s).contiguous()
     return QWeight(q, s, None if bool((m == 0).all()) else m, 8)
@@ -171,26 +175,25 @@ def pack_ggml(kind: str, raw: np.ndarray | bytes, shape: tuple[int, int]) -> QWe
     if kind == "Q4_1":
         m = torch.from_numpy(blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
         return QWeight(torch.from_numpy(blk[..., 4:].copy().reshape(out, K // 2)), d, m, 4)
-    return QWeight(torch.from_numpy(blk[..., 2:].copy().reshape(out, K // 2)), d, -8 * d, 4)
+    return QWeight(torch.from_numpy(blk[..., 2:].copy().reshape(out, K // 2)), d, None, 4)
 
 
 def _impl(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
           bias: torch.Tensor | None, bits: int) -> torch.Tensor:
-    fn = _load()
+    fn = _state.get("fn") or _load()  # no lock on the decode path once built
     if fn is None:
         raise RuntimeError(f"the quantized CPU kernel is {status()}")
     out, K = d.shape[0], d.shape[1] * QK
     if x.shape[-1] != K or x.numel() == 0:
         raise ShapeError(f"qgemv takes rows of {K} features for a ({out}, {K}) weight, got {tuple(x.shape)}")
-    xf = x.reshape(-1, K).float().contiguous()
-    b = None if bias is None else bias.float().contiguous()
-    y = torch.empty(xf.shape[0], out, dtype=torch.float32)
-    rc = fn(qs.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(), bits, xf.data_ptr(),
-            None if b is None else b.data_ptr(), y.data_ptr(), xf.shape[0], out, K, torch.get_num_threads(),
-            int(_state["isa"]))
-    if rc != 0:
-        raise MemoryError(f"qgemv could not allocate its workspace for {xf.shape[0]} rows")
-    return y.view(*x.shape[:-1], out).to(x.dtype)
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    b = None if bias is None else bias.data_ptr() if bias.dtype == torch.float32 else bias.float().data_ptr()
+    y = torch.empty(*x.shape[:-1], out, dtype=torch.float32)
+    rows = xf.numel() // K
+    if fn(qs.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(), bits, xf.data_ptr(), b, y.data_ptr(),
+          rows, out, K, torch.get_num_threads(), _state["isa"]) != 0:
+        raise MemoryError(f"qgemv could not allocate its workspace for {rows} rows")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _register():
@@ -219,3 +222,9 @@ def qgemv(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None = None) -> torc
     """``x @ dequant(w).T + bias`` for CPU rows ``x`` (…, K) of any float dtype, activations
     quantized to int8 per block of 32 → (…, out) in ``x.dtype``."""
     return _op(x, w.qs, w.d, w.m, bias, w.bits)
+
+
+def qgemv_parts(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
+                bias: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """:func:`qgemv` on a QWeight's tensors (what the modules call: no QWeight built per call)."""
+    return _op(x, qs, d, m, bias, bits)

@@ -88,7 +88,7 @@ class QGemvLinear(nn.Module):
         return cls(cpu_qgemv.pack_codes(q.view(out, K), d, None, 4), lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_qgemv.qgemv(x, self.qweight, self.bias)
+        return cpu_qgemv.qgemv_parts(x, self.qs, self.d, self.m, self.bias, self.bits)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
@@ -127,7 +127,7 @@ class PackedQGemv(nn.Module):
         if not torch.compiler.is_compiling():  # data_ptr is not traceable; checked in eager calls
             if not all(type(m) is QGemvLinear for m in mods) or tuple(m.qs.data_ptr() for m in mods) != self.ptrs:
                 return None
-        y = cpu_qgemv.qgemv(x, QWeight(self.qs, self.d, self.m, self.bits), self.bias)
+        y = cpu_qgemv.qgemv_parts(x, self.qs, self.d, self.m, self.bias, self.bits)
         return y.split(self.sizes, dim=-1)
 
     def extra_repr(self) -> str:

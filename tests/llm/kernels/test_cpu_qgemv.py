@@ -176,8 +176,8 @@ def test_model_runs_quantized_linears_on_the_kernel(monkeypatch):
     m = _tiny_quantized(4, 0)
     ref = copy.deepcopy(m)
     calls = []
-    real = cpu_qgemv.qgemv
-    monkeypatch.setattr(cpu_qgemv, "qgemv", lambda x, w, b=None: calls.append(w.shape) or real(x, w, b))
+    real = cpu_qgemv.qgemv_parts
+    monkeypatch.setattr(cpu_qgemv, "qgemv_parts", lambda x, qs, d, *a: calls.append(d.shape) or real(x, qs, d, *a))
     path = prepare_cpu_decode(m, lm_head_bits=8)
     assert "15 quantized linears on cpu_qgemv" in path, path  # 7 per layer and lm_head
     assert not any(isinstance(x, QuantLinear) for x in m.modules())

@@ -4,8 +4,9 @@
  * Weights come in blocks of 32 along the input dimension, every block with a float scale d and an
  * optional float offset m: w = d·q + m. 4 bits: 16 bytes per block, byte j holding q[j] in its low
  * nibble and q[j + 16] in its high nibble (GGUF's Q4_0/Q4_1 order), q unsigned 0…15. 8 bits: 32
- * int8 codes. Q4_0 is d·(q − 8): m = −8d; Q4_1 is d·q + m; Q8_0 is d·q (no m); a compressed-tensors
- * group of g = 32k weights is k blocks that share one scale, m = −z·d.
+ * int8 codes. Without m, 4-bit codes are centred on 8 (Q4_0: w = d·(q − 8), no offset array read)
+ * and 8-bit ones on 0 (Q8_0: w = d·q); Q4_1 is d·q + m; a compressed-tensors group of g = 32k
+ * weights is k blocks that share one scale, m = −z·d (or none when z is the centre).
  *
  * X (M, K) is quantized per block of 32 to int8 a with scale e = max|x| / 127 and the block sum Σa, so
  *   Σ_k w_k x_k ≈ Σ_blocks e·(d·Σ q·a + m·Σ a).
@@ -74,6 +75,7 @@ static void row_portable(const uint8_t *qs, const float *d, const float *m, int 
             const int32_t s = dot_block_portable(qs + b * bb, a + r * K + b * QK, bits);
             float t = d[b] * (float)s;
             if (m) t += m[b] * (float)sa[r * nb + b];
+            else if (bits == 4) t -= 8.f * d[b] * (float)sa[r * nb + b];
             acc += e[r * nb + b] * t;
         }
         out[r] = acc;
@@ -121,7 +123,7 @@ AVX2 float offset_avx2(const float *m, const float *es, int64_t nb) {
  * the R·MC accumulators stay in registers): each code block is unpacked once for MC input rows, each
  * activation block loaded once for R weight rows. */
 AVX2 __attribute__((always_inline))
-void tile_avx2(const int R, const int MC, const uint8_t *qs, const float *d, const float *m, int bits,
+void tile_avx2(const int R, const int MC, const int bits, const uint8_t *qs, const float *d, const float *m,
                const int8_t *a, const float *e, const float *es, int64_t K, int64_t row_bytes,
                int64_t ahead, float *out, int64_t ldo) {
     const int64_t nb = K / QK, bb = bits == 4 ? QK / 2 : QK;
@@ -148,16 +150,18 @@ void tile_avx2(const int R, const int MC, const uint8_t *qs, const float *d, con
     }
     for (int i = 0; i < R; i++)
         for (int r = 0; r < MC; r++)
-            out[i * ldo + r] = hsum256(acc[i][r]) + (m ? offset_avx2(m + i * nb, es + r * nb, nb) : 0.f);
+            out[i * ldo + r] = hsum256(acc[i][r]) + (m ? offset_avx2(m + i * nb, es + r * nb, nb)
+                                                     : bits == 4 ? -8.f * offset_avx2(d + i * nb, es + r * nb, nb) : 0.f);
 }
 
-/* R weight rows (R = 4 for one input row, 2 for two, else 1) against all M input rows. */
-__attribute__((target("avx2,fma")))
-static void rows_avx2(const int R, const uint8_t *qs, const float *d, const float *m, int bits,
-                      const int8_t *a, const float *e, const float *es, int64_t M, int64_t K,
-                      int64_t ahead, float *out) {
+/* R weight rows (R = 4 for one input row, 2 for two, else 1) against all M input rows; R and bits are
+ * compile-time constants at every call (rows_avx2 below), so the tiles have no branch inside. */
+AVX2 __attribute__((always_inline))
+void rows_avx2_(const int R, const int bits, const uint8_t *qs, const float *d, const float *m,
+                const int8_t *a, const float *e, const float *es, int64_t M, int64_t K,
+                int64_t ahead, float *out) {
     const int64_t nb = K / QK, row_bytes = bits == 4 ? K / 2 : K;
-#define TILE(R_, MC_) tile_avx2(R_, MC_, qs, d, m, bits, a + r0 * K, e + r0 * nb, es + r0 * nb, K, \
+#define TILE(R_, MC_) tile_avx2(R_, MC_, bits, qs, d, m, a + r0 * K, e + r0 * nb, es + r0 * nb, K, \
                                 row_bytes, pf, out + r0, M)
     for (int64_t r0 = 0; r0 < M; r0 += MC_MAX) {
         const int64_t mc = M - r0 < MC_MAX ? M - r0 : MC_MAX;
@@ -176,6 +180,19 @@ static void rows_avx2(const int R, const uint8_t *qs, const float *d, const floa
         }
     }
 #undef TILE
+}
+
+__attribute__((target("avx2,fma")))
+static void rows_avx2(const int R, const uint8_t *qs, const float *d, const float *m, int bits,
+                      const int8_t *a, const float *e, const float *es, int64_t M, int64_t K,
+                      int64_t ahead, float *out) {
+#define ROWS(R_, B_) rows_avx2_(R_, B_, qs, d, m, a, e, es, M, K, ahead, out)
+    if (bits == 4) {
+        if (R == 4) ROWS(4, 4); else if (R == 2) ROWS(2, 4); else ROWS(1, 4);
+    } else {
+        if (R == 4) ROWS(4, 8); else if (R == 2) ROWS(2, 8); else ROWS(1, 8);
+    }
+#undef ROWS
 }
 #endif
 
