@@ -62,3 +62,24 @@ def test_bf16_model_decodes_on_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_gemv16, "gemv", real)  # a growing list would make the compiled step recompile
     cache = StaticKVCache.for_model(m, 1, 24, static_shapes=True)
     assert generate(m, prompt, SamplingConfig(max_new_tokens=10), cache=cache, use_compile=True).tokens == want
+
+
+@needs_cc
+def test_bf16_prompt_runs_as_one_fp32_gemm():
+    """Many bf16 rows (a prompt) on kernel "cpu": one fp32 GEMM rounded once to bf16, where the CPU has no
+    native bf16 matrix unit (torch's own bf16 GEMM otherwise); either way close to the fp64 product."""
+    from torch import nn
+
+    from efficientml.llm.kernels.gemv_linear import GemvLinear, native_bf16_matmul
+
+    g = torch.Generator().manual_seed(9)
+    lin = nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 20, 64, generator=g).to(torch.bfloat16)
+    k = GemvLinear.wrap(lin, "cpu")
+    y = k(x)
+    ref = x.double() @ lin.weight.double().t() + lin.bias.double()
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref.to(torch.bfloat16), rtol=0, atol=float(ref.abs().max()) * 2 ** -7)
+    if not native_bf16_matmul():
+        wide = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16)
+        assert torch.equal(y, wide)
