@@ -40,7 +40,9 @@ def _model_args(q: argparse.ArgumentParser) -> None:
                         "(owner/name[@revision], owner/name/file.gguf)")
     q.add_argument("--dtype", choices=sorted(DTYPES) + ["auto"], default="float32",
                    help="float32 (default), bfloat16, float16, or auto: the checkpoint's own (config.json "
-                        "torch_dtype; a GGUF's float type, float32 for quantized weights)")
+                        "torch_dtype; a GGUF's float type, float32 for quantized weights). On CPU every "
+                        "dtype decodes on a C kernel (fp32, bf16/fp16, and 4/8-bit weights whatever the "
+                        "dtype); a combination without one says so in one line")
     q.add_argument("--device", type=device, default="cpu", help="cpu, cuda, or auto")
     q.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch)")
 
@@ -240,12 +242,17 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def _for_decode(model):
-    """CPU generation streams the weights once per token: run them on the matrix-vector kernel (or
-    re-lay them for MKL's where it cannot be built)."""
-    from efficientml.llm.kernels.decode import prepare_cpu_decode
+    """CPU generation streams the weights once per token: run them on the matrix-vector kernels (or
+    re-lay them for MKL's where they cannot be built); say in one line what has no fast path."""
+    from efficientml.llm.kernels.decode import prepare_cpu_decode, slow_linears
 
     if model.device.type == "cpu":
         prepare_cpu_decode(model)
+        slow = slow_linears(model)
+        if slow:
+            name, why = next(iter(slow.items()))
+            print(f"warning: {len(slow)} quantized linear(s) have no fast CPU kernel and dequantize their "
+                  f"weight on every call, ~20x slower (e.g. {name}: {why})", file=sys.stderr)
     return model
 
 

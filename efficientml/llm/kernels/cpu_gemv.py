@@ -99,18 +99,18 @@ def _load() -> object:
         return fn
 
 
-def _build_any(cc: str, out_dir: Path) -> tuple[Path, tuple[str, ...]]:
-    """Build with the first flag set the compiler accepts (cached per source, flags and CPU)."""
-    src = SOURCE.read_bytes()
+def _build_any(cc: str, out_dir: Path, source: Path = SOURCE) -> tuple[Path, tuple[str, ...]]:
+    """Build ``source`` with the first flag set the compiler accepts (cached per source, flags and CPU)."""
+    src = source.read_bytes()
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()]))
-        lib = out_dir / f"gemv_f32-{key.hexdigest()[:16]}.so"
+        lib = out_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"
         if lib.is_file():
             return lib, flags
         try:
             with atomic_path(lib) as tmp:
-                r = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)],
+                r = subprocess.run([cc, *flags, "-shared", "-fPIC", str(source), "-o", str(tmp)],
                                    capture_output=True, text=True, timeout=120)
                 if r.returncode != 0:
                     last = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]

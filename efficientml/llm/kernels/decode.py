@@ -2,7 +2,8 @@
 
     use_cpu_gemv(model)        plain nn.Linear → GemvLinear("cpu"), packed groups → kernel "cpu"
     use_gpu_gemv(model)        the same with the Triton kernel ("gpu")
-    prepare_cpu_decode(model)  the CPU kernel when it builds, else decode_layout for MKL's
+    use_cpu_qgemv(model)       QuantLinear / W8A8Linear → QGemvLinear (the int8-dot-product kernel), packed
+    prepare_cpu_decode(model)  both CPU kernels when they build, else decode_layout for MKL's
 
 Each is in place, returns what it did, and ``enable=False`` swaps back. Called by the caller that
 decides how a loaded model runs (the CLI's generate/chat, benchmarks), after compression.
@@ -13,9 +14,12 @@ from __future__ import annotations
 from torch import nn
 
 from efficientml.core.modules import set_module
-from efficientml.llm.kernels import cpu_gemv, triton_gemv
+from efficientml.core.errors import ConfigError
+from efficientml.llm.kernels import cpu_gemv, cpu_qgemv, triton_gemv
 from efficientml.llm.kernels.gemv_linear import GemvLinear, check_kernel
-from efficientml.llm.kernels.packed import PackedProjections, decode_layout
+from efficientml.llm.kernels.packed import PackedProjections, decode_layout, packed_groups
+from efficientml.llm.kernels.qgemv_linear import PackedQGemv, QGemvLinear, convertible
+from efficientml.llm.kernels.qlinear import QuantLinear, W8A8Linear
 
 
 def _swapped(mod: nn.Module, kernel: str, enable: bool) -> nn.Module:
@@ -72,10 +76,66 @@ def use_gpu_gemv(model: nn.Module, enable: bool = True) -> bool:
     return True
 
 
-def prepare_cpu_decode(model: nn.Module) -> str:
-    """Make batch-1 CPU decoding fast, in place, and say how: the matrix-vector kernel when it
+def use_cpu_qgemv(model: nn.Module, lm_head_bits: int | None = None) -> dict:
+    """Run every quantized linear of ``model`` (QuantLinear W4/W8 in groups of 32·k, dynamic W8A8Linear)
+    on the quantized CPU kernel (:mod:`.cpu_qgemv`): each becomes a :class:`QGemvLinear` holding its codes
+    in the kernel's layout (re-laid, not dequantized; the old buffers are dropped), and q/k/v, gate/up
+    of a block run as one call (:class:`PackedQGemv`). ``lm_head_bits`` (8 or 4): also quantize a float
+    ``lm_head`` to Q8_0 / Q4_0-style blocks (what llama.cpp's quantizer writes; the tied embedding
+    table itself stays as it is). Returns ``{"kernel": status, "converted": n, "refused": {name: why}}``
+    (nothing changed when the kernel is off). In place; not undone (save before)."""
+    if lm_head_bits not in (None, 4, 8):
+        raise ConfigError(f"lm_head_bits must be 4, 8 or None, got {lm_head_bits!r}")
+    report = {"kernel": cpu_qgemv.status(), "converted": 0, "refused": {}}
+    if not cpu_qgemv.available():
+        return report
+    todo = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QuantLinear, W8A8Linear)):
+            why = convertible(mod)
+            if why is None:
+                todo.append((name, QGemvLinear.from_module(mod)))
+            else:
+                report["refused"][name] = why
+    head = getattr(model, "lm_head", None)
+    if lm_head_bits is not None and type(head) in (nn.Linear, GemvLinear):
+        todo.append(("lm_head", QGemvLinear.from_linear(head, lm_head_bits)))
+    for name, new in todo:
+        set_module(model, name, new)
+    for block, mods in list(packed_groups(model)):
+        if PackedQGemv.packable(mods):
+            block.packed = PackedQGemv(mods)
+    report["converted"] = len(todo)
+    return report
+
+
+def slow_linears(model: nn.Module) -> dict[str, str]:
+    """The quantized linears of ``model`` left without a fast CPU kernel after :func:`prepare_cpu_decode`
+    (they dequantize their weight on every call: ~20× slower than a kernel), each with one line why."""
+    from efficientml.llm.kernels.qlinear_kernels import QuantLinearDequant
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and not isinstance(mod, QuantLinearDequant):
+            on_torch = mod._cpu_int4_ok() or mod._cpu_int8_ok()  # torch's int4 / int8 CPU kernels
+            if not on_torch:
+                why = convertible(mod) or cpu_qgemv.status()
+                out[name] = why
+    return out
+
+
+def prepare_cpu_decode(model: nn.Module, lm_head_bits: int | None = None) -> str:
+    """Make batch-1 CPU decoding fast, in place, and say how: quantized linears on the quantized kernel
+    (:func:`use_cpu_qgemv`; ``lm_head_bits`` as there), float ones on the matrix-vector kernel when it
     builds (:func:`use_cpu_gemv`), else :func:`decode_layout` for MKL's kernel."""
+    q = use_cpu_qgemv(model, lm_head_bits)
+    quant = ""
+    if q["converted"] or q["refused"]:
+        quant = f"; {q['converted']} quantized linears on cpu_qgemv ({q['kernel'].split(';')[0].removeprefix('on (')})"
+        if q["refused"]:
+            name, why = next(iter(q["refused"].items()))
+            quant += f", {len(q['refused'])} not (e.g. {name}: {why})"
     if use_cpu_gemv(model):
-        return "cpu_gemv kernel, (out, in) weights"
+        return "cpu_gemv kernel, (out, in) weights" + quant
     decode_layout(model)
-    return f"decode_layout (in, out) weights for MKL; the kernel is {cpu_gemv.status()}"
+    return f"decode_layout (in, out) weights for MKL; the kernel is {cpu_gemv.status()}" + quant

@@ -44,6 +44,13 @@ def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 _LIB: list = []  # the torch.library.Library that holds the ops (kept alive for the process)
 
 
+def library():
+    """The ``torch.library.Library`` ("efficientml" fragment) every kernel op is defined in."""
+    if not _LIB:
+        _LIB.append(torch.library.Library("efficientml", "FRAGMENT"))
+    return _LIB[0]
+
+
 def register(name: str, impl: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]):
     """``impl(x, weight, bias)`` as the op ``torch.ops.efficientml.<name>`` (with a fake
     implementation giving the output's shape), so a ``torch.compile``-d decode step calls it as one
@@ -53,9 +60,7 @@ def register(name: str, impl: Callable[[torch.Tensor, torch.Tensor, torch.Tensor
     calls skip the dispatcher altogether.) On a torch without ``register_fake`` (< 2.4): ``impl``."""
     if not hasattr(torch.library, "register_fake"):
         return impl
-    if not _LIB:
-        _LIB.append(torch.library.Library("efficientml", "FRAGMENT"))
-    lib = _LIB[0]
+    lib = library()
     lib.define(f"{name}(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
     lib.impl(name, impl, "CompositeExplicitAutograd")
 

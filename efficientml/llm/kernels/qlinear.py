@@ -1,13 +1,17 @@
 """Real quantized linears, drop-in for ``nn.Linear`` (called as ``module(x)``).
 
 - :class:`QuantLinear` — W{2..8}A16: packed int32 codes (compressed-tensors layout), fp16 group scales
-  and packed zero points. CPU: dequantize on the fly into ``x.dtype`` and run one GEMM (memory holds the
-  packed weight; the dense one lives for one call). CUDA: the same. CPU with bf16 inputs, 4 bits and
-  groups of 32/64/128/256: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``, the one torchao's
-  int4 weight-only path uses), on a copy of the weight in its tile layout built on the first such call
-  (as many bytes as ``weight_packed``; bf16 scales and float zeros ``(8 − z)·s``, so it matches fake
-  quantization to bf16 precision, not 1e-3). Other kernel choices are module swaps
-  (:mod:`.qlinear_kernels`: the fused Triton kernel on CUDA, or dequantize + GEMM always).
+  and packed zero points. CPU, fp32/bf16/fp16 inputs: 4 bits with groups of 32/64/128/256 run on
+  torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``, the one torchao's int4 weight-only path
+  uses), on a copy of the weight in its tile layout built on the first such call (as many bytes as
+  ``weight_packed``; scales and float zeros ``(8 − z)·s`` in the input's dtype, so fp32 inputs match
+  fake quantization to fp32 rounding and bf16 ones to bf16 precision; the kernels are vectorized for
+  bf16 only: the "bf16" swap of :mod:`.qlinear_kernels` computes fp32/fp16 inputs in bf16, ~15× faster;
+  decoding runs :mod:`.cpu_qgemv` instead where it builds); 8 bits per channel run on
+  torch's int8 weight-only kernel (``_weight_int8pack_mm``, on an int8 copy ``u − 128``: one byte per
+  weight, plus a Σx correction for asymmetric zeros). Anything else, and CUDA: dequantize on the fly
+  into ``x.dtype`` and run one GEMM (the dense weight lives for one call). Other kernel choices are
+  module swaps (:mod:`.qlinear_kernels`: the fused Triton kernel on CUDA, or dequantize + GEMM always).
 - :class:`W8A8Linear` — int8 per-channel symmetric weights, int8 activations (per-token dynamic or
   per-tensor static scales). CUDA: ``torch._int_mm`` (int32 accumulation); CPU: the integer product in
   fp32 (this torch build's CPU ``_int_mm`` runs at ~0.3 GFLOP/s, ~20–50× slower than fp32 GEMM), i.e.
@@ -27,6 +31,7 @@ from torch import nn
 from efficientml.quant.grid import GridSpec, QTensor, dequantize_codes
 from efficientml.quant.packing import pack_int32, packed_words, unpack_int32
 
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # torch's int4/int8 CPU kernels take these
 
 
 class QuantLinear(nn.Module):
@@ -84,8 +89,11 @@ class QuantLinear(nn.Module):
         return ((u.view(out, G, n // G).to(dtype) - z.to(dtype)) * s.to(dtype)).view(out, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self._cpu_int4_ok():
-            return self.cpu_int4_matmul(x)
+        if x.device.type == "cpu" and x.dtype in CPU_KERNEL_DTYPES:
+            if self._cpu_int4_ok():
+                return self.cpu_int4_matmul(x)
+            if self._cpu_int8_ok():
+                return self.cpu_int8_matmul(x)
         return self.dequant_matmul(x)
 
     def dequant_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,10 +101,22 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def cpu_int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """bf16 CPU inputs on torch's int4 kernel (W4, groups of 32/64/128/256: :meth:`_cpu_int4_ok`)."""
-        w, sz = self._cpu_int4_weight()
+        """CPU inputs (fp32/bf16/fp16) on torch's int4 kernel (W4, groups of 32/64/128/256:
+        :meth:`_cpu_int4_ok`); it reads the 4-bit tile layout, never a float copy of the weight."""
+        w, sz = self._cpu_int4_weight(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), w,
                                                        self.in_features // self.weight_scale.shape[1], sz)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def cpu_int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU inputs on torch's int8 weight-only kernel (W8 per channel: :meth:`_cpu_int8_ok`):
+        y = x·(u − 128)ᵀ·s + Σx·(128 − z)·s, the second term only for asymmetric grids."""
+        w, s, c = self._cpu_int8_weight(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int8pack_mm(x2, w, s)  # (M, out)
+        if c is not None:
+            y = y + x2.sum(-1, keepdim=True) * c
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -104,19 +124,41 @@ class QuantLinear(nn.Module):
         g = self.in_features // self.weight_scale.shape[1]
         return self.spec.bits == 4 and g in (32, 64, 128, 256) and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
-    def _cpu_int4_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight in the int4 CPU kernel's layout: (packed codes, (G, out, 2) bf16 scale and zero),
-        rebuilt when a buffer was replaced or written in place (``load_state_dict`` copies in place)."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight_packed, self.weight_scale, self.weight_zero_point)
-                    if t is not None)
-        cached = getattr(self, "_int4_cache", None)
-        if cached is None or cached[0] != key:
+    def _cpu_int8_ok(self) -> bool:
+        return (self.spec.bits == 8 and self.weight_scale.shape[1] == 1
+                and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+
+    def _cache_key(self, dtype: torch.dtype) -> tuple:
+        """Changes when a buffer is replaced or written in place (``load_state_dict`` copies in place)."""
+        return (dtype,) + tuple((t.data_ptr(), t._version) for t in
+                                (self.weight_packed, self.weight_scale, self.weight_zero_point) if t is not None)
+
+    def _cpu_int4_weight(self, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight in the int4 CPU kernel's layout: (packed codes, (G, out, 2) scale and zero in
+        ``dtype``); the codes are shared by every dtype, the (small) scales are kept per dtype."""
+        key = self._cache_key(dtype)
+        cache = getattr(self, "_int4_cache", None)
+        if cache is None or cache[0] != key[1:]:
             w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+            cache = self._int4_cache = (key[1:], w, {})
+        if dtype not in cache[2]:
             s = self.weight_scale.float()                          # (out, G)
             z = (8.0 - self.zeros().float()) * s                   # (u − z)·s = (u − 8)·s + (8 − z)·s
-            sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
-            cached = self._int4_cache = (key, w, sz)
-        return cached[1], cached[2]
+            cache[2][dtype] = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(dtype)  # (G, out, 2)
+        return cache[1], cache[2][dtype]
+
+    def _cpu_int8_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(out, in) int8 codes u − 128 (one byte per weight, as ``weight_packed``), scales (out,) in
+        ``dtype`` and, for asymmetric grids, the zero correction (1, out) (None when z = 128)."""
+        key = self._cache_key(dtype)
+        cache = getattr(self, "_int8_cache", None)
+        if cache is None or cache[0] != key:
+            w = (self.codes().to(torch.int16) - 128).to(torch.int8).contiguous()
+            s = self.weight_scale.float()[:, 0]                    # (out,)
+            z = self.zeros().float()[:, 0]
+            c = None if self.weight_zero_point is None else ((128.0 - z) * s).to(dtype)[None]
+            cache = self._int8_cache = (key, w, s.to(dtype), c)
+        return cache[1], cache[2], cache[3]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

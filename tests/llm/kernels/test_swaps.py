@@ -141,10 +141,11 @@ def test_quant_kernel_swaps_share_buffers_and_match_the_reference():
     x = torch.randn(3, 64, generator=g)
     d = as_quant_kernel(q, "dequant")
     assert type(d) is QuantLinearDequant and d.weight_packed is q.weight_packed and d.weight_scale is q.weight_scale
-    assert torch.equal(d(x), F.linear(x, q.dequantize(), None)) and torch.equal(q(x), d(x))
+    assert torch.equal(d(x), F.linear(x, q.dequantize(), None))
+    torch.testing.assert_close(q(x), d(x), rtol=1e-5, atol=1e-5)  # "auto" on CPU: torch's int4 kernel
     assert as_quant_kernel(q, "auto") is q
     assert use_quant_kernel(model, "triton") == 2 and all(type(m) is QuantLinearTriton for m in model)
-    assert torch.equal(model[0](x), model[0].dequant_matmul(x))  # CPU: the fused kernel is CUDA only
+    assert torch.equal(model[0](x), QuantLinear.forward(model[0], x))  # CPU: the fused kernel is CUDA only
     assert use_quant_kernel(model, "triton") == 0 and use_quant_kernel(model, "auto") == 2
     assert all(type(m) is QuantLinear for m in model)
     with pytest.raises(ConfigError, match="unknown QuantLinear kernel"):
