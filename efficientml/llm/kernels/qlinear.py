@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efficientml.quant.grid import GridSpec, QTensor, dequantize_codes
+from efficientml.quant.grid import GridSpec, QTensor, dequantize_codes, quantize
 from efficientml.quant.packing import pack_int32, packed_words, unpack_int32
+
+_W8_CHANNEL = GridSpec(8, symmetric=True, granularity="channel", narrow=True)  # W8A8 weights
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # torch's int4/int8 CPU kernels take these
 
@@ -212,9 +214,8 @@ class W8A8Linear(nn.Module):
                     backend: str = "auto") -> "W8A8Linear":
         w = lin.weight.detach().float()
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, device=w.device, backend=backend)
-        s = w.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127.0  # (out, 1)
-        m.weight = torch.round(w / s).clamp(-127, 127).to(torch.int8)
-        m.weight_scale = s
+        qt = quantize(w, _W8_CHANNEL)                 # the shared grid: per channel, symmetric [-127, 127]
+        m.weight, m.weight_scale = qt.q, qt.scale     # (out, in) int8, (out, 1) fp32
         if act == "static":
             if input_scale is None:
                 raise ValueError("a static W8A8 linear needs a calibrated input_scale")

@@ -51,3 +51,14 @@ def test_smoothing_helps_w8a8_with_outliers(ids, calib):
                 sq[smooth, act] = _sqnr(y, m(ids))
     assert sq[True, "static"] > sq[False, "static"]
     assert sq[True, "dynamic"] > 25
+
+
+def test_w8a8_weights_are_the_shared_grid():
+    """W8A8 weights come from quant.grid: equal to round(w / s), s = absmax per row / 127."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    m = W8A8Linear.from_linear(lin)
+    w = lin.weight.detach().float()
+    s = w.abs().amax(1, keepdim=True) / 127.0
+    assert torch.equal(m.weight_scale, s)
+    assert torch.equal(m.weight, torch.round(w / s).clamp(-127, 127).to(torch.int8))
