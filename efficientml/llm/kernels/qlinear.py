@@ -124,7 +124,8 @@ class QuantLinear(nn.Module):
 
     def _cpu_int4_ok(self) -> bool:
         g = self.in_features // self.weight_scale.shape[1]
-        return self.spec.bits == 4 and g in (32, 64, 128, 256) and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        return (self.spec.bits == 4 and g in (32, 64, 128, 256) and self.out_features % 16 == 0  # torch packs N in 16s
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
     def _cpu_int8_ok(self) -> bool:
         return (self.spec.bits == 8 and self.weight_scale.shape[1] == 1

@@ -16,8 +16,12 @@ needs_cc = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "cl
 
 
 def _fresh_state(monkeypatch):
-    """Forget the loaded kernel for one test (monkeypatch puts the process-wide state back)."""
-    monkeypatch.setattr(cpu_gemv, "_state", {})
+    """Forget the loaded kernels for one test (monkeypatch puts the process-wide state back): every C
+    kernel module, so one built under this test's broken compiler is not kept for later tests."""
+    from efficientml.llm.kernels import cpu_gemv16, cpu_qgemv
+
+    for mod in (cpu_gemv, cpu_gemv16, cpu_qgemv):
+        monkeypatch.setattr(mod, "_state", {})
 
 
 @needs_cc
