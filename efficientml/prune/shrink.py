@@ -39,13 +39,7 @@ def shrink_conv(m: nn.Module, keep_in: list[int] | None, keep_out: list[int] | N
         bias_keep = keep_out
     new = type(m)(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups,
                   m.bias is not None, m.padding_mode, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if m.bias is not None:
-            b = m.bias.detach()
-            new.bias.copy_(b[_idx(bias_keep, b.device)] if bias_keep is not None else b)
-    new.train(m.training)
-    return new
+    return _filled(new, m, w, bias_keep)
 
 
 def shrink_linear(m: nn.Linear, keep_in: list[int] | None, keep_out: list[int] | None) -> nn.Linear:
@@ -55,12 +49,18 @@ def shrink_linear(m: nn.Linear, keep_in: list[int] | None, keep_out: list[int] |
     if keep_in is not None:
         w = w[:, _idx(keep_in, w.device)]
     new = nn.Linear(w.shape[1], w.shape[0], m.bias is not None, device=w.device, dtype=w.dtype)
+    return _filled(new, m, w, keep_out)
+
+
+def _filled(new: nn.Module, old: nn.Module, w: torch.Tensor, bias_keep: list[int] | None) -> nn.Module:
+    """``new`` (a smaller conv/linear) holding the kept weights ``w`` and the kept entries of ``old``'s
+    bias, in ``old``'s train/eval mode."""
     with torch.no_grad():
         new.weight.copy_(w)
-        if m.bias is not None:
-            b = m.bias.detach()
-            new.bias.copy_(b[_idx(keep_out, b.device)] if keep_out is not None else b)
-    new.train(m.training)
+        if old.bias is not None:
+            b = old.bias.detach()
+            new.bias.copy_(b[_idx(bias_keep, b.device)] if bias_keep is not None else b)
+    new.train(old.training)
     return new
 
 
