@@ -79,10 +79,12 @@ class _CompiledStep:
 
 
 def decode_step(model: torch.nn.Module, cache: KVCache, B: int, cuda_graph: bool | None,
-                use_compile: bool) -> "_GraphStep | _CompiledStep | None":
+                use_compile: bool):
     """The captured (CUDA graph) or compiled (CPU) decode step for this cache, made once per cache and
-    reused while batch, model and padding mask are the same (reuse the cache with reset()); None: the
-    step runs eagerly."""
+    reused while batch, model and padding mask are the same (reuse the cache with reset()); on CPU
+    without compile, the model's ``cpu_decode_step(model, cache, B)`` when one is installed (the native C
+    step of ``kernels.prepare_cpu_decode``; it answers None where it cannot run); None: the step runs
+    eagerly."""
     dev = next(model.parameters()).device
     # dynamic-NTK / LongRoPE past the trained context needs the sequence length on the host every step
     rope = getattr(getattr(model, "model", None), "rope", None)
@@ -90,6 +92,9 @@ def decode_step(model: torch.nn.Module, cache: KVCache, B: int, cuda_graph: bool
     static = isinstance(cache, StaticKVCache) and cache.static_shapes and not eager_only
     use_graph = (cuda_graph if cuda_graph is not None else dev.type == "cuda") and dev.type == "cuda" and static
     if not use_graph and not (use_compile and dev.type == "cpu" and static):
+        factory = getattr(model, "cpu_decode_step", None)  # installed by kernels.prepare_cpu_decode
+        if factory is not None and dev.type == "cpu" and not use_compile and not eager_only:
+            return factory(model, cache, B)  # the whole step in C, or None (eager)
         return None
     attr = "_graph_step" if use_graph else "_compiled_step"
     step = getattr(cache, attr, None)

@@ -124,10 +124,24 @@ def slow_linears(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def _install_native(model: nn.Module) -> str:
+    """Let ``generate`` run batch-1 decode steps in C (:mod:`.native_step`) where the model allows it."""
+    from efficientml.llm.kernels import native_step
+
+    if native_step.status().startswith("off"):
+        return f"; native step {native_step.status()}"
+    why = native_step.model_why_not(model)
+    if why is not None:
+        return f"; native step off ({why})"
+    model.cpu_decode_step = native_step.native_step
+    return "; native C decode step"
+
+
 def prepare_cpu_decode(model: nn.Module, lm_head_bits: int | None = None) -> str:
     """Make batch-1 CPU decoding fast, in place, and say how: quantized linears on the quantized kernel
     (:func:`use_cpu_qgemv`; ``lm_head_bits`` as there), float ones on the matrix-vector kernel when it
-    builds (:func:`use_cpu_gemv`), else :func:`decode_layout` for MKL's kernel."""
+    builds (:func:`use_cpu_gemv`), else :func:`decode_layout` for MKL's kernel; then, where every linear
+    is on those kernels, the whole batch-1 step in C (:mod:`.native_step`, used by ``generate``)."""
     q = use_cpu_qgemv(model, lm_head_bits)
     quant = ""
     if q["converted"] or q["refused"]:
@@ -136,6 +150,6 @@ def prepare_cpu_decode(model: nn.Module, lm_head_bits: int | None = None) -> str
             name, why = next(iter(q["refused"].items()))
             quant += f", {len(q['refused'])} not (e.g. {name}: {why})"
     if use_cpu_gemv(model):
-        return "cpu_gemv kernel, (out, in) weights" + quant
+        return "cpu_gemv kernel, (out, in) weights" + quant + _install_native(model)
     decode_layout(model)
     return f"decode_layout (in, out) weights for MKL; the kernel is {cpu_gemv.status()}" + quant
