@@ -134,9 +134,10 @@ def _add_convert(s: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_convert)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, for_decode: bool = False):
     """(model, tokenizer, source): the source resolved (a Hub id fetched, a GGUF header parsed) once, for
-    the dtype, the weights and the sampling defaults alike."""
+    the dtype, the weights and the sampling defaults alike. ``for_decode``: a GGUF file's quantized
+    linears stay as stored, on the quantized CPU kernel (generate, chat)."""
     import torch
 
     from efficientml.core.device import resolve_device
@@ -149,7 +150,7 @@ def _load(args: argparse.Namespace):
     dtype = L.checkpoint_dtype(src) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
     from efficientml.cli.model_source import warn_not_finite
 
-    model, tok = L.load(src, dtype=dtype, device=resolve_device(args.device))
+    model, tok = L.load(src, dtype=dtype, device=resolve_device(args.device), keep_quantized=for_decode)
     warn_not_finite(model, "the model")
     return model, tok, src
 
@@ -261,7 +262,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.chat_template_kwargs and not args.chat:  # before the model loads
         raise ConfigError("--chat-template-kwargs applies with --chat")
-    model, tok, src = _load(args)
+    model, tok, src = _load(args, for_decode=True)
     model = _for_decode(model)
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], **args.chat_template_kwargs)
              if args.chat else p for p in args.prompt]
@@ -302,7 +303,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if sys.stdin is None or sys.stdin.closed:  # `efficientml llm chat … <&-`
         raise ConfigError("llm chat reads its messages from stdin, which is closed; run it in a terminal or "
                           "pipe text into it")
-    model, tok, src = _load(args)
+    model, tok, src = _load(args, for_decode=True)
     model = _for_decode(model)
     chat = ChatSession(model, tok, system=args.system, sampling=_sampling(args, src), max_context=args.max_context,
                        template_kwargs=args.chat_template_kwargs)

@@ -22,7 +22,7 @@ def reuse_model(smollm2, monkeypatch):
     """The CLI loads by name; hand it the session's already-loaded SmolLM2 (checking the name)."""
     import efficientml.llm.io.load as L
 
-    def fake_load(source, dtype=None, device=None):  # the CLI hands over the source it opened once
+    def fake_load(source, dtype=None, device=None, keep_quantized=False):  # the CLI hands over the source it opened once
         assert source.path == L.resolve_source("smollm2-135m")
         return smollm2
 

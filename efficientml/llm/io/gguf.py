@@ -352,8 +352,8 @@ class GGUFFile:
         ids = list(dict.fromkeys(int(v) for k in keys if (v := self.meta.get(f"tokenizer.ggml.{k}")) is not None))
         return None if not ids else ids[0] if len(ids) == 1 else ids
 
-    def tensors(self, cfg: LlamaConfig | None = None):
-        """Yield ``(hf_name, float32 tensor)`` one at a time (bounded memory)."""
+    def tensors(self, cfg: LlamaConfig | None = None, skip: set[str] = frozenset()):
+        """Yield ``(hf_name, float32 tensor)`` one at a time (bounded memory), but not those named in ``skip``."""
         cfg = cfg or self.config
         permute = self.family.gguf.permute_qk  # qwen2's and phi3's keep rotate-half order
         for t in self.infos:
@@ -362,6 +362,8 @@ class GGUFFile:
                 if t.name.startswith(("rope_freqs", "rope_factors_")) or t.name.endswith("rope_freqs.weight"):
                     continue
                 raise UnsupportedError(f"{self.path.name}: GGUF tensor {t.name!r} has no place in a Llama model")
+            if name in skip:
+                continue
             try:
                 w = tensor_to_torch(t)
             except (ValueError, IndexError) as e:

@@ -27,6 +27,7 @@ from efficientml.llm.io.fused import fuse_split, split_fused
 from efficientml.llm.io.generation_config import generation_config
 from efficientml.llm.io.source import open_source, resolve_source
 from efficientml.llm.io.tokenizer import Tokenizer
+from efficientml.core.modules import set_module
 from efficientml.llm.kernels.packed import pack_projections
 from efficientml.llm.model import LlamaForCausalLM, build_model
 
@@ -35,14 +36,15 @@ from efficientml.llm.model import LlamaForCausalLM, build_model
 __all__ = ["checkpoint_dtype", "load", "load_config", "load_gguf", "load_hf", "load_tokenizer", "save_hf"]
 
 
-def load(source: Any, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu") -> tuple[LlamaForCausalLM, Tokenizer]:
+def load(source: Any, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         keep_quantized: bool = False) -> tuple[LlamaForCausalLM, Tokenizer]:
     """Model (eval mode, no grad needed) and tokenizer from a name, GGUF file, HF folder or Hub id, or
     a source :func:`open_source` already opened (so a caller that also reads its config or sampling
-    defaults resolves and parses it once)."""
+    defaults resolves and parses it once). ``keep_quantized``: a GGUF file's quantized linears run on
+    the quantized CPU kernel as stored (see :func:`load_gguf`; packed folders always load packed)."""
     src = open_source(source)
     if not isinstance(src, Path):
-        return load_gguf(src, dtype, device), Tokenizer.from_gguf(src)
+        return load_gguf(src, dtype, device, keep_quantized), Tokenizer.from_gguf(src)
     if _is_compressed(src):  # written by `efficientml llm quantize`: real packed/int8 linears
         from efficientml.llm.io.compressed import load_compressed
 
@@ -90,15 +92,21 @@ def checkpoint_dtype(source: Any) -> torch.dtype:
 
 
 def _fill(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str,
-          device: str | torch.device) -> LlamaForCausalLM:
+          device: str | torch.device, modules: dict | None = None) -> LlamaForCausalLM:
+    """The model of ``cfg`` from ``state``; ``modules`` (name → module) are set as they are, their
+    weights not expected in ``state``."""
     model = build_model(cfg, device="meta")
+    modules = modules or {}
+    for name, mod in modules.items():
+        set_module(model, name, mod)
     state.pop("model.rotary_emb.inv_freq", None)
     for k in [k for k in state if k.endswith(".rotary_emb.inv_freq")]:
         state.pop(k)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = {k: v for k, v in model.state_dict().items()
-                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+                if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+                and not any(k.startswith(n + ".") for n in modules)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -116,15 +124,25 @@ def _fill(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str,
     return model.eval().requires_grad_(False)
 
 
-def load_gguf(gf, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """Dequantize a GGUF file's tensors one at a time into a meta-built model."""
+def load_gguf(gf, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              keep_quantized: bool = False) -> LlamaForCausalLM:
+    """Dequantize a GGUF file's tensors one at a time into a meta-built model. ``keep_quantized`` (CPU,
+    the quantized kernel built): linears in Q4_0/Q4_1/Q8_0/Q4_K blocks become kernel modules holding the
+    file's codes instead (:mod:`.gguf_kernels`; for running, not for re-saving or compressing)."""
     from efficientml.llm.io.gguf import GGUFFile
+    from efficientml.llm.kernels import cpu_qgemv
 
     if not isinstance(gf, GGUFFile):
         gf = GGUFFile(resolve_source(gf))
     cfg = gf.config
-    state = {name: w.to(dtype) for name, w in gf.tensors(cfg)}
-    return _fill(cfg, split_fused(cfg, state, str(gf.path)), str(gf.path), device)
+    mods = {}
+    if keep_quantized and torch.device(device).type == "cpu" and cpu_qgemv.available():
+        from efficientml.llm.io.gguf_kernels import quantized_linears
+
+        mods = quantized_linears(gf, cfg)
+    skip = {n + ".weight" for n in mods if n != "lm_head" or not cfg.tie_word_embeddings}
+    state = {name: w.to(dtype) for name, w in gf.tensors(cfg, skip=skip)}
+    return _fill(cfg, split_fused(cfg, state, str(gf.path)), str(gf.path), device, mods)
 
 
 def _read_bin(f: Path) -> dict[str, torch.Tensor]:
