@@ -215,13 +215,15 @@ class AddStep(Step):
 
 class PassStep(Step):
     """Ops that keep the input's qparams: max-pool (commutes with the affine map), ReLU/ReLU6 as
-    clamps, and data movement (flatten, view, slicing) applied to q − Z; padding is :class:`PadStep`."""
+    clamps, and data movement (flatten, view, transpose, slicing, chunk/split into tuples, picking
+    from a tuple) applied to q − Z; padding is :class:`PadStep`. ``op`` names a movement's function,
+    method or module for the export."""
 
     observe = False
 
-    def __init__(self, name: str, fn: Callable[..., Any], mode: str, kind: str):
+    def __init__(self, name: str, fn: Callable[..., Any], mode: str, kind: str, op: str = ""):
         super().__init__(name)
-        self.fn, self.mode, self.kind = fn, mode, kind    # mode: "max", "relu", "relu6", "move"
+        self.fn, self.mode, self.kind, self.op = fn, mode, kind, op   # mode: "max", "relu", "relu6", "move"
 
     def float(self, *xs: Any, **kw: Any) -> Any:
         return self.fn(*xs, **kw)
@@ -233,7 +235,11 @@ class PassStep(Step):
         if self.mode in ("relu", "relu6"):
             lo, hi = _clamp_bounds(qp, self.mode)
             return torch.clamp(q, lo, hi)
+        if not isinstance(q, torch.Tensor):            # picking from a tuple of code tensors
+            return self.fn(q, *rest, **kw)
         out = self.fn(q - qp.zero_point, *rest, **kw)  # zeros stay zeros in the centred domain
+        if isinstance(out, (tuple, list)):             # chunk / split
+            return type(out)(o + qp.zero_point for o in out)
         return out + qp.zero_point if isinstance(out, torch.Tensor) else out
 
     def fast(self, q: Any, *rest: Any, **kw: Any) -> Any:
