@@ -14,6 +14,10 @@ Activations are asymmetric uint8 per tensor, weights symmetric int8 per channel.
 in int16) cannot saturate and the exported ONNX graph needs no Clip nodes; the integer reference
 then matches the fast kernels (see :class:`IntegerConfig` for the choices). Padding ops (TF "SAME"
 padding as ``nn.ZeroPad2d`` or ``F.pad``) are integer steps; ``padding="same"`` convs are supported.
+Unary activations (hard-swish, SiLU, sigmoid, GELU …) are 256-entry tables on the input codes,
+squeeze-excite products and concatenations requantize by fixed-point multipliers, and channel
+split/shuffle are moves on the codes (:mod:`efficientml.quant.integer_elementwise`); which node
+becomes which step is decided in :mod:`efficientml.quant.integer_patterns`.
 """
 
 from __future__ import annotations
