@@ -200,6 +200,8 @@ def test_function_and_method_forms_convert_to_tables():
 def test_squeeze_excite_block_tf_style(gate, act):
     m, x = _tf_se_block(gate, act), torch.randn(8, 3, 32, 32)
     im = _check(m, x, {"mul": 1, "lut": 4, "pad": 1, "mean": 2}, 25.0)
+    pool = next(i.step for i in im.program.instrs if i.step.name == "7.avgpool")     # the SE's mean
+    assert pool.out_qp.scale < pool.in_qp[0].scale / 2        # its own calibrated grid, finer than its input's
     assert _ort_vs_integer(im, x, ("QLinearMul",)) <= 1
 
 
