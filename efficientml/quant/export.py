@@ -3,7 +3,9 @@ QuantizeLinear/DequantizeLinear around float ops, int8 weights with per-channel 
 with S_bias = S_in·S_w. onnxruntime fuses the QDQ pairs into its integer kernels (QLinearConv…).
 A Clip before a QuantizeLinear is written only where the integer range is narrower than uint8's
 (a fused ReLU6 whose 6.0 falls inside the grid, reduce_range_of="activations"): ORT fuses DQ→Conv→Q
-only without one. Padding and max-pooling run on the uint8 codes (Pad with the code of the constant).
+only without one. Padding and max-pooling run on the uint8 codes (Pad with the code of the constant);
+table activations, products, concatenation and reshapes/splits are in
+:mod:`efficientml.quant.export_steps`.
 With the default 7-bit weights ORT's results match the integer reference (MobileNetV2: 1 LSB); with
 ``reduce_range=False`` ORT's own AVX2 kernels (no VNNI) saturate like fbgemm's (14 LSB measured).
 
@@ -24,8 +26,10 @@ import torch
 from efficientml.core.errors import UnsupportedError
 from efficientml.core.lazy import optional_import
 from efficientml.core.serialization import atomic_path
-from efficientml.quant.integer import (AddStep, ConvStep, InputStep, Instr, IntegerModel, LinearStep, MeanStep,
-                                       PadStep, PassStep, QParams, _run)
+from efficientml.quant.export_steps import elementwise, move
+from efficientml.quant.integer import (AddStep, CatStep, ConvStep, InputStep, Instr, IntegerModel, LinearStep, LutStep,
+                                       MeanStep, MulStep, PadStep, PassStep, QParams, ShapeStep, _run,
+                                       _tensor_inputs)
 
 _ONNX_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
 
@@ -46,6 +50,13 @@ class _Graph:
         out = out or f"{op.lower()}_{self.n}"
         self.nodes.append(self.h.make_node(op, inputs, [out], name=f"{op}_{self.n}", **attrs))
         return out
+
+    def multi(self, op: str, inputs: list[str], n_out: int, **attrs: Any) -> list[str]:
+        """A node with ``n_out`` outputs (Split); returns their names."""
+        self.n += 1
+        outs = [f"{op.lower()}_{self.n}_{i}" for i in range(n_out)]
+        self.nodes.append(self.h.make_node(op, inputs, outs, name=f"{op}_{self.n}", **attrs))
+        return outs
 
     def qparams(self, tag: str, qp: QParams) -> tuple[str, str]:
         return (self.const(f"{tag}_scale", np.array(qp.scale, dtype=np.float32)),
@@ -99,8 +110,9 @@ def _pad(g: _Graph, st: PadStep, x_q: str, rank: int, tag: str) -> str:
     return g.node("Pad", inputs, mode=_ONNX_PAD_MODES[st.mode])
 
 
-def _step(g: _Graph, ins: Instr, args: list[str], shapes: dict[str, tuple[int, ...]], tag: str) -> str:
-    """Write one program step; returns the name of its (uint8) output."""
+def _step(g: _Graph, ins: Instr, args: list[Any], shapes: dict[str, Any], tag: str, vals: list[Any]) -> Any:
+    """Write one program step; returns the name of its (uint8) output (a list for a split, None
+    for shape arithmetic). ``vals``: the step's positional arguments in the example run."""
     st = ins.step
     if isinstance(st, InputStep):
         return g.q("input", st.out_qp, tag, st.out_qp.qmin, st.out_qp.qmax)
@@ -113,9 +125,8 @@ def _step(g: _Graph, ins: Instr, args: list[str], shapes: dict[str, tuple[int, .
         if {d % len(shapes[ins.args[0]]) for d in st.dims} != {2, 3}:
             raise UnsupportedError(f"ONNX export handles means over H and W only, not dims {st.dims}")
         y = g.node("GlobalAveragePool", [g.dq(args[0], st.in_qp[0], tag)])
-        if not st.keepdim:
-            y = g.node("Flatten", [y], axis=1)
-        return g.q(y, st.out_qp, tag, st.out_qp.qmin, st.out_qp.qmax)
+        y = g.q(y, st.out_qp, tag, st.out_qp.qmin, st.out_qp.qmax)     # DQ→pool→Q: QLinearGlobalAveragePool
+        return y if st.keepdim else g.node("Flatten", [y], axis=1)      # dropping H, W moves codes only
     if isinstance(st, PassStep) and st.mode == "max":
         mp = st.fn
         k = getattr(mp, "kernel_size", 2)
@@ -131,10 +142,12 @@ def _step(g: _Graph, ins: Instr, args: list[str], shapes: dict[str, tuple[int, .
         y = g.node("Relu", [g.dq(args[0], qp, tag)])
         lo, hi = (qp.zero_point, qp.qmax) if st.mode == "relu" else (qp.zero_point, min(qp.qmax, qp.zero_point + round(6 / qp.scale)))
         return g.q(y, qp, tag, lo, hi)
-    if isinstance(st, PassStep) and st.mode == "move" and len(shapes.get(ins.out, ())) == 2:
-        return g.node("Flatten", [args[0]], axis=1)       # (B, …) → (B, K): flatten/view
-    if isinstance(st, PassStep) and st.mode == "move" and shapes.get(ins.out) == shapes.get(ins.args[0]):
-        return args[0]                                     # identity, dropout, contiguous
+    if isinstance(st, PassStep) and st.mode == "move":
+        return move(g, ins, args, shapes, tag, vals)
+    if isinstance(st, (LutStep, MulStep, CatStep)):
+        return elementwise(g, st, args, tag)
+    if isinstance(st, ShapeStep):
+        return None                                        # shape arithmetic: static in the graph
     raise UnsupportedError(f"step {st.name!r} ({st.kind}) has no ONNX QDQ export")
 
 
@@ -144,16 +157,21 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, example: torch.Ten
     g = _Graph(onnx)
     shapes: dict[str, tuple[int, ...]] = {}
 
+    values: dict[str, list[Any]] = {}
+
     def hook(ins: Instr, out: Any, args: list[Any]) -> None:
+        values[ins.out] = args                                       # shape arithmetic resolved
         if isinstance(out, torch.Tensor):
             shapes[ins.out] = tuple(out.shape)
+        elif isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+            shapes[ins.out] = [tuple(o.shape) for o in out]          # chunk / split
 
     _run(model.program, "integer", (example,), hook)
     names: dict[str, str] = {}
     for i, ins in enumerate(model.program.instrs):
         st, tag = ins.step, f"s{i}"
-        args = [names[a] for a in ins.args if isinstance(a, str) and a in names]
-        names[ins.out] = _step(g, ins, args, shapes, tag)
+        args = [names[a] for a in _tensor_inputs(ins) if a in names]
+        names[ins.out] = _step(g, ins, args, shapes, tag, values[ins.out])
     out_name = model.program.output
     final = g.node("DequantizeLinear", [names[out_name], *g.qparams("out", model.output_qparams)], "output")
     inp = g.h.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", *example.shape[1:]])

@@ -14,12 +14,15 @@ Activations are asymmetric uint8 per tensor, weights symmetric int8 per channel.
 in int16) cannot saturate and the exported ONNX graph needs no Clip nodes; the integer reference
 then matches the fast kernels (see :class:`IntegerConfig` for the choices). Padding ops (TF "SAME"
 padding as ``nn.ZeroPad2d`` or ``F.pad``) are integer steps; ``padding="same"`` convs are supported.
+Unary activations (hard-swish, SiLU, sigmoid, GELU …) are 256-entry tables on the input codes,
+squeeze-excite products and concatenations requantize by fixed-point multipliers, and channel
+split/shuffle are moves on the codes (:mod:`efficientml.quant.integer_elementwise`); which node
+becomes which step is decided in :mod:`efficientml.quant.integer_patterns`.
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -34,6 +37,9 @@ from efficientml.core.errors import ConfigError, UnsupportedError
 from efficientml.quant.integer_ops import (AddStep, FloatStep, InputStep, IntegerConfig,  # noqa: F401
                                            MeanStep, PadStep, PassStep, QParams, Step, fixed_point,
                                            fold_bn, rounding_shift)
+from efficientml.quant.integer_elementwise import CatStep, LutStep, MulStep, ShapeStep  # noqa: F401
+from efficientml.quant.integer_patterns import (act_of, arith_op, cat_of, is_move, is_shape, is_tensor_product,
+                                                lut_of, mean_dims, move_fn, op_name, pad_of, shape_fn)
 from efficientml.quant.integer_weighted import ConvStep, LinearStep, WeightedStep
 from efficientml.quant.int8_speed import run_with_speed_check
 from efficientml.quant.observers import make_observer
@@ -42,44 +48,6 @@ from efficientml.quant.observers import make_observer
 # ------------------------------------------------------------------------------------------------
 # Tracing into a program
 # ------------------------------------------------------------------------------------------------
-_RELU_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
-_MOVE_FUNCS = {torch.flatten, operator.getitem, torch.reshape, torch.squeeze, torch.unsqueeze}
-_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d,
-                nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d)
-_PAD_MODES = {"ReflectionPad": "reflect", "ReplicationPad": "replicate"}
-_MOVE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "permute",
-                 "transpose"}
-
-
-def _pad_of(node: fx.Node, mod: nn.Module | None, name: str) -> PadStep | None:
-    """The padding step of a pad module or an ``F.pad`` call with static amounts, else None."""
-    if isinstance(mod, _PAD_MODULES):
-        mode = next((m for k, m in _PAD_MODES.items() if type(mod).__name__.startswith(k)), "constant")
-        return PadStep(name, mod.padding, mode, getattr(mod, "value", 0.0))
-    if node.op != "call_function" or node.target is not F.pad:
-        return None
-    names = ("input", "pad", "mode", "value")
-    a = {**dict(zip(names, node.args)), **node.kwargs}
-    if not isinstance(a.get("pad"), (tuple, list)) or any(isinstance(p, fx.Node) for p in a["pad"]):
-        raise UnsupportedError(f"layer {name!r} pads by an amount computed in forward; integer conversion "
-                               "needs static padding (compute it in __init__, or use nn.ZeroPad2d)")
-    return PadStep(name, a["pad"], a.get("mode", "constant"), a.get("value") or 0.0)
-
-
-def _act_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    if node.op == "call_module":
-        m = modules[node.target]
-        if isinstance(m, nn.ReLU):
-            return "relu"
-        if isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0)):
-            return "relu6"
-    if node.op == "call_function" and node.target in _RELU_FUNCS:
-        return _RELU_FUNCS[node.target]
-    if node.op == "call_method" and node.target == "relu":
-        return "relu"
-    return None
-
-
 @dataclass
 class Instr:
     out: str
@@ -124,6 +92,7 @@ class _ProgramBuilder:
         self.instrs: list[Instr] = []
         self.inputs: list[str] = []
         self.float_layers: list[str] = []
+        self.shape_values: set[str] = set()          # nodes holding shapes or ints computed from them
 
     def run(self) -> Program:
         output: Any = None
@@ -149,8 +118,8 @@ class _ProgramBuilder:
 
     def absorb_act(self, node: fx.Node) -> tuple[fx.Node, str | None]:
         nxt = _only_user(node)
-        if nxt is not None and _act_of(nxt, self.modules):
-            return nxt, _act_of(nxt, self.modules)
+        if nxt is not None and act_of(nxt, self.modules):
+            return nxt, act_of(nxt, self.modules)
         return node, None
 
     def emit(self, node: fx.Node, step: Step, args: Any, kwargs: Any = None) -> None:
@@ -159,34 +128,53 @@ class _ProgramBuilder:
     def visit(self, node: fx.Node) -> None:
         mod = self.modules.get(node.target) if node.op == "call_module" else None
         name = str(node.target) if node.op == "call_module" else node.name
+        if is_shape(node, self.shape_values):
+            self.shape_values.add(node.name)
+            return self.emit(node, ShapeStep(name, shape_fn(node)), self.ref(node.args), self.ref(node.kwargs))
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             return self.weighted(node, mod, name)
-        is_add = (node.op == "call_function" and node.target in (operator.add, torch.add)) or \
-                 (node.op == "call_method" and node.target == "add")
-        if is_add and all(isinstance(a, fx.Node) for a in node.args[:2]) and not node.kwargs:
-            last, act = self.absorb_act(node)
-            self.emit(last, AddStep(name, act), self.ref(node.args[:2]))
-            self.alias[last.name] = last.name
+        if self.elementwise(node, mod, name):
             return None
-        pad = _pad_of(node, mod, name)
+        pad = pad_of(node, mod, name)
         if pad is not None:
             return self.emit(node, pad, self.ref(node.args[:1]))
-        act = _act_of(node, self.modules)
+        act = act_of(node, self.modules)
         if act is not None:
             fn = F.relu if act == "relu" else F.relu6
             return self.emit(node, PassStep(name, fn, act, act), self.ref(node.args[:1]))
         if isinstance(mod, (nn.MaxPool2d, nn.MaxPool1d)) or (node.op == "call_function" and node.target is F.max_pool2d):
             fn = mod if mod is not None else F.max_pool2d
             return self.emit(node, PassStep(name, fn, "max", "maxpool"), self.ref(node.args), self.ref(node.kwargs))
-        if isinstance(mod, (nn.Flatten, nn.Identity, nn.Dropout)) or \
-                (node.op == "call_function" and node.target in _MOVE_FUNCS) or \
-                (node.op == "call_method" and node.target in _MOVE_METHODS):
-            return self.emit(node, PassStep(name, _move_fn(node, mod), "move", "move"), self.ref(node.args),
-                             self.ref(node.kwargs))
-        mean_dims = _mean_dims(node, mod)
-        if mean_dims is not None:
-            return self.emit(node, MeanStep(name, *mean_dims), self.ref(node.args[:1]))
+        if is_move(node, mod):
+            step = PassStep(name, move_fn(node, mod), "move", "move", op_name(node, mod))
+            return self.emit(node, step, self.ref(node.args), self.ref(node.kwargs))
+        dims_keep = mean_dims(node, mod)
+        if dims_keep is not None:
+            return self.emit(node, MeanStep(name, *dims_keep), self.ref(node.args[:1]))
         return self.keep_float(node, mod, name)
+
+    def elementwise(self, node: fx.Node, mod: nn.Module | None, name: str) -> bool:
+        """Sums (with a fused ReLU), products, concatenation and table activations; False when the
+        node is none of them."""
+        two_tensors = len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs
+        if arith_op(node) == "add" and two_tensors:
+            last, act = self.absorb_act(node)
+            self.emit(last, AddStep(name, act), self.ref(node.args))
+            self.alias[last.name] = last.name
+            return True
+        if is_tensor_product(node):
+            self.emit(node, MulStep(name), self.ref(node.args))
+            return True
+        cat = cat_of(node)
+        if cat is not None:
+            self.emit(node, CatStep(name, cat[1]), (self.ref(cat[0]),))
+            return True
+        lut = lut_of(node, mod, name)
+        if lut is not None:
+            x = next(a for a in node.args if isinstance(a, fx.Node))
+            self.emit(node, lut, (self.ref(x),))
+            return True
+        return False
 
     def weighted(self, node: fx.Node, mod: nn.Conv2d | nn.Linear, name: str) -> None:
         """Conv/Linear, with the BatchNorm right after it folded in and the activation after that fused."""
@@ -218,29 +206,6 @@ class _ProgramBuilder:
                                    "non-tensor arguments, so it cannot be kept in float either")
         self.emit(node, FloatStep(name, fn), self.ref(tuple(tensor_args)))
         self.float_layers.append(f"{name} ({what})")
-
-
-def _move_fn(node: fx.Node, mod: nn.Module | None) -> Callable[..., Any]:
-    """The callable of a data-movement op (flatten, view, getitem …): the module, method or function."""
-    if mod is not None:
-        return mod
-    if node.op == "call_method":
-        meth = node.target
-        return (lambda meth: lambda x, *a, **k: getattr(x, meth)(*a, **k))(meth)
-    return node.target
-
-
-def _mean_dims(node: fx.Node, mod: nn.Module | None) -> tuple[tuple[int, ...], bool] | None:
-    """(dims, keepdim) of a spatial mean (``x.mean(dims)`` or a global AdaptiveAvgPool2d), else None."""
-    mean_dims = None
-    if node.op == "call_method" and node.target == "mean":
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-        if dims is not None:
-            mean_dims = (tuple(dims) if isinstance(dims, (tuple, list)) else (dims,), keep)
-    if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
-        mean_dims = ((2, 3), True)
-    return mean_dims
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,7 +273,8 @@ class IntegerModel(nn.Module):
         diffs: dict[str, int] = {}
 
         def hook(ins: Instr, out: Any, args: list[Any]) -> None:
-            if isinstance(out, torch.Tensor) and ins.step.kind in ("conv2d", "linear", "add", "mean"):
+            if isinstance(out, torch.Tensor) and ins.step.kind in ("conv2d", "linear", "add", "mean", "mul",
+                                                                   "cat", "lut"):
                 emu = ins.step.emulate(*args)
                 diffs[ins.step.name] = int((emu.to(torch.int64) - out.to(torch.int64)).abs().max())
 
@@ -360,7 +326,7 @@ def calibrate_program(program: Program, batches: Iterable[torch.Tensor], cfg: In
 
     for ins in program.instrs:
         names = _tensor_inputs(ins) if not isinstance(ins.step, InputStep) else []
-        ins.step.in_qp = [qps[a] for a in names if a in qps]
+        ins.step.in_qp = [qps[a] for a in names if qps.get(a) is not None]
         if ins.step.observe:
             obs = observers[ins.out]
             # the network's output keeps its full range: clipping logits changes predictions
@@ -368,7 +334,7 @@ def calibrate_program(program: Program, batches: Iterable[torch.Tensor], cfg: In
             s, z = scale_zero_point(torch.tensor(rlo), torch.tensor(rhi), lo, hi, symmetric=False)
             qps[ins.out] = QParams(float(s), int(z), lo, hi)
         else:
-            qps[ins.out] = ins.step.in_qp[0]
+            qps[ins.out] = ins.step.in_qp[0] if ins.step.in_qp else None
         ins.step.out_qp = qps[ins.out]
         ins.step.finalize(cfg)
     return n

@@ -8,7 +8,9 @@ Two properties of those kernels shape the packing:
   weights (|w| ≤ 63, the default ``reduce_range``) every pair fits; with full 8-bit weights on such a
   CPU the weights are packed for an engine whose sums are exact (QNNPACK widens products to 32 bits),
   so the fast path still matches the integer reference. Whether the default engine saturates is a
-  feature check on a tiny conv (:func:`engine_saturates`), not a CPU-model guess.
+  feature check on a tiny conv (:func:`engine_saturates`), not a CPU-model guess; depthwise convs
+  are probed separately, since PyTorch's x86 engine runs wide ones on fbgemm's depthwise kernel,
+  which saturates even on VNNI CPUs.
 - **Per-shape state.** oneDNN (PyTorch's x86 engine on VNNI CPUs) caches its conv primitive for the
   input shape of the *first* call of a packed weight and rebuilds it on every later call of another
   shape: a model whose first call had batch 8 ran batch 1 at half speed. Packs are therefore kept per
@@ -50,25 +52,37 @@ def _qtensor(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
                                                     torch.zeros(codes.shape[0], dtype=torch.int64), 0)
 
 
+def _saturated(x_shape: tuple[int, ...], w_shape: tuple[int, ...], groups: int, padding: int) -> bool:
+    """Whether a conv of codes 255 against weights 127 loses its exact sum: the output scale puts
+    the exact sum at code 128 (every tap inside the input); pairwise-saturated sums land far below."""
+    exact = w_shape[1] * w_shape[2] * w_shape[3] * 255 * 127
+    x = torch._make_per_tensor_quantized_tensor(torch.full(x_shape, 255, dtype=torch.uint8), 1.0, 0)
+    w = _qtensor(torch.full(w_shape, 127), torch.ones(w_shape[0]))
+    packed = torch.ops.quantized.conv2d_prepack(w, None, [1, 1], [padding, padding], [1, 1], groups)
+    y = torch.ops.quantized.conv2d(x, packed, exact / 128, 0).int_repr()
+    inner = y[..., padding:y.shape[-2] - padding, padding:y.shape[-1] - padding]
+    return int(inner.min()) < 120
+
+
 @functools.lru_cache(maxsize=None)
-def engine_saturates(engine: str) -> bool:
-    """Whether ``engine``'s int8 conv loses a sum that needs more than 16 bits per u8·s8 pair: 32
-    inputs of code 255 against weights of 127 (exact sum 1 036 320; pairwise-saturated 524 272)."""
+def engine_saturates(engine: str, depthwise: bool = False) -> bool:
+    """Whether ``engine``'s int8 conv loses a sum that needs more than 16 bits per u8·s8 pair: on a
+    1×1 conv of 32 inputs, or (``depthwise``) on a 3×3 depthwise conv with padding 1 over 256
+    channels — PyTorch's x86 engine sends depthwise convs of ≥ 128 channels to fbgemm's kernel,
+    which saturates even on VNNI CPUs whose other kernels are exact."""
     with warnings.catch_warnings(), _engine(engine):
         warnings.simplefilter("ignore")      # torch deprecates quantized-tensor creation; still needed
-        x = torch._make_per_tensor_quantized_tensor(torch.full((1, 32, 1, 1), 255, dtype=torch.uint8), 1.0, 0)
-        w = _qtensor(torch.full((1, 32, 1, 1), 127), torch.ones(1))
-        packed = torch.ops.quantized.conv2d_prepack(w, None, [1, 1], [0, 0], [1, 1], 1)
-        y = torch.ops.quantized.conv2d(x, packed, 8192.0, 0)     # exact: round(126.5) = 126 or 127
-    return int(y.int_repr().max()) < 120
+        if depthwise:
+            return _saturated((2, 256, 4, 4), (256, 1, 3, 3), 256, 1)
+        return _saturated((1, 32, 1, 1), (1, 32, 1, 1), 1, 0)
 
 
-def exact_engine(w_q: torch.Tensor) -> str | None:
+def exact_engine(w_q: torch.Tensor, depthwise: bool = False) -> str | None:
     """The engine to pack ``w_q`` for: None (the default) unless its pairs can saturate there."""
     default = torch.backends.quantized.engine
-    if int(w_q.abs().max()) <= SAFE_WEIGHT or not engine_saturates(default):
+    if int(w_q.abs().max()) <= SAFE_WEIGHT or not engine_saturates(default, depthwise):
         return None
-    if "qnnpack" in torch.backends.quantized.supported_engines and not engine_saturates("qnnpack"):
+    if "qnnpack" in torch.backends.quantized.supported_engines and not engine_saturates("qnnpack", depthwise):
         return "qnnpack"
     warnings.warn(f"the {default!r} int8 kernels saturate 16-bit pair sums on this CPU and no exact "
                   "engine is available: the fast path may differ from the integer reference; "
@@ -132,7 +146,7 @@ class WeightedStep(Step):
         if pack is None:
             if len(self._packs) >= MAX_PACKS:
                 self._packs.pop(next(iter(self._packs)))
-            with _engine(exact_engine(self.w_q)):
+            with _engine(exact_engine(self.w_q, getattr(self, "depthwise", False))):
                 pack = self._packs[key] = self._prepack(_qtensor(self.w_q, self.w_scale), self._fbias())
         return pack
 

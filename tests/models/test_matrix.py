@@ -12,21 +12,10 @@ import torch.nn as nn
 from efficientml.models import build_model
 from tests.models.matrix import MODELS, PRUNE_RATIO, SQNR_MIN_DB, run_model, step_profile
 
-# (model, step) → words the failure must contain. ZeroPad2d and the default export's unfused convs
-# are being fixed on branch cnn-fix (issue #16 items 1-2); Hardswish/SiLU/sigmoid/mul/cat have no
-# integer step yet.
-EXPECTED_FAIL = {
-    ("mobilenetv3_large", "int8"): ("Hardswish",),
-    ("mobilenetv3_large", "onnx"): ("Hardswish",),
-    ("efficientnet_b0", "int8"): ("ZeroPad2d", "SiLU"),
-    ("efficientnet_b0", "onnx"): ("SiLU",),
-    ("shufflenetv2", "int8"): ("cat",),
-    ("shufflenetv2", "onnx"): ("cat",),
-    ("resnet18", "onnx"): ("QLinearConv",),
-    ("resnet50", "onnx"): ("QLinearConv",),
-    ("mobilenetv2", "onnx"): ("QLinearConv",),
-    ("regnet_x_400mf", "onnx"): ("QLinearConv",),
-}
+# (model, step) → words the failure must contain. Empty: every model passes every step (hard-swish,
+# SiLU, sigmoid and hard-sigmoid are integer tables, squeeze-excite products, concatenation and the
+# channel split/shuffle integer steps, all exported to ORT with every conv as QLinearConv).
+EXPECTED_FAIL: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 @pytest.fixture(scope="module")

@@ -77,29 +77,29 @@ def test_int32_bias_scale_and_int8_weights(vgg_int8):
     torch.testing.assert_close(conv.b_scale, conv.in_qp[0].scale * conv.w_scale)
 
 
-class _WithGELU(nn.Module):
+class _WithSoftmax(nn.Module):          # softmax: no integer step (GELU is a table now)
     def __init__(self):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 8), nn.Softmax(dim=-1), nn.Linear(8, 2)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
 
 def test_unsupported_layer_error_and_skip_option():
-    m = _WithGELU().eval()
-    with pytest.raises(UnsupportedError, match=r"layer 'act' \(GELU\) has no integer implementation"):
+    m = _WithSoftmax().eval()
+    with pytest.raises(UnsupportedError, match=r"layer 'act' \(Softmax\) has no integer implementation"):
         convert_integer(m, [torch.randn(4, 8)])
     x = torch.randn(64, 8)
     im = convert_integer(m, [x], IntegerConfig(skip_unsupported=True))
-    assert im.report()["float_layers"] == ["act (GELU)"]
+    assert im.report()["float_layers"] == ["act (Softmax)"]
     with torch.no_grad():
         assert float((im(x) - m(x)).abs().max()) < 3 * im.output_qparams.scale
 
 
 def test_calibration_without_data_is_an_error():
     with pytest.raises(ConfigError, match="calibration got no data"):
-        convert_integer(_WithGELU(), [], IntegerConfig(skip_unsupported=True))
+        convert_integer(_WithSoftmax(), [], IntegerConfig(skip_unsupported=True))
 
 
 def test_config_validation():

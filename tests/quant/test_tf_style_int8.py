@@ -140,3 +140,9 @@ def test_full_range_weights_are_packed_for_an_exact_engine_where_the_default_sat
         assert exact_engine(w) == "qnnpack" and not engine_saturates("qnnpack")
     else:
         assert exact_engine(w) is None
+    # depthwise convs are probed on their own: x86 sends those of ≥ 128 channels to fbgemm's
+    # depthwise kernel, which saturates on VNNI CPUs too (measured 25-29 LSB on zoo MobileNetV2)
+    dw = torch.full((256, 1, 3, 3), 127, dtype=torch.int32)
+    assert exact_engine(dw[:, :, :1, :1] // 2, depthwise=True) is None
+    if engine_saturates(torch.backends.quantized.engine, depthwise=True):
+        assert exact_engine(dw, depthwise=True) == "qnnpack" and not engine_saturates("qnnpack", True)
