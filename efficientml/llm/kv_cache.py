@@ -18,8 +18,12 @@ prefix, nothing wasted), and ``max_length`` for ``static_shapes = True`` (every 
 shapes, as CUDA graphs and ``torch.compile`` need); the model then masks keys past each query's position.
 
 To add a quantized (int8/int4) cache, subclass :class:`KVCache`: ``update`` stores the new entries in
-its own format and returns dequantized views. A paged cache for the serving engine implements the
-same three calls over blocks.
+its own format and returns dequantized views. A paged cache (the serving engine's
+:class:`~efficientml.llm.serve.paged_cache.PagedKVCache`) sets ``attends = True``: one forward runs
+several ragged sequences flattened into one row, so no single key set fits every query; attention
+then calls ``cache.attend(layer_idx, q, k, v, scale)``, which stores the new keys/values in the
+sequences' blocks and returns the attention output (1, T, n_heads * head_dim). The model takes each
+token's position from ``input_pos`` and the batch's longest context from ``cache.length``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,15 @@ class KVCache:
     max_length: int
     length: int = 0
     static_shapes: bool = False
+    attends: bool = False  # True: attention goes through attend() (paged caches over ragged batches)
     key_mask: torch.Tensor | None = None  # (B, max_length) bool, False: a padding slot
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
         raise NotImplementedError
 
     def advance(self, n: int) -> None:

@@ -111,6 +111,8 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = rope  # type: ignore[misc]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and cache.attends:  # a paged cache stores k/v and attends per sequence itself
+            return self.o_proj(cache.attend(self.layer_idx, q, k, v, self.scale))  # (1, T, nh*hd)
         if cache is not None:
             if input_pos is None:
                 input_pos = torch.arange(cache.length, cache.length + T, device=x.device)
@@ -246,9 +248,14 @@ class LlamaModel(nn.Module):
                                  f"(batch, new tokens) = ({B}, {T}), 1 for real tokens and 0 for padding")
             keys = attention_mask.to(device=x.device, dtype=torch.bool)
         static = cache is not None and cache.static_shapes
+        paged = cache is not None and cache.attends
         if cache is None:
             input_pos = torch.arange(T, device=x.device) if input_pos is None else input_pos
             kv_len = T
+        elif paged:  # ragged sequences flattened into one row: each token's own position, from the caller
+            if input_pos is None:
+                raise ShapeError("a paged cache needs input_pos: each token's position in its own sequence")
+            kv_len = cache.length  # the longest context of this batch
         elif static:
             if input_pos is None:
                 cache.check_room(T)
@@ -268,11 +275,11 @@ class LlamaModel(nn.Module):
                     seq_len = int(input_pos.max()) + 1  # a host sync: generate() runs such steps eagerly
             cos, sin = self.rope(input_pos, torch.float32, max_pos=kv_len, seq_len=seq_len)  # (T, hd) each
             rope = (cos.to(x.dtype), sin.to(x.dtype))
-        if cache is not None:
+        if cache is not None and not paged:
             if keys is not None:
                 cache.mark_keys(input_pos, keys)
             keys = None if cache.key_mask is None else cache.key_mask[:, :kv_len]
-        mask = self.attention_mask(input_pos, kv_len, x.dtype, force=static or keys is not None)
+        mask = None if paged else self.attention_mask(input_pos, kv_len, x.dtype, force=static or keys is not None)
         if keys is not None:
             mask = self.with_padding(mask, keys, input_pos)
         for layer in self.layers:

@@ -1,0 +1,165 @@
+"""Which sequences run in the next step, and how many of their tokens.
+
+One step is one forward over a ragged batch: each scheduled sequence contributes its next tokens —
+a chunk of its prompt (prefill) or its one last sampled token (decode) — under two budgets,
+``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequences.
+
+Policies (``SchedulerConfig.policy``):
+
+- ``"continuous"`` (Orca / vLLM): sequences join and leave at every step. Running sequences go
+  first, oldest first (decodes and unfinished prefill chunks); the leftover token budget admits
+  waiting sequences in arrival order (FCFS). With ``chunked_prefill`` a long prompt is split over
+  steps, so it never stalls the running decodes for long.
+- ``"static"``: a batch (up to ``max_num_seqs``) is admitted only when nothing is running, and runs
+  until every member has finished (as ``generate`` over a fixed batch does).
+- ``"dynamic"``: like static, but a batch starts once ``max_num_seqs`` requests wait or the oldest
+  has waited ``batch_timeout_s`` (size-or-timeout, as Triton's dynamic batcher does).
+
+**Preemption by recompute.** When a running sequence needs a block and none is free, the newest
+running sequence is preempted: its blocks are freed and it goes back to the front of the waiting
+queue, to be recomputed (its prompt and output so far; the prefix cache often still holds most of
+it). **No starvation:** admission never skips the head of the queue (a sequence that does not fit
+blocks those behind it), and preemption takes the newest first, so the oldest sequence always makes
+progress.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from efficientml.core.errors import ConfigError
+from efficientml.llm.serve.block_manager import BlockManager
+from efficientml.llm.serve.sequence import Sequence, SequenceStatus
+
+POLICIES = ("continuous", "static", "dynamic")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = "continuous"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    chunked_prefill: bool = True
+    batch_timeout_s: float = 0.05  # "dynamic": the longest the oldest request waits for a fuller batch
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"scheduler policy {self.policy!r} is not one of {POLICIES}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_seqs and max_num_batched_tokens must be ≥ 1, got "
+                              f"{self.max_num_seqs}, {self.max_num_batched_tokens}")
+        if self.batch_timeout_s < 0:
+            raise ConfigError(f"batch_timeout_s must be ≥ 0, got {self.batch_timeout_s}")
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens computed this step)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config, self.blocks = config, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the newest last
+        self.num_preemptions = 0
+        self.admission_log: list[int] = []  # seq ids in the order they were first admitted
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        if not batch.preempted and self._may_admit():
+            self._admit(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_append(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:  # it preempted itself: nothing left to run after it
+                break
+            self.blocks.append(seq, n)
+            batch.items.append((seq, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)  # the newest preempted first ends up behind the older ones
+        batch.preempted.append(seq)
+
+    def _may_admit(self) -> bool:
+        if not self.waiting:
+            return False
+        if self.config.policy == "continuous":
+            return True
+        if self.running:
+            return False  # static / dynamic: the running batch finishes first
+        if self.config.policy == "static":
+            return True
+        full = len(self.waiting) >= self.config.max_num_seqs
+        return full or time.perf_counter() - self.waiting[0].arrival_time >= self.config.batch_timeout_s
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break  # FCFS: nobody overtakes the head of the queue
+            self.blocks.allocate(seq)
+            n = seq.num_uncomputed
+            if n > budget and not self.config.chunked_prefill:
+                self.blocks.free_seq(seq)
+                break
+            n = min(n, budget)
+            self.waiting.popleft()
+            if seq.num_preemptions == 0:
+                self.admission_log.append(seq.seq_id)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self.blocks.append(seq, n)  # allocation covered every token; this only copies shared blocks
+            batch.items.append((seq, n))
+            budget -= n
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished (or aborted) sequence from the queues and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def insert_after(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Forked sequences run right after their parent (same age: preempted together with it last)."""
+        at = self.running.index(parent) + 1
+        for c in children:
+            c.status = SequenceStatus.RUNNING
+        self.running[at:at] = children
