@@ -50,6 +50,7 @@ class BlockManager:
         self.prefix_queries = 0  # full prompt blocks looked up
         self.prefix_hits = 0  # of those, found
         self.peak_used_blocks = 0
+        self.cow_copies = 0  # blocks copied on write
 
     # ---- counters
     @property
@@ -144,6 +145,7 @@ class BlockManager:
             self.v[:, new].copy_(self.v[:, old])
             self.ref_count[old] -= 1
             seq.block_table[i] = new
+            self.cow_copies += 1
         while len(seq.block_table) < self.blocks_for(end):
             seq.block_table.append(self._take())
         self._peak()
