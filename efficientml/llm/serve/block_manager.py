@@ -102,10 +102,11 @@ class BlockManager:
             hits.append(b)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Whether ``seq``'s tokens fit, leaving at least ``reserve`` blocks free."""
         hits = self._prefix_hits(seq)
         revived = sum(1 for b in hits if self.ref_count[b] == 0)  # cached but free: leaves the free list
-        return self.blocks_for(seq.num_tokens) - len(hits) + revived <= len(self.free)
+        return self.blocks_for(seq.num_tokens) - len(hits) + revived + reserve <= len(self.free)
 
     def allocate(self, seq: Sequence) -> None:
         """Blocks for all of ``seq``'s tokens, prefix-cache hits first; sets its computed/cached counts."""
@@ -179,6 +180,15 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+    def usage(self, seqs: list[Sequence]) -> tuple[int, int]:
+        """(slots in used blocks, slots of them holding a computed token of one of ``seqs``): the
+        difference is the memory paging wastes (each sequence's last block's tail)."""
+        bs, filled = self.block_size, {}
+        for s in seqs:
+            for j, b in enumerate(s.block_table):
+                filled[b] = max(filled.get(b, 0), min(bs, max(0, s.num_computed_tokens - j * bs)))
+        return self.num_used_blocks * bs, sum(filled.values())
 
     def _peak(self) -> None:
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)

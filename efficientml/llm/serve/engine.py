@@ -258,6 +258,11 @@ class LLMEngine:
                                    tuple(r.metrics() for r in reqs))
         return [self.requests[rid].output(self.requests[rid].seqs, {}) for rid in rids]
 
+    def kv_waste_fraction(self) -> float:
+        """Of the KV slots in used blocks, the fraction holding no computed token right now."""
+        slots, filled = self.blocks.usage(self.scheduler.running)
+        return 1.0 - filled / slots if slots else 0.0
+
     def stats(self) -> dict:
         """Queue lengths, KV blocks used/free, prefix-cache hit rate, preemptions (for /metrics)."""
         b = self.blocks

@@ -129,9 +129,12 @@ class Scheduler:
         return full or time.perf_counter() - self.waiting[0].arrival_time >= self.config.batch_timeout_s
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        # with sequences running, keep a few blocks free for their next tokens (vLLM's watermark):
+        # admitting into the last block would only force a preemption at the next step
+        reserve = max(1, self.blocks.num_blocks // 100)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            if not self.blocks.can_allocate(seq, reserve if self.running else 0):
                 break  # FCFS: nobody overtakes the head of the queue
             self.blocks.allocate(seq)
             n = seq.num_uncomputed

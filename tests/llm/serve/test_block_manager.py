@@ -96,3 +96,14 @@ def test_copy_on_write_of_a_shared_partial_block():
     bm.free_seq(parent)
     bm.free_seq(child)
     assert bm.num_used_blocks == 0
+
+
+def test_usage_counts_the_unfilled_tail_of_each_last_block_once():
+    bm = _bm()
+    a = _seq(range(10))  # 3 blocks, 10 of 12 slots filled
+    bm.allocate(a)
+    _computed(bm, a)
+    b = a.fork(1)
+    bm.fork(a, b)  # shares all three blocks: nothing more is used
+    assert bm.usage([a, b]) == (12, 10)
+    assert not bm.can_allocate(_seq(range(100, 120)), reserve=1) and bm.can_allocate(_seq(range(100, 120)))

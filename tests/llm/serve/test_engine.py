@@ -243,3 +243,13 @@ def test_bad_requests_are_refused_with_one_sentence():
     eng.add_request([5, 6], request_id="a")
     with pytest.raises(ConfigError, match="already in use"):
         eng.add_request([5, 6], request_id="a")
+
+
+def test_kv_waste_is_at_most_one_partial_block_per_sequence():
+    model = _model()
+    eng = _engine(model, max_num_batched_tokens=512)
+    for p in _prompts([17, 40, 9]):
+        eng.add_request(p, SamplingParams(max_tokens=5, ignore_eos=True))
+    eng.step()  # all three prefilled: 17 + 40 + 9 = 66 tokens in 2 + 3 + 1 blocks
+    assert eng.blocks.usage(eng.scheduler.running) == (6 * 16, 66)
+    assert eng.kv_waste_fraction() == pytest.approx(1 - 66 / 96)
