@@ -46,7 +46,7 @@ class BlockManager:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
-        self.free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion order: oldest freed first
+        self._free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion order: oldest freed first
         self.prefix_queries = 0  # full prompt blocks looked up
         self.prefix_hits = 0  # of those, found
         self.peak_used_blocks = 0
@@ -55,11 +55,11 @@ class BlockManager:
     # ---- counters
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self._free)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - len(self._free)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -74,8 +74,8 @@ class BlockManager:
     # ---- allocation
     def _take(self) -> int:
         """A free block for new contents (the oldest freed); its old hash, if any, is forgotten."""
-        b = next(iter(self.free))
-        del self.free[b]
+        b = next(iter(self._free))
+        del self._free[b]
         h = self.block_hash[b]
         if h is not None and self.hash_to_block.get(h) == b:
             del self.hash_to_block[h]
@@ -85,7 +85,7 @@ class BlockManager:
 
     def _hold(self, b: int) -> None:
         if self.ref_count[b] == 0:
-            del self.free[b]
+            del self._free[b]
         self.ref_count[b] += 1
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
@@ -106,7 +106,7 @@ class BlockManager:
         """Whether ``seq``'s tokens fit, leaving at least ``reserve`` blocks free."""
         hits = self._prefix_hits(seq)
         revived = sum(1 for b in hits if self.ref_count[b] == 0)  # cached but free: leaves the free list
-        return self.blocks_for(seq.num_tokens) - len(hits) + revived + reserve <= len(self.free)
+        return self.blocks_for(seq.num_tokens) - len(hits) + revived + reserve <= len(self._free)
 
     def allocate(self, seq: Sequence) -> None:
         """Blocks for all of ``seq``'s tokens, prefix-cache hits first; sets its computed/cached counts."""
@@ -134,7 +134,7 @@ class BlockManager:
         """Whether ``n`` more tokens of ``seq`` can be computed (new blocks + copies on write)."""
         end = seq.num_computed_tokens + n
         need = max(0, self.blocks_for(end) - len(seq.block_table))
-        return need + len(self._shared_in(seq, seq.num_computed_tokens, end)) <= len(self.free)
+        return need + len(self._shared_in(seq, seq.num_computed_tokens, end)) <= len(self._free)
 
     def append(self, seq: Sequence, n: int) -> None:
         """Make room to compute ``n`` more tokens: new blocks, and a private copy of any shared one written."""
@@ -171,12 +171,12 @@ class BlockManager:
                 self.block_hash[b], self.block_tokens[b] = h, tokens
                 self.hash_to_block.setdefault(h, b)
 
-    def free_seq(self, seq: Sequence) -> None:
+    def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks (kept in the prefix cache while nobody needs them)."""
         for b in reversed(seq.block_table):  # the tail first: it is the least likely to be shared again
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:
-                self.free[b] = None
+                self._free[b] = None
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0

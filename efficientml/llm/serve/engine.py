@@ -33,7 +33,8 @@ from efficientml.core.errors import ConfigError, ShapeError
 from efficientml.llm.kernels.decode import prepare_cpu_decode
 from efficientml.llm.serve.block_manager import BlockManager
 from efficientml.llm.serve.metrics import RunMetrics
-from efficientml.llm.serve.model_runner import ModelRunner, sample_next, token_logprobs
+from efficientml.llm.serve.model_runner import ModelRunner
+from efficientml.llm.serve.sampler import sample_next, token_logprobs
 from efficientml.llm.serve.request import Request, RequestOutput
 from efficientml.llm.serve.scheduler import Scheduler, SchedulerConfig
 from efficientml.llm.serve.sequence import SamplingParams, Sequence
@@ -210,7 +211,7 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, tok: int, now: float, lp: tuple[float, dict] | None) -> str:
         """Add a sampled token to ``seq``; finish it at a stop; returns the text it released."""
-        seq.output_ids.append(tok)
+        seq.append_token(tok)
         if seq.first_token_time is None:
             seq.first_token_time = now
         if lp is not None and seq.params.logprobs is not None:
@@ -223,7 +224,7 @@ class LLMEngine:
             reason = "stop"
         elif seq.stream is not None and seq.stream.done:
             reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
             if seq.stream is not None:
@@ -254,7 +255,7 @@ class LLMEngine:
         wall = time.perf_counter() - t0
         reqs = [self.requests[rid] for rid in rids]
         self.last_run = RunMetrics(wall, len(reqs), sum(len(r.prompt_ids) for r in reqs),
-                                   sum(len(s.output_ids) for r in reqs for s in r.seqs),
+                                   sum(s.num_output_tokens for r in reqs for s in r.seqs),
                                    tuple(r.metrics() for r in reqs))
         return [self.requests[rid].output(self.requests[rid].seqs, {}) for rid in rids]
 

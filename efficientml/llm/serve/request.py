@@ -47,7 +47,7 @@ class Request:
         ends = [s.finish_time for s in self.seqs if s.finish_time is not None]
         return RequestMetrics(self.arrival_time, min(firsts) if firsts else None,
                               max(ends) if self.finished and ends else None, len(self.prompt_ids),
-                              sum(len(s.output_ids) for s in self.seqs),
+                              sum(s.num_output_tokens for s in self.seqs),
                               self.seqs[0].num_cached_tokens if self.seqs else 0,
                               sum(s.num_preemptions for s in self.seqs))
 

@@ -109,7 +109,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
-        self.blocks.free_seq(seq)
+        self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -139,7 +139,7 @@ class Scheduler:
             self.blocks.allocate(seq)
             n = seq.num_uncomputed
             if n > budget and not self.config.chunked_prefill:
-                self.blocks.free_seq(seq)
+                self.blocks.free(seq)
                 break
             n = min(n, budget)
             self.waiting.popleft()
@@ -157,7 +157,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free_seq(seq)
+        self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
 
     def insert_after(self, parent: Sequence, children: list[Sequence]) -> None:

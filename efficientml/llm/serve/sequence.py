@@ -79,12 +79,12 @@ _ids = itertools.count()
 
 @dataclass
 class Sequence:
-    prompt_ids: list[int]
+    token_ids: list[int]  # the prompt, then the output as it is sampled (append_token)
     params: SamplingParams
     request_id: str = ""
     index: int = 0  # which of the request's n sequences
     seq_id: int = field(default_factory=lambda: next(_ids))
-    output_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = -1  # -1: all of token_ids at creation
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full, computed blocks, in order
@@ -102,17 +102,28 @@ class Sequence:
     generator: torch.Generator | None = None
     stream: object | None = None  # a TextStream when the engine has a tokenizer
 
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+
     @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
 
     @property
     def num_uncomputed(self) -> int:
@@ -125,7 +136,7 @@ class Sequence:
 
     def fork(self, index: int) -> "Sequence":
         """A sibling with the same tokens and computed state; the block manager shares the blocks."""
-        return Sequence(list(self.prompt_ids), self.params, self.request_id, index,
-                        output_ids=list(self.output_ids), status=self.status,
+        return Sequence(list(self.token_ids), self.params, self.request_id, index,
+                        num_prompt_tokens=self.num_prompt_tokens, status=self.status,
                         block_hashes=list(self.block_hashes), num_computed_tokens=self.num_computed_tokens,
                         num_cached_tokens=self.num_cached_tokens, forked=True, arrival_time=self.arrival_time)

@@ -30,7 +30,7 @@ def test_allocate_free_counts_and_pool_shape():
     assert bm.can_allocate(s)
     bm.allocate(s)
     assert len(s.block_table) == 3 and bm.num_used_blocks == 3 and bm.num_free_blocks == 5
-    bm.free_seq(s)
+    bm.free(s)
     assert bm.num_used_blocks == 0 and s.block_table == []
     with pytest.raises(ConfigError, match="num_blocks"):
         _bm(n=0)
@@ -64,15 +64,15 @@ def test_freed_blocks_stay_cached_until_reused_oldest_first():
     bm.allocate(a)
     _computed(bm, a)
     kept = a.block_table[0]
-    bm.free_seq(a)
+    bm.free(a)
     b = _seq([1, 2, 3, 4, 7, 7])
     assert bm.can_allocate(b)
     bm.allocate(b)  # revives the cached block from the free list
     assert b.block_table[0] == kept and bm.num_used_blocks == 2
-    bm.free_seq(b)
+    bm.free(b)
     filler = _seq(range(10, 26))  # takes all 4 blocks: the cached one is evicted
     bm.allocate(filler)
-    bm.free_seq(filler)
+    bm.free(filler)
     assert bm.hash_to_block == {} or kept not in bm.hash_to_block.values()
 
 
@@ -86,15 +86,15 @@ def test_copy_on_write_of_a_shared_partial_block():
     bm.fork(parent, child)
     assert bm.ref_count[parent.block_table[1]] == 2
     for s in (parent, child):
-        s.output_ids.append(9)
+        s.append_token(9)
     assert bm.can_append(child, 1)
     bm.append(child, 1)  # writes slot 6, in the shared second block: it gets a copy
     assert child.block_table[0] == parent.block_table[0] and child.block_table[1] != parent.block_table[1]
     assert torch.equal(bm.k[:, child.block_table[1]], bm.k[:, parent.block_table[1]]) and bm.cow_copies == 1
     bm.append(parent, 1)  # now the only holder: no copy
     assert bm.cow_copies == 1
-    bm.free_seq(parent)
-    bm.free_seq(child)
+    bm.free(parent)
+    bm.free(child)
     assert bm.num_used_blocks == 0
 
 
