@@ -49,7 +49,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    cpu_kernels: bool = True  # CPU: prepare_cpu_decode(model) (in place) before serving
+    cpu_kernels: bool = True  # CPU: prepare_cpu_decode(model) (in place), decodes on the paged-attention kernel
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):
@@ -74,7 +74,7 @@ class LLMEngine:
         self.blocks = BlockManager(cfg.num_hidden_layers, num_blocks, bs, cfg.num_key_value_heads,
                                    cfg.dim_per_head, dtype, self.device, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(model, self.blocks)
+        self.runner = ModelRunner(model, self.blocks, attention_kernel=config.cpu_kernels)
         eos = cfg.eos_token_id if tokenizer is None or tokenizer.eos_id is None else tokenizer.eos_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.requests: dict[str, Request] = {}

@@ -17,7 +17,7 @@ from efficientml.llm.serve.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, blocks: BlockManager) -> None:
+    def __init__(self, model: torch.nn.Module, blocks: BlockManager, attention_kernel: bool = True) -> None:
         cfg = model.config
         if cfg.position_embedding != "rope":
             raise UnsupportedError(f"the serving engine's paged attention supports RoPE models; this one uses "
@@ -26,7 +26,7 @@ class ModelRunner:
             raise UnsupportedError(f"rope_type {cfg.rope_type!r} adapts to each sequence's length, which a "
                                    "ragged batch does not have; serve a model with static RoPE scaling")
         self.model, self.blocks = model, blocks
-        self.cache = PagedKVCache(blocks, cfg.sliding_window)
+        self.cache = PagedKVCache(blocks, cfg.sliding_window, use_kernel=attention_kernel)
         self.device = blocks.k.device
 
     @torch.inference_mode()

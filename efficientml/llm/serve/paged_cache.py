@@ -15,9 +15,12 @@ calls :meth:`PagedKVCache.attend`, which
    - each prefill chunk alone: its used blocks gathered to ``(1, n_kv, context, hd)``, causal mask
      over absolute positions (the chunk's queries see the earlier chunks and prefix-cache blocks).
 
-Only the blocks of the sequences in the step are read (never the whole pool), with torch ops
-(``index_select`` + ``scaled_dot_product_attention``); a kernel reading the blocks in place is the
-next step. Sliding-window models mask keys beyond the window; ALiBi is not supported here.
+Only the blocks of the sequences in the step are read, never the whole pool. Decodes on a CPU fp32
+pool run on :mod:`efficientml.llm.kernels.cpu_paged_attention` (``use_kernel``): a C kernel that reads
+each key/value in place through the block table, no gathered copy; elsewhere (and for prefill
+chunks, whose gather is shared by all their queries) torch ops: indexing by the block table, then
+``scaled_dot_product_attention``. Sliding-window models mask keys beyond the window; ALiBi is not
+supported here.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from efficientml.core.errors import ShapeError
+from efficientml.llm.kernels import cpu_paged_attention
 from efficientml.llm.kv_cache import KVCache
 from efficientml.llm.serve.block_manager import BlockManager
 
@@ -46,9 +50,11 @@ class _Chunk:
 class PagedKVCache(KVCache):
     attends = True
 
-    def __init__(self, blocks: BlockManager, sliding_window: int | None = None) -> None:
+    def __init__(self, blocks: BlockManager, sliding_window: int | None = None, use_kernel: bool = True) -> None:
         self.pool = blocks
         self.sliding_window = sliding_window
+        self.use_kernel = use_kernel  # decodes on the CPU paged-attention kernel where it runs
+        self._kernel_ok: bool | None = None  # decided at the first attend (needs the number of heads)
         self.max_length = 1 << 62  # bounded by the pool, not per sequence
         self.length = 0  # set by plan(): the longest context in the step
         self.chunks: list[_Chunk] = []
@@ -107,6 +113,7 @@ class PagedKVCache(KVCache):
         if self.sliding_window is not None:
             ok &= k_pos > ctx[:, None] - 1 - self.sliding_window
         self.decode_rows = torch.tensor(rows, dtype=torch.long, device=dev)
+        self.decode_ctx = ctx.to(dev)
         self.decode_tables = padded.to(dev)
         self.decode_mask = ok[:, None, None, :].to(dev)  # (B, 1, 1, S)
 
@@ -129,7 +136,12 @@ class PagedKVCache(KVCache):
         self._write(layer_idx, k, v)
         _, nh, T, hd = q.shape
         out = q.new_empty(T, nh, hd)
-        if self.decode_rows.numel():
+        if self.decode_rows.numel() and self._kernel(nh):
+            qd = q[0, :, self.decode_rows].transpose(0, 1)  # (B, nh, hd)
+            out[self.decode_rows] = cpu_paged_attention.paged_decode_attention(
+                qd, self.pool.k[layer_idx], self.pool.v[layer_idx], self.decode_tables, self.decode_ctx,
+                hd ** -0.5 if scale is None else scale, self.sliding_window)
+        elif self.decode_rows.numel():
             kd, vd = self._gather(layer_idx, self.decode_tables)  # (B, nkv, S, hd)
             qd = q[0, :, self.decode_rows].transpose(0, 1)[:, :, None]  # (B, nh, 1, hd)
             out[self.decode_rows] = _sdpa(qd, kd, vd, self.decode_mask, scale)[:, :, 0]
@@ -138,6 +150,11 @@ class PagedKVCache(KVCache):
             o = _sdpa(q[:, :, c.start:c.end], kc[None, :, :c.context], vc[None, :, :c.context], c.mask, scale)
             out[c.start:c.end] = o[0].transpose(0, 1)  # (n, nh, hd)
         return out.reshape(1, T, nh * hd)
+
+    def _kernel(self, num_heads: int) -> bool:
+        if self._kernel_ok is None:
+            self._kernel_ok = self.use_kernel and cpu_paged_attention.supports(self.pool.k[0], num_heads)
+        return self._kernel_ok
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,11 +31,16 @@ def _reference(model, prompts, n, **kw):
     return [generate(model, p, SamplingConfig(max_new_tokens=n, **kw)).tokens[0] for p in prompts]
 
 
-def test_step_logits_equal_each_sequence_alone():
+@pytest.mark.parametrize("kernels", [False, True])
+def test_step_logits_equal_each_sequence_alone(kernels):
     """Every logits row of every ragged step (prefill chunks and decodes, sequences joining at different
-    steps) equals the model's eager forward over that sequence alone, to 1e-4."""
+    steps) equals the model's eager forward over that sequence alone, to 1e-4 — on torch ops, and on
+    the CPU kernels (linears on cpu_gemv, decode attention on the paged-attention kernel)."""
     model = _model()
-    eng = _engine(model, max_num_seqs=3, max_num_batched_tokens=20)
+    ref_model = _model()  # the kernels swap modules in place: the reference keeps plain ones
+    eng = LLMEngine(model, None, EngineConfig(num_blocks=64, cpu_kernels=kernels, scheduler=SchedulerConfig(
+        max_num_seqs=3, max_num_batched_tokens=20)))
+    assert eng.runner.cache.use_kernel == kernels
     checked = []
     run = eng.runner.run
 
@@ -44,7 +49,7 @@ def test_step_logits_equal_each_sequence_alone():
         ends = [seq.token_ids[:seq.num_computed_tokens + n] for seq, n in items
                 if seq.num_computed_tokens + n == seq.num_tokens]
         for row, ids in zip(logits, ends):
-            ref = model(torch.tensor([ids]))[0, -1]
+            ref = ref_model(torch.tensor([ids]))[0, -1]
             checked.append((row - ref).abs().max().item())
         return logits
 
@@ -59,6 +64,7 @@ def test_step_logits_equal_each_sequence_alone():
     while eng.has_unfinished():
         eng.step()
     assert len(checked) == 5 * 6 and max(checked) <= 1e-4
+    assert eng.runner.cache._kernel_ok == kernels
 
 
 @pytest.mark.parametrize("window", [None, 8])
