@@ -237,7 +237,8 @@ class LLMEngine:
     # ---- offline
     def generate(self, prompts: Seq[str | Seq[int]] | str, params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Run ``prompts`` to completion; their final outputs in order. ``self.last_run`` holds the metrics."""
+        """Run ``prompts`` to completion; their final outputs in order (the engine then forgets them).
+        ``self.last_run`` holds the run's metrics."""
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -249,15 +250,21 @@ class LLMEngine:
         while any(rid not in final for rid in rids):
             if not self.has_unfinished():
                 break
-            for out in self.step():
+            outs = self.step()
+            for out in outs:
                 if out.finished:
                     final[out.request_id] = out
+            if not outs and not self.scheduler.running:  # "dynamic": the batch is waiting to fill
+                time.sleep(min(1e-3, self.config.scheduler.batch_timeout_s))
         wall = time.perf_counter() - t0
         reqs = [self.requests[rid] for rid in rids]
         self.last_run = RunMetrics(wall, len(reqs), sum(len(r.prompt_ids) for r in reqs),
                                    sum(s.num_output_tokens for r in reqs for s in r.seqs),
                                    tuple(r.metrics() for r in reqs))
-        return [self.requests[rid].output(self.requests[rid].seqs, {}) for rid in rids]
+        outs = [self.requests[rid].output(self.requests[rid].seqs, {}) for rid in rids]
+        for rid in rids:  # reported: the engine forgets them (a long-lived engine must not grow)
+            del self.requests[rid]
+        return outs
 
     def kv_waste_fraction(self) -> float:
         """Of the KV slots in used blocks, the fraction holding no computed token right now."""

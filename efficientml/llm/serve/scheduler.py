@@ -73,7 +73,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest last
         self.num_preemptions = 0
-        self.admission_log: list[int] = []  # seq ids in the order they were first admitted
+        self.admission_log: list[str] = []  # request ids in the order they were first admitted
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -144,7 +144,7 @@ class Scheduler:
             n = min(n, budget)
             self.waiting.popleft()
             if seq.num_preemptions == 0:
-                self.admission_log.append(seq.seq_id)
+                self.admission_log.append(seq.request_id)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.blocks.append(seq, n)  # allocation covered every token; this only copies shared blocks
