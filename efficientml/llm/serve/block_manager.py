@@ -9,9 +9,9 @@ Memory is wasted only in each sequence's last, partly filled block.
 it returns to the free list when its count reaches 0.
 
 **Prefix caching.** Every full block whose keys/values are computed gets a hash chained with the
-previous block's: ``hash((prev_hash, its token ids))``, so equal hashes mean equal prefixes (the
-ids are compared too, against collisions). Admitting a sequence looks its full prompt blocks up
-and reuses the hits, so a shared system prompt is computed once. A freed block keeps its hash and
+previous block's (:func:`chain_hash`, SHA-256 over the previous hash and its token ids), so equal
+hashes mean equal prefixes (the block's ids are compared too). Admitting a sequence looks its full
+prompt blocks up and reuses the hits, so a shared system prompt is computed once. A freed block keeps its hash and
 contents until it is handed out again (the oldest freed first), so a later request can still hit it.
 At least the last token is always recomputed: its logits are needed.
 
@@ -21,6 +21,9 @@ block shared by forked sequences, ``n > 1``), the writer gets a fresh copy of it
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+
 import torch
 
 from efficientml.core.errors import ConfigError
@@ -28,7 +31,10 @@ from efficientml.llm.serve.sequence import Sequence
 
 
 def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((prev, tokens))
+    """128 bits of SHA-256 over the previous block's hash and these token ids: a prompt cannot be
+    crafted to collide with another request's prefix (Python's ``hash`` could be), as in vLLM."""
+    head = (0 if prev is None else prev + 1).to_bytes(17, "little")
+    return int.from_bytes(hashlib.sha256(head + array("q", tokens).tobytes()).digest()[:16], "little")
 
 
 class BlockManager:
@@ -36,7 +42,8 @@ class BlockManager:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  enable_prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise ConfigError(f"the KV pool needs num_blocks ≥ 1 and block_size ≥ 1, got {num_blocks}, {block_size}")
+            raise ConfigError(f"the KV pool needs num_blocks ≥ 1 and block_size ≥ 1, "
+                              f"got {num_blocks}, {block_size}")
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
