@@ -30,17 +30,19 @@ class ModelRunner:
         self.device = blocks.k.device
 
     @torch.inference_mode()
-    def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Compute ``n`` tokens of each (sequence, n); logits (S, vocab) for the S sequences whose
-        last token is in the step, in batch order."""
+    def run(self, items: list[tuple[Sequence, int]], num_logits: list[int] | None = None) -> torch.Tensor:
+        """Compute ``n`` tokens of each (sequence, n). Logits (R, vocab) for the last ``num_logits[i]``
+        tokens of item i, in batch order; by default 1 for the sequences whose last token is in the
+        step, 0 for the others (a prefill chunk short of the end). A speculative step asks for all
+        k + 1 positions of a verified draft."""
         ids = [t for seq, n in items for t in seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]]
         pos = self.cache.plan([(seq.block_table, seq.num_computed_tokens, n) for seq, n in items])
         x = torch.tensor(ids, dtype=torch.long, device=self.device)[None]  # (1, T)
         h = self.model.model(x, self.cache, pos)  # (1, T, d)
-        last, t = [], 0
-        for seq, n in items:
+        if num_logits is None:
+            num_logits = [int(seq.num_computed_tokens + n == seq.num_tokens) for seq, n in items]
+        rows, t = [], 0
+        for (_, n), m in zip(items, num_logits):
             t += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                last.append(t - 1)
-        return self.model.logits(h[0, torch.tensor(last, dtype=torch.long, device=self.device)])  # (S, V)
-
+            rows.extend(range(t - min(m, n), t))
+        return self.model.logits(h[0, torch.tensor(rows, dtype=torch.long, device=self.device)])  # (R, V)

@@ -258,3 +258,17 @@ def test_kv_waste_is_at_most_one_partial_block_per_sequence():
     eng.step()  # all three prefilled: 17 + 40 + 9 = 66 tokens in 2 + 3 + 1 blocks
     assert eng.blocks.usage(eng.scheduler.running) == (6 * 16, 66)
     assert eng.kv_waste_fraction() == pytest.approx(1 - 66 / 96)
+
+
+def test_runner_returns_logits_for_every_requested_position():
+    """num_logits asks for the trailing positions of a chunk (what verifying a k-token draft needs)."""
+    model = _model()
+    eng = _engine(model)
+    a, b = _prompts([12, 7])
+    eng.add_request(a)
+    eng.add_request(b)
+    eng.scheduler.schedule()  # admits both: blocks allocated, nothing computed yet
+    seqs = list(eng.scheduler.running)
+    logits = eng.runner.run([(seqs[0], 12), (seqs[1], 7)], num_logits=[4, 7])
+    full = [model(torch.tensor([a]))[0], model(torch.tensor([b]))[0]]
+    torch.testing.assert_close(logits, torch.cat([full[0][-4:], full[1]]), atol=1e-4, rtol=0)
