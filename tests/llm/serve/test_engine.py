@@ -272,3 +272,42 @@ def test_runner_returns_logits_for_every_requested_position():
     logits = eng.runner.run([(seqs[0], 12), (seqs[1], 7)], num_logits=[4, 7])
     full = [model(torch.tensor([a]))[0], model(torch.tensor([b]))[0]]
     torch.testing.assert_close(logits, torch.cat([full[0][-4:], full[1]]), atol=1e-4, rtol=0)
+
+
+def test_random_arrivals_aborts_forks_and_preemption_keep_every_invariant():
+    """A small soak: requests arrive between steps, some are aborted, some fork (n = 2), the pool is
+    small enough to preempt. After every step each block's reference count equals the number of block
+    tables holding it; at the end no block is used, and every request that ran to the end has
+    generate()'s greedy output."""
+    model = _model()
+    g = torch.Generator().manual_seed(11)
+    prompts = _prompts(torch.randint(2, 50, (24,), generator=g).tolist(), seed=12)
+    maxes = torch.randint(1, 16, (24,), generator=g).tolist()
+    eng = _engine(model, num_blocks=16, block_size=8, max_num_seqs=5, max_num_batched_tokens=24)
+    rids, aborted, finals, i = [], set(), {}, 0
+    while i < len(prompts) or eng.has_unfinished():
+        for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+            if i < len(prompts):
+                rids.append(eng.add_request(prompts[i], SamplingParams(max_tokens=maxes[i], ignore_eos=True,
+                                                                       n=2 if i % 5 == 0 else 1)))
+                i += 1
+        if rids and torch.rand(1, generator=g) < 0.08:
+            victim = rids[int(torch.randint(0, len(rids), (1,), generator=g))]
+            if eng.abort(victim):
+                aborted.add(victim)
+        for out in eng.step():
+            if out.finished:
+                finals[out.request_id] = out
+        holders = [0] * eng.blocks.num_blocks
+        for seq in eng.scheduler.running:
+            for b in seq.block_table:
+                holders[b] += 1
+        assert holders == eng.blocks.ref_count
+        assert all(not s.block_table for s in eng.scheduler.waiting)
+    assert eng.blocks.num_used_blocks == 0 and eng.scheduler.num_preemptions > 0
+    done = [r for r in rids if r not in aborted]
+    assert set(done) <= set(finals) and len(done) >= 15
+    for r in done:
+        k = rids.index(r)
+        ref = _reference(model, [prompts[k]], maxes[k])[0]
+        assert [list(o.token_ids) for o in finals[r].outputs] == [ref] * (2 if k % 5 == 0 else 1)
