@@ -109,6 +109,10 @@ class BlockManager:
             hits.append(b)
         return hits
 
+    def cached_tokens(self, seq: Sequence) -> int:
+        """How many of ``seq``'s leading tokens the prefix cache holds now (no side effects)."""
+        return len(self._prefix_hits(seq)) * self.block_size
+
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
         """Whether ``seq``'s tokens fit, leaving at least ``reserve`` blocks free."""
         hits = self._prefix_hits(seq)

@@ -15,6 +15,8 @@ Policies (``SchedulerConfig.policy``):
 - ``"dynamic"``: like static, but a batch starts once ``max_num_seqs`` requests wait or the oldest
   has waited ``batch_timeout_s`` (size-or-timeout, as Triton's dynamic batcher does).
 
+In the static and dynamic policies a sequence preempted mid-batch rejoins with the next batch.
+
 **Preemption by recompute.** When a running sequence needs a block and none is free, the newest
 running sequence is preempted: its blocks are freed and it goes back to the front of the waiting
 queue, to be recomputed (its prompt and output so far; the prefix cache often still holds most of
@@ -136,12 +138,10 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq, reserve if self.running else 0):
                 break  # FCFS: nobody overtakes the head of the queue
+            if not self.config.chunked_prefill and seq.num_tokens - self.blocks.cached_tokens(seq) > budget:
+                break  # the whole prompt in one step: wait for a step with room for it
             self.blocks.allocate(seq)
-            n = seq.num_uncomputed
-            if n > budget and not self.config.chunked_prefill:
-                self.blocks.free(seq)
-                break
-            n = min(n, budget)
+            n = min(seq.num_uncomputed, budget)
             self.waiting.popleft()
             if seq.num_preemptions == 0:
                 self.admission_log.append(seq.request_id)

@@ -311,3 +311,15 @@ def test_random_arrivals_aborts_forks_and_preemption_keep_every_invariant():
         k = rids.index(r)
         ref = _reference(model, [prompts[k]], maxes[k])[0]
         assert [list(o.token_ids) for o in finals[r].outputs] == [ref] * (2 if k % 5 == 0 else 1)
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_step_with_room():
+    model = _model()
+    prompts = _prompts([30, 30, 30])
+    eng = _engine(model, max_num_batched_tokens=64, chunked_prefill=False)
+    outs = eng.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [list(o.outputs[0].token_ids) for o in outs] == _reference(model, prompts, 4)
+    firsts = [o.metrics.first_token_time for o in outs]
+    assert firsts[0] == firsts[1] < firsts[2]  # 30 + 30 fit the first step's 64 tokens, the third does not
+    with pytest.raises(ConfigError, match="chunked prefill"):
+        eng.add_request(_prompts([62])[0], SamplingParams(max_tokens=4))
