@@ -7,8 +7,9 @@ a chunk of its prompt (prefill) or its one last sampled token (decode) — under
 Policies (``SchedulerConfig.policy``):
 
 - ``"continuous"`` (Orca / vLLM): sequences join and leave at every step. Running sequences go
-  first, oldest first (decodes and unfinished prefill chunks); the leftover token budget admits
-  waiting sequences in arrival order (FCFS). With ``chunked_prefill`` a long prompt is split over
+  first — decodes, then unfinished prefill chunks (Sarathi's order: a long prompt never holds up
+  the tokens being streamed), oldest first — and the leftover token budget admits waiting
+  sequences in arrival order (FCFS). With ``chunked_prefill`` a long prompt is split over
   steps, so it never stalls the running decodes for long.
 - ``"static"``: a batch (up to ``max_num_seqs``) is admitted only when nothing is running, and runs
   until every member has finished (as ``generate`` over a fixed batch does).
@@ -92,21 +93,24 @@ class Scheduler:
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
-            while not self.blocks.can_append(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim, batch)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:  # it preempted itself: nothing left to run after it
+        """Decodes first (one token each: they keep streaming), then unfinished prefill chunks, each
+        group oldest first; a sequence short of blocks preempts the newest one not yet scheduled
+        (itself, when it is that one)."""
+        scheduled: set[int] = set()
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):  # stable: age order kept
+            if budget <= 0:
                 break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted for an older one this step
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while seq.status is SequenceStatus.RUNNING and not self.blocks.can_append(seq, n):
+                self._preempt(next(s for s in reversed(self.running) if s.seq_id not in scheduled), batch)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
             self.blocks.append(seq, n)
             batch.items.append((seq, n))
+            scheduled.add(seq.seq_id)
             budget -= n
-            i += 1
         return budget
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:

@@ -323,3 +323,18 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_step_with_room():
     assert firsts[0] == firsts[1] < firsts[2]  # 30 + 30 fit the first step's 64 tokens, the third does not
     with pytest.raises(ConfigError, match="chunked prefill"):
         eng.add_request(_prompts([62])[0], SamplingParams(max_tokens=4))
+
+
+def test_decodes_keep_streaming_while_a_long_prompt_is_chunked():
+    model = _model()
+    a, b = _prompts([4, 60])
+    eng = _engine(model, max_num_batched_tokens=8)
+    ra = eng.add_request(a, SamplingParams(max_tokens=10, ignore_eos=True))
+    eng.step()
+    eng.add_request(b, SamplingParams(max_tokens=3, ignore_eos=True))
+    steps = [[o.request_id for o in eng.step()] for _ in range(9)]
+    assert all(ra in s for s in steps)  # one token of the decode every step, the prompt takes the other 7
+    assert eng.scheduler.running[-1].num_computed_tokens == 60  # 8 steps of 7 prompt tokens, then the last 4
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.blocks.num_used_blocks == 0
