@@ -19,9 +19,9 @@ Policies (``SchedulerConfig.policy``):
 In the static and dynamic policies a sequence preempted mid-batch rejoins with the next batch.
 
 **Preemption by recompute.** When a running sequence needs a block and none is free, the newest
-running sequence is preempted: its blocks are freed and it goes back to the front of the waiting
-queue, to be recomputed (its prompt and output so far; the prefix cache often still holds most of
-it). **No starvation:** admission never skips the head of the queue (a sequence that does not fit
+running sequence (by arrival) is preempted: its blocks are freed and it goes back to the front of
+the waiting queue, to be recomputed (its prompt and output so far; the prefix cache often still
+holds most of it). **No starvation:** admission never skips the head of the queue (a sequence that does not fit
 blocks those behind it), and preemption takes the newest first, so the oldest sequence always makes
 progress.
 """
@@ -70,6 +70,11 @@ class ScheduledBatch:
         return bool(self.items)
 
 
+def _age(seq: Sequence) -> tuple[float, int]:
+    """Sort key, oldest first: arrival, then creation (a request's forked sequences after it)."""
+    return seq.arrival_time, seq.seq_id
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
         self.config, self.blocks = config, blocks
@@ -94,17 +99,17 @@ class Scheduler:
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         """Decodes first (one token each: they keep streaming), then unfinished prefill chunks, each
-        group oldest first; a sequence short of blocks preempts the newest one not yet scheduled
-        (itself, when it is that one)."""
+        group oldest first (by arrival: a recomputed sequence keeps its age); a sequence short of
+        blocks preempts the newest one not yet scheduled (itself, when it is that one)."""
         scheduled: set[int] = set()
-        for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):  # stable: age order kept
+        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, _age(s))):
             if budget <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an older one this step
                 continue
             n = min(seq.num_uncomputed, budget)
             while seq.status is SequenceStatus.RUNNING and not self.blocks.can_append(seq, n):
-                self._preempt(next(s for s in reversed(self.running) if s.seq_id not in scheduled), batch)
+                self._preempt(max((s for s in self.running if s.seq_id not in scheduled), key=_age), batch)
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.blocks.append(seq, n)
@@ -165,7 +170,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
 
     def insert_after(self, parent: Sequence, children: list[Sequence]) -> None:
-        """Forked sequences run right after their parent (same age: preempted together with it last)."""
+        """Forked sequences join the running set (the same arrival as their parent; preempted before it)."""
         at = self.running.index(parent) + 1
         for c in children:
             c.status = SequenceStatus.RUNNING
