@@ -1,5 +1,6 @@
 """Serving metrics: per request (TTFT, TPOT, end-to-end latency) and per run (throughput, goodput).
 
+- **queue**: arrival → first scheduled (admitted into a step).
 - **TTFT** (time to first token): arrival → the first output token is sampled (queueing + prefill).
 - **TPOT** (time per output token, a.k.a. mean inter-token latency): (finish − first token) /
   (output tokens − 1); undefined (NaN) for a one-token output.
@@ -26,6 +27,11 @@ class RequestMetrics:
     num_output_tokens: int
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+
+    @property
+    def queue_s(self) -> float:
+        return math.nan if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def ttft_s(self) -> float:
@@ -42,7 +48,7 @@ class RequestMetrics:
         return math.nan if self.finish_time is None else self.finish_time - self.arrival_time
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "latency_s": self.latency_s}
+        return {**asdict(self), "queue_s": self.queue_s, "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "latency_s": self.latency_s}
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class RunMetrics:
         """Means, medians and p99 of TTFT / TPOT / latency, with the throughputs."""
         out = {"wall_s": self.wall_s, "requests": self.num_requests, "output_tok_s": self.output_tok_s,
                "total_tok_s": self.total_tok_s, "requests_per_s": self.requests_per_s}
-        for name in ("ttft_s", "tpot_s", "latency_s"):
+        for name in ("queue_s", "ttft_s", "tpot_s", "latency_s"):
             vals = sorted(v for r in self.requests if not math.isnan(v := getattr(r, name)))
             if vals:
                 out[name] = {"mean": statistics.fmean(vals), "median": statistics.median(vals),

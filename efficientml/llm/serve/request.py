@@ -49,7 +49,8 @@ class Request:
                               max(ends) if self.finished and ends else None, len(self.prompt_ids),
                               sum(s.num_output_tokens for s in self.seqs),
                               self.seqs[0].num_cached_tokens if self.seqs else 0,
-                              sum(s.num_preemptions for s in self.seqs))
+                              sum(s.num_preemptions for s in self.seqs),
+                              self.seqs[0].first_scheduled_time if self.seqs else None)
 
     def output(self, seqs: list[Sequence], new: dict[int, tuple[list[int], str]]) -> RequestOutput:
         """The report for ``seqs`` (of this request); ``new`` maps seq_id → (new ids, new text)."""

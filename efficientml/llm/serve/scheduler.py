@@ -154,6 +154,7 @@ class Scheduler:
             self.waiting.popleft()
             if seq.num_preemptions == 0:
                 self.admission_log.append(seq.request_id)
+                seq.first_scheduled_time = time.perf_counter()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.blocks.append(seq, n)  # allocation covered every token; this only copies shared blocks

@@ -97,6 +97,7 @@ class Sequence:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
     generator: torch.Generator | None = None

@@ -207,7 +207,8 @@ def test_metrics_are_consistent():
     assert run.output_tokens == 12 and run.prompt_tokens == 23 and run.num_requests == 2
     for o in outs:
         m = o.metrics
-        assert 0 < m.ttft_s <= m.latency_s and m.tpot_s > 0
+        assert 0 <= m.queue_s < m.ttft_s <= m.latency_s and m.tpot_s > 0
+        assert m.as_dict()["tpot_s"] == m.tpot_s
         assert m.latency_s == pytest.approx(m.ttft_s + 5 * m.tpot_s)
     s = run.summary()
     assert s["output_tok_s"] == pytest.approx(12 / run.wall_s) and s["ttft_s"]["p99"] >= s["ttft_s"]["median"]
