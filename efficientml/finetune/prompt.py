@@ -5,7 +5,8 @@ front of every sequence, through the model's KV cache; the base model is frozen.
   input tokens; their keys/values start the cache.
 - Prefix tuning: each layer's keys and values for the ``n`` prefix slots are parameters themselves,
   (layers, 2, n_kv_heads, n, head_dim); optionally produced by a reparametrisation MLP from an
-  (n, d) embedding (``projection=True``, the paper's stabiliser: d → hidden → tanh → layers·2·kv).
+  (n, kv) embedding (``projection=True``, the paper's stabiliser: kv → hidden → tanh → layers·2·kv,
+  kv = n_kv_heads·head_dim, PEFT's layout and names, so its prefix weights load unchanged).
 
 Both are a ``model.virtual_tokens`` module: ``model(ids)`` without a cache starts from a cache holding
 the virtual tokens (so training code is unchanged), ``model.new_cache(...)`` starts with them (so
@@ -71,7 +72,7 @@ class PromptTuningConfig(Config):
 
 @dataclass(frozen=True)
 class PrefixTuningConfig(Config):
-    """``projection``: the reparametrisation MLP (``encoder_hidden_size``, default the model width).
+    """``projection``: the reparametrisation MLP (``encoder_hidden_size``, default n_kv_heads·head_dim).
     ``init`` ("random", "tokens"): "tokens" starts every layer's prefix as the base model's own keys
     and values for ``init_token_ids`` (no projection), so the model starts as base(tokens + input)."""
 
@@ -140,12 +141,13 @@ class PrefixEncoder(_VirtualTokens):
         super().__init__()
         self.num_virtual_tokens, L = n, cfg.num_hidden_layers
         self.shape = (n, L, 2, cfg.num_key_value_heads, cfg.dim_per_head)
-        width = L * 2 * cfg.num_key_value_heads * cfg.dim_per_head
-        d = cfg.hidden_size if projection else width
+        token = cfg.num_key_value_heads * cfg.dim_per_head  # one layer's key (or value) width
+        width = L * 2 * token
+        d = token if projection else width
         self.embedding = nn.Parameter(torch.randn(n, d, generator=generator).to(device, dtype))
         self.transform = None
-        if projection:
-            h = hidden or cfg.hidden_size
+        if projection:  # PEFT's PrefixEncoder: token → hidden → tanh → layers·2·token
+            h = hidden or token
             self.transform = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, width)).to(device, dtype)
 
     def key_values(self) -> torch.Tensor:
@@ -183,15 +185,18 @@ def _token_key_values(model: nn.Module, ids: tuple[int, ...]) -> torch.Tensor:
     return kv.permute(3, 0, 1, 2, 4).reshape(len(ids), -1)
 
 
-def _install(model: nn.Module, module: _VirtualTokens, config: Config) -> TransformResult:
-    if not hasattr(model, "virtual_tokens") or not hasattr(getattr(model, "model", None), "layers"):
+def _check_model(model: nn.Module, config: Config) -> None:
+    if not hasattr(model, "virtual_tokens") or not hasattr(getattr(model, "model", None), "embed_tokens"):
         raise ConfigError(f"prompt and prefix tuning need efficientml's LlamaForCausalLM (its KV cache); got "
                           f"{type(model).__name__}")
     if model.virtual_tokens is not None:
         raise ConfigError("the model already has virtual tokens (prompt or prefix tuning); use a fresh base")
-    for i in getattr(config, "init_token_ids", ()):
+    for i in config.init_token_ids:
         if not 0 <= i < model.config.vocab_size:
             raise ConfigError(f"init_token_ids holds {i}, outside the vocabulary [0, {model.config.vocab_size})")
+
+
+def _install(model: nn.Module, module: _VirtualTokens, config: Config) -> TransformResult:
     freeze(model)
     model.virtual_tokens = module
     return TransformResult(model, config, "real", {"virtual_tokens": {"n": module.num_virtual_tokens}},
@@ -202,9 +207,8 @@ def _install(model: nn.Module, module: _VirtualTokens, config: Config) -> Transf
 def apply_prompt_tuning(model: nn.Module, config: PromptTuningConfig, *, calib=None,
                         filter: LayerFilter) -> TransformResult:
     """Soft prompt embeddings in front of every sequence (calib and filter are not used)."""
+    _check_model(model, config)
     g = torch.Generator().manual_seed(config.seed)
-    if getattr(getattr(model, "model", None), "embed_tokens", None) is None:
-        raise ConfigError(f"prompt tuning needs efficientml's LlamaForCausalLM; got {type(model).__name__}")
     return _install(model, PromptEmbedding(_embedding_init(model, config, g)), config)
 
 
@@ -212,8 +216,7 @@ def apply_prompt_tuning(model: nn.Module, config: PromptTuningConfig, *, calib=N
 def apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, *, calib=None,
                         filter: LayerFilter) -> TransformResult:
     """Per-layer key/value prefixes (calib and filter are not used)."""
-    if getattr(model, "config", None) is None or not hasattr(model, "virtual_tokens"):
-        raise ConfigError(f"prefix tuning needs efficientml's LlamaForCausalLM; got {type(model).__name__}")
+    _check_model(model, config)
     g = torch.Generator().manual_seed(config.seed)
     p = next(model.parameters())
     enc = PrefixEncoder(model.config, config.num_virtual_tokens, config.projection, config.encoder_hidden_size,

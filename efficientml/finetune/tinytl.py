@@ -147,7 +147,8 @@ def _block_shapes(model: nn.Module, config: TinyTLConfig) -> dict[str, tuple[tor
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, *config.input_shape, device=next(model.parameters()).device))
+            p = next(model.parameters())
+            model(torch.zeros(1, *config.input_shape, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks:
             h.remove()
