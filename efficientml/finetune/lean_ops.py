@@ -6,7 +6,8 @@ input and ReLU its output (fp32) whatever requires grad.
 - :class:`FrozenConv2d`: weight frozen, saves no input (grad_x is the transposed conv of grad by W).
 - :class:`FrozenBatchNorm2d`: running statistics as a per-channel affine y = s·x + (β − μ·s),
   s = γ/√(σ²+ε) frozen, β (the shift) trainable; saves only s (C values).
-- :func:`mask_relu` / :class:`MaskReLU`: saves a 1-byte mask x > 0 instead of the fp32 output.
+- :func:`mask_relu` / :class:`MaskReLU`: saves the mask x > 0 packed to 1 bit per element instead of
+  the fp32 output (32× less).
 - :func:`lean_activations`: a ``TorchFunctionMode`` under which the model's functional ReLUs
   (``F.relu``, ``torch.relu``: blocks that call them rather than an ``nn.ReLU``) take the mask path.
 
@@ -42,17 +43,34 @@ class _FrozenConvFn(torch.autograd.Function):
         return gx, None, gb, None, None, None, None
 
 
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool (…) → uint8 (⌈n/8⌉,): one bit per element."""
+    m = mask.reshape(-1)
+    m = torch.cat([m, m.new_zeros((-m.numel()) % 8)]).view(-1, 8).to(torch.uint8)  # (n/8, 8)
+    return (m * _bit_weights(m.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    bits = (packed[:, None] & _bit_weights(packed.device)) != 0  # (n/8, 8) bool
+    return bits.reshape(-1)[:shape.numel()].view(shape)
+
+
 class _MaskReLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         y = x.clamp_min(0)
-        ctx.save_for_backward(y > 0)  # bool (1 byte per element), not the fp32 output
+        ctx.shape = y.shape
+        ctx.save_for_backward(pack_mask(y > 0))  # 1 bit per element, not the fp32 output
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask
+        (packed,) = ctx.saved_tensors
+        return grad * unpack_mask(packed, ctx.shape)
 
 
 def mask_relu(x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +139,9 @@ class lean_activations(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def make_lean(model: nn.Module) -> dict[str, int]:
-    """Swap every Conv2d / BatchNorm2d / ReLU for its frozen, activation-free form (in place)."""
+def make_lean(model: nn.Module, kinds: tuple[str, ...] = ("conv", "batchnorm", "relu")) -> dict[str, int]:
+    """Swap every Conv2d / BatchNorm2d / ReLU (those of ``kinds``) for its frozen, activation-free
+    form (in place). ``kinds=("batchnorm",)`` alone fixes the batch-norm statistics for training."""
     counts = {"conv": 0, "batchnorm": 0, "relu": 0}
     for name, m in list(model.named_modules()):
         new, key = None, None
@@ -132,7 +151,7 @@ def make_lean(model: nn.Module) -> dict[str, int]:
             new, key = FrozenBatchNorm2d(m), "batchnorm"
         elif isinstance(m, nn.ReLU):
             new, key = MaskReLU(), "relu"
-        if new is not None and name:
+        if new is not None and name and key in kinds:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, new)
             counts[key] += 1

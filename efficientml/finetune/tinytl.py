@@ -4,7 +4,7 @@
     y = block(x) + up(conv1×1(relu(GN(groupconv3×3(pool(x))))))      pool: ÷``downsample`` resolution
 
 The main path becomes activation-free (:mod:`efficientml.finetune.lean_ops`: frozen convs keep no
-input, batch norm is a frozen affine with a trainable shift, ReLUs keep a 1-byte mask). The lite
+input, batch norm is a frozen affine with a trainable shift, ReLUs keep a 1-bit mask). The lite
 residual's weights train, but it sees the input at 1/``downsample``² of the pixels, and its last 1×1
 conv starts at zero, so the model starts as the base model. A block is any module whose class name is
 in ``block_types`` (CIFAR/ImageNet ResNet blocks, MobileNetV2's inverted residual); the shapes come

@@ -11,7 +11,7 @@ from efficientml import apply
 from efficientml.core.errors import ConfigError
 from efficientml.finetune import (BitFitConfig, LastLayerConfig, TinyTLConfig, load_trainable, save_trainable,
                                   training_memory)
-from efficientml.finetune.lean_ops import FrozenBatchNorm2d, FrozenConv2d, lean_activations
+from efficientml.finetune.lean_ops import FrozenBatchNorm2d, FrozenConv2d, lean_activations, pack_mask, unpack_mask
 from efficientml.finetune.tinytl import freeze_batchnorm_stats
 from efficientml.models.registry import build_model
 
@@ -32,6 +32,13 @@ def _base():
                 bn.running_var.uniform_(0.5, 2.0, generator=g)
                 bn.bias.normal_(0, 0.1, generator=g)
     return m.eval()
+
+
+def test_relu_mask_packs_to_one_bit_exactly():
+    mask = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(packed, mask.shape), mask)
 
 
 def test_lean_ops_match_torch_gradients():
@@ -84,7 +91,8 @@ def test_tinytl_keeps_a_fraction_of_full_fine_tunings_activations():
          "tinytl": training_memory(apply(base, TinyTLConfig(num_classes=10)).model.train(), x, y)}
     act = {k: v["activation_bytes"] / m["full"]["activation_bytes"] for k, v in m.items()}
     assert m["full"]["activation_bytes"] > 20e6  # ResNet-20 at batch 16: ~24 MB kept for backward
-    assert act["last"] < 0.001 and act["bias"] < 0.2 and act["tinytl"] < 0.4
+    assert act["last"] < 0.001 and act["bias"] < 0.1 and act["tinytl"] < 0.3  # measured: 0.0002, 0.058, 0.23
+    assert m["tinytl"]["total_bytes"] < 0.3 * m["full"]["total_bytes"]
     assert m["full"]["optimizer_bytes"] == 2 * 4 * m["full"]["trainable"]  # AdamW: two fp32 moments
     assert m["tinytl"]["trainable"] < 0.15 * m["full"]["trainable"]
 
