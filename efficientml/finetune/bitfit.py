@@ -76,8 +76,8 @@ def apply_bitfit(model: nn.Module, config: BitFitConfig, *, calib=None, filter: 
     if not biases:
         why = ("none of its biases match patterns " + repr(config.patterns)) if config.patterns else \
             "it has no bias parameters (LLaMA-style linears and RMSNorm are bias-free)"
-        raise ConfigError(f"BitFit has nothing to train: {why}; use BitFitConfig(add_bias=True) (CLI: --add-bias) to give the "
-                          "target linears zero biases that train")
+        raise ConfigError(f"BitFit has nothing to train: {why}; use BitFitConfig(add_bias=True) (CLI: --add-bias) "
+                          "to give the target linears zero biases that train")
     params = dict(model.named_parameters())
     for n in biases:
         params[n].requires_grad_(True)

@@ -138,3 +138,31 @@ def test_ia3_equals_peft(tmp_path):
                 assert own[key].shape == p.shape  # PEFT's (out, 1) / (1, in) layout
                 own[key].copy_(p)
         assert (theirs(_ids()).logits - ours(_ids())).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("direction", ["ours_in_peft", "peft_in_ours"])
+def test_ia3_adapter_in_peft_layout_round_trips_with_equal_logits(tmp_path, direction):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    transformers = pytest.importorskip("transformers")
+    from efficientml.finetune.peft_ia3 import load_ia3_adapter, save_ia3_adapter
+    from efficientml.llm.io.load import save_hf
+
+    save_hf(tiny_model(), None, tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                                       attn_implementation="sdpa")
+    if direction == "ours_in_peft":
+        ours = apply(tiny_model(), IA3Config()).model
+        _perturb(ours)
+        save_ia3_adapter(ours, tmp_path / "a", IA3Config(), "tiny")
+        theirs = peft.PeftModel.from_pretrained(hf, str(tmp_path / "a")).eval()
+        assert sum(1 for n, _ in theirs.named_parameters() if "ia3_l" in n) == 6
+    else:
+        theirs = peft.get_peft_model(hf, peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                        feedforward_modules=["down_proj"]))
+        _perturb(theirs)
+        theirs.save_pretrained(str(tmp_path / "a"))
+        ours, cfg = load_ia3_adapter(tiny_model(), tmp_path / "a")
+        assert cfg == IA3Config(target_modules=("down_proj", "k_proj"), feedforward_modules=("down_proj",))
+    with torch.no_grad():
+        assert (theirs.eval()(_ids()).logits - ours(_ids())).abs().max() <= 1e-4
+        assert (ours(_ids()) - tiny_model()(_ids())).abs().max() > 1e-3  # the vectors are not all ones
