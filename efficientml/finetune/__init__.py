@@ -13,11 +13,12 @@ from efficientml.finetune.ia3 import IA3Config, merge_ia3, unmerge_ia3
 from efficientml.finetune.memory import training_memory
 from efficientml.finetune.method_io import load_trainable, save_trainable, trainable_state_dict
 from efficientml.finetune.peft_ia3 import load_ia3_adapter, save_ia3_adapter
+from efficientml.finetune.peft_prompt import load_prompt_adapter, save_prompt_adapter
 from efficientml.finetune.prompt import PrefixTuningConfig, PromptTuningConfig
 from efficientml.finetune.tinytl import LastLayerConfig, TinyTLConfig
 
 __all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LastLayerConfig", "PrefixTuningConfig",
-           "PromptTuningConfig", "TinyTLConfig", "load_ia3_adapter", "load_trainable", "merge_ia3",
-           "save_ia3_adapter", "save_trainable", "trainable_state_dict", "training_memory", "unmerge_ia3"]
+           "PromptTuningConfig", "TinyTLConfig", "load_ia3_adapter", "load_prompt_adapter", "load_trainable",
+           "merge_ia3", "save_ia3_adapter", "save_prompt_adapter", "save_trainable", "trainable_state_dict", "training_memory", "unmerge_ia3"]
 __all__ += ["LoRAConfig", "LoRALinear", "NF4Linear", "QLoRAConfig", "adapter_state_dict", "adapters",
            "load_adapter_state_dict", "merge", "merge_and_unload", "trainable_parameters", "unmerge"]

@@ -137,3 +137,55 @@ def test_gradient_checkpointing_gives_the_same_gradients(config):
     with gradient_checkpointing(model):  # blocks recompute their forward, cache updates included
         token_loss(model, ids, ids)[0].backward()
     assert plain and all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters() if n in plain)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "prefix-mlp"])
+def test_peft_layout_round_trips_with_equal_logits(tmp_path, kind):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    transformers = pytest.importorskip("transformers")
+    from efficientml.finetune.peft_prompt import load_prompt_adapter, save_prompt_adapter
+    from efficientml.llm.io.load import save_hf
+
+    save_hf(tiny_model(), None, tmp_path / "hf")
+    config = {"prompt": PromptTuningConfig(3), "prefix": PrefixTuningConfig(3),
+              "prefix-mlp": PrefixTuningConfig(3, projection=True)}[kind]
+    model = apply(tiny_model(), config).model
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    save_prompt_adapter(model, tmp_path / "a", "tiny")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                                       attn_implementation="sdpa")
+    theirs = peft.PeftModel.from_pretrained(hf, str(tmp_path / "a")).eval()
+    again, _ = load_prompt_adapter(tiny_model(), tmp_path / "a")
+    with torch.no_grad():
+        ref = model(_ids())
+        assert (theirs(input_ids=_ids()).logits[:, -12:] - ref).abs().max() <= 1e-4
+        assert (again(_ids()) - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "prefix-mlp"])
+def test_peft_made_prompt_or_prefix_loads_here(tmp_path, kind):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    transformers = pytest.importorskip("transformers")
+    from efficientml.finetune.peft_prompt import load_prompt_adapter
+    from efficientml.llm.io.load import save_hf
+
+    save_hf(tiny_model(), None, tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                                       attn_implementation="sdpa")
+    pc = (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3) if kind == "prompt" else
+          peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=kind == "prefix-mlp"))
+    made = peft.get_peft_model(hf, pc)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in made.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    made.save_pretrained(str(tmp_path / "p"))
+    ours, config = load_prompt_adapter(tiny_model(), tmp_path / "p")
+    assert config.num_virtual_tokens == 3
+    with torch.no_grad():
+        assert (made.eval()(input_ids=_ids()).logits[:, -12:] - ours(_ids())).abs().max() <= 1e-4
