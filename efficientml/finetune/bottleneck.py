@@ -33,7 +33,8 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tan
 @dataclass(frozen=True)
 class AdapterConfig(Config):
     """``style`` picks the placement ("houlsby": after attention and MLP; "pfeiffer": after the MLP);
-    ``placement`` overrides it (a tuple of "attn" / "mlp"). Bottleneck width = d // reduction_factor."""
+    ``placement`` overrides it (a tuple of "attn" / "mlp"). Bottleneck width = d // reduction_factor.
+    ``train_norms``: also train the normalization layers' scales, as Houlsby et al. do (§2.1)."""
 
     kind = "adapter"
     style: str = "houlsby"
@@ -41,6 +42,7 @@ class AdapterConfig(Config):
     placement: tuple[str, ...] | None = None
     activation: str = "relu"
     init_std: float = 1e-2          # W_down ~ N(0, init_std²); W_up = 0
+    train_norms: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -101,4 +103,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, *, calib=None, filte
         set_module(model, n, BottleneckAdapter(base, width, config.activation, config.init_std, g))
         layers[n] = {"width": base.out_features, "bottleneck": width}
     drop_packed(model, BottleneckAdapter)
+    if config.train_norms:  # RMSNorm / LayerNorm (not batch norm): their scales (and shifts) train
+        for m in model.modules():
+            if type(m).__name__ in ("RMSNorm", "LayerNorm"):
+                for p in m.parameters():
+                    p.requires_grad_(True)
     return TransformResult(model, config, "real", layers, {"trainable": trainable_parameters(model)})

@@ -71,8 +71,8 @@ def load_ia3_adapter(model: nn.Module, folder: str | os.PathLike, inplace: bool 
     if diff:
         raise ConfigError(f"adapter {str(folder)!r} was made for another base model: (adapter, this model) "
                           f"differ in {diff}")
-    config = IA3Config(target_modules=tuple(pc["target_modules"]),
-                       feedforward_modules=tuple(pc.get("feedforward_modules") or ()))
+    config = IA3Config(target_modules=tuple(sorted(pc["target_modules"])),  # PEFT writes sets: any order
+                       feedforward_modules=tuple(sorted(pc.get("feedforward_modules") or ())))
     model = apply(model, config, inplace=inplace).model
     state = {k.removeprefix(PREFIX).replace(".default", ""): v
              for k, v in load_state_dict(folder / WEIGHTS_FILE).items()}

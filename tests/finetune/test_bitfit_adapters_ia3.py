@@ -81,6 +81,16 @@ def test_adapters_start_exactly_as_the_base(style, sites, tmp_path):
         assert torch.equal(again(_ids()), model(_ids()))
 
 
+def test_houlsby_can_train_the_norms_too():
+    plain = trainable_parameters(apply(tiny_model(), AdapterConfig(reduction_factor=8)).model)["trainable"]
+    model = apply(tiny_model(), AdapterConfig(reduction_factor=8, train_norms=True)).model
+    # 2 blocks × (input + post-attention RMSNorm) + the final norm, 64 each
+    assert trainable_parameters(model)["trainable"] == plain + (2 * 2 + 1) * 64
+    assert {n for n in _grads(model) if "adapter_" not in n} == \
+        {f"model.layers.{i}.{k}.weight" for i in (0, 1) for k in ("input_layernorm", "post_attention_layernorm")} \
+        | {"model.norm.weight"}
+
+
 def test_adapter_errors():
     with pytest.raises(ConfigError, match="style must be one of"):
         AdapterConfig(style="lora")
