@@ -14,12 +14,16 @@ from efficientml.core.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="fine-tune an LLM with LoRA, QLoRA or fully; save the adapter",
+    p = sub.add_parser("finetune", help="fine-tune an LLM (LoRA, QLoRA, DoRA, BitFit, adapters, prompt/prefix, "
+                                        "IA3, fully) or transfer a zoo CNN (TinyTL, BitFit, last layer, fully)",
                        description="Supervised fine-tuning of an LLM (built-in name, GGUF file or HF folder) on "
                                    "a .jsonl file (messages / prompt+response / text per line; loss on the "
-                                   "response) or a text corpus (first 90%%). LoRA/QLoRA write adapter_config.json "
-                                   "+ adapter_model.safetensors (PEFT's layout) into --out.")
-    p.add_argument("model", help="e.g. smollm2-135m, a .gguf file or a Hugging Face folder")
+                                   "response) or a text corpus (first 90%%). LoRA/QLoRA/DoRA write "
+                                   "adapter_config.json + adapter_model.safetensors (PEFT's layout) into --out; "
+                                   "bitfit/adapter/prompt/prefix/ia3 write method_config.json + "
+                                   "trainable.safetensors. A zoo CNN (e.g. resnet20) transfers to --dataset "
+                                   "fashion-mnist with its training memory measured.")
+    p.add_argument("model", help="e.g. smollm2-135m, a .gguf file, a Hugging Face folder, or a zoo CNN (resnet20)")
     p.add_argument("--method", default="lora", choices=LLM_METHODS + CNN_ONLY,
                    help="LLM: lora, qlora, dora, full, bitfit, adapter, prompt, prefix, ia3; "
                         "CNN (zoo model): tinytl, bitfit, last-layer, full")
