@@ -59,27 +59,41 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return bits.reshape(-1)[:shape.numel()].view(shape)
 
 
-class _MaskReLUFn(torch.autograd.Function):
+class _MaskClampFn(torch.autograd.Function):
+    """y = clamp(x, 0, hi) (ReLU: hi = None; ReLU6: hi = 6); the gradient passes where 0 < x < hi."""
+
     @staticmethod
-    def forward(ctx, x):
-        y = x.clamp_min(0)
+    def forward(ctx, x, hi):
+        y = x.clamp(0, hi)
         ctx.shape = y.shape
-        ctx.save_for_backward(pack_mask(y > 0))  # 1 bit per element, not the fp32 output
+        inside = (y > 0) if hi is None else (y > 0) & (y < hi)
+        ctx.save_for_backward(pack_mask(inside))  # 1 bit per element, not the fp32 output
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        return grad * unpack_mask(packed, ctx.shape)
+        return grad * unpack_mask(packed, ctx.shape), None
 
 
-def mask_relu(x: torch.Tensor) -> torch.Tensor:
-    return _MaskReLUFn.apply(x) if torch.is_grad_enabled() and x.requires_grad else F.relu(x)
+def mask_relu(x: torch.Tensor, hi: float | None = None) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MaskClampFn.apply(x, hi)
+    return F.relu(x) if hi is None else F.hardtanh(x, 0.0, hi)
 
 
 class MaskReLU(nn.Module):
+    """ReLU (``hi=None``) or ReLU6 (``hi=6``) keeping a 1-bit mask for backward."""
+
+    def __init__(self, hi: float | None = None) -> None:
+        super().__init__()
+        self.hi = hi
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mask_relu(x)
+        return mask_relu(x, self.hi)
+
+    def extra_repr(self) -> str:
+        return "" if self.hi is None else f"max={self.hi:g}"
 
 
 class FrozenConv2d(nn.Module):
@@ -135,12 +149,12 @@ class lean_activations(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in self._RELUS and not kwargs.get("inplace", False) and len(args) == 1 \
                 and isinstance(args[0], torch.Tensor) and args[0].requires_grad and torch.is_grad_enabled():
-            return _MaskReLUFn.apply(args[0])
+            return _MaskClampFn.apply(args[0], None)
         return func(*args, **kwargs)
 
 
 def make_lean(model: nn.Module, kinds: tuple[str, ...] = ("conv", "batchnorm", "relu")) -> dict[str, int]:
-    """Swap every Conv2d / BatchNorm2d / ReLU (those of ``kinds``) for its frozen, activation-free
+    """Swap every Conv2d / BatchNorm2d / ReLU / ReLU6 (those of ``kinds``) for its frozen, activation-free
     form (in place). ``kinds=("batchnorm",)`` alone fixes the batch-norm statistics for training."""
     counts = {"conv": 0, "batchnorm": 0, "relu": 0}
     for name, m in list(model.named_modules()):
@@ -149,8 +163,8 @@ def make_lean(model: nn.Module, kinds: tuple[str, ...] = ("conv", "batchnorm", "
             new, key = FrozenConv2d(m), "conv"
         elif isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None:
             new, key = FrozenBatchNorm2d(m), "batchnorm"
-        elif isinstance(m, nn.ReLU):
-            new, key = MaskReLU(), "relu"
+        elif isinstance(m, (nn.ReLU, nn.ReLU6)):
+            new, key = MaskReLU(6.0 if isinstance(m, nn.ReLU6) else None), "relu"
         if new is not None and name and key in kinds:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, new)

@@ -60,6 +60,34 @@ def test_lean_ops_match_torch_gradients():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_mask_relu6_matches_torch():
+    from efficientml.finetune.lean_ops import MaskReLU
+
+    x = (torch.randn(4, 8, 5, 5, generator=torch.Generator().manual_seed(1)) * 5).requires_grad_()
+    g = torch.randn(4, 8, 5, 5)
+    F.relu6(x).backward(g)
+    ref, x.grad = x.grad.clone(), None
+    y = MaskReLU(6.0)(x)
+    y.backward(g)
+    assert torch.equal(y, F.relu6(x)) and torch.equal(x.grad, ref)
+
+
+def test_tinytl_on_mobilenetv2_starts_as_the_base_and_keeps_few_activations():
+    torch.manual_seed(0)
+    base = build_model("mobilenetv2", num_classes=10).eval()
+    x, y = _batch(4)
+    result = apply(base, TinyTLConfig())
+    assert len(result.layers) == 17 and result.report["lean"] == {"conv": 52, "batchnorm": 52, "relu": 35}
+    with torch.no_grad():
+        assert (result.model.eval()(x) - base(x)).abs().max() <= 1e-5
+    full = apply(base, LastLayerConfig()).model.train()
+    for p in full.parameters():
+        p.requires_grad_(True)
+    ratio = (training_memory(result.model.train(), x, y)["activation_bytes"]
+             / training_memory(full, x, y)["activation_bytes"])
+    assert ratio < 0.1  # measured: 0.06 (ReLU6 masks of 1 bit, no conv inputs kept)
+
+
 def test_tinytl_starts_as_the_base_and_bias_gradients_equal_bitfit():
     x, y = _batch()
     base = _base()
