@@ -148,7 +148,9 @@ class PrefixEncoder(_VirtualTokens):
         self.transform = None
         if projection:  # PEFT's PrefixEncoder: token → hidden → tanh → layers·2·token
             h = hidden or token
-            self.transform = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, width)).to(device, dtype)
+            with torch.random.fork_rng(devices=[]):  # nn.Linear's init from the config's seed
+                torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+                self.transform = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, width)).to(device, dtype)
 
     def key_values(self) -> torch.Tensor:
         e = self.embedding if self.transform is None else self.transform(self.embedding)  # (n, width)

@@ -131,9 +131,11 @@ def new_head(model: nn.Module, num_classes: int, seed: int = 0) -> str:
     """Replace the classifier (the last nn.Linear) by a fresh one with ``num_classes`` outputs."""
     name = head_name(model)
     old = model.get_submodule(name)
-    torch.manual_seed(seed)
-    set_module(model, name, nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
-                                      device=old.weight.device, dtype=old.weight.dtype))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init, seeded, the caller's RNG untouched
+        torch.manual_seed(seed)
+        head = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device,
+                         dtype=old.weight.dtype)
+    set_module(model, name, head)
     return name
 
 
@@ -169,14 +171,15 @@ def apply_tinytl(model: nn.Module, config: TinyTLConfig, *, calib=None, filter: 
     for n, p in model.named_parameters():  # biases and batch-norm shifts train (TinyTL's "bias" part)
         if n.endswith(".bias"):
             p.requires_grad_(True)
-    torch.manual_seed(config.seed)  # the lite residuals' initial weights
     layers = {}
-    for n, (si, so) in shapes.items():
-        stride = max(1, si[2] // so[2])
-        lite = LiteResidual(si[1], so[1], stride, config.downsample, config.group_size, config.expand).to(
-            next(model.parameters()).device) if config.lite_residual else None
-        set_module(model, n, LiteResidualBlock(model.get_submodule(n), lite))
-        layers[n] = {"in": list(si[1:]), "out": list(so[1:]), "stride": stride}
+    with torch.random.fork_rng(devices=[]):  # the lite residuals' initial weights, seeded
+        torch.manual_seed(config.seed)
+        for n, (si, so) in shapes.items():
+            stride = max(1, si[2] // so[2])
+            lite = LiteResidual(si[1], so[1], stride, config.downsample, config.group_size, config.expand).to(
+                next(model.parameters()).device) if config.lite_residual else None
+            set_module(model, n, LiteResidualBlock(model.get_submodule(n), lite))
+            layers[n] = {"in": list(si[1:]), "out": list(so[1:]), "stride": stride}
     for p in model.get_submodule(head).parameters():
         p.requires_grad_(True)
     return TransformResult(model, config, "real", layers,
