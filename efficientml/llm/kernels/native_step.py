@@ -9,12 +9,14 @@ copied but the small norm vectors and biases, made fp32); the cache is the calle
 :class:`~efficientml.llm.kv_cache.StaticKVCache`, written in place in its dtype, or an int8/int4
 ``QuantizedKVCache`` (``apply(model, KVCacheQuantConfig(bits=...))``), into which each new key and value
 is quantized in C with the same codes, scales and zeros as the Python quantizer and whose codes attention
-reads directly (no float copy); either way a later eager or prefill call continues from it. Activations between the products are fp32 whatever the weights' dtype.
+reads directly (no float copy); either way a later eager or prefill call continues from it. Activations
+between the products are fp32 whatever the weights' dtype.
 
 :func:`native_step` gives the step for a (model, cache) or None; :func:`why_not` says in one line why a
 model or cache cannot take it (any linear that is not one of those kernels' modules, hooks, ALiBi,
-dynamic RoPE past the trained context, another cache type, a padded cache, batch > 1, …). ``generate`` uses it
-on CPU by default; ``EFFICIENTML_NATIVE_DECODE=0`` turns it off.
+dynamic RoPE past the trained context, another cache type, a padded cache, batch > 1, …). ``generate``
+uses it on CPU by default (with ``KVCacheQuantConfig`` too: the model's quantized cache);
+``EFFICIENTML_NATIVE_DECODE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from torch import nn
 
 from efficientml.llm.kernels import cpu_gemv, cpu_gemv16, cpu_qgemv
 from efficientml.llm.kernels.gemv_linear import GemvLinear
+from efficientml.llm.kernels.kv_layout import KV_CODES, is_quantized_cache, quantized_cache_why
 from efficientml.llm.kernels.qgemv_linear import QGemvLinear
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_llama.c"
 LIN_NONE, LIN_F32, LIN_BF16, LIN_F16, LIN_Q = -1, 0, 1, 2, 3
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-KV_CODES = {8: 3, 4: 4}  # the C side's cache kinds for int8 / int4 codes
 ACTS = {"silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
 
 _lock = threading.Lock()
@@ -229,40 +231,19 @@ def model_why_not(model: nn.Module) -> str | None:
     return None
 
 
-def is_quantized_cache(cache) -> bool:
-    """Whether ``cache`` is laid out as :class:`~efficientml.llm.compress.kv_quant.QuantizedKVCache` (told by its
-    attributes: this layer may not import llm.compress)."""
-    return all(hasattr(cache, a) for a in ("codes", "scales", "zeros", "bits", "g"))
-
-
-def _quantized_cache_why(model: nn.Module, cache) -> str | None:
-    """None when the quantized cache's buffers are the layout the C side reads for this model, else why not."""
-    cfg, bits, g = model.config, cache.bits, cache.g
-    if bits not in KV_CODES:
-        return f"the cache holds {bits}-bit codes (the native step reads int8 and int4 codes)"
-    hd = cfg.dim_per_head
-    if not isinstance(g, int) or g <= 0 or hd % g or (bits == 4 and g % 2):
-        return f"the cache's group size {g!r} does not divide head_dim {hd} (evenly for int4)"
-    rows = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cache.max_length)
-    want = [((*rows, hd if bits == 8 else hd // 2), torch.int8 if bits == 8 else torch.uint8)] * 2 + \
-        [((*rows, hd // g), torch.float16)] * (2 if bits == 8 else 4)
-    bufs = [*cache.codes, *cache.scales, *(cache.zeros or [] if bits == 4 else [])]
-    if len(bufs) != len(want) or any(not isinstance(t, torch.Tensor) for t in bufs):
-        return "the quantized cache lacks its k/v codes, scales or zeros"
-    for t, (shape, dtype) in zip(bufs, want):
-        if t.device.type != "cpu" or tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
-            return f"a quantized cache buffer is {t.dtype} {tuple(t.shape)} on {t.device.type} " \
-                   f"(the native step reads contiguous CPU {dtype} {shape})"
-    return None
-
-
-def kv_quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The C side's quantizer on rows ``x`` (n, hd) fp32: codes (int8 (n, hd) or packed uint8 (n, hd/2)), fp16
-    scales (n, hd/g) and, int4, fp16 zeros: what the native step writes into a quantized cache."""
+def kv_quantize(x: torch.Tensor, bits: int, group_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The C side's quantizer on rows ``x`` (n, hd) fp32: codes (int8 (n, hd) or packed uint8 (n, hd/2)),
+    fp16 scales (n, hd/g) and, int4, fp16 zeros: what the native step writes into a quantized cache."""
     if _load() is None:
         raise RuntimeError(f"the native decode step is {status()}")
-    x = x.detach().float().contiguous()
+    if x.dim() != 2 or bits not in KV_CODES:
+        raise ValueError(f"kv_quantize takes rows (n, head_dim) and bits 8 or 4, got shape {tuple(x.shape)}, "
+                         f"bits {bits!r}")
     n, hd = x.shape
+    if not isinstance(group_size, int) or group_size <= 0 or hd % group_size or (bits == 4 and group_size % 2):
+        raise ValueError(f"group_size {group_size!r} must divide head_dim {hd} (and be even for int4)")
+    x = x.detach().float().cpu().contiguous()
     codes = torch.empty(n, hd if bits == 8 else hd // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
     scales = torch.empty(n, hd // group_size, dtype=torch.float16)
     zeros = torch.empty_like(scales) if bits == 4 else None
@@ -283,7 +264,7 @@ def why_not(model: nn.Module, cache, batch: int) -> str | None:
     if why:
         return why
     if is_quantized_cache(cache):
-        why = _quantized_cache_why(model, cache)
+        why = quantized_cache_why(model, cache)
         if why:
             return why
     elif type(cache) is not StaticKVCache or cache.k.device.type != "cpu" or cache.k.dtype not in DTYPES:
