@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from efficientml.core.transform import apply
+from efficientml.llm.compress import RTNConfig
 from efficientml.llm.compress.kv_quant import KVCacheQuantConfig, QuantizedKVCache
 from efficientml.llm.generate import SamplingConfig, generate
 from efficientml.llm.kernels import native_step
@@ -124,6 +125,34 @@ def test_native_writes_the_eager_cache_and_logits(bits, group):
     for a, b in zip(ca.codes + ca.scales + (ca.zeros or []), cb.codes + cb.scales + (cb.zeros or [])):
         assert torch.equal(_bits(a[..., :7, :]), _bits(b[..., :7, :]))  # the prefill's slots: untouched
         assert not b[..., n:, :].any()                                     # nothing past the last step
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("weights,tol", [("bf16", 0.03), ("w4", 1e-5)])
+def test_quantized_cache_with_16bit_and_w4_weights(weights, tol):
+    """The cache path composes with the other weight kernels: bf16 weights (eager rounds activations to
+    bf16 after every op and dequantizes the cache to bf16, the native step keeps fp32: 16-bit rounding) and
+    RTN W4 g32 on cpu_qgemv (the same products: float rounding)."""
+    m = tiny_model(num_hidden_layers=3)
+    if weights == "bf16":
+        m = m.to(torch.bfloat16)
+    else:
+        apply(m, RTNConfig(4, 32, symmetric=True), inplace=True, pack=True, progress=False)
+    assert "native C decode step" in prepare_cpu_decode(m)
+    ids = torch.randint(0, m.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
+    ca, cb = (QuantizedKVCache.for_model(m, 1, 40, 4, 8) for _ in range(2))
+    t = m(ids, ca, num_logits=1)[:, -1].argmax(-1)
+    m(ids, cb, num_logits=1)
+    step, err = native_step.native_step(m, cb, 1), 0.0
+    for _ in range(12):
+        pos = ca.length
+        la = m(t[:, None], ca, num_logits=1)[:, -1].float()
+        lb = step(t[:, None], pos)
+        cb.length = pos + 1
+        err = max(err, ((la - lb).abs().max() / la.abs().max()).item())
+        assert torch.equal(la.argmax(-1), lb.argmax(-1))
+        t = la.argmax(-1)
+    assert err < tol, err
 
 
 @pytest.mark.parametrize("bits", [8, 4])
