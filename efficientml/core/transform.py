@@ -40,6 +40,13 @@ llm.compress.GPTQConfig     Hessian-based error compensation                    
 llm.compress.SmoothQuantConfig  W8A8 with migrated activation outliers            real (pack=False: sim.)
 llm.compress.LLMPruneConfig magnitude / Wanda / SparseGPT (zeros in dense weights) simulated
 llm.compress.KVCacheQuantConfig int8/int4 KV cache from ``model.new_cache()``     real
+finetune.LoRAConfig         LoRA / DoRA adapters (QLoRAConfig: on an NF4 base)     real
+finetune.BitFitConfig       biases only (optionally zero biases added)            real
+finetune.AdapterConfig      Houlsby / Pfeiffer bottleneck adapters                real
+finetune.IA3Config           IA3 scaling vectors (mergeable)                       real
+finetune.PromptTuningConfig soft prompt through the KV cache                      real
+finetune.PrefixTuningConfig per-layer K/V prefixes (optional MLP)                 real
+finetune.TinyTLConfig       frozen CNN, biases + lite residuals, lean backward    real
 ==========================  ====================================================  ===================
 """
 

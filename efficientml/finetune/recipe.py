@@ -9,6 +9,7 @@ training rows from a .jsonl file or a text corpus, evaluate held-out loss, save 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -17,26 +18,32 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from efficientml.core.config import Config
 from efficientml.core.errors import ConfigError
 from efficientml.core.transform import apply
 from efficientml.finetune.lora import LoRAConfig
+from efficientml.finetune.methods import PEFT_METHODS
 from efficientml.finetune.qlora import QLoRAConfig
 from efficientml.finetune.sft import token_loss
 from efficientml.finetune.sft_data import IGNORE, encode_all, lm_rows, pack, pad, read_jsonl
 
-METHODS = ("lora", "qlora", "full")
+METHODS = ("lora", "qlora", "dora", "full") + tuple(PEFT_METHODS)
 
 
-def prepare(model: nn.Module, method: str, lora: LoRAConfig | None = None) -> nn.Module:
-    """``model`` ready to train with ``method`` (in place): adapters on a float or NF4 base, or every
-    parameter trainable ("full")."""
+def prepare(model: nn.Module, method: str, lora: LoRAConfig | None = None, config: Config | None = None) -> nn.Module:
+    """``model`` ready to train with ``method`` (in place): adapters on a float or NF4 base, every
+    parameter trainable ("full"), or one of :data:`PEFT_METHODS` (``config``, default its defaults)."""
     if method not in METHODS:
         raise ConfigError(f"fine-tuning method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if method in PEFT_METHODS:
+        return apply(model, config or PEFT_METHODS[method](), inplace=True).model
     lora = lora or LoRAConfig()
+    if method == "dora":
+        lora = dataclasses.replace(lora, dora=True)
     if method == "qlora" and not isinstance(lora, QLoRAConfig):
         d = lora.to_dict()
         d.pop("__kind__")
@@ -84,8 +91,15 @@ def held_out_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor | No
 
 
 def save_result(model: nn.Module, tok: Any, out: str | os.PathLike, method: str, lora: LoRAConfig | None,
-                base_model: str | None, overwrite: bool = False) -> Path:
-    """LoRA/QLoRA: the adapter in PEFT's layout; full: a Hugging Face folder of the whole model."""
+                base_model: str | None, overwrite: bool = False, config: Config | None = None) -> Path:
+    """LoRA/QLoRA/DoRA: the adapter in PEFT's layout; full: a Hugging Face folder of the whole model;
+    the other methods: their config + trainable tensors (:mod:`efficientml.finetune.method_io`)."""
+    if method in PEFT_METHODS:
+        from efficientml.finetune.method_io import save_trainable
+
+        return save_trainable(model, out, config or PEFT_METHODS[method](), overwrite=overwrite)
+    if method == "dora" and lora is not None:
+        lora = dataclasses.replace(lora, dora=True)
     if method == "full":
         from efficientml.llm.io.load import save_hf
 

@@ -303,8 +303,10 @@ def _new_cache(model: torch.nn.Module, B: int, T: int, config: SamplingConfig, c
     if T > ctx:
         raise ShapeError(f"the prompt has {T} tokens; the model's context is {ctx} tokens")
     n = min(T + config.max_new_tokens, ctx)
-    if getattr(model, "kv_cache_factory", None) is not None:  # apply(model, KVCacheQuantConfig(...)):
-        return model.new_cache(B, n)                         # its cache, decoded eagerly (no static shapes)
+    if getattr(model, "kv_cache_factory", None) is not None or getattr(model, "virtual_tokens", None) is not None:
+        # KVCacheQuantConfig's cache, or one holding virtual tokens (no static shapes): no graph/compile;
+        # the native C step on CPU where it takes them
+        return model.new_cache(B, n)
     graphable = bool(cuda_graph if cuda_graph is not None else dev.type == "cuda")
     return StaticKVCache.for_model(model, B, n, static_shapes=graphable or (use_compile and dev.type == "cpu"))
 

@@ -299,6 +299,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self.virtual_tokens: nn.Module | None = None  # prompt / prefix tuning (efficientml.finetune.prompt)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not a kernel module
@@ -307,6 +308,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, num_logits: int | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if cache is None and self.virtual_tokens is not None:  # a cache holding the virtual tokens' K/V
+            cache = self.virtual_tokens.cache(self, input_ids.shape[0])
         h = self.model(input_ids, cache, input_pos, attention_mask=attention_mask)  # (B, T, d)
         if num_logits is not None:
             h = h[:, -num_logits:]
@@ -323,9 +326,15 @@ class LlamaForCausalLM(nn.Module):
 
         n = max_length or self.config.max_position_embeddings
         factory = getattr(self, "kv_cache_factory", None)  # set by apply(model, KVCacheQuantConfig(...))
+        vt = getattr(self, "virtual_tokens", None)
+        n = n + (vt.num_virtual_tokens if vt is not None else 0)
         if factory is not None:
-            return factory(self, batch_size, n, static_shapes)
-        return StaticKVCache.for_model(self, batch_size, n, static_shapes=static_shapes)
+            cache = factory(self, batch_size, n, static_shapes)
+        else:
+            cache = StaticKVCache.for_model(self, batch_size, n, static_shapes=static_shapes)
+        if vt is not None:  # prompt / prefix tuning: the cache starts with the virtual tokens
+            vt.fill(self, cache)
+        return cache
 
     @property
     def device(self) -> torch.device:

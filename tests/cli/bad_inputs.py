@@ -442,6 +442,20 @@ CASES: list[Case] = [
        fx.user_folder(".")),
     _c("finetune-out-readonly", f"finetune {LLM} --out {S}ro/ft --dataset tinyshakespeare", r"cannot write",
        fx.readonly("ro")),
+    _c("finetune-llm-cnn-method", f"finetune {LLM} --out {S}ft --dataset tinyshakespeare --method tinytl",
+       r"--method tinytl is for CNNs of the zoo"),
+    _c("finetune-bitfit-no-bias", f"finetune {LLM} --out {S}ft --dataset tinyshakespeare --method bitfit --steps 1",
+       r"BitFit has nothing to train: it has no bias parameters.*--add-bias"),
+    _c("finetune-virtual-tokens-zero", f"finetune {LLM} --out {S}ft --dataset tinyshakespeare --method prompt "
+       "--virtual-tokens 0", r"--virtual-tokens: expected a positive integer"),
+    _c("finetune-cnn-llm-method", f"finetune resnet20 --out {S}ft --dataset fashion-mnist --method prompt",
+       r"--method prompt is for LLMs; a CNN such as 'resnet20' takes one of tinytl"),
+    _c("finetune-cnn-data", f"finetune resnet20 --out {S}ft --data {S}x.jsonl --method tinytl",
+       r"--data FILE.jsonl is for LLMs"),
+    _c("finetune-cnn-dataset", f"finetune resnet20 --out {S}ft --dataset tinyshakespeare --method tinytl",
+       r"unknown dataset 'tinyshakespeare'; expected one of"),
+    _c("finetune-cnn-out-exists", f"finetune resnet20 --out {S}ft --dataset fashion-mnist --method tinytl",
+       r"already exists", fx.folder("ft")),
 ]
 
 

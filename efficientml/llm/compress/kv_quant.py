@@ -10,6 +10,10 @@ int8 ≈ 1/4 of fp32 (+ scales), int4 packs two codes per byte.
 
     efficientml.apply(model, KVCacheQuantConfig(bits=4), inplace=True)
     model.new_cache(1, 512)                          # now a QuantizedKVCache
+
+On CPU at batch 1, after :func:`~efficientml.llm.kernels.prepare_cpu_decode`, ``generate`` decodes on this
+cache in C (:mod:`efficientml.llm.kernels.native_step`): each new key/value is quantized there to the same
+codes, scales and zeros as :meth:`QuantizedKVCache._quantize`, and attention reads the codes directly.
 """
 
 from __future__ import annotations

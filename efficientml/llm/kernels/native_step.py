@@ -6,13 +6,17 @@ more than the matrix products).
 The products are the project's own kernels (``cpu_gemv`` fp32, ``cpu_gemv16`` bf16/fp16,
 ``cpu_qgemv`` W4/W8 blocks) called from C by address, on the model's own weight buffers (nothing is
 copied but the small norm vectors and biases, made fp32); the cache is the caller's
-:class:`~efficientml.llm.kv_cache.StaticKVCache`, written in place in its dtype, so a later eager or
-prefill call continues from it. Activations between the products are fp32 whatever the weights' dtype.
+:class:`~efficientml.llm.kv_cache.StaticKVCache`, written in place in its dtype, or an int8/int4
+``QuantizedKVCache`` (``apply(model, KVCacheQuantConfig(bits=...))``), into which each new key and value
+is quantized in C with the same codes, scales and zeros as the Python quantizer and whose codes attention
+reads directly (no float copy); either way a later eager or prefill call continues from it. Activations
+between the products are fp32 whatever the weights' dtype.
 
 :func:`native_step` gives the step for a (model, cache) or None; :func:`why_not` says in one line why a
 model or cache cannot take it (any linear that is not one of those kernels' modules, hooks, ALiBi,
-dynamic RoPE past the trained context, a quantized or padded cache, batch > 1, …). ``generate`` uses it
-on CPU by default; ``EFFICIENTML_NATIVE_DECODE=0`` turns it off.
+dynamic RoPE past the trained context, another cache type, a padded cache, batch > 1, …). ``generate``
+uses it on CPU by default (with ``KVCacheQuantConfig`` too: the model's quantized cache);
+``EFFICIENTML_NATIVE_DECODE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 
 from efficientml.llm.kernels import cpu_gemv, cpu_gemv16, cpu_qgemv
 from efficientml.llm.kernels.gemv_linear import GemvLinear
+from efficientml.llm.kernels.kv_layout import KV_CODES, is_quantized_cache, quantized_cache_why
 from efficientml.llm.kernels.qgemv_linear import QGemvLinear
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_llama.c"
@@ -59,7 +64,8 @@ class _Model(ctypes.Structure):
         [("embed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("cos", ctypes.c_void_p),
          ("sin", ctypes.c_void_p), ("kcache", ctypes.c_void_p), ("vcache", ctypes.c_void_p),
          ("layers", ctypes.POINTER(_Layer)), ("head", _Linear), ("fns", ctypes.c_void_p * 3),
-         ("work", ctypes.c_void_p)]
+         ("work", ctypes.c_void_p), ("kv_g", ctypes.c_int64)] + \
+        [(n, ctypes.c_void_p) for n in ("kscale", "vscale", "kzero", "vzero")]
 
 
 def _fn_address(fn) -> int:
@@ -91,6 +97,11 @@ def _load():
                 work = dll.efficientml_decode_work_floats
                 work.argtypes = [ctypes.POINTER(_Model)]
                 work.restype = ctypes.c_int64
+                quant = dll.efficientml_kv_quantize
+                quant.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                quant.restype = None
+                _state["kv_quantize"] = quant
                 lib = (step, work, tuple(_fn_address(k) for k in kernels))
                 status = f"on ({' '.join(flags)}; {path})"
             except (OSError, RuntimeError, subprocess.SubprocessError, TypeError) as e:
@@ -220,6 +231,27 @@ def model_why_not(model: nn.Module) -> str | None:
     return None
 
 
+def kv_quantize(x: torch.Tensor, bits: int, group_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The C side's quantizer on rows ``x`` (n, hd) fp32: codes (int8 (n, hd) or packed uint8 (n, hd/2)),
+    fp16 scales (n, hd/g) and, int4, fp16 zeros: what the native step writes into a quantized cache."""
+    if _load() is None:
+        raise RuntimeError(f"the native decode step is {status()}")
+    if x.dim() != 2 or bits not in KV_CODES:
+        raise ValueError(f"kv_quantize takes rows (n, head_dim) and bits 8 or 4, got shape {tuple(x.shape)}, "
+                         f"bits {bits!r}")
+    n, hd = x.shape
+    if not isinstance(group_size, int) or group_size <= 0 or hd % group_size or (bits == 4 and group_size % 2):
+        raise ValueError(f"group_size {group_size!r} must divide head_dim {hd} (and be even for int4)")
+    x = x.detach().float().cpu().contiguous()
+    codes = torch.empty(n, hd if bits == 8 else hd // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
+    scales = torch.empty(n, hd // group_size, dtype=torch.float16)
+    zeros = torch.empty_like(scales) if bits == 4 else None
+    _state["kv_quantize"](x.data_ptr(), n, hd, bits, group_size, codes.data_ptr(), scales.data_ptr(),
+                          None if zeros is None else zeros.data_ptr())
+    return codes, scales, zeros
+
+
 def why_not(model: nn.Module, cache, batch: int) -> str | None:
     """None when the native step can run this model on this cache at this batch, else one line why."""
     from efficientml.llm.kv_cache import StaticKVCache
@@ -228,13 +260,18 @@ def why_not(model: nn.Module, cache, batch: int) -> str | None:
         return f"the native decode step is {status()}"
     if batch != 1:
         return f"batch {batch} (the native step decodes one sequence)"
-    if type(cache) is not StaticKVCache or cache.k.device.type != "cpu" or cache.k.dtype not in DTYPES:
-        return f"the cache is a {type(cache).__name__} (the native step writes a plain fp32/bf16/fp16 StaticKVCache)"
-    if cache.key_mask is not None:
-        return "the cache has padding slots"
     why = _config_why(model)
     if why:
         return why
+    if is_quantized_cache(cache):
+        why = quantized_cache_why(model, cache)
+        if why:
+            return why
+    elif type(cache) is not StaticKVCache or cache.k.device.type != "cpu" or cache.k.dtype not in DTYPES:
+        return f"the cache is a {type(cache).__name__} (the native step writes a plain fp32/bf16/fp16 " \
+               "StaticKVCache or an int8/int4 quantized one)"
+    if cache.key_mask is not None:
+        return "the cache has padding slots"
     rope = model.model.rope
     if rope.dynamic and cache.max_length > rope.initial:
         return "dynamic RoPE scaling past the trained context"
@@ -258,8 +295,7 @@ class NativeStep:
         m.n_layers, m.d, m.n_heads, m.n_kv = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, \
             cfg.num_key_value_heads
         m.hd, m.ffn, m.vocab, m.max_len = cfg.dim_per_head, cfg.intermediate_size, cfg.vocab_size, cache.max_length
-        m.act, m.cache_dtype, m.embed_dtype = ACTS[cfg.hidden_act], DTYPES[cache.k.dtype], \
-            DTYPES[mm.embed_tokens.weight.dtype]
+        m.act, m.embed_dtype = ACTS[cfg.hidden_act], DTYPES[mm.embed_tokens.weight.dtype]
         m.isa, m.window = int(cpu_qgemv._state["isa"]), cfg.sliding_window or 0
         m.eps, m.resid_mult, m.emb_mult = cfg.rms_norm_eps, cfg.residual_multiplier, cfg.embedding_multiplier
         m.attn_scale = cfg.attention_multiplier or cfg.dim_per_head ** -0.5
@@ -271,7 +307,7 @@ class NativeStep:
         cos, sin = cos[:cache.max_length].contiguous(), sin[:cache.max_length].contiguous()
         self.keep += [cos, sin]
         m.cos, m.sin, m.rope_dim = cos.data_ptr(), sin.data_ptr(), cos.shape[1]
-        m.kcache, m.vcache = cache.k.data_ptr(), cache.v.data_ptr()
+        self._cache_buffers(m, cache)
         layers = (_Layer * cfg.num_hidden_layers)()
         for i, blk in enumerate(mm.layers):
             self._layer(layers[i], i, blk)
@@ -282,6 +318,18 @@ class NativeStep:
             raise ValueError(why)
         m.fns[:] = fns
         return m
+
+    @staticmethod
+    def _cache_buffers(m: _Model, cache) -> None:
+        if not is_quantized_cache(cache):
+            m.cache_dtype, m.kv_g = DTYPES[cache.k.dtype], 1
+            m.kcache, m.vcache = cache.k.data_ptr(), cache.v.data_ptr()
+            return
+        m.cache_dtype, m.kv_g = KV_CODES[cache.bits], cache.g
+        m.kcache, m.vcache = (t.data_ptr() for t in cache.codes)
+        m.kscale, m.vscale = (t.data_ptr() for t in cache.scales)
+        if cache.bits == 4:
+            m.kzero, m.vzero = (t.data_ptr() for t in cache.zeros)
 
     def _layer(self, L: _Layer, i: int, blk: nn.Module) -> None:
         a, mlp = blk.self_attn, blk.mlp

@@ -11,9 +11,17 @@
  * weights' dtype; the cache keeps its own dtype (fp32, bf16 or fp16, written with round to nearest
  * even as torch casts).
  *
+ * The cache may also be int8 or int4 codes (QuantizedKVCache): the new k/v of each layer is quantized
+ * here with exactly the rounding of the Python quantizer (efficientml_kv_quantize: int8 symmetric
+ * narrow [-127, 127], scale = absmax/127 floored at 1e-5, then rounded to fp16; int4 asymmetric,
+ * scale = (max - min)/15 floored at 1e-8 and zero = min, both rounded to fp16, codes
+ * round-half-even((x - zero)/scale) clamped to [0, 15], two per byte, low nibble first) and
+ * attention reads the codes, dequantizing each group on the fly (no float copy of the cache).
+ *
  * Layout (all row-major, contiguous): the cache is (layers, 1, n_kv, max_len, hd); rope tables are
  * (max_len, rope_dim) cos and sin in Hugging Face's rotate-half form with any scaling folded in; a
- * linear's weight is (out, in). Attention heads are split over OpenMP threads. */
+ * linear's weight is (out, in); quantized: codes (layers, 1, n_kv, max_len, hd or hd/2) and fp16 scales
+ * (and int4 zeros) (layers, 1, n_kv, max_len, hd/g). Attention heads are split over OpenMP threads. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -26,7 +34,7 @@ typedef int (*qgemv_fn)(const uint8_t *, const float *, const float *, int, cons
                         float *, int64_t, int64_t, int64_t, int, int);
 
 enum { LIN_NONE = -1, LIN_F32 = 0, LIN_BF16 = 1, LIN_F16 = 2, LIN_Q = 3 };
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_Q8 = 3, DT_Q4 = 4 };  /* cache: DT_Q* codes */
 enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2 };
 
 typedef struct {
@@ -48,12 +56,16 @@ typedef struct {
     const void *embed;               /* (vocab, d) in embed_dtype */
     const float *final_norm;
     const float *cos, *sin;          /* (max_len, rope_dim); NULL: no RoPE */
-    void *kcache, *vcache;
+    void *kcache, *vcache;           /* floats in cache_dtype, or the codes */
     const em_layer *layers;
     em_linear head;
     void *fns[3];
     float *work;                     /* efficientml_decode_work_floats() floats */
+    int64_t kv_g;                    /* DT_Q*: head dimensions per scale */
+    uint16_t *kscale, *vscale, *kzero, *vzero;  /* DT_Q*: fp16 scales; DT_Q4: fp16 zeros */
 } em_model;
+
+typedef struct { void *c; uint16_t *s, *z; } kv_view;  /* one layer's keys or values */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -87,6 +99,132 @@ static inline float load_dt(const void *p, int64_t i, int dt) {
 static inline void store_dt(void *p, int64_t i, int dt, float x) {
     if (dt == DT_F32) ((float *)p)[i] = x;
     else ((uint16_t *)p)[i] = dt == DT_BF16 ? f32_to_bf16(x) : f32_to_f16(x);
+}
+
+/* fp16 <-> fp32 in software, round to nearest even as torch's .half() (the quantized cache's scales and
+ * zeros; independent of the compiler's _Float16). */
+static inline uint16_t h16_from_f32(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u) return sign | 0x7e00u;              /* NaN */
+    if (u >= 0x477ff000u) return sign | 0x7c00u;             /* rounds past 65504: inf */
+    if (u < 0x38800000u) {                                   /* below 2^-14: a subnormal (or 0) */
+        float a;
+        memcpy(&a, &u, 4);
+        return sign | (uint16_t)rintf(a * 16777216.0f);      /* units of 2^-24, exact scaling */
+    }
+    u += 0xfffu + ((u >> 13) & 1u);
+    return sign | (uint16_t)((u - 0x38000000u) >> 13);
+}
+
+static inline float f32_from_h16(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    uint32_t u;
+    if (e == 0) {
+        const float a = (float)mant * 5.9604644775390625e-8f;  /* 2^-24 */
+        memcpy(&u, &a, 4);
+        u |= sign;
+    } else {
+        u = sign | (e == 31 ? 0x7f800000u | (mant << 13) : ((e + 112u) << 23) | (mant << 13));
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float clamp_code(float r, float hi, float lo) {  /* NaN: lo (what torch's cast gives) */
+    return r >= lo ? (r <= hi ? r : hi) : lo;
+}
+
+/* Quantize rows (n, hd) of fp32 into the cache's codes, fp16 scales and (int4) fp16 zeros per group of g,
+ * exactly as QuantizedKVCache._quantize (efficientml.quant.grid for int8). bits 8: int8 codes (n, hd);
+ * bits 4: bytes (n, hd/2). */
+void efficientml_kv_quantize(const float *x, int64_t n, int64_t hd, int bits, int64_t g, void *codes,
+                             uint16_t *scales, uint16_t *zeros) {
+    const int64_t ng = hd / g;
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * hd;
+        for (int64_t j = 0; j < ng; j++) {
+            const float *xg = xr + j * g;
+            float lo = xg[0], hi = xg[0];
+            for (int64_t i = 1; i < g; i++) { lo = xg[i] < lo ? xg[i] : lo; hi = xg[i] > hi ? xg[i] : hi; }
+            if (bits == 8) {  /* range widened to include 0, absmax onto 127, floor 1e-5, then fp16 */
+                const float amax = fmaxf(fmaxf(hi, 0.0f), -fminf(lo, 0.0f));
+                const float s = f32_from_h16(scales[r * ng + j] = h16_from_f32(fmaxf(amax / 127.0f, 1e-5f)));
+                int8_t *c = (int8_t *)codes + r * hd + j * g;
+                for (int64_t i = 0; i < g; i++) c[i] = (int8_t)clamp_code(rintf(xg[i] / s), 127.0f, -127.0f);
+            } else {          /* measured range onto [0, 15], floor 1e-8, fp16 scale and fp16 zero = min */
+                const float s = f32_from_h16(scales[r * ng + j] = h16_from_f32(fmaxf((hi - lo) / 15.0f, 1e-8f)));
+                const float z = f32_from_h16(zeros[r * ng + j] = h16_from_f32(lo));
+                uint8_t *c = (uint8_t *)codes + (r * hd + j * g) / 2;
+                for (int64_t i = 0; i < g; i += 2) {
+                    const uint8_t a = (uint8_t)clamp_code(rintf((xg[i] - z) / s), 15.0f, 0.0f);
+                    const uint8_t b = (uint8_t)clamp_code(rintf((xg[i + 1] - z) / s), 15.0f, 0.0f);
+                    c[i / 2] = (uint8_t)(a | (b << 4));
+                }
+            }
+        }
+    }
+}
+
+/* q · row r of a layer's keys (r = kv head · max_len + position), dequantizing codes group by group. */
+static inline float key_dot(const em_model *m, const kv_view *K, int64_t r, const float *q) {
+    const int64_t hd = m->hd, g = m->kv_g;
+    float dot = 0.f;
+    if (m->cache_dtype == DT_F32) {
+        const float *kr = (const float *)K->c + r * hd;
+        for (int64_t i = 0; i < hd; i++) dot += q[i] * kr[i];
+    } else if (m->cache_dtype == DT_Q8) {
+        const int8_t *c = (const int8_t *)K->c + r * hd;
+        for (int64_t j = 0; j < hd / g; j++) {
+            float acc = 0.f;
+            for (int64_t i = j * g; i < (j + 1) * g; i++) acc += q[i] * (float)c[i];
+            dot += acc * f32_from_h16(K->s[r * (hd / g) + j]);
+        }
+    } else if (m->cache_dtype == DT_Q4) {
+        const uint8_t *c = (const uint8_t *)K->c + r * (hd / 2);
+        for (int64_t j = 0; j < hd / g; j++) {
+            float acc = 0.f, qs = 0.f;
+            for (int64_t i = j * g; i < (j + 1) * g; i += 2) {
+                const uint8_t b = c[i / 2];
+                acc += q[i] * (float)(b & 15) + q[i + 1] * (float)(b >> 4);
+                qs += q[i] + q[i + 1];
+            }
+            dot += acc * f32_from_h16(K->s[r * (hd / g) + j]) + qs * f32_from_h16(K->z[r * (hd / g) + j]);
+        }
+    } else {
+        for (int64_t i = 0; i < hd; i++) dot += q[i] * load_dt(K->c, r * hd + i, m->cache_dtype);
+    }
+    return dot;
+}
+
+/* o += p · row r of a layer's values. */
+static inline void value_acc(const em_model *m, const kv_view *V, int64_t r, float p, float *o) {
+    const int64_t hd = m->hd, g = m->kv_g;
+    if (m->cache_dtype == DT_F32) {
+        const float *vr = (const float *)V->c + r * hd;
+        for (int64_t i = 0; i < hd; i++) o[i] += p * vr[i];
+    } else if (m->cache_dtype == DT_Q8) {
+        const int8_t *c = (const int8_t *)V->c + r * hd;
+        for (int64_t j = 0; j < hd / g; j++) {
+            const float ps = p * f32_from_h16(V->s[r * (hd / g) + j]);
+            for (int64_t i = j * g; i < (j + 1) * g; i++) o[i] += ps * (float)c[i];
+        }
+    } else if (m->cache_dtype == DT_Q4) {
+        const uint8_t *c = (const uint8_t *)V->c + r * (hd / 2);
+        for (int64_t j = 0; j < hd / g; j++) {
+            const float ps = p * f32_from_h16(V->s[r * (hd / g) + j]), pz = p * f32_from_h16(V->z[r * (hd / g) + j]);
+            for (int64_t i = j * g; i < (j + 1) * g; i += 2) {
+                const uint8_t b = c[i / 2];
+                o[i] += ps * (float)(b & 15) + pz;
+                o[i + 1] += ps * (float)(b >> 4) + pz;
+            }
+        }
+    } else {
+        for (int64_t i = 0; i < hd; i++) o[i] += p * load_dt(V->c, r * hd + i, m->cache_dtype);
+    }
 }
 
 static int linear(const em_model *m, const em_linear *l, const float *x, float *y, int nthreads) {
@@ -142,45 +280,50 @@ static inline float act(float g, int kind) {
 }
 
 /* softmax(scale · q·K[start..pos]) · V[start..pos] for every query head; K, V of this layer. */
-static void attention(const em_model *m, const float *q, const void *K, const void *V, int64_t start,
+static void attention(const em_model *m, const float *q, const kv_view *K, const kv_view *V, int64_t start,
                       int64_t pos, float *out, float *scores, int nthreads) {
-    const int hd = m->hd, g = m->n_heads / m->n_kv, dt = m->cache_dtype;
+    const int hd = m->hd, g = m->n_heads / m->n_kv;
     const int64_t S = pos - start + 1;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int h = 0; h < m->n_heads; h++) {
-        const int64_t kv0 = (int64_t)(h / g) * m->max_len * hd;
+        const int64_t r0 = (int64_t)(h / g) * m->max_len + start;  /* this head's kv rows */
         const float *qh = q + (int64_t)h * hd;
         float *sc = scores + (int64_t)h * m->max_len, mx = -INFINITY;
         for (int64_t j = 0; j < S; j++) {
-            const int64_t base = kv0 + (start + j) * hd;
-            float dot = 0.f;
-            if (dt == DT_F32) {
-                const float *kr = (const float *)K + base;
-                for (int i = 0; i < hd; i++) dot += qh[i] * kr[i];
-            } else {
-                for (int i = 0; i < hd; i++) dot += qh[i] * load_dt(K, base + i, dt);
-            }
-            sc[j] = dot * m->attn_scale;
+            sc[j] = key_dot(m, K, r0 + j, qh) * m->attn_scale;
             mx = sc[j] > mx ? sc[j] : mx;
         }
         float sum = 0.f;
         for (int64_t j = 0; j < S; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
         float *oh = out + (int64_t)h * hd;
         for (int i = 0; i < hd; i++) oh[i] = 0.f;
-        for (int64_t j = 0; j < S; j++) {
-            const float p = sc[j] / sum;
-            const int64_t base = kv0 + (start + j) * hd;
-            if (dt == DT_F32) {
-                const float *vr = (const float *)V + base;
-                for (int i = 0; i < hd; i++) oh[i] += p * vr[i];
-            } else {
-                for (int i = 0; i < hd; i++) oh[i] += p * load_dt(V, base + i, dt);
-            }
-        }
+        for (int64_t j = 0; j < S; j++) value_acc(m, V, r0 + j, sc[j] / sum, oh);
     }
 }
 
-static size_t elsize(int dt) { return dt == DT_F32 ? 4 : 2; }
+/* Layer li's keys (kind 0) or values (kind 1) in the cache. */
+static kv_view layer_view(const em_model *m, int li, int kind) {
+    const int64_t rows = (int64_t)m->n_kv * m->max_len, hd = m->hd, dt = m->cache_dtype;
+    const int64_t row_bytes = dt == DT_Q8 ? hd : dt == DT_Q4 ? hd / 2 : hd * (dt == DT_F32 ? 4 : 2);
+    kv_view v = {(char *)(kind ? m->vcache : m->kcache) + (size_t)li * rows * row_bytes, NULL, NULL};
+    if (dt == DT_Q8 || dt == DT_Q4) {
+        const int64_t per_layer = rows * (hd / m->kv_g);
+        v.s = (kind ? m->vscale : m->kscale) + li * per_layer;
+        if (dt == DT_Q4) v.z = (kind ? m->vzero : m->kzero) + li * per_layer;
+    }
+    return v;
+}
+
+/* Write one kv head's new key or value x (hd) at row r of the layer's cache. */
+static void store_row(const em_model *m, const kv_view *c, int64_t r, const float *x) {
+    const int64_t hd = m->hd, ng = hd / m->kv_g;
+    if (m->cache_dtype == DT_Q8)
+        efficientml_kv_quantize(x, 1, hd, 8, m->kv_g, (int8_t *)c->c + r * hd, c->s + r * ng, NULL);
+    else if (m->cache_dtype == DT_Q4)
+        efficientml_kv_quantize(x, 1, hd, 4, m->kv_g, (uint8_t *)c->c + r * hd / 2, c->s + r * ng, c->z + r * ng);
+    else
+        for (int64_t i = 0; i < hd; i++) store_dt(c->c, r * hd + i, m->cache_dtype, x[i]);
+}
 
 /* The work floats a model needs: x, xn, tmp (d each), qkv, attn out, gate|up, act, scores. */
 int64_t efficientml_decode_work_floats(const em_model *m) {
@@ -200,20 +343,15 @@ static int block(const em_model *m, int li, float *x, int64_t pos, int nthreads)
         if (L->q_norm) rmsnorm(q + h * hd, L->q_norm, hd, m->eps, q + h * hd);
         if (m->cos) rope(q + h * hd, m->cos + pos * m->rope_dim, m->sin + pos * m->rope_dim, m->rope_dim);
     }
-    const size_t layer_elems = (size_t)m->n_kv * (size_t)m->max_len * (size_t)hd;
-    char *K = (char *)m->kcache + (size_t)li * layer_elems * elsize(m->cache_dtype);
-    char *V = (char *)m->vcache + (size_t)li * layer_elems * elsize(m->cache_dtype);
+    const kv_view K = layer_view(m, li, 0), V = layer_view(m, li, 1);
     for (int h = 0; h < m->n_kv; h++) {
         if (L->k_norm) rmsnorm(k + h * hd, L->k_norm, hd, m->eps, k + h * hd);
         if (m->cos) rope(k + h * hd, m->cos + pos * m->rope_dim, m->sin + pos * m->rope_dim, m->rope_dim);
-        const int64_t base = ((int64_t)h * m->max_len + pos) * hd;
-        for (int i = 0; i < hd; i++) {
-            store_dt(K, base + i, m->cache_dtype, k[h * hd + i]);
-            store_dt(V, base + i, m->cache_dtype, v[h * hd + i]);
-        }
+        store_row(m, &K, (int64_t)h * m->max_len + pos, k + h * hd);
+        store_row(m, &V, (int64_t)h * m->max_len + pos, v + h * hd);
     }
     const int64_t start = m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0;
-    attention(m, q, K, V, start, pos, att, scores, nthreads);
+    attention(m, q, &K, &V, start, pos, att, scores, nthreads);
     if (linear(m, &L->o, att, tmp, nthreads)) return -1;
     for (int i = 0; i < d; i++) x[i] += m->resid_mult * tmp[i];
     rmsnorm(x, L->mlp_norm, d, m->eps, xn);
