@@ -25,6 +25,12 @@ class ModelRunner:
         if model.model.rope.dynamic:
             raise UnsupportedError(f"rope_type {cfg.rope_type!r} adapts to each sequence's length, which a "
                                    "ragged batch does not have; serve a model with static RoPE scaling")
+        if getattr(model, "virtual_tokens", None) is not None:
+            raise UnsupportedError("a prompt/prefix-tuned model (virtual tokens) cannot be served yet: merge or "
+                                   "drop the virtual tokens first")
+        if getattr(model, "kv_cache_factory", None) is not None:
+            raise UnsupportedError("the engine keeps keys/values in its own float block pool; quantized KV "
+                                   "blocks are not implemented yet: serve the model without KVCacheQuantConfig")
         self.model, self.blocks = model, blocks
         self.cache = PagedKVCache(blocks, cfg.sliding_window, use_kernel=attention_kernel)
         self.device = blocks.k.device

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from efficientml.core.errors import ConfigError, ShapeError
+from efficientml.core.errors import ConfigError, ShapeError, UnsupportedError
 from efficientml.llm.generate import SamplingConfig, generate
 from efficientml.llm.serve import EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 
@@ -246,6 +246,13 @@ def test_bad_requests_are_refused_with_one_sentence():
         SamplingParams(top_p=0)
     with pytest.raises(ConfigError, match="policy"):
         SchedulerConfig(policy="fifo")
+    alibi = tiny_model(max_position_embeddings=64, position_embedding="alibi")
+    with pytest.raises(UnsupportedError, match="RoPE"):
+        _engine(alibi)
+    model.kv_cache_factory = lambda *a: None
+    with pytest.raises(UnsupportedError, match="KVCacheQuantConfig"):
+        _engine(model)
+    del model.kv_cache_factory
     eng.add_request([5, 6], request_id="a")
     with pytest.raises(ConfigError, match="already in use"):
         eng.add_request([5, 6], request_id="a")
