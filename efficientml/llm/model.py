@@ -225,6 +225,20 @@ class LlamaModel(nn.Module):
             return mask & keep
         return mask.masked_fill(~keep, float("-inf"))  # (B, nh, T, S)
 
+    def _rope(self, input_pos: torch.Tensor, kv_len: int, cache: KVCache | None, static: bool,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin (T, hd) at ``input_pos`` in ``dtype``, or None without RoPE."""
+        if self.config.position_embedding != "rope":
+            return None
+        seq_len = None  # dynamic scaling only: the length of the sequence so far
+        if self.rope.dynamic:
+            if cache is not None and not static:
+                seq_len = kv_len
+            elif not (static and cache.max_length <= self.rope.initial):
+                seq_len = int(input_pos.max()) + 1  # a host sync: generate() runs such steps eagerly
+        cos, sin = self.rope(input_pos, torch.float32, max_pos=kv_len, seq_len=seq_len)  # (T, hd) each
+        return cos.to(dtype), sin.to(dtype)
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None,
@@ -265,16 +279,7 @@ class LlamaModel(nn.Module):
             cache.check_room(T)
             input_pos = torch.arange(cache.length, cache.length + T, device=x.device)
             kv_len = cache.length + T
-        rope = None
-        if self.config.position_embedding == "rope":
-            seq_len = None  # dynamic scaling only: the length of the sequence so far
-            if self.rope.dynamic:
-                if cache is not None and not static:
-                    seq_len = kv_len
-                elif not (static and cache.max_length <= self.rope.initial):
-                    seq_len = int(input_pos.max()) + 1  # a host sync: generate() runs such steps eagerly
-            cos, sin = self.rope(input_pos, torch.float32, max_pos=kv_len, seq_len=seq_len)  # (T, hd) each
-            rope = (cos.to(x.dtype), sin.to(x.dtype))
+        rope = self._rope(input_pos, kv_len, cache, static, x.dtype)
         if cache is not None and not paged:
             if keys is not None:
                 cache.mark_keys(input_pos, keys)
