@@ -26,11 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         add(s)
     from efficientml.cli import llm_compress  # `llm quantize` / `llm prune` (efficientml.llm.compress)
     llm_compress.register(s)
+    from efficientml.cli import llm_serve  # `llm serve` (efficientml.llm.serve.openai_api)
+    llm_serve.register(s)
 
 
 def _no_action(args: argparse.Namespace) -> int:
     """`efficientml llm` alone: a usage error (exit 2), as for any missing argument."""
-    raise ConfigError("choose an action: info, ppl, generate, chat, convert, quantize or prune "
+    raise ConfigError("choose an action: info, ppl, generate, chat, convert, quantize, prune or serve "
                       "(see 'efficientml llm --help')")
 
 
