@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from efficientml.cli import llm_compress  # `llm quantize` / `llm prune` (efficientml.llm.compress)
     llm_compress.register(s)
     from efficientml.cli import llm_serve  # `llm serve` (efficientml.llm.serve.openai_api)
-    llm_serve.register(s)
+    llm_serve.register(s, _model_args, _load_for_serving)
 
 
 def _no_action(args: argparse.Namespace) -> int:
@@ -257,6 +257,12 @@ def _for_decode(model):
             print(f"warning: {len(slow)} quantized linear(s) have no fast CPU kernel and dequantize their "
                   f"weight on every call, ~20x slower (e.g. {name}: {why})", file=sys.stderr)
     return model
+
+
+def _load_for_serving(args: argparse.Namespace):
+    """(model, tokenizer) as `llm generate` runs them (`llm serve`)."""
+    model, tok, _ = _load(args, for_decode=True)
+    return _for_decode(model), tok
 
 
 def run_generate(args: argparse.Namespace) -> int:

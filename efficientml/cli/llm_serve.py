@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import ipaddress
 import os
 import socket
 import sys
+from typing import Callable
 
 from efficientml.cli.common import positive_int
 from efficientml.core.errors import ConfigError
 
 
-def register(s: argparse._SubParsersAction) -> None:
-    from efficientml.cli.llm import _model_args
-
+def register(s: argparse._SubParsersAction, model_args: Callable, load: Callable) -> None:
+    """``model_args(parser)`` adds MODEL, --dtype, --device, --threads; ``load(args)`` → (model, tokenizer)
+    (both from :mod:`efficientml.cli.llm`, as `llm generate` uses them)."""
     q = s.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
                      description="Serve the model over HTTP with OpenAI's API on the continuous-batching engine "
                                  "(paged KV cache, prefix caching). SIGTERM or Ctrl-C: stop accepting, finish "
                                  "the requests in flight, exit.")
-    _model_args(q)
+    model_args(q)
     q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     q.add_argument("--port", type=_port, default=8000)
     q.add_argument("--api-key", default=os.environ.get("EFFICIENTML_API_KEY"),
@@ -43,7 +45,7 @@ def register(s: argparse._SubParsersAction) -> None:
     q.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prefixes")
     q.add_argument("--drain-timeout", type=positive_int, default=30, help="seconds to finish requests at shutdown")
     q.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
-    q.set_defaults(func=run_serve)
+    q.set_defaults(func=functools.partial(run_serve, load=load))
 
 
 def _port(text: str) -> int:
@@ -97,7 +99,7 @@ def _check_auth(args: argparse.Namespace) -> None:
                           "EFFICIENTML_API_KEY), or --no-auth to serve without one on purpose")
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace, load: Callable) -> int:
     from efficientml.core.lazy import optional_import
 
     _check_auth(args)
@@ -105,7 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
         optional_import(mod, "serve", "efficientml llm serve")
     sock = bind(args.host, args.port)
     try:
-        app = _build_app(args)
+        app = _build_app(args, *load(args))
         from efficientml.llm.serve.openai_api import serve
 
         host, port = sock.getsockname()[:2]
@@ -117,14 +119,11 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_app(args: argparse.Namespace):
-    from efficientml.cli.llm import _for_decode, _load
+def _build_app(args: argparse.Namespace, model, tok):
     from efficientml.llm.serve import EngineConfig, LLMEngine, SchedulerConfig
     from efficientml.llm.serve.async_engine import AsyncLLMEngine
     from efficientml.llm.serve.openai_api import create_app
 
-    model, tok, _ = _load(args, for_decode=True)
-    model = _for_decode(model)
     cfg = EngineConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
                        max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
