@@ -261,3 +261,46 @@ def test_disconnect_mid_stream_frees_blocks(srv):
     assert srv.aengine.stats()["blocks_used"] == 0 and srv.engine.blocks.num_used_blocks == 0
     assert srv.engine.num_steps - steps <= 1  # aborted at once, not run on to its 100 tokens
     assert not srv.engine.requests  # forgotten, not leaked
+
+
+def test_cli_serves_and_drains_on_sigterm(tmp_path):
+    """`efficientml llm serve DIR` in a subprocess: a stream in flight at SIGTERM still ends with [DONE],
+    and the process exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from efficientml.llm.io.load import save_hf
+
+    save_hf(_model(), byte_tokenizer(), tmp_path / "m")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "efficientml.cli.main", "llm", "serve", str(tmp_path / "m"),
+                             "--port", str(port), "--served-model-name", NAME, "--kv-cache-mb", "4",
+                             "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        body = {"model": NAME, "prompt": "drain", "max_tokens": 100, "ignore_eos": True, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)
+            rest = "\n".join(lines)
+        assert rest.rstrip().endswith("data: [DONE]")
+        n = 1 + sum(1 for ln in rest.splitlines() if ln.startswith("data: {"))
+        assert n == 100  # every token of the request in flight came, one per event
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
