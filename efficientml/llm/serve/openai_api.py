@@ -72,12 +72,21 @@ class _Server:
         if longest >= self.max_model_len:
             raise BadRequest(f"the prompt has {longest} tokens; this model's context is {self.max_model_len} "
                              "(the prompt and at least one new token must fit)", "prompt", "context_length_exceeded")
+        blocks = self.engine.engine.blocks  # its sizes never change: safe to read off the engine thread
+        pool = blocks.num_blocks * blocks.block_size  # tokens one sequence can hold at most
         if asked is None:
-            return self.max_model_len - longest
-        if longest + asked > self.max_model_len:
+            asked = min(self.max_model_len, pool) - longest
+        elif longest + asked > self.max_model_len:
             raise BadRequest(f"this model's maximum context length is {self.max_model_len} tokens; the request "
                              f"asks for {longest + asked} ({longest} in the prompt, {asked} in the completion): "
                              f"lower '{param}'", param, "context_length_exceeded")
+        if longest >= pool:
+            raise BadRequest(f"the prompt's {longest} tokens do not fit the server's KV cache ({pool} tokens with "
+                             "one new one)", "prompt", "context_length_exceeded")
+        if longest + asked > pool:
+            raise BadRequest(f"one sequence of {longest + asked} tokens needs more KV blocks than the server's "
+                             f"whole cache holds ({pool} tokens); ask for at most {pool - longest}", param,
+                             "context_length_exceeded")
         return asked
 
 

@@ -171,6 +171,15 @@ BAD = [
     ({"model": NAME, "prompt": "x", "frequency_penalty": 1.0}, "frequency_penalty"),
     ({"model": NAME, "prompt": [5, 9999]}, "prompt"),
     ({"prompt": "x"}, "model"),
+    ({"model": NAME, "prompt": [[5, 6], []]}, "prompt"),
+    ({"model": NAME, "prompt": "x", "echo": True}, "echo"),
+    ({"model": NAME, "prompt": "x", "best_of": 3}, "best_of"),
+    ({"model": NAME, "prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"model": NAME, "prompt": "x", "n": 1.5}, "n"),
+    ({"model": NAME, "prompt": "x", "stream": "yes"}, "stream"),
+    ({"model": NAME, "prompt": "x", "temperature": 3.0}, "temperature"),
+    ({"model": NAME, "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
 ]
 
 
@@ -193,6 +202,77 @@ def test_bad_chat_requests_and_malformed_json_get_400(srv):
     r = srv.http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"content-type":
                                                                                           "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_seeded_sampling_repeats_and_n_streams_each_choice(srv, client):
+    kw = dict(model=NAME, prompt="seeded", max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    a, b = (client.completions.create(**kw).choices[0].text for _ in range(2))
+    c = client.completions.create(**{**kw, "seed": 8}).choices[0].text
+    assert a == b and a != c
+    msgs = [{"role": "user", "content": "two answers"}]
+    parts = list(client.chat.completions.create(model=NAME, messages=msgs, max_tokens=6, temperature=1.0, seed=3,
+                                                n=2, stream=True))
+    whole = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=6, temperature=1.0, seed=3, n=2)
+    for i in range(2):
+        mine = [p.choices[0] for p in parts if p.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason in ("stop", "length")
+        assert "".join(d.delta.content or "" for d in mine) == whole.choices[i].message.content
+
+
+def test_unknown_route_and_non_stream_disconnect(srv):
+    r = srv.http.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    body = {"model": NAME, "prompt": "leave early", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
+    with srv.aengine.paused():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=0.5)  # the client gives up while the request is queued
+        time.sleep(0.2)
+        steps = srv.engine.num_steps
+    for _ in range(300):
+        if srv.aengine.stats()["blocks_used"] == 0 and not srv.engine.has_unfinished() and not srv.engine.requests:
+            break
+        time.sleep(0.01)
+    assert srv.engine.blocks.num_used_blocks == 0 and not srv.engine.requests
+    assert srv.engine.num_steps - steps <= 1
+
+
+def test_requests_past_the_kv_pool_get_400():
+    """A pool of 2 blocks × 16 tokens: no sequence may pass 32 tokens (checked before queueing)."""
+    import asyncio
+
+    from efficientml.llm.serve.openai_api import create_app
+
+    tok = byte_tokenizer()
+    eng = AsyncLLMEngine(LLMEngine(_model(), tok, EngineConfig(num_blocks=2, cpu_kernels=False)))
+    app = create_app(eng, tok, NAME)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return [await c.post("/v1/completions", json={"model": NAME, "prompt": "x" * 20, "max_tokens": m})
+                    for m in (20, 12)] + [await c.post("/v1/completions", json={"model": NAME, "prompt": "x" * 40})]
+
+    eng.start()
+    try:
+        too_long, fits, prompt_too_long = asyncio.run(go())
+    finally:
+        eng.shutdown(5)
+    assert too_long.status_code == 400 and "at most 12" in too_long.json()["error"]["message"]
+    assert too_long.json()["error"]["param"] == "max_tokens" and fits.status_code == 200
+    assert fits.json()["usage"]["completion_tokens"] <= 12
+    assert prompt_too_long.status_code == 400 and prompt_too_long.json()["error"]["param"] == "prompt"
+
+
+def test_server_module_says_which_extra_is_missing():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fastapi'] = None\n"
+            "import efficientml.llm.serve, efficientml.llm.serve.async_engine\n"
+            "try:\n    import efficientml.llm.serve.openai_api\n"
+            "except Exception as e:\n    print(type(e).__name__, e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "UnsupportedError" in out and "efficientml[serve]" in out
 
 
 def test_models_health_and_api_key(srv):
