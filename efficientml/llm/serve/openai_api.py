@@ -182,6 +182,10 @@ def _add_errors(app: "FastAPI") -> None:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
 
+    @app.exception_handler(EfficientMLError)
+    async def library_error(_, e: EfficientMLError):  # a parameter the engine refuses (SamplingParams' checks)
+        return JSONResponse(error_body(str(e), "invalid_request_error"), status_code=400)
+
     @app.exception_handler(QueueFullError)
     async def queue_full(_, e: QueueFullError):
         return JSONResponse(error_body(str(e), "rate_limit_error", None, "queue_full"), status_code=429)

@@ -75,9 +75,12 @@ class _Common(_Strict):
                                  name, "unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise BadRequest("'stream_options' applies only with 'stream': true", "stream_options")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > 4 or any(not s for s in stops):
+        if len(self.stops) > 4 or any(not s for s in self.stops):
             raise BadRequest("'stop' takes up to 4 non-empty strings", "stop")
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     @property
     def include_usage(self) -> bool:
@@ -88,7 +91,7 @@ class _Common(_Strict):
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                               top_p=self.top_p if self.top_p < 1.0 else None, top_k=self.top_k,
                               min_p=self.min_p or None, repetition_penalty=self.repetition_penalty,
-                              seed=self.seed, stop=tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()),
+                              seed=self.seed, stop=self.stops,
                               ignore_eos=self.ignore_eos, logprobs=logprobs, n=self.n)
 
 

@@ -384,3 +384,27 @@ def test_cli_serves_and_drains_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--host", "0.0.0.0"], "reachable from other machines: give --api-key"),
+    (["--host", "0.0.0.0", "--api-key", "k", "--no-auth"], "contradict"),
+    (["--api-key", " "], "--api-key is empty"),
+    (["--port", "70000"], "expected a TCP port 0-65535"),
+    (["--max-num-seqs", "0"], "expected a positive integer"),
+    (["--host", "no.such.host.invalid", "--no-auth"], "is not an address this machine can listen on"),
+    (["--port", "BUSY"], "is already in use"),
+])
+def test_cli_bad_flags_and_busy_port_exit_2(argv, match, capsys, tmp_path):
+    """Refused before any model loads (the model path does not even exist)."""
+    from efficientml.cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        argv = [str(busy.getsockname()[1]) if a == "BUSY" else a for a in argv]
+        try:
+            rc = main(["llm", "serve", str(tmp_path / "no-model"), *argv])
+        except SystemExit as e:
+            rc = e.code
+    assert rc == 2 and match in capsys.readouterr().err
