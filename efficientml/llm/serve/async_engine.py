@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence as Seq
 
-from efficientml.core.errors import EfficientMLError
+from efficientml.core.errors import ConfigError, EfficientMLError
 from efficientml.llm.serve.engine import LLMEngine
 from efficientml.llm.serve.request import RequestOutput
 from efficientml.llm.serve.sequence import SamplingParams
@@ -59,7 +59,7 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, max_queue: int = 128,
                  on_output: Callable[[RequestOutput, float | None], None] | None = None) -> None:
         if max_queue < 1:
-            raise EfficientMLError(f"max_queue must be at least 1, got {max_queue}")
+            raise ConfigError(f"max_queue must be at least 1, got {max_queue}")
         self.engine, self.max_queue, self.on_output = engine, max_queue, on_output
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -106,7 +106,8 @@ class AsyncLLMEngine:
             yield
 
     @property
-    def running(self) -> bool:
+    def accepting(self) -> bool:
+        """The thread is alive and new requests are taken (not draining)."""
         return self._thread is not None and self._thread.is_alive() and not self._closed
 
     def num_in_flight(self) -> int:

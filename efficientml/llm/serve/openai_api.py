@@ -142,7 +142,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, model_name: str, api_key: str 
 def _add_info_routes(app: "FastAPI", srv: _Server) -> None:
     @app.get("/health")
     async def health():
-        if not srv.engine.running:
+        if not srv.engine.accepting:
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
 
@@ -287,10 +287,10 @@ def serve(app: "FastAPI", sock, log_level: str = "info", drain_timeout_s: float 
     uvicorn = optional_import("uvicorn", "serve", "the OpenAI-compatible server")
     engine = app.state.server.engine
 
-    class _Server(uvicorn.Server):
+    class _DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             engine.drain()  # new requests on kept-alive connections get 503 from here on
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout_s)
-    _Server(config).run(sockets=[sock])
+    _DrainingServer(config).run(sockets=[sock])
