@@ -49,6 +49,9 @@ class _Server:
         self.engine, self.tok, self.model_name, self.api_key, self.metrics = engine, tokenizer, model_name, \
             api_key, metrics
         self.max_model_len = engine.engine.max_model_len
+        # every id the model ends a turn with (Llama 3: <|eot_id|> and <|end_of_text|>), as `llm generate` stops
+        cfg_ids = engine.engine.model.config.eos_token_ids
+        self.stop_ids = tuple(sorted({*cfg_ids} - set(engine.engine.eos_ids)))
         self.created = int(time.time())
 
     def check_model(self, name: str) -> None:
@@ -116,7 +119,8 @@ def create_app(engine: AsyncLLMEngine, tokenizer, model_name: str, api_key: str 
         srv.check_model(body.model)
         prompts = [srv.encode(p) for p in body.prompts()]
         n_tok = srv.max_tokens(body.max_tokens, [len(p) for p in prompts], "max_tokens")
-        return await _respond(srv, request, "completion", prompts, body.sampling(n_tok, body.logprobs), body)
+        params = body.sampling(n_tok, body.logprobs, srv.stop_ids)
+        return await _respond(srv, request, "completion", prompts, params, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -134,7 +138,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, model_name: str, api_key: str 
         n_tok = srv.max_tokens(body.requested_max_tokens, [len(ids)], "max_completion_tokens"
                                if body.max_completion_tokens is not None else "max_tokens")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return await _respond(srv, request, "chat", [ids], body.sampling(n_tok, top), body)
+        return await _respond(srv, request, "chat", [ids], body.sampling(n_tok, top, srv.stop_ids), body)
 
     return app
 

@@ -86,12 +86,14 @@ class _Common(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The engine's parameters for this request (``max_tokens`` resolved by the server)."""
+    def sampling(self, max_tokens: int, logprobs: int | None, stop_token_ids: tuple[int, ...] = ()
+                 ) -> SamplingParams:
+        """The engine's parameters for this request (``max_tokens`` resolved by the server);
+        ``stop_token_ids``: the model's end-of-turn ids besides the tokenizer's EOS (not with ``ignore_eos``)."""
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                               top_p=self.top_p if self.top_p < 1.0 else None, top_k=self.top_k,
                               min_p=self.min_p or None, repetition_penalty=self.repetition_penalty,
-                              seed=self.seed, stop=self.stops,
+                              seed=self.seed, stop=self.stops, stop_token_ids=() if self.ignore_eos else stop_token_ids,
                               ignore_eos=self.ignore_eos, logprobs=logprobs, n=self.n)
 
 

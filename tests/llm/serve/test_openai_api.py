@@ -42,8 +42,8 @@ def byte_tokenizer() -> Tokenizer:
     return Tokenizer(backend, bos_token=None, eos_token="<|im_end|>", chat_template=CHATML)
 
 
-def _model():
-    return tiny_model(vocab_size=260, max_position_embeddings=128)
+def _model(**kw):
+    return tiny_model(vocab_size=260, max_position_embeddings=128, **kw)
 
 
 class _Running:
@@ -91,7 +91,9 @@ def client(srv):
 
 def _reference(tok, ids, n):
     """generate() alone on the same weights: the independent reference (stops at the EOS, as the engine)."""
-    res = generate(_model(), ids, SamplingConfig(max_new_tokens=n, stop_token_ids=(tok.eos_id,)), tokenizer=tok)
+    model = _model()
+    stops = (tok.eos_id, *model.config.eos_token_ids)  # the server stops at both, as `llm generate` does
+    res = generate(model, ids, SamplingConfig(max_new_tokens=n, stop_token_ids=stops), tokenizer=tok)
     return res.tokens[0], res.texts[0]
 
 
@@ -239,28 +241,56 @@ def test_unknown_route_and_non_stream_disconnect(srv):
 
 def test_requests_past_the_kv_pool_get_400():
     """A pool of 2 blocks × 16 tokens: no sequence may pass 32 tokens (checked before queueing)."""
-    import asyncio
-
     from efficientml.llm.serve.openai_api import create_app
 
     tok = byte_tokenizer()
     eng = AsyncLLMEngine(LLMEngine(_model(), tok, EngineConfig(num_blocks=2, cpu_kernels=False)))
     app = create_app(eng, tok, NAME)
 
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return [await c.post("/v1/completions", json={"model": NAME, "prompt": "x" * 20, "max_tokens": m})
-                    for m in (20, 12)] + [await c.post("/v1/completions", json={"model": NAME, "prompt": "x" * 40})]
-
     eng.start()
     try:
-        too_long, fits, prompt_too_long = asyncio.run(go())
+        too_long, fits, prompt_too_long = _asgi(app, [
+            ("/v1/completions", {"model": NAME, "prompt": "x" * 20, "max_tokens": 20}),
+            ("/v1/completions", {"model": NAME, "prompt": "x" * 20, "max_tokens": 12}),
+            ("/v1/completions", {"model": NAME, "prompt": "x" * 40})])
     finally:
         eng.shutdown(5)
     assert too_long.status_code == 400 and "at most 12" in too_long.json()["error"]["message"]
     assert too_long.json()["error"]["param"] == "max_tokens" and fits.status_code == 200
     assert fits.json()["usage"]["completion_tokens"] <= 12
     assert prompt_too_long.status_code == 400 and prompt_too_long.json()["error"]["param"] == "prompt"
+
+
+def _asgi(app, requests):
+    """Run ``requests`` ((path, body) pairs) through ``app`` in-process; the responses."""
+    import asyncio
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return [await c.post(path, json=body) for path, body in requests]
+
+    return asyncio.run(go())
+
+
+def test_the_models_own_stop_ids_end_a_completion():
+    """config.json's eos_token_id (here not the tokenizer's EOS) ends a completion, unless ignore_eos."""
+    from efficientml.llm.serve.openai_api import create_app
+
+    tok = byte_tokenizer()
+    ids = tok.encode("stop ids")
+    free = generate(_model(), ids, SamplingConfig(max_new_tokens=12), tokenizer=tok).tokens[0]
+    stop = free[3]
+    eng = AsyncLLMEngine(LLMEngine(_model(eos_token_id=stop), tok, EngineConfig(num_blocks=16, cpu_kernels=False)))
+    eng.start()
+    try:
+        body = {"model": NAME, "prompt": ids, "max_tokens": 12, "temperature": 0}
+        cut, whole = _asgi(create_app(eng, tok, NAME), [("/v1/completions", body),
+                                                         ("/v1/completions", {**body, "ignore_eos": True})])
+    finally:
+        eng.shutdown(5)
+    assert cut.json()["usage"]["completion_tokens"] == free.index(stop) + 1
+    assert cut.json()["choices"][0]["finish_reason"] == "stop"
+    assert whole.json()["usage"]["completion_tokens"] == 12 and whole.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_server_module_says_which_extra_is_missing():
