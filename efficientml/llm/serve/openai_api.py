@@ -272,10 +272,10 @@ async def _stream(group, fmt: Formatter, index: dict[str, int], kind: str, promp
                 i = index[out.request_id] + c.index
                 if kind == "chat" and i not in started:
                     started.add(i)
-                    yield sse(fmt.chunk(i, None, first=True))
+                    yield sse(fmt.chunk(i, None))
                 completion_tokens += len(c.new_token_ids)
-                if c.new_text or c.finish_reason is not None or c.logprobs is not None:
-                    yield sse(fmt.chunk(i, c))
+                for chunk in fmt.chunks(i, c):
+                    yield sse(chunk)
     except EfficientMLError as e:
         yield sse(error_body(str(e)))
     finally:

@@ -97,8 +97,8 @@ class Formatter:
         return body
 
     # ---- stream chunks
-    def chunk(self, index: int, c: CompletionOutput | None, first: bool = False) -> dict:
-        """The chunk for ``c``'s new text (``c`` None with ``first``: a chat stream's role chunk)."""
+    def chunk(self, index: int, c: CompletionOutput | None) -> dict:
+        """The chunk for ``c``'s new text (``c`` None: a chat stream's first, role chunk)."""
         body = self._head("text_completion" if self.kind == "completion" else "chat.completion.chunk")
         ch: dict = {"index": index}
         if self.kind == "completion":
@@ -113,6 +113,17 @@ class Formatter:
         if self.include_usage:
             body["usage"] = None
         return body
+
+    def chunks(self, index: int, c: CompletionOutput) -> list[dict]:
+        """The chunks for one step's output of a choice: a chat stream's last piece of text and its
+        ``finish_reason`` go in two chunks (the last with an empty delta), as OpenAI sends them."""
+        if self.kind == "chat" and c.new_text and c.finish_reason is not None:
+            last = self.chunk(index, c)
+            last["choices"][0].update(delta={}, logprobs=None)
+            text = self.chunk(index, c)
+            text["choices"][0]["finish_reason"] = None
+            return [text, last]
+        return [self.chunk(index, c)] if c.new_text or c.finish_reason is not None or c.logprobs is not None else []
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         body = self._head("text_completion" if self.kind == "completion" else "chat.completion.chunk")

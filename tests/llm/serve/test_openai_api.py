@@ -154,6 +154,14 @@ def test_chat_completions_use_the_template(srv, client):
     assert parts[0].choices[0].delta.role == "assistant" and parts[-1].usage.completion_tokens == len(toks)
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == text
     assert [p.choices[0].finish_reason for p in parts if p.choices][-1] in ("stop", "length")
+    raw = srv.http.post("/v1/chat/completions", json={"model": NAME, "messages": msgs, "max_tokens": 16,
+                                                      "temperature": 0, "stream": True})
+    ev = _events(raw.text)
+    assert ev[-1] == "[DONE]" and all(e["object"] == "chat.completion.chunk" for e in ev[:-1])
+    assert ev[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert ev[-2]["choices"][0]["delta"] == {} and ev[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(e["choices"][0]["finish_reason"] is None for e in ev[:-2])
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in ev[:-1]) == text
     lp = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=4, temperature=0, logprobs=True,
                                         top_logprobs=3).choices[0].logprobs.content
     assert len(lp) == 4 and all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in lp)
