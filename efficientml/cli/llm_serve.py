@@ -27,7 +27,8 @@ def register(s: argparse._SubParsersAction, model_args: Callable, load: Callable
     q = s.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
                      description="Serve the model over HTTP with OpenAI's API on the continuous-batching engine "
                                  "(paged KV cache, prefix caching). SIGTERM or Ctrl-C: stop accepting, finish "
-                                 "the requests in flight, exit.")
+                                 "the requests in flight, exit. A --host other than loopback needs --api-key "
+                                 "(or --no-auth); /health and /metrics need no key.")
     model_args(q)
     q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     q.add_argument("--port", type=_port, default=8000)
