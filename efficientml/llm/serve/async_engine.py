@@ -48,8 +48,13 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # one per RequestGroup: its requests' outputs, or the error that ended them
 
-    def put(self, item: object) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item: object) -> bool:
+        """Hand ``item`` to the reader's loop; False when that loop has closed (nobody is reading)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # "Event loop is closed"
+            return False
+        return True
 
 
 class AsyncLLMEngine:
@@ -205,6 +210,7 @@ class AsyncLLMEngine:
                 self.engine.pop_finished()
             self._stats = self.engine.stats()
         now = time.perf_counter()
+        orphans = []
         for out in outs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -215,7 +221,10 @@ class AsyncLLMEngine:
             self._last_out[out.request_id] = now
             if out.finished:
                 del self._streams[out.request_id], self._last_out[out.request_id]
-            stream.put(out)
+            if not stream.put(out) and not out.finished:
+                orphans.append(out.request_id)
+        for rid in orphans:  # their reader's event loop is gone: free their blocks now
+            self._handle("abort", rid, None)
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, stream in list(self._streams.items()):

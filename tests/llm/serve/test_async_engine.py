@@ -4,6 +4,7 @@ drain refuses new work but finishes the running, the pending bound."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -71,3 +72,23 @@ def test_pending_bound_is_all_or_nothing():
     finally:
         aeng.shutdown(5)
     assert sum(o.finished for o in outs) == 2 and aeng.stats()["pending"] == 0
+
+
+def test_a_reader_whose_loop_closed_is_aborted():
+    """A request left behind by a finished asyncio.run: the engine thread frees it instead of dying."""
+    aeng = AsyncLLMEngine(_engine())
+    aeng.start()
+
+    async def leave():
+        aeng.submit([PROMPTS[1]], SamplingParams(max_tokens=60, ignore_eos=True))  # never read
+
+    try:
+        asyncio.run(leave())
+        for _ in range(300):
+            if not aeng.engine.requests and aeng.stats()["blocks_used"] == 0:
+                break
+            time.sleep(0.01)
+        assert not aeng.engine.requests and aeng.stats()["blocks_used"] == 0 and aeng._thread.is_alive()
+        assert aeng.engine.num_steps < 60  # aborted, not run to its end
+    finally:
+        aeng.shutdown(5)
