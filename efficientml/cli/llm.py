@@ -26,11 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         add(s)
     from efficientml.cli import llm_compress  # `llm quantize` / `llm prune` (efficientml.llm.compress)
     llm_compress.register(s)
+    from efficientml.cli import llm_serve  # `llm serve` (efficientml.llm.serve.openai_api)
+    llm_serve.register(s, _model_args, _load_for_serving)
 
 
 def _no_action(args: argparse.Namespace) -> int:
     """`efficientml llm` alone: a usage error (exit 2), as for any missing argument."""
-    raise ConfigError("choose an action: info, ppl, generate, chat, convert, quantize or prune "
+    raise ConfigError("choose an action: info, ppl, generate, chat, convert, quantize, prune or serve "
                       "(see 'efficientml llm --help')")
 
 
@@ -255,6 +257,12 @@ def _for_decode(model):
             print(f"warning: {len(slow)} quantized linear(s) have no fast CPU kernel and dequantize their "
                   f"weight on every call, ~20x slower (e.g. {name}: {why})", file=sys.stderr)
     return model
+
+
+def _load_for_serving(args: argparse.Namespace):
+    """(model, tokenizer) as `llm generate` runs them (`llm serve`)."""
+    model, tok, _ = _load(args, for_decode=True)
+    return _for_decode(model), tok
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -359,6 +359,12 @@ CASES: list[Case] = [
        fx.folder("o.gguf")),
     _c("llm-convert-under-file", f"llm convert {LLM} {S}f/out", r"which is a file", fx.garbage("f")),
     _c("llm-convert-outtype", f"llm convert {LLM} {S}o.gguf --outtype q2_k", r"invalid choice: 'q2_k'"),
+    # --- llm serve (refused before the model loads) ------------------------------------------------
+    _c("llm-serve-port", f"llm serve {LLM} --port 70000", r"expected a TCP port 0-65535, got '70000'"),
+    _c("llm-serve-open-host-no-key", f"llm serve {LLM} --host 0.0.0.0", r"reachable from other machines: give --api-key"),
+    _c("llm-serve-key-and-no-auth", f"llm serve {LLM} --api-key k --no-auth", r"contradict each other"),
+    _c("llm-serve-max-num-seqs-zero", f"llm serve {LLM} --max-num-seqs 0", r"expected a positive integer"),
+    _c("llm-serve-kv-cache-zero", f"llm serve {LLM} --kv-cache-mb 0", r"expected a positive integer"),
     # --- llm quantize / prune -------------------------------------------------------------------
     _c("llm-q-no-out", f"llm quantize {LLM}", r"the following arguments are required: --out"),
     _c("llm-q-group-zero", f"llm quantize {LLM} --out {S}q --group-size 0", r"expected a positive integer, 'channel'"),

@@ -106,16 +106,17 @@ def test_every_listed_subcommand_exists_and_parses(capsys):
         assert e.value.code == 0, cmd
         assert f"usage: efficientml {cmd}" in capsys.readouterr().out
     llm_sub = _subparsers(sub.choices["llm"])
-    assert set(llm_sub.choices) == {"info", "ppl", "generate", "chat", "convert", "quantize", "prune"}
+    assert set(llm_sub.choices) == {"info", "ppl", "generate", "chat", "convert", "quantize", "prune", "serve"}
     for cmd in llm_sub.choices:
         with pytest.raises(SystemExit) as e:
             main(["llm", cmd, "--help"])
         assert e.value.code == 0 and f"usage: efficientml llm {cmd}" in capsys.readouterr().out
 
 
-# optional extras (plot, data, llm, export, compare) and triton: none may be needed to build the parser
+# optional extras (plot, data, llm, export, compare, serve) and triton: none may be needed to build the parser
 OPTIONAL = ["matplotlib", "sklearn", "tokenizers", "gguf", "jinja2", "huggingface_hub", "onnx",
-            "onnxruntime", "transformers", "compressed_tensors", "sentencepiece", "triton"]
+            "onnxruntime", "transformers", "compressed_tensors", "sentencepiece", "triton",
+            "fastapi", "uvicorn", "prometheus_client", "pydantic", "httpx", "openai"]
 
 _HIDDEN = r"""
 import importlib.abc, json, sys
