@@ -4,7 +4,7 @@
  * The same loop as gemv_f32.c (R weight rows × MC input rows in vector accumulators, each thread a
  * contiguous block of rows, software prefetch eight rows ahead), reading half the bytes: each
  * 8-weight load is widened to fp32 in registers — bf16 by a 16-bit shift (exact, any CPU), fp16 by
- * the compiler's _Float16 conversion (F16C's vcvtph2ps under -march=native on x86) — and the products
+ * F16C's 8-lane vcvtph2ps where -march=native has it, else the compiler's _Float16 conversion — and the products
  * are summed in fp32. Compiled at run time by efficientml/llm/kernels/cpu_gemv16.py. */
 #include <stdint.h>
 
@@ -22,8 +22,15 @@ static inline v8f widen8_bf16(const uint16_t *p) {
 }
 
 #ifdef __FLT16_MAX__
+#ifdef __F16C__  /* one vcvtph2ps on 8 lanes (GCC's vector conversion does them one by one) */
+#include <immintrin.h>
+static inline v8f widen8_f16(const uint16_t *p) {
+    return (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+#else
 typedef _Float16 v8h __attribute__((vector_size(16), aligned(2), may_alias));
 static inline v8f widen8_f16(const uint16_t *p) { return __builtin_convertvector(*(const v8h *)p, v8f); }
+#endif
 static inline float widen1_f16(uint16_t h) { _Float16 f; __builtin_memcpy(&f, &h, 2); return (float)f; }
 #define HAVE_F16 1
 #else
