@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge-into", choices=["w4"], default=None,
+                   help="after LoRA/QLoRA training, merge the adapter into a 4-bit model re-quantized with "
+                        "calibration (and naively, for comparison); saves OUT/merged-w4 (packed) and "
+                        "OUT/merged-w4.gguf (Q4_0)")
+    p.add_argument("--merge-method", choices=["gptq", "awq"], default="gptq", help="calibrated re-quantization")
+    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration rows for --merge-into")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -56,7 +62,15 @@ def run(args: argparse.Namespace) -> int:
     from efficientml.finetune.sft_data import batches
     from efficientml.llm.io.load import load
 
+    from efficientml.train.distributed import barrier, init_distributed
+
     out = check_output(args.out, args.overwrite, folder=True)  # before any work: exists, writable, ours
+    if args.merge_into and args.method == "full":
+        from efficientml.core.errors import ConfigError
+
+        raise ConfigError("--merge-into merges a LoRA/QLoRA adapter; full fine-tuning has none "
+                          "(quantize the saved model with `efficientml llm quantize` instead)")
+    ctx = init_distributed()  # under torchrun: DDP on gloo (CPU); rank 0 saves and reports
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = SFTConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -75,13 +89,19 @@ def run(args: argparse.Namespace) -> int:
     before = held_out_loss(model, held) if held is not None else None
     quiet = args.json or args.no_progress
     hist = train_sft(model, batches(ids, labels, min(args.batch_size, ids.shape[0]), seed=args.seed), cfg,
-                     progress=not quiet)
+                     progress=not quiet, dist=ctx)
+    if ctx is not None and not ctx.main:
+        barrier(ctx)
+        return 0
     after = held_out_loss(model, held) if held is not None else None
     save_result(model, tok, out, args.method, lora, str(args.model), overwrite=args.overwrite)
+    merged = _merge(model, tok, out, args, held) if args.merge_into else None
     report = {"model": str(args.model), "method": args.method, "out": str(out), "rows": int(ids.shape[0]),
               "sft": cfg.to_dict(), "lora": lora.to_dict() if args.method != "full" else None,
-              "trainable": trainable_parameters(model), "train": hist, "eval_before": before, "eval_after": after}
+              "trainable": trainable_parameters(model), "train": hist, "eval_before": before, "eval_after": after,
+              "merged": merged}
     write_json(out / "training_log.json", report)
+    barrier(ctx)
     if args.json:
         print_json(report)
         return 0
@@ -92,5 +112,26 @@ def run(args: argparse.Namespace) -> int:
     c.print(f"loss {hist['curve'][0]['loss']:.3f} → {hist['curve'][-1]['loss']:.3f}")
     if after is not None:
         c.print(f"held-out perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f}")
+    if merged is not None:
+        c.print(f"merged into W4 ({args.merge_method}): {merged['paths']['packed']}, {merged['paths']['gguf']}")
     c.print(f"saved to {out}")
     return 0
+
+
+def _merge(model, tok, out, args, held) -> dict:
+    """--merge-into w4: calibrated and naive merges, held-out perplexity of each beside base+adapter."""
+    from efficientml.finetune.merge_quant import MergeQuantConfig, merge_into_quantized, save_merged
+    from efficientml.finetune.recipe import held_out_loss
+    from efficientml.llm.compress import CalibConfig, calibration_tokens
+
+    source = args.dataset or "wikitext2-valid"
+    calib = calibration_tokens(tok, CalibConfig(source=source, n_samples=args.calib_samples,
+                                                seq_len=min(args.max_length, 512)))
+    res = merge_into_quantized(model, calib, MergeQuantConfig(method=args.merge_method), progress=False)
+    paths = save_merged(res.calibrated, tok, out / "merged-w4", overwrite=args.overwrite)
+    ppl = None
+    if held is not None:
+        ppl = {k: held_out_loss(m, held)["perplexity"] for k, m in
+               (("adapter", model), ("calibrated", res.calibrated), ("naive", res.naive))}
+    return {"method": args.merge_method, "paths": paths, "perplexity": ppl, "calib_source": source,
+            "report": res.report}
