@@ -8,6 +8,7 @@ Parts (``--parts``), recorded in benchmarks/results/finetune.json:
 - ``memory``: peak resident memory (VmHWM, reset after the model is prepared) of LoRA vs QLoRA training
   steps at the same batch, each in a fresh process so neither sees the other's heap.
 - ``merge``: max |logits| difference, fp32, merged vs unmerged, for a LoRA with non-zero B (and DoRA).
+- ``merge_w4``, ``bitdelta``, ``dpo``, ``ddp``: see benchmarks/finetune_align.py.
 - ``peft``: our adapter loaded by peft onto transformers' LlamaForCausalLM and peft's loaded here (max
   abs logit difference, both directions); training tokens/s, ours vs peft + transformers, same config,
   batch and threads, steps interleaved (median step time); DoRA's step time beside LoRA's.
@@ -38,8 +39,7 @@ from efficientml.finetune.sft import SFTConfig, token_loss, train_sft
 from efficientml.finetune.sft_data import batches
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-NOT_YET = ["merge_into_w4_ppl_vs_adapter", "bitdelta_size_ratio", "bitdelta_ppl_vs_finetune", "dpo_win_rate",
-           "tinytl_memory_vs_full_ft", "tinytl_acc_drop_vs_full_ft", "ddp_2proc_matches_single"]
+NOT_YET = ["tinytl_memory_vs_full_ft", "tinytl_acc_drop_vs_full_ft"]
 NOT_YET_OPS = {"merge_into_w4_ppl_vs_adapter": ("<=", 1.02), "bitdelta_size_ratio": (">=", 10),
                "bitdelta_ppl_vs_finetune": ("<=", 1.05), "dpo_win_rate": (">=", 0.8),
                "tinytl_memory_vs_full_ft": ("<=", 0.3), "tinytl_acc_drop_vs_full_ft": ("<=", 2.0),
@@ -233,6 +233,10 @@ def _throughput(quick: bool, ours, theirs, vocab: int, cfg: LoRAConfig) -> dict:
 
 
 PARTS = {"quality": part_quality, "memory": part_memory, "merge": part_merge, "peft": part_peft}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_align import PARTS as ALIGN_PARTS  # noqa: E402  merge_w4, bitdelta, dpo, ddp (their docstring)
+
+PARTS.update(ALIGN_PARTS)
 
 
 class Run:

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from efficientml.finetune.sft_data import batches
     from efficientml.llm.io.load import load
 
-    from efficientml.train.distributed import barrier, init_distributed
+    from efficientml.train.distributed import init_distributed
 
     out = check_output(args.out, args.overwrite, folder=True)  # before any work: exists, writable, ours
     if args.merge_into and args.method == "full":
@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.json or args.no_progress
     hist = train_sft(model, batches(ids, labels, min(args.batch_size, ids.shape[0]), seed=args.seed), cfg,
                      progress=not quiet, dist=ctx)
-    if ctx is not None and not ctx.main:
-        barrier(ctx)
+    if ctx is not None and not ctx.main:  # the other ranks only train
         return 0
     after = held_out_loss(model, held) if held is not None else None
     save_result(model, tok, out, args.method, lora, str(args.model), overwrite=args.overwrite)
@@ -101,12 +100,16 @@ def run(args: argparse.Namespace) -> int:
               "trainable": trainable_parameters(model), "train": hist, "eval_before": before, "eval_after": after,
               "merged": merged}
     write_json(out / "training_log.json", report)
-    barrier(ctx)
     if args.json:
         print_json(report)
         return 0
-    c = console()
-    t = report["trainable"]
+    _print(report, args)
+    return 0
+
+
+def _print(report: dict, args: argparse.Namespace) -> None:
+    c, t, hist = console(), report["trainable"], report["train"]
+    before, after, merged = report["eval_before"], report["eval_after"], report["merged"]
     c.print(f"{args.method}: {t['trainable']:,} of {t['total']:,} parameters trained ({100 * t['fraction']:.2f}%), "
             f"{hist['steps']} steps, {hist['tokens_per_s']:.0f} tokens/s")
     c.print(f"loss {hist['curve'][0]['loss']:.3f} → {hist['curve'][-1]['loss']:.3f}")
@@ -114,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
         c.print(f"held-out perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f}")
     if merged is not None:
         c.print(f"merged into W4 ({args.merge_method}): {merged['paths']['packed']}, {merged['paths']['gguf']}")
-    c.print(f"saved to {out}")
-    return 0
+    c.print(f"saved to {report['out']}")
 
 
 def _merge(model, tok, out, args, held) -> dict:

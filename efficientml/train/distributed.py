@@ -73,7 +73,3 @@ def init_distributed(backend: str | None = None) -> DistContext | None:
         dist.init_process_group(backend)
     return DistContext(dist.get_rank(), dist.get_world_size(), dist.get_backend())
 
-
-def barrier(ctx: DistContext | None) -> None:
-    if ctx is not None:
-        dist.barrier()
