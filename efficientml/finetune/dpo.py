@@ -34,6 +34,7 @@ from efficientml.finetune.inject import adapters
 from efficientml.finetune.preference import PreferenceSet, pair_batches
 from efficientml.finetune.reference import ReferenceLogprobs, adapters_disabled, sequence_logprobs
 from efficientml.finetune.sft import SFTConfig, build_optimizer
+from efficientml.train.distributed import DistContext
 from efficientml.train.schedule import SCHEDULES
 
 LOSSES = ("sigmoid", "ipo")
@@ -110,9 +111,12 @@ def _reference_fn(model: nn.Module, prefs: PreferenceSet, cfg: DPOConfig, refere
 
 def train_dpo(model: nn.Module, prefs: PreferenceSet, cfg: DPOConfig = DPOConfig(),
               reference: ReferenceLogprobs | None = None, ref_model: nn.Module | None = None,
-              progress: bool | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+              progress: bool | None = None, on_step: Callable[[int, dict], None] | None = None,
+              dist: DistContext | None = None) -> dict[str, Any]:
     """Train ``model`` in place on the pairs for ``cfg.steps`` steps; returns the curve (loss, rewards,
-    reward accuracy per step), how often the reference model ran, and the time taken."""
+    reward accuracy per step), which reference was used, and the time taken. With ``dist`` the policy
+    runs in DDP, each rank on its share of every global batch of pairs (the curve is the global one;
+    rank 0 shows progress and calls ``on_step``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; apply a LoRAConfig/QLoRAConfig or unfreeze it")
@@ -124,14 +128,16 @@ def train_dpo(model: nn.Module, prefs: PreferenceSet, cfg: DPOConfig = DPOConfig
     sched = torch.optim.lr_scheduler.LambdaLR(opt, SCHEDULES[cfg.schedule](cfg.steps, cfg.warmup_frac))
     t0 = time.perf_counter()
     ref_fn = _reference_fn(model, prefs, cfg, reference, ref_model)
-    dev = params[0].device
+    dev, main = params[0].device, dist is None or dist.main
     data, curve = pair_batches(len(prefs), min(cfg.batch_size, len(prefs)), cfg.seed), []
     model.train()
-    for step in track(range(cfg.steps), "DPO", total=cfg.steps, enabled=progress):
+    net = dist.wrap(model) if dist is not None else model
+    for step in track(range(cfg.steps), "DPO", total=cfg.steps, enabled=progress if main else False):
         idx = next(data)
+        idx = dist.shard(idx) if dist is not None else idx  # equal shards: the mean of means is the mean
         ids, labels = (t.to(dev) for t in prefs.batch(idx))
         ref_c, ref_r = ref_fn(idx, ids, labels)
-        lp = sequence_logprobs(model, ids, labels)  # chosen and rejected in one forward
+        lp = sequence_logprobs(net, ids, labels)  # chosen and rejected in one forward
         loss, stats = dpo_loss(lp[:len(idx)], lp[len(idx):], ref_c, ref_r, cfg.beta, cfg.loss, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,12 +145,14 @@ def train_dpo(model: nn.Module, prefs: PreferenceSet, cfg: DPOConfig = DPOConfig
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        rec = {"step": step + 1, "loss": loss.item(), **stats, "lr": opt.param_groups[0]["lr"]}
+        rec = {"step": step + 1, "loss": loss.item(), **stats}
+        if dist is not None:
+            rec = {k: dist.all_sum(v) / dist.world_size for k, v in rec.items()}
+        rec.update(step=step + 1, lr=opt.param_groups[0]["lr"])
         curve.append(rec)
-        if on_step is not None:
+        if on_step is not None and main:
             on_step(step, rec)
     model.eval()
     return {"curve": curve, "steps": cfg.steps, "config": cfg.to_dict(), "seconds": time.perf_counter() - t0,
             "reference": "precomputed" if (reference is not None or cfg.reference == "precomputed")
             else ("ref_model" if ref_model is not None else "adapter")}
-

@@ -1,5 +1,6 @@
-"""DDP: the SFT trainer under ``torchrun --nproc_per_node 2`` (gloo, CPU) follows the single-process loss
-curve for the same global batch, with gradient accumulation and unequal token counts per shard."""
+"""DDP: the SFT and DPO trainers under ``torchrun --nproc_per_node 2`` (gloo, CPU) follow the
+single-process loss curves for the same global batch (SFT with gradient accumulation and unequal token
+counts per shard)."""
 
 import json
 import os
@@ -27,7 +28,7 @@ def _run(out, nproc):
     return json.loads(Path(out).read_text())
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path):  # SFT and DPO in one launch (~20 s)
     single = _run(tmp_path / "one.json", 1)
     ddp = _run(tmp_path / "two.json", 2)
     assert single["world"] == 1 and ddp["world"] == 2
@@ -36,3 +37,7 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(ddp["curve"], single["curve"]):
         assert a == pytest.approx(b, abs=1e-5)
     assert ddp["adapter_norm"] == pytest.approx(single["adapter_norm"], rel=1e-5)
+    assert len(ddp["dpo"]) == 4 and single["dpo"][-1] < single["dpo"][0]
+    for key in ("dpo", "dpo_margin"):
+        for a, b in zip(ddp[key], single[key]):
+            assert a == pytest.approx(b, abs=1e-5)
