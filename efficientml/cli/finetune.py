@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="after LoRA/QLoRA training, merge the adapter into a 4-bit model re-quantized with "
                         "calibration (and naively, for comparison); saves OUT/merged-w4 (packed) and "
                         "OUT/merged-w4.gguf (Q4_0)")
-    p.add_argument("--merge-method", choices=["gptq", "awq"], default="gptq", help="calibrated re-quantization")
+    p.add_argument("--merge-method", choices=["gptq", "awq", "awq_gptq"], default="gptq",
+                   help="calibrated re-quantization (awq_gptq: AWQ scales, then GPTQ rounding)")
     p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration rows for --merge-into")
     add_json_flag(p)
     p.set_defaults(func=run)

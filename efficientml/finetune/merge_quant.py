@@ -31,13 +31,14 @@ from efficientml.core.errors import ConfigError
 from efficientml.core.transform import apply
 from efficientml.finetune.inject import adapters, merge_and_unload
 
-METHODS = ("gptq", "awq")
+METHODS = ("gptq", "awq", "awq_gptq")
 
 
 @dataclass(frozen=True)
 class MergeQuantConfig(Config):
     kind = "merge_quant"
-    method: str = "gptq"             # the calibrated re-quantization: "gptq" | "awq"
+    method: str = "gptq"             # the calibrated re-quantization: "gptq" | "awq" | "awq_gptq" (AWQ
+                                     # scales, then GPTQ rounding)
     w_bits: int = 4
     group_size: int | None = 32
     symmetric: bool = True           # with 4 bits and groups of 32: GGUF Q4_0, bit for bit
@@ -50,7 +51,9 @@ class MergeQuantConfig(Config):
         from efficientml.llm.compress import AWQConfig, GPTQConfig
 
         kw = dict(w_bits=self.w_bits, group_size=self.group_size, symmetric=self.symmetric)
-        return GPTQConfig(**kw) if self.method == "gptq" else AWQConfig(**kw)
+        if self.method == "gptq":
+            return GPTQConfig(**kw)
+        return AWQConfig(**kw, use_gptq=self.method == "awq_gptq")
 
     def naive_config(self) -> Config:
         from efficientml.llm.compress import RTNConfig

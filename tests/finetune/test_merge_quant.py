@@ -69,3 +69,6 @@ def test_merged_model_saves_packed_and_as_gguf(tmp_path):
         torch.testing.assert_close(packed(ids), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(from_gguf(ids), want, rtol=1e-3, atol=1e-3)  # fp16 embeddings in the GGUF
     assert MergeQuantConfig().quant_config().spec.group_size == 32
+    assert MergeQuantConfig(method="awq_gptq").quant_config().use_gptq
+    with pytest.raises(ConfigError, match="method"):
+        MergeQuantConfig(method="rtn")
