@@ -2,12 +2,17 @@
 and a win rate measured by generation — a preference whose judge is a deterministic function, so the
 result of DPO is measurable without people.
 
-The rule (:class:`LengthRule`): a response *wins* when it ends (EOS) after at least ``min_tokens`` and
-at most ``max_tokens`` tokens. From a corpus (TinyShakespeare by default, through the project's data
-resolution) each pair is one line as the prompt and the text that follows as the answer; ``chosen`` is
-that continuation cut at a word boundary within ``max_tokens`` tokens, ``rejected`` the same
-continuation running well past it (both end in EOS, as SFT rows do). The two share their beginning, so
-the preference is about where to stop, not about the words.
+Rules (each judges generated ids and makes the pairs):
+
+- :class:`LengthRule`: a response wins when it ends (EOS) after at least ``min_tokens`` and at most
+  ``max_tokens`` tokens; ``chosen`` is the continuation cut at a word boundary within the limit,
+  ``rejected`` the same continuation running well past it (the two share their beginning, so the
+  preference is about where to stop, not about the words);
+- :class:`FormatRule`: a response wins when it starts with a required ``prefix`` (an answer format);
+  ``chosen`` is the continuation with it, ``rejected`` the same words without.
+
+From a corpus (TinyShakespeare by default, through the project's data resolution) each pair is one line
+as the prompt and the text that follows as the answer; both responses end in EOS, as SFT rows do.
 
     pairs = preference_pairs(tok, "tinyshakespeare", n_pairs=256, rule=LengthRule(max_tokens=8))
     train = PreferenceSet.encode(tok, pairs[:200])
@@ -108,6 +113,8 @@ def preference_pairs(tok: Any, source: str = "tinyshakespeare", n_pairs: int = 2
     ``text`` itself) within the ``part`` fraction of it (default: the first 90%, the training part)."""
     from efficientml.data.text import load_text
 
+    if not 0.0 <= part[0] < part[1] <= 1.0:
+        raise ConfigError(f"part must be (start, end) fractions with 0 ≤ start < end ≤ 1, got {part!r}")
     body = text if text is not None else load_text(source)
     body = body[int(len(body) * part[0]):int(len(body) * part[1])]
     lines = [ln.strip() for ln in body.splitlines() if len(ln.split()) >= 3]

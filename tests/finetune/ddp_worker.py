@@ -24,7 +24,8 @@ class WordTok:
         return [3 + sum(map(ord, w)) % 120 for w in s.split() if w]
 
     def apply_chat_template(self, msgs, add_generation_prompt=True):
-        return " ".join(f"<{m['role']}> {m['content']}" for m in msgs) + (" <assistant> " if add_generation_prompt else "")
+        s = " ".join(f"<{m['role']}> {m['content']}" for m in msgs)
+        return s + (" <assistant> " if add_generation_prompt else "")
 
 
 def _tiny():

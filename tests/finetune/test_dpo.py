@@ -2,7 +2,6 @@
 bit), precomputed reference log-probabilities saved and reused, and a tiny model whose win rate under
 the rule-based reward goes up after a few steps."""
 
-import copy
 import math
 
 import pytest
