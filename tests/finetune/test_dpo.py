@@ -116,9 +116,20 @@ def test_precomputed_reference_saves_reloads_and_gives_the_same_training(tmp_pat
     saved = dpo_loss(lp[:4], lp[4:], *back.select(idx))[0]
     torch.testing.assert_close(saved, live, rtol=1e-5, atol=1e-6)
     cfg = DPOConfig(steps=4, batch_size=4, lr=1e-2)
-    a = train_dpo(_lora_model(), prefs, cfg, progress=False)
-    b = train_dpo(_lora_model(), prefs, cfg, reference=back, progress=False)
+    calls = {"adapter": 0, "saved": 0, "precompute": 0}
+
+    def counted(key):
+        m = _lora_model()
+        m.register_forward_hook(lambda *_: calls.__setitem__(key, calls[key] + 1))
+        return m
+    a = train_dpo(counted("adapter"), prefs, cfg, progress=False)
+    b = train_dpo(counted("saved"), prefs, cfg, reference=back, progress=False)
+    train_dpo(counted("precompute"), prefs, DPOConfig(steps=4, batch_size=4, lr=1e-2, reference="precomputed"),
+              progress=False)
     assert b["reference"] == "precomputed"
+    # forwards: policy + reference each step; saved log-probs: the policy only (the reference never
+    # runs again, trl #3985); computed once up front: 16 pairs in 2 batches of 8, then the policy only
+    assert calls == {"adapter": 8, "saved": 4, "precompute": 2 + 4}
     for x, y in zip(a["curve"], b["curve"]):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
     with pytest.raises(ConfigError, match="computed for other preference data"):
