@@ -80,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
                       target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                       seed=args.seed)
     model, tok = load(args.model)
+    if args.merge_into:  # fail before training if the merged model could not be written as GGUF
+        from efficientml.finetune.merge_quant import check_gguf_writable
+
+        check_gguf_writable(model, tok)
     held = None
     if args.data:
         ids, labels = jsonl_rows(tok, args.data, args.max_length, packing=not args.no_packing)

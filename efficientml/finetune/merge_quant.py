@@ -92,6 +92,19 @@ def merge_into_quantized(model: nn.Module, calib: torch.Tensor, cfg: MergeQuantC
     return MergeResult(calibrated.model, naive.model, report)
 
 
+def check_gguf_writable(model: nn.Module, tokenizer: Any) -> None:
+    """Raise now (before any training) the error :func:`save_merged` would raise at the end if the
+    model's family or its tokenizer has no GGUF form."""
+    from efficientml.llm.io.gguf_tokenizer import tokenizer_metadata
+    from efficientml.llm.io.gguf_write import gguf_family, model_metadata
+
+    if tokenizer is None:
+        raise ConfigError("a GGUF file carries its tokenizer: the model has none to write")
+    fam = gguf_family(model.config)
+    model_metadata(model.config, fam, "f16", "merged")
+    tokenizer_metadata(tokenizer, model.config.vocab_size, model.config)
+
+
 def save_merged(model: nn.Module, tokenizer: Any, out: str | os.PathLike, overwrite: bool = False,
                 gguf: bool = True) -> dict[str, str]:
     """Write a merged W4 model as a packed checkpoint (compressed-tensors folder ``out``) and, with
@@ -99,6 +112,8 @@ def save_merged(model: nn.Module, tokenizer: Any, out: str | os.PathLike, overwr
     from efficientml.llm.io.compressed import save_compressed
 
     out = Path(out)
+    if gguf:
+        check_gguf_writable(model, tokenizer)
     paths = {"packed": str(save_compressed(model, tokenizer, out, overwrite=overwrite))}
     if gguf:
         from efficientml.llm.io.gguf_write import save_gguf
