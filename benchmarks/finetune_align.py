@@ -3,9 +3,10 @@
 TinyShakespeare (train on the first 90%, held-out perplexity on the rest). ``--quick``: the same code on
 a tiny random LLaMA with SmolLM2's tokenizer, to check that it runs (its numbers mean nothing).
 
-- ``merge_w4``: QLoRA r=16 trained by SFT, merged into W4 (symmetric, groups of 32 = GGUF Q4_0):
-  re-quantized with GPTQ calibration vs naive round-to-nearest; held-out perplexity of each ÷ the
-  base+adapter model's; the merged model saved as a packed checkpoint and as GGUF (sizes recorded).
+- ``merge_w4``: LoRA r=16 trained by SFT on a W4 base (symmetric, groups of 32 = GGUF Q4_0), merged onto
+  the base's own grid with GPTQ (scales fixed) vs rounding with them; and QLoRA (NF4 base) merged into
+  W4 g32 with GPTQ vs round-to-nearest. Held-out perplexity of each ÷ its base+adapter model's; the
+  merged models saved as a packed checkpoint and as GGUF (sizes recorded).
 - ``bitdelta``: full fine-tuning, the delta compressed to signs + one scale per matrix, scales distilled
   against the fine-tune's logits on calibration rows; size ratio vs an fp16 delta, perplexity ÷ the
   fine-tune's (before and after distillation).
@@ -73,29 +74,39 @@ def _sft(model, ids, labels, b, lr):
     return train_sft(model, batches(ids, labels, b["batch"], seed=0), cfg, progress=False)
 
 
-def part_merge_w4(r) -> None:
+def _merge_route(r, method: str, lora: LoRAConfig) -> dict:
+    """Train LoRA on a W4 (``w4lora``) or NF4 (``qlora``) base, merge into W4 both ways, perplexities."""
     from efficientml.finetune.merge_quant import MergeQuantConfig, merge_into_quantized, save_merged
+    from efficientml.finetune.w4base import merge_on_base_grid
 
     base, tok = load_base(r.quick)
     b, ids, labels, held = _rows(r, tok)
-    model = prepare(base, "qlora", QLoRAConfig(rank=16, alpha=32, target_modules=ATTENTION))
+    model = prepare(base, method, lora)
     _sft(model, ids, labels, b, 1e-3)
     calib = ids[torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(7))[:b["calib"]]]
-    cfg = MergeQuantConfig(method="gptq")
-    res = merge_into_quantized(model, calib, cfg)
+    res = merge_on_base_grid(model, calib) if method == "w4lora" else \
+        merge_into_quantized(model, calib, MergeQuantConfig(method="gptq"))
     ppl = {k: held_out_loss(m, held)["perplexity"] for k, m in
            (("adapter", model), ("calibrated", res.calibrated), ("naive", res.naive))}
     with tempfile.TemporaryDirectory(prefix="merge_w4_") as tmp:
         paths = save_merged(res.calibrated, tok, Path(tmp) / "merged-w4")
         sizes = {k: sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file()) if Path(p).is_dir()
                  else Path(p).stat().st_size for k, p in paths.items()}
-    out = {"perplexity": ppl, "config": cfg.to_dict(), "calib_rows": list(calib.shape), "saved_bytes": sizes,
-           "naive_ratio": ppl["naive"] / ppl["adapter"]}
+    log("merge_w4", method, ppl)
+    return {"perplexity": ppl, "calib_rows": list(calib.shape), "saved_bytes": sizes,
+            "report": {k: v for k, v in res.report.items() if k != "calibrated"},
+            "ratio": ppl["calibrated"] / ppl["adapter"], "naive_ratio": ppl["naive"] / ppl["adapter"]}
+
+
+def part_merge_w4(r) -> None:
+    out = {"w4_base": _merge_route(r, "w4lora", LoRAConfig(rank=16, alpha=32, target_modules=ATTENTION)),
+           "nf4_base": _merge_route(r, "qlora", QLoRAConfig(rank=16, alpha=32, target_modules=ATTENTION))}
     r.rec.results["merge_w4"] = out
-    log("merge_w4", ppl)
-    r.rec.target("merge_into_w4_ppl_vs_adapter", ppl["calibrated"] / ppl["adapter"], "<=", 1.02,
-                 f"held-out perplexity, QLoRA merged into W4 g32 (GPTQ-calibrated) ÷ NF4 base + adapter; naive "
-                 f"merge-then-round ratio {out['naive_ratio']:.4f}")
+    w4, nf4 = out["w4_base"], out["nf4_base"]
+    r.rec.target("merge_into_w4_ppl_vs_adapter", w4["ratio"], "<=", 1.02,
+                 f"held-out perplexity, LoRA r=16 trained on a W4 g32 base, merged onto the base's grid with GPTQ "
+                 f"(scales fixed) ÷ W4 base + adapter; naive merge-then-round {w4['naive_ratio']:.4f}. From an NF4 "
+                 f"(QLoRA) base re-quantized to W4 g32: GPTQ {nf4['ratio']:.4f}, naive {nf4['naive_ratio']:.4f}")
 
 
 def part_bitdelta(r) -> None:

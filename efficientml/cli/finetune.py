@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "response) or a text corpus (first 90%%). LoRA/QLoRA write adapter_config.json "
                                    "+ adapter_model.safetensors (PEFT's layout) into --out.")
     p.add_argument("model", help="e.g. smollm2-135m, a .gguf file or a Hugging Face folder")
-    p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
+    p.add_argument("--method", default="lora", choices=["lora", "qlora", "w4lora", "full"],
+                   help="w4lora: LoRA on a W4 base (int4, groups of 32), merged back onto its grid by --merge-into")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a .jsonl file of examples")
     src.add_argument("--dataset", help="a text corpus name (tinyshakespeare, wikitext2-raw-test, …)")
@@ -121,7 +122,7 @@ def _print(report: dict, args: argparse.Namespace) -> None:
     if after is not None:
         c.print(f"held-out perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f}")
     if merged is not None:
-        c.print(f"merged into W4 ({args.merge_method}): {merged['paths']['packed']}, {merged['paths']['gguf']}")
+        c.print(f"merged into W4 ({merged['method']}): {merged['paths']['packed']}, {merged['paths']['gguf']}")
     c.print(f"saved to {report['out']}")
 
 
@@ -134,11 +135,17 @@ def _merge(model, tok, out, args, held) -> dict:
     source = args.dataset or "wikitext2-valid"
     calib = calibration_tokens(tok, CalibConfig(source=source, n_samples=args.calib_samples,
                                                 seq_len=min(args.max_length, 512)))
-    res = merge_into_quantized(model, calib, MergeQuantConfig(method=args.merge_method), progress=False)
+    if args.method == "w4lora":  # the base's own grid: GPTQ with its scales fixed
+        from efficientml.finetune.w4base import merge_on_base_grid
+
+        res = merge_on_base_grid(model, calib)
+    else:
+        res = merge_into_quantized(model, calib, MergeQuantConfig(method=args.merge_method), progress=False)
     paths = save_merged(res.calibrated, tok, out / "merged-w4", overwrite=args.overwrite)
     ppl = None
     if held is not None:
         ppl = {k: held_out_loss(m, held)["perplexity"] for k, m in
                (("adapter", model), ("calibrated", res.calibrated), ("naive", res.naive))}
-    return {"method": args.merge_method, "paths": paths, "perplexity": ppl, "calib_source": source,
+    return {"method": "gptq_on_base_grid" if args.method == "w4lora" else args.merge_method, "paths": paths,
+            "perplexity": ppl, "calib_source": source,
             "report": res.report}

@@ -24,7 +24,7 @@ from efficientml.finetune.qlora import QLoRAConfig
 from efficientml.finetune.sft import token_loss
 from efficientml.finetune.sft_data import IGNORE, encode_all, lm_rows, pack, pad, read_jsonl
 
-METHODS = ("lora", "qlora", "full")
+METHODS = ("lora", "qlora", "w4lora", "full")
 
 
 def prepare(model: nn.Module, method: str, lora: LoRAConfig | None = None) -> nn.Module:
@@ -41,6 +41,13 @@ def prepare(model: nn.Module, method: str, lora: LoRAConfig | None = None) -> nn
         d = lora.to_dict()
         d.pop("__kind__")
         lora = QLoRAConfig(**d)
+    if method == "w4lora":  # LoRA on a W4 base (int4 grid, groups of 32): merges back onto the same grid
+        from efficientml.finetune.w4base import W4LoRAConfig
+
+        if not isinstance(lora, W4LoRAConfig):
+            d = lora.to_dict()
+            d.pop("__kind__")
+            lora = W4LoRAConfig(**{k: v for k, v in d.items() if k in LoRAConfig.__dataclass_fields__})
     return apply(model, lora, inplace=True).model
 
 

@@ -28,12 +28,13 @@ def tiny_gguf(tmp_path):
     return save_gguf(tiny_model(max_position_embeddings=128), tok, tmp_path / "tiny.gguf", outtype="f32"), tok
 
 
-def test_merge_into_w4_writes_packed_and_gguf(tmp_path, tiny_gguf, capsys):
+@pytest.mark.parametrize("method", ["qlora", "w4lora"])
+def test_merge_into_w4_writes_packed_and_gguf(tmp_path, tiny_gguf, capsys, method):
     from efficientml.llm.io.load import load
 
     src, tok = tiny_gguf
     out = tmp_path / "ft"
-    rc = main(["finetune", str(src), "--method", "qlora", "--dataset", "tinyshakespeare", "--max-chars", "4000",
+    rc = main(["finetune", str(src), "--method", method, "--dataset", "tinyshakespeare", "--max-chars", "4000",
                "--steps", "2", "--batch-size", "2", "--max-length", "16", "--eval-rows", "2", "--merge-into", "w4",
                "--calib-samples", "8", "--out", str(out), "--json"])
     rep = json.loads(capsys.readouterr().out)
@@ -42,6 +43,7 @@ def test_merge_into_w4_writes_packed_and_gguf(tmp_path, tiny_gguf, capsys):
                                                    "merged-w4", "merged-w4.gguf", "training_log.json"]
     ppl = rep["merged"]["perplexity"]
     assert set(ppl) == {"adapter", "calibrated", "naive"} and all(v > 1 for v in ppl.values())
+    assert rep["merged"]["method"] == {"qlora": "gptq", "w4lora": "gptq_on_base_grid"}[method]
     packed, _ = load(out / "merged-w4")
     from_gguf, _ = load(out / "merged-w4.gguf")
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
