@@ -6,7 +6,8 @@ the model in ``DistributedDataParallel``, each global batch split into contiguou
 Every rank draws the same global batches (same seed), keeps rows ``[r·B/W, (r+1)·B/W)`` of each, and
 scales its loss by W before ``backward``: DDP averages gradients over the W ranks, so the step's
 gradient is the single-process gradient of the whole batch (to float summation order). Only rank 0
-logs, shows progress and saves. The backend is gloo on CPU, nccl when the model is on CUDA.
+logs, shows progress and saves. The backend is gloo (CPU) unless ``init_distributed("nccl")`` asks for
+NCCL (models on CUDA, one device per rank).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class DistContext:
             yield
 
 
-def init_distributed(backend: str | None = None) -> DistContext | None:
+def init_distributed(backend: str = "gloo") -> DistContext | None:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment); None for a
     single process. An already initialised group is reused."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -69,7 +70,6 @@ def init_distributed(backend: str | None = None) -> DistContext | None:
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed; run a single process")
     if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() and os.environ.get("EFFICIENTML_NCCL") else "gloo")
         dist.init_process_group(backend)
     return DistContext(dist.get_rank(), dist.get_world_size(), dist.get_backend())
 
