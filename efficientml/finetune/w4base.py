@@ -118,10 +118,11 @@ def _input_hessians(model: nn.Module, names: list[str], calib: torch.Tensor, bat
 
 
 @torch.no_grad()
-def merge_on_base_grid(model: nn.Module, calib: torch.Tensor, damp: float = 0.01,
+def merge_on_base_grid(model: nn.Module, calib: torch.Tensor, damp: float = 0.01, act_order: bool = False,
                        batch_size: int = 8) -> MergeResult:
     """Merge the adapters of a :class:`W4LoRAConfig` model onto their bases' grids: GPTQ with the
-    base's scales (``calibrated``) and round to nearest with them (``naive``). ``model`` is unchanged."""
+    base's scales (``calibrated``; ``act_order``: columns by decreasing Hessian diagonal, the groups keep
+    their scales) and round to nearest with them (``naive``). ``model`` is unchanged."""
     layers = [(n, m) for n, m in adapters(model) if isinstance(m.base_layer, W4Linear)]
     if not layers or len(layers) != len(adapters(model)):
         raise ConfigError("merge_on_base_grid needs a model whose adapters all sit on W4 bases (apply a "
@@ -134,13 +135,14 @@ def merge_on_base_grid(model: nn.Module, calib: torch.Tensor, damp: float = 0.01
         base: W4Linear = m.base_layer
         spec, (scale, zero) = base.q.spec, base.qparams()
         w = base.dequantize() + m.delta_weight().float()  # (out, in) base + s·BA, what the adapter model computes
-        cal = gptq_quantize(w, hessians.pop(n), spec, damp, qparams=(scale, zero), name=n, overwrite_h=True)
+        cal = gptq_quantize(w, hessians.pop(n), spec, damp, act_order=act_order, qparams=(scale, zero), name=n,
+                            overwrite_h=True)
         codes = torch.round(w.view(scale.shape[0], scale.shape[1], -1) / scale[..., None] + zero[..., None].float())
         nai = QTensor(codes.clamp_(0, spec.code_max).to(torch.uint8).view_as(w), scale, zero, spec)
         for model_, qt, key in ((calibrated, cal, "calibrated"), (naive, nai, "naive")):
             moved[key] += int((qt.codes != base.q.codes()).sum())
             set_module(model_, n, QuantLinear.from_quantized(qt, None if base.bias is None else base.bias.detach()))
     n_w = sum(m.in_features * m.out_features for _, m in layers)
-    report = {"layers": len(layers), "calib_shape": list(calib.shape), "damp": damp,
+    report = {"layers": len(layers), "calib_shape": list(calib.shape), "damp": damp, "act_order": act_order,
               "codes_changed_fraction": {k: v / n_w for k, v in moved.items()}}
     return MergeResult(calibrated, naive, report)

@@ -46,6 +46,7 @@ def test_zero_adapter_merges_to_the_base_codes_exactly():
     m = _w4_model(0.0)
     res = merge_on_base_grid(m, CALIB)
     assert res.report["codes_changed_fraction"] == {"calibrated": 0.0, "naive": 0.0}
+    assert merge_on_base_grid(m, CALIB, act_order=True).report["codes_changed_fraction"]["calibrated"] == 0.0
     with torch.no_grad():
         torch.testing.assert_close(res.calibrated(IDS), m(IDS), rtol=1e-5, atol=1e-5)
 
