@@ -117,32 +117,48 @@ def _input_hessians(model: nn.Module, names: list[str], calib: torch.Tensor, bat
     return {n: a.value(inplace=True) for n, a in acc.items()}
 
 
+def _blocks(names: list[str]) -> list[list[str]]:
+    """Layer names grouped by decoder block (``model.layers.<i>.``), in order."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        key = n.split(".self_attn.")[0].split(".mlp.")[0]
+        groups.setdefault(key, []).append(n)
+    return list(groups.values())
+
+
 @torch.no_grad()
-def merge_on_base_grid(model: nn.Module, calib: torch.Tensor, damp: float = 0.01, act_order: bool = False,
-                       batch_size: int = 8) -> MergeResult:
+def merge_on_base_grid(model: nn.Module, calib: torch.Tensor, damp: float = 0.01, act_order: bool = True,
+                       sequential: bool = True, batch_size: int = 8) -> MergeResult:
     """Merge the adapters of a :class:`W4LoRAConfig` model onto their bases' grids: GPTQ with the
-    base's scales (``calibrated``; ``act_order``: columns by decreasing Hessian diagonal, the groups keep
-    their scales) and round to nearest with them (``naive``). ``model`` is unchanged."""
+    base's scales (``calibrated``) and round to nearest with them (``naive``). ``model`` is unchanged.
+
+    ``act_order``: GPTQ takes the columns by decreasing Hessian diagonal (the groups keep their scales).
+    ``sequential``: block by block, each block's input Hessians taken from the model whose earlier
+    blocks are already merged and rounded, so a block also absorbs the error of those before it (one
+    pass over ``calib`` per block); otherwise every Hessian comes from the adapted model in one pass."""
     layers = [(n, m) for n, m in adapters(model) if isinstance(m.base_layer, W4Linear)]
     if not layers or len(layers) != len(adapters(model)):
         raise ConfigError("merge_on_base_grid needs a model whose adapters all sit on W4 bases (apply a "
                           "W4LoRAConfig); for an NF4 (QLoRA) or float base use merge_into_quantized")
     model.eval()
-    hessians = _input_hessians(model, [n for n, _ in layers], calib, batch_size)
     calibrated, naive = copy.deepcopy(model), copy.deepcopy(model)
-    moved = {"calibrated": 0, "naive": 0}
-    for n, m in layers:
-        base: W4Linear = m.base_layer
-        spec, (scale, zero) = base.q.spec, base.qparams()
-        w = base.dequantize() + m.delta_weight().float()  # (out, in) base + s·BA, what the adapter model computes
-        cal = gptq_quantize(w, hessians.pop(n), spec, damp, act_order=act_order, qparams=(scale, zero), name=n,
-                            overwrite_h=True)
-        codes = torch.round(w.view(scale.shape[0], scale.shape[1], -1) / scale[..., None] + zero[..., None].float())
-        nai = QTensor(codes.clamp_(0, spec.code_max).to(torch.uint8).view_as(w), scale, zero, spec)
-        for model_, qt, key in ((calibrated, cal, "calibrated"), (naive, nai, "naive")):
-            moved[key] += int((qt.codes != base.q.codes()).sum())
-            set_module(model_, n, QuantLinear.from_quantized(qt, None if base.bias is None else base.bias.detach()))
+    mods, moved = dict(layers), {"calibrated": 0, "naive": 0}
+    groups = _blocks([n for n, _ in layers]) if sequential else [[n for n, _ in layers]]
+    for group in groups:
+        hessians = _input_hessians(calibrated, group, calib, batch_size)
+        for n in group:
+            m = mods[n]
+            base: W4Linear = m.base_layer
+            spec, (scale, zero) = base.q.spec, base.qparams()
+            w = base.dequantize() + m.delta_weight().float()  # (out, in) base + s·BA, what the adapter computes
+            cal = gptq_quantize(w, hessians.pop(n), spec, damp, act_order=act_order, qparams=(scale, zero), name=n,
+                                overwrite_h=True)
+            codes = torch.round(w.view(scale.shape[0], scale.shape[1], -1) / scale[..., None] + zero[..., None].float())
+            nai = QTensor(codes.clamp_(0, spec.code_max).to(torch.uint8).view_as(w), scale, zero, spec)
+            for model_, qt, key in ((calibrated, cal, "calibrated"), (naive, nai, "naive")):
+                moved[key] += int((qt.codes != base.q.codes()).sum())
+                set_module(model_, n, QuantLinear.from_quantized(qt, None if base.bias is None else base.bias.detach()))
     n_w = sum(m.in_features * m.out_features for _, m in layers)
     report = {"layers": len(layers), "calib_shape": list(calib.shape), "damp": damp, "act_order": act_order,
-              "codes_changed_fraction": {k: v / n_w for k, v in moved.items()}}
+              "sequential": sequential, "codes_changed_fraction": {k: v / n_w for k, v in moved.items()}}
     return MergeResult(calibrated, naive, report)

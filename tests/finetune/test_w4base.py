@@ -46,14 +46,16 @@ def test_zero_adapter_merges_to_the_base_codes_exactly():
     m = _w4_model(0.0)
     res = merge_on_base_grid(m, CALIB)
     assert res.report["codes_changed_fraction"] == {"calibrated": 0.0, "naive": 0.0}
-    assert merge_on_base_grid(m, CALIB, act_order=True).report["codes_changed_fraction"]["calibrated"] == 0.0
+    for ao, sq in ((True, True), (False, True), (True, False)):
+        rep = merge_on_base_grid(m, CALIB, act_order=ao, sequential=sq).report
+        assert rep["codes_changed_fraction"]["calibrated"] == 0.0 and rep["sequential"] == sq
     with torch.no_grad():
         torch.testing.assert_close(res.calibrated(IDS), m(IDS), rtol=1e-5, atol=1e-5)
 
 
 def test_calibrated_merge_keeps_a_small_update_that_rounding_loses():
     m = _w4_model(0.004)  # an update of a fraction of a grid step, as a short fine-tune makes
-    res = merge_on_base_grid(m, CALIB)
+    res = merge_on_base_grid(m, CALIB, act_order=False, sequential=False)  # the best here (SmolLM2: act_order)
     down = res.calibrated.model.layers[0].mlp.down_proj
     assert isinstance(down, QuantLinear)
     base = m.model.layers[0].mlp.down_proj.base_layer.q
