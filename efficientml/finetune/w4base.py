@@ -128,14 +128,15 @@ def _blocks(names: list[str]) -> list[list[str]]:
 
 @torch.no_grad()
 def merge_on_base_grid(model: nn.Module, calib: torch.Tensor, damp: float = 0.01, act_order: bool = True,
-                       sequential: bool = True, batch_size: int = 8) -> MergeResult:
+                       sequential: bool = False, batch_size: int = 8) -> MergeResult:
     """Merge the adapters of a :class:`W4LoRAConfig` model onto their bases' grids: GPTQ with the
     base's scales (``calibrated``) and round to nearest with them (``naive``). ``model`` is unchanged.
 
     ``act_order``: GPTQ takes the columns by decreasing Hessian diagonal (the groups keep their scales).
     ``sequential``: block by block, each block's input Hessians taken from the model whose earlier
     blocks are already merged and rounded, so a block also absorbs the error of those before it (one
-    pass over ``calib`` per block); otherwise every Hessian comes from the adapted model in one pass."""
+    full pass over ``calib`` per block: slow on a CPU); by default every Hessian comes from the adapted
+    model in one pass."""
     layers = [(n, m) for n, m in adapters(model) if isinstance(m.base_layer, W4Linear)]
     if not layers or len(layers) != len(adapters(model)):
         raise ConfigError("merge_on_base_grid needs a model whose adapters all sit on W4 bases (apply a "
