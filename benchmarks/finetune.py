@@ -8,6 +8,7 @@ Parts (``--parts``), recorded in benchmarks/results/finetune.json:
 - ``memory``: peak resident memory (VmHWM, reset after the model is prepared) of LoRA vs QLoRA training
   steps at the same batch, each in a fresh process so neither sees the other's heap.
 - ``merge``: max |logits| difference, fp32, merged vs unmerged, for a LoRA with non-zero B (and DoRA).
+- ``merge_w4``, ``bitdelta``, ``dpo``, ``ddp``: see benchmarks/finetune_align.py.
 - ``peft``: our adapter loaded by peft onto transformers' LlamaForCausalLM and peft's loaded here (max
   abs logit difference, both directions); training tokens/s, ours vs peft + transformers, same config,
   batch and threads, steps interleaved (median step time); DoRA's step time beside LoRA's.
@@ -41,14 +42,6 @@ from efficientml.finetune.sft import SFTConfig, token_loss, train_sft
 from efficientml.finetune.sft_data import batches
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-NOT_YET = ["merge_into_w4_ppl_vs_adapter", "bitdelta_size_ratio", "bitdelta_ppl_vs_finetune", "dpo_win_rate",
-           "tinytl_memory_vs_full_ft", "tinytl_acc_drop_vs_full_ft", "ddp_2proc_matches_single"]
-NOT_YET_OPS = {"merge_into_w4_ppl_vs_adapter": ("<=", 1.02), "bitdelta_size_ratio": (">=", 10),
-               "bitdelta_ppl_vs_finetune": ("<=", 1.05), "dpo_win_rate": (">=", 0.8),
-               "tinytl_memory_vs_full_ft": ("<=", 0.3), "tinytl_acc_drop_vs_full_ft": ("<=", 2.0),
-               "ddp_2proc_matches_single": ("==", True)}
-
-
 def budget(quick: bool) -> dict:
     if quick:
         return {"steps": 3, "batch": 2, "length": 32, "eval_rows": 2, "max_chars": 20000, "timing_steps": 2}
@@ -235,11 +228,13 @@ def _throughput(quick: bool, ours, theirs, vocab: int, cfg: LoRAConfig) -> dict:
             "dora_step_time_vs_lora": med["dora"] / med["ours"]}
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling file with the CNN and DoRA parts
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling files with more parts
+from finetune_align import PARTS as ALIGN_PARTS  # noqa: E402  merge_w4, bitdelta, dpo, ddp (their docstring)
 from finetune_cnn import part_dora, part_tinytl  # noqa: E402
 
 PARTS = {"quality": part_quality, "memory": part_memory, "merge": part_merge, "peft": part_peft,
          "tinytl": part_tinytl, "dora": part_dora}
+PARTS.update(ALIGN_PARTS)
 
 
 class Run:
@@ -261,9 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = default_out("finetune", args.quick, args.out)
     rec = BenchmarkRecord("finetune")
-    for tid in NOT_YET:
-        op, th = NOT_YET_OPS[tid]
-        rec.target(tid, None, op, th, "not implemented yet")
 
     def done(name: str, seconds: float) -> None:
         rec.results.setdefault("seconds", {})[name] = round(seconds, 1)

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "fashion-mnist with its training memory measured.")
     p.add_argument("model", help="e.g. smollm2-135m, a .gguf file, a Hugging Face folder, or a zoo CNN (resnet20)")
     p.add_argument("--method", default="lora", choices=LLM_METHODS + CNN_ONLY,
-                   help="LLM: lora, qlora, dora, full, bitfit, adapter, prompt, prefix, ia3; "
+                   help="LLM: lora, qlora, w4lora, dora, full, bitfit, adapter, prompt, prefix, ia3 (w4lora: LoRA on "
+                        "a W4 base, int4 groups of 32, merged back onto its grid by --merge-into); "
                         "CNN (zoo model): tinytl, bitfit, last-layer, full")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a .jsonl file of examples")
@@ -55,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_method_args(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge-into", choices=["w4"], default=None,
+                   help="after LoRA/QLoRA training, merge the adapter into a 4-bit model re-quantized with "
+                        "calibration (and naively, for comparison); saves OUT/merged-w4 (packed) and "
+                        "OUT/merged-w4.gguf (Q4_0)")
+    p.add_argument("--merge-method", choices=["gptq", "awq", "awq_gptq"], default="gptq",
+                   help="calibrated re-quantization (awq_gptq: AWQ scales, then GPTQ rounding)")
+    p.add_argument("--calib-samples", type=positive_int, default=32, help="calibration rows for --merge-into")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -70,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from efficientml.finetune.sft_data import batches
     from efficientml.llm.io.load import load
 
+    from efficientml.train.distributed import init_distributed
+
     if is_cnn(args.model):
         from efficientml.cli.finetune_cnn import run_cnn
 
@@ -79,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
                           f"{args.model!r} use one of {', '.join(LLM_METHODS)}")
     targets = split_targets(args.targets)
     out = check_output(args.out, args.overwrite, folder=True)  # before any work: exists, writable, ours
+    if args.merge_into and args.method == "full":
+        from efficientml.core.errors import ConfigError
+
+        raise ConfigError("--merge-into merges a LoRA/QLoRA adapter; full fine-tuning has none "
+                          "(quantize the saved model with `efficientml llm quantize` instead)")
+    ctx = init_distributed()  # under torchrun: DDP on gloo (CPU); rank 0 saves and reports
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = SFTConfig(lr=args.lr or 2e-4, steps=args.steps or 100, batch_size=args.batch_size,
@@ -88,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
                       target_modules=targets or LoRAConfig().target_modules, seed=args.seed)
     config = peft_config(args, targets)
     model, tok = load(args.model)
+    if args.merge_into:  # fail before training if the merged model could not be written as GGUF
+        from efficientml.finetune.merge_quant import check_gguf_writable
+
+        check_gguf_writable(model, tok)
     held = None
     if args.data:
         ids, labels = jsonl_rows(tok, args.data, args.max_length, packing=not args.no_packing)
@@ -98,23 +118,58 @@ def run(args: argparse.Namespace) -> int:
     before = held_out_loss(model, held) if held is not None else None
     quiet = args.json or args.no_progress
     hist = train_sft(model, batches(ids, labels, min(args.batch_size, ids.shape[0]), seed=args.seed), cfg,
-                     progress=not quiet)
+                     progress=not quiet, dist=ctx)
+    if ctx is not None and not ctx.main:  # the other ranks only train
+        return 0
     after = held_out_loss(model, held) if held is not None else None
     save_result(model, tok, out, args.method, lora, str(args.model), overwrite=args.overwrite, config=config)
+    merged = _merge(model, tok, out, args, held) if args.merge_into else None
     report = {"model": str(args.model), "method": args.method, "out": str(out), "rows": int(ids.shape[0]),
-              "sft": cfg.to_dict(), "lora": lora.to_dict() if args.method in ("lora", "qlora", "dora") else None,
+              "sft": cfg.to_dict(), "lora": lora.to_dict() if args.method in ("lora", "qlora", "w4lora", "dora") else None,
               "config": config.to_dict() if config is not None else None,
-              "trainable": trainable_parameters(model), "train": hist, "eval_before": before, "eval_after": after}
+              "trainable": trainable_parameters(model), "train": hist, "eval_before": before, "eval_after": after,
+              "merged": merged}
     write_json(out / "training_log.json", report)
     if args.json:
         print_json(report)
         return 0
-    c = console()
-    t = report["trainable"]
+    _print(report, args)
+    return 0
+
+
+def _print(report: dict, args: argparse.Namespace) -> None:
+    c, t, hist = console(), report["trainable"], report["train"]
+    before, after, merged = report["eval_before"], report["eval_after"], report["merged"]
     c.print(f"{args.method}: {t['trainable']:,} of {t['total']:,} parameters trained ({100 * t['fraction']:.2f}%), "
             f"{hist['steps']} steps, {hist['tokens_per_s']:.0f} tokens/s")
     c.print(f"loss {hist['curve'][0]['loss']:.3f} → {hist['curve'][-1]['loss']:.3f}")
     if after is not None:
         c.print(f"held-out perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f}")
-    c.print(f"saved to {out}")
-    return 0
+    if merged is not None:
+        c.print(f"merged into W4 ({merged['method']}): {merged['paths']['packed']}, {merged['paths']['gguf']}")
+    c.print(f"saved to {report['out']}")
+
+
+def _merge(model, tok, out, args, held) -> dict:
+    """--merge-into w4: calibrated and naive merges, held-out perplexity of each beside base+adapter."""
+    from efficientml.finetune.merge_quant import MergeQuantConfig, merge_into_quantized, save_merged
+    from efficientml.finetune.recipe import held_out_loss
+    from efficientml.llm.compress import CalibConfig, calibration_tokens
+
+    source = args.dataset or "wikitext2-valid"
+    calib = calibration_tokens(tok, CalibConfig(source=source, n_samples=args.calib_samples,
+                                                seq_len=min(args.max_length, 512)))
+    if args.method == "w4lora":  # the base's own grid: GPTQ with its scales fixed
+        from efficientml.finetune.w4base import merge_on_base_grid
+
+        res = merge_on_base_grid(model, calib)
+    else:
+        res = merge_into_quantized(model, calib, MergeQuantConfig(method=args.merge_method), progress=False)
+    paths = save_merged(res.calibrated, tok, out / "merged-w4", overwrite=args.overwrite)
+    ppl = None
+    if held is not None:
+        ppl = {k: held_out_loss(m, held)["perplexity"] for k, m in
+               (("adapter", model), ("calibrated", res.calibrated), ("naive", res.naive))}
+    return {"method": "gptq_on_base_grid" if args.method == "w4lora" else args.merge_method, "paths": paths,
+            "perplexity": ppl, "calib_source": source,
+            "report": res.report}

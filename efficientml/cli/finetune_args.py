@@ -6,7 +6,7 @@ import argparse
 
 from efficientml.cli.common import number, positive_int
 
-LLM_METHODS = ["lora", "qlora", "dora", "full", "bitfit", "adapter", "prompt", "prefix", "ia3"]
+LLM_METHODS = ["lora", "qlora", "w4lora", "dora", "full", "bitfit", "adapter", "prompt", "prefix", "ia3"]
 CNN_ONLY = ["tinytl", "last-layer"]
 CNN_METHODS = ["tinytl", "bitfit", "last-layer", "full"]
 

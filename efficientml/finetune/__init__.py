@@ -1,6 +1,8 @@
 """Efficient fine-tuning: LoRA, DoRA, QLoRA (NF4 base, 8-bit optimizer states), PEFT-layout adapters,
 BitFit, bottleneck adapters, prompt/prefix tuning, IA3, TinyTL, and the SFT trainer. Each method is a
-config applied by ``efficientml.apply``."""
+config applied by ``efficientml.apply``. Alignment and deployment (imported from their modules): DPO
+(``dpo``, ``reference``, ``preference``), the reward model (``reward``), BitDelta (``bitdelta``,
+``bitdelta_serve``), merging into W4 (``merge_quant``, ``w4base``)."""
 
 from efficientml.finetune.inject import (adapter_state_dict, adapters, load_adapter_state_dict, merge,
                                          merge_and_unload, trainable_parameters, unmerge)

@@ -27,7 +27,7 @@ from efficientml.finetune.qlora import QLoRAConfig
 from efficientml.finetune.sft import token_loss
 from efficientml.finetune.sft_data import IGNORE, encode_all, lm_rows, pack, pad, read_jsonl
 
-METHODS = ("lora", "qlora", "dora", "full") + tuple(PEFT_METHODS)
+METHODS = ("lora", "qlora", "w4lora", "dora", "full") + tuple(PEFT_METHODS)
 
 
 def prepare(model: nn.Module, method: str, lora: LoRAConfig | None = None, config: Config | None = None) -> nn.Module:
@@ -48,6 +48,13 @@ def prepare(model: nn.Module, method: str, lora: LoRAConfig | None = None, confi
         d = lora.to_dict()
         d.pop("__kind__")
         lora = QLoRAConfig(**d)
+    if method == "w4lora":  # LoRA on a W4 base (int4 grid, groups of 32): merges back onto the same grid
+        from efficientml.finetune.w4base import W4LoRAConfig
+
+        if not isinstance(lora, W4LoRAConfig):
+            d = lora.to_dict()
+            d.pop("__kind__")
+            lora = W4LoRAConfig(**{k: v for k, v in d.items() if k in LoRAConfig.__dataclass_fields__})
     return apply(model, lora, inplace=True).model
 
 

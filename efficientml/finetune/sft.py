@@ -28,6 +28,7 @@ from efficientml.core.progress import track
 from efficientml.finetune.optim8bit import AdamW8bit
 from efficientml.finetune.sft_data import IGNORE
 from efficientml.train import TrainConfig, make_optimizer
+from efficientml.train.distributed import DistContext
 from efficientml.train.schedule import SCHEDULES
 
 
@@ -105,8 +106,12 @@ def build_optimizer(model: nn.Module, cfg: SFTConfig) -> torch.optim.Optimizer:
 
 def train_sft(model: nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: SFTConfig,
               optimizer: torch.optim.Optimizer | None = None, progress: bool | None = None,
-              on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train ``model`` in place for ``cfg.steps`` optimizer steps; returns the loss curve and throughput."""
+              on_step: Callable[[int, dict[str, float]], None] | None = None,
+              dist: DistContext | None = None) -> dict[str, Any]:
+    """Train ``model`` in place for ``cfg.steps`` optimizer steps; returns the loss curve and throughput.
+    With ``dist`` (:func:`efficientml.train.distributed.init_distributed`) the model runs in DDP: every
+    rank draws the same global batches from ``data`` and trains on its shard of each; only rank 0 shows
+    progress and calls ``on_step``; the curve is the global one."""
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -115,27 +120,39 @@ def train_sft(model: nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, SCHEDULES[cfg.schedule](cfg.steps, cfg.warmup_frac))
     dev = next(iter(params)).device
     curve, tokens, t0 = [], 0, time.perf_counter()
+    main = dist is None or dist.main
     model.train()
     with gradient_checkpointing(model, cfg.grad_checkpointing):
-        for step in track(range(cfg.steps), "fine-tuning", total=cfg.steps, enabled=progress):
+        net = dist.wrap(model) if dist is not None else model
+        for step in track(range(cfg.steps), "fine-tuning", total=cfg.steps, enabled=progress if main else False):
             micro = [next(data) for _ in range(cfg.grad_accum)]
-            n_lab = sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab in micro)
+            n_lab = sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab in micro)  # the global batch's count
             opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for ids, lab in micro:
-                loss, _ = token_loss(model, ids.to(dev), lab.to(dev))
-                (loss / max(1, n_lab)).backward()
-                total += loss.item()
-                tokens += ids.numel()
+            total = _accumulate(net, micro, n_lab, dev, dist)
+            tokens += sum(ids.numel() for ids, _ in micro)
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             rec = {"step": step + 1, "loss": total / max(1, n_lab), "lr": opt.param_groups[0]["lr"]}
             curve.append(rec)
-            if on_step is not None:
+            if on_step is not None and main:
                 on_step(step, rec)
     model.eval()
     seconds = time.perf_counter() - t0
     return {"curve": curve, "steps": cfg.steps, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / max(seconds, 1e-9)}
+            "tokens_per_s": tokens / max(seconds, 1e-9), "world_size": dist.world_size if dist else 1}
+
+
+def _accumulate(net: nn.Module, micro: list, n_lab: int, dev: torch.device, dist: DistContext | None) -> float:
+    """Backward over the step's micro-batches (this rank's shard of each); returns the global loss sum."""
+    total, world = 0.0, dist.world_size if dist is not None else 1
+    for i, (ids, lab) in enumerate(micro):
+        if dist is not None:
+            ids, lab = dist.shard(ids), dist.shard(lab)
+        sync = dist.no_sync(net, i < len(micro) - 1) if dist is not None else contextlib.nullcontext()
+        with sync:
+            loss, _ = token_loss(net, ids.to(dev), lab.to(dev))
+            (loss * world / max(1, n_lab)).backward()  # DDP averages over ranks: × world gives the sum
+        total += loss.item()
+    return dist.all_sum(total) if dist is not None else total

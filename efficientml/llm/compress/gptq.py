@@ -55,12 +55,15 @@ class GPTQConfig(Config):
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-                  name: str = "layer", overwrite_h: bool = False) -> QTensor:
+                  name: str = "layer", overwrite_h: bool = False,
+                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> QTensor:
     """GPTQ on one weight (out, in) given its input Hessian (in, in); ``overwrite_h`` lets it use H's
-    memory as scratch (the caller's H is then garbage) — for wide layers H dominates peak memory."""
+    memory as scratch (the caller's H is then garbage) — for wide layers H dominates peak memory.
+    ``qparams``: a given grid, (scale, zero) each (out, G), instead of one chosen from W (re-quantizing
+    onto an existing model's grid, e.g. an adapter merged into a 4-bit base)."""
     Wt = torch.empty(W.shape[1], W.shape[0], dtype=torch.float32, device=W.device)
     Wt.copy_(W.detach().t())
-    return _gptq(Wt, H, spec, damp, block_size, act_order, static_groups, name, overwrite_h)
+    return _gptq(Wt, H, spec, damp, block_size, act_order, static_groups, name, overwrite_h, fixed=qparams)
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -121,7 +124,8 @@ class _Columns:
 
 @torch.no_grad()
 def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float, block_size: int, act_order: bool,
-          static_groups: bool, name: str, overwrite_h: bool) -> QTensor:
+          static_groups: bool, name: str, overwrite_h: bool,
+          fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> QTensor:
     """GPTQ on the transposed weight ``Wt`` (in, out), updated in place: a column of W is a contiguous
     row of Wt, so the column updates and the lazy block update write in place (no (out, in) temporaries).
     Memory: Wt, H (factored and inverted in place) and the uint8 codes."""
@@ -135,7 +139,9 @@ def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float, block_
 
     scale = torch.zeros(out, G, dtype=torch.float32, device=Wt.device)
     zero = torch.zeros(out, G, dtype=torch.int32, device=Wt.device)
-    if spec.group_size is None or static_groups:  # qparams fixed up front from the original weight
+    if fixed is not None:  # a given grid
+        scale, zero = fixed[0].float().clone(), fixed[1].to(torch.int32).clone()
+    elif spec.group_size is None or static_groups:  # qparams fixed up front from the original weight
         scale, zero = qparams(Wt.t(), spec)
 
     perm = torch.arange(n, device=Wt.device)
@@ -145,7 +151,8 @@ def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float, block_
     group_of = (perm // gs).tolist()
 
     Hinv = _inverse_hessian_factor(H, damp)
-    cols = _Columns(Wt, Hinv, spec, gs, group_of, scale, zero, spec.group_size is not None and not static_groups)
+    cols = _Columns(Wt, Hinv, spec, gs, group_of, scale, zero,
+                    spec.group_size is not None and not static_groups and fixed is None)
     for i1 in range(0, n, block_size):
         cols.block(i1, min(i1 + block_size, n))
     codes_t = cols.codes_t
