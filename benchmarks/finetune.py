@@ -42,6 +42,8 @@ from efficientml.finetune.sft import SFTConfig, token_loss, train_sft
 from efficientml.finetune.sft_data import batches
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def budget(quick: bool) -> dict:
     if quick:
         return {"steps": 3, "batch": 2, "length": 32, "eval_rows": 2, "max_chars": 20000, "timing_steps": 2}
