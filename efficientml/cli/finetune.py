@@ -90,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
     targets = split_targets(args.targets)
     out = check_output(args.out, args.overwrite, folder=True)  # before any work: exists, writable, ours
     if args.merge_into and args.method == "full":
-        from efficientml.core.errors import ConfigError
-
         raise ConfigError("--merge-into merges a LoRA/QLoRA adapter; full fine-tuning has none "
                           "(quantize the saved model with `efficientml llm quantize` instead)")
     ctx = init_distributed()  # under torchrun: DDP on gloo (CPU); rank 0 saves and reports
