@@ -359,9 +359,16 @@ def test_full_queue_gets_429(srv):
         srv.aengine.max_queue = 8
 
 
-def test_disconnect_mid_stream_frees_blocks(srv):
+def test_disconnect_mid_stream_frees_blocks(srv, monkeypatch):
     body = {"model": NAME, "prompt": "a long story", "max_tokens": 100, "temperature": 0.0, "ignore_eos": True,
             "stream": True}
+    step = srv.engine.step
+
+    def slow_step():  # a tiny model's 100 steps can all run before the client reads its first line
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(srv.engine, "step", slow_step)
     with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
