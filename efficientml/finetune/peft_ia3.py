@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from efficientml.core.errors import CheckpointError, ConfigError, DataNotFoundError, UnsupportedError
+from efficientml.core.errors import ConfigError, UnsupportedError
 from efficientml.core.serialization import atomic_dir, load_state_dict, read_metadata, save_state_dict
 from efficientml.core.transform import apply
 from efficientml.finetune.ia3 import IA3Config, ia3_layers
 from efficientml.finetune.method_io import load_trainable_state_dict
-from efficientml.finetune.peft_io import CONFIG_FILE, PREFIX, WEIGHTS_FILE, base_signature
+from efficientml.finetune.peft_io import CONFIG_FILE, PREFIX, WEIGHTS_FILE, base_signature, read_peft_config
 
 
 def save_ia3_adapter(model: nn.Module, folder: str | os.PathLike, config: IA3Config, base_model: str | None = None,
@@ -46,15 +46,7 @@ def save_ia3_adapter(model: nn.Module, folder: str | os.PathLike, config: IA3Con
 
 
 def _read(folder: Path) -> dict:
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / f).is_file():
-            raise DataNotFoundError(f"{str(folder)!r} is not an adapter folder: {f} is missing")
-    try:
-        pc = json.loads((folder / CONFIG_FILE).read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{str(folder / CONFIG_FILE)!r} is not valid JSON ({e})") from None
-    if pc.get("peft_type") != "IA3":
-        raise UnsupportedError(f"{str(folder)!r} holds a {pc.get('peft_type')!r} adapter, not IA3")
+    pc = read_peft_config(folder, ("IA3",))
     if pc.get("modules_to_save") or pc.get("fan_in_fan_out") or isinstance(pc.get("target_modules"), str):
         raise UnsupportedError(f"{str(folder)!r} uses modules_to_save, fan_in_fan_out or a regex target_modules, "
                                "which efficientml's IA3 does not read; expected a list of layer names")

@@ -73,7 +73,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, config: LoRAConfig
     return Path(folder)
 
 
-def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
+def read_peft_config(folder: str | os.PathLike, peft_types: tuple[str, ...]) -> dict[str, Any]:
+    """A PEFT adapter folder's ``adapter_config.json``, checked: both files there, valid JSON, and a
+    ``peft_type`` among ``peft_types``."""
     folder = Path(folder)
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / f).is_file():
@@ -83,9 +85,14 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         pc = json.loads((folder / CONFIG_FILE).read_text())
     except ValueError as e:
         raise CheckpointError(f"{str(folder / CONFIG_FILE)!r} is not valid JSON ({e})") from None
-    if pc.get("peft_type") != "LORA":
-        raise UnsupportedError(f"{str(folder)!r} holds a {pc.get('peft_type')!r} adapter; only LORA adapters "
-                               "load here")
+    if not isinstance(pc, dict) or pc.get("peft_type") not in peft_types:
+        kind = pc.get("peft_type") if isinstance(pc, dict) else type(pc).__name__
+        raise UnsupportedError(f"{str(folder)!r} holds a {kind!r} adapter; expected {' or '.join(peft_types)} here")
+    return pc
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
+    pc = read_peft_config(folder, ("LORA",))
     for key in ("rank_pattern", "alpha_pattern"):
         if pc.get(key):
             raise UnsupportedError(f"{str(folder)!r} uses a per-layer {key}; expected one rank and alpha")

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from efficientml.core.errors import CheckpointError, ConfigError, DataNotFoundError, UnsupportedError
+from efficientml.core.errors import ConfigError, UnsupportedError
 from efficientml.core.serialization import atomic_dir, load_state_dict, read_metadata, save_state_dict
 from efficientml.core.transform import apply
-from efficientml.finetune.peft_io import CONFIG_FILE, WEIGHTS_FILE, base_signature
+from efficientml.finetune.peft_io import CONFIG_FILE, WEIGHTS_FILE, base_signature, read_peft_config
 from efficientml.finetune.prompt import PrefixEncoder, PrefixTuningConfig, PromptEmbedding, PromptTuningConfig
 
 KEY = "prompt_embeddings"
@@ -50,16 +50,7 @@ def save_prompt_adapter(model: nn.Module, folder: str | os.PathLike, base_model:
 
 
 def _read(folder: Path) -> dict:
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / f).is_file():
-            raise DataNotFoundError(f"{str(folder)!r} is not an adapter folder: {f} is missing")
-    try:
-        pc = json.loads((folder / CONFIG_FILE).read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{str(folder / CONFIG_FILE)!r} is not valid JSON ({e})") from None
-    if pc.get("peft_type") not in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        raise UnsupportedError(f"{str(folder)!r} holds a {pc.get('peft_type')!r} adapter, not PROMPT_TUNING or "
-                               "PREFIX_TUNING")
+    pc = read_peft_config(folder, ("PROMPT_TUNING", "PREFIX_TUNING"))
     if (pc.get("num_transformer_submodules") or 1) != 1:
         raise UnsupportedError(f"{str(folder)!r} is for an encoder-decoder model (num_transformer_submodules > 1)")
     return pc

@@ -71,30 +71,41 @@ class _BuildFailed(Exception):
     """One flag set did not compile (the next one is tried)."""
 
 
+def open_library(source: Path) -> tuple[ctypes.CDLL | None, str]:
+    """Build ``source`` (cached) and load it: ``(library, "compiler flags; path")``, or ``(None, "off (why)")``
+    (``EFFICIENTML_CPU_GEMV=0``, no compiler, a build error). What every CPU kernel module here loads with."""
+    if os.environ.get("EFFICIENTML_CPU_GEMV", "1") == "0":
+        return None, "off (EFFICIENTML_CPU_GEMV=0)"
+    if (cc := _compiler()) is None:
+        return None, "off (no C compiler found: set CC or install gcc/clang)"
+    from efficientml.core.paths import cache_dir
+
+    try:
+        lib, flags = _build_any(cc, cache_dir() / "kernels", source)
+        return ctypes.CDLL(str(lib)), f"{Path(cc).name} {' '.join(flags)}; {lib}"
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"off (could not build {source.name} with {cc}: {e})"
+
+
+def bind(dll: ctypes.CDLL, name: str, argtypes: list, restype=ctypes.c_int):
+    """The library's function ``name`` with its C signature."""
+    f = getattr(dll, name)
+    f.argtypes, f.restype = argtypes, restype
+    return f
+
+
 def _load() -> object:
     if "fn" in _state:  # built (or refused) already: no lock on the decode path
         return _state["fn"]
     with _lock:
         if "fn" in _state:
             return _state["fn"]
-        fn, status = None, ""
-        if os.environ.get("EFFICIENTML_CPU_GEMV", "1") == "0":
-            status = "off (EFFICIENTML_CPU_GEMV=0)"
-        elif not hasattr(torch.library, "register_fake"):
-            status = f"off (torch {torch.__version__} has no torch.library.register_fake; needs ≥ 2.4)"
-        elif (cc := _compiler()) is None:
-            status = "off (no C compiler found: set CC or install gcc/clang)"
-        else:
-            from efficientml.core.paths import cache_dir
-
-            try:
-                lib, flags = _build_any(cc, cache_dir() / "kernels")
-                f = getattr(ctypes.CDLL(str(lib)), SYMBOL)
-                f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-                f.restype = None
-                fn, status = f, f"on ({Path(cc).name} {' '.join(flags)}; {lib})"
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                status = f"off (could not build {SOURCE.name} with {cc}: {e})"
+        fn, status = None, f"off (torch {torch.__version__} has no torch.library.register_fake; needs ≥ 2.4)"
+        if hasattr(torch.library, "register_fake"):
+            dll, status = open_library(SOURCE)
+            if dll is not None:
+                fn = bind(dll, SYMBOL, [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], None)
+                status = f"on ({status})"
         _state["fn"], _state["status"] = fn, status
         return fn
 

@@ -11,8 +11,6 @@ widened to fp32 on the way in, the result rounded once on the way out).
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -34,28 +32,14 @@ def _load():
     with _lock:
         if "fn" in _state:
             return _state["fn"]
-        fn, f16, status = None, False, ""
-        if os.environ.get("EFFICIENTML_CPU_GEMV", "1") == "0":
-            status = "off (EFFICIENTML_CPU_GEMV=0)"
-        elif not hasattr(torch.library, "register_fake"):
-            status = f"off (torch {torch.__version__} has no torch.library.register_fake; needs ≥ 2.4)"
-        elif (cc := cpu_gemv._compiler()) is None:
-            status = "off (no C compiler found: set CC or install gcc/clang)"
-        else:
-            from efficientml.core.paths import cache_dir
-
-            try:
-                lib, flags = cpu_gemv._build_any(cc, cache_dir() / "kernels", SOURCE)
-                dll = ctypes.CDLL(str(lib))
-                f = dll.efficientml_gemv_h16
-                f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
-                f.restype = ctypes.c_int
+        fn, f16, status = None, False, f"off (torch {torch.__version__} has no torch.library.register_fake; needs ≥ 2.4)"
+        if hasattr(torch.library, "register_fake"):
+            dll, status = cpu_gemv.open_library(SOURCE)
+            if dll is not None:
+                fn = cpu_gemv.bind(dll, "efficientml_gemv_h16", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 +
+                                   [ctypes.c_int] * 2)
                 f16 = bool(dll.efficientml_gemv_h16_has_f16())
-                fn = f
-                status = f"on (bf16{', fp16' if f16 else '; no fp16: the compiler has no _Float16'}; " \
-                         f"{Path(cc).name} {' '.join(flags)}; {lib})"
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                status = f"off (could not build {SOURCE.name} with {cc}: {e})"
+                status = f"on (bf16{', fp16' if f16 else '; no fp16: the compiler has no _Float16'}; {status})"
         _state.update(fn=fn, f16=f16, status=status)
         return fn
 

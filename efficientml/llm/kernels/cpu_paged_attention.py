@@ -11,8 +11,6 @@ flags and cache); :func:`available` False and :func:`status` says why when it ca
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -34,22 +32,11 @@ def _load():
     with _lock:
         if "fn" in _state:
             return _state["fn"]
-        fn, status = None, ""
-        if os.environ.get("EFFICIENTML_CPU_GEMV", "1") == "0":
-            status = "off (EFFICIENTML_CPU_GEMV=0)"
-        elif (cc := cpu_gemv._compiler()) is None:
-            status = "off (no C compiler found: set CC or install gcc/clang)"
-        else:
-            from efficientml.core.paths import cache_dir
-
-            try:
-                lib, flags = cpu_gemv._build_any(cc, cache_dir() / "kernels", SOURCE)
-                f = ctypes.CDLL(str(lib)).efficientml_paged_attention_f32
-                f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64]
-                f.restype = ctypes.c_int
-                fn, status = f, f"on ({Path(cc).name} {' '.join(flags)}; {lib})"
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                status = f"off (could not build {SOURCE.name} with {cc}: {e})"
+        fn, (dll, status) = None, cpu_gemv.open_library(SOURCE)
+        if dll is not None:
+            fn = cpu_gemv.bind(dll, "efficientml_paged_attention_f32",
+                               [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64])
+            status = f"on ({status})"
         _state.update(fn=fn, status=status)
         return fn
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,25 +55,13 @@ def _load():
     with _lock:
         if "fn" in _state:
             return _state["fn"]
-        fn, isa, status = None, 0, ""
-        if os.environ.get("EFFICIENTML_CPU_GEMV", "1") == "0":
-            status = "off (EFFICIENTML_CPU_GEMV=0)"
-        elif (cc := cpu_gemv._compiler()) is None:
-            status = "off (no C compiler found: set CC or install gcc/clang)"
-        else:
-            from efficientml.core.paths import cache_dir
-
-            try:
-                lib, flags = cpu_gemv._build_any(cc, cache_dir() / "kernels", SOURCE)
-                dll = ctypes.CDLL(str(lib))
-                f = dll.efficientml_qgemv
-                f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + \
-                    [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
-                f.restype = ctypes.c_int
-                isa, name = _choose_isa(bool(dll.efficientml_qgemv_has_avx2()))
-                fn, status = f, f"on ({name}; {Path(cc).name} {' '.join(flags)}; {lib})"
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                status = f"off (could not build {SOURCE.name} with {cc}: {e})"
+        fn, isa = None, 0
+        dll, status = cpu_gemv.open_library(SOURCE)
+        if dll is not None:
+            fn = cpu_gemv.bind(dll, "efficientml_qgemv", [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3
+                               + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2)
+            isa, name = _choose_isa(bool(dll.efficientml_qgemv_has_avx2()))
+            status = f"on ({name}; {status})"
         _state.update(fn=fn, isa=isa, status=status)
         return fn
 

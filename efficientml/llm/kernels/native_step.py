@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -86,26 +85,17 @@ def _load():
         elif any(k is None for k in kernels):
             status = f"off (a kernel it calls is off: cpu_gemv {cpu_gemv.status()}; cpu_qgemv {cpu_qgemv.status()})"
         else:
-            from efficientml.core.paths import cache_dir
-
-            try:
-                path, flags = cpu_gemv._build_any(cpu_gemv._compiler(), cache_dir() / "kernels", SOURCE)
-                dll = ctypes.CDLL(str(path))
-                step = dll.efficientml_decode_step
-                step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-                step.restype = ctypes.c_int
-                work = dll.efficientml_decode_work_floats
-                work.argtypes = [ctypes.POINTER(_Model)]
-                work.restype = ctypes.c_int64
-                quant = dll.efficientml_kv_quantize
-                quant.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-                quant.restype = None
-                _state["kv_quantize"] = quant
+            dll, status = cpu_gemv.open_library(SOURCE)
+            if dll is not None:
+                step = cpu_gemv.bind(dll, "efficientml_decode_step", [ctypes.POINTER(_Model), ctypes.c_int64,
+                                                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+                work = cpu_gemv.bind(dll, "efficientml_decode_work_floats", [ctypes.POINTER(_Model)], ctypes.c_int64)
+                _state["kv_quantize"] = cpu_gemv.bind(
+                    dll, "efficientml_kv_quantize", [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
+                    None)
                 lib = (step, work, tuple(_fn_address(k) for k in kernels))
-                status = f"on ({' '.join(flags)}; {path})"
-            except (OSError, RuntimeError, subprocess.SubprocessError, TypeError) as e:
-                status = f"off (could not build {SOURCE.name}: {e})"
+                status = f"on ({status})"
         _state.update(lib=lib, status=status)
         return lib
 
