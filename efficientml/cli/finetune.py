@@ -73,11 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from efficientml.core.outputs import check_output
     from efficientml.core.serialization import write_json
     from efficientml.finetune import LoRAConfig, trainable_parameters
-    from efficientml.finetune.recipe import corpus_rows, held_out_loss, jsonl_rows, prepare, save_result
+    from efficientml.finetune.recipe import held_out_loss, prepare, save_result
     from efficientml.finetune.sft import SFTConfig, train_sft
     from efficientml.finetune.sft_data import batches
     from efficientml.llm.io.load import load
-
     from efficientml.train.distributed import init_distributed
 
     if is_cnn(args.model):
@@ -95,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = init_distributed()  # under torchrun: DDP on gloo (CPU); rank 0 saves and reports
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = SFTConfig(lr=args.lr or 2e-4, steps=args.steps or 100, batch_size=args.batch_size,
-                    grad_accum=args.grad_accum,
+    cfg = SFTConfig(lr=args.lr or 2e-4, steps=args.steps or 100, batch_size=args.batch_size, grad_accum=args.grad_accum,
                     optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing, seed=args.seed)
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora, dora=args.dora,
                       target_modules=targets or LoRAConfig().target_modules, seed=args.seed)
@@ -106,12 +104,7 @@ def run(args: argparse.Namespace) -> int:
         from efficientml.finetune.merge_quant import check_gguf_writable
 
         check_gguf_writable(model, tok)
-    held = None
-    if args.data:
-        ids, labels = jsonl_rows(tok, args.data, args.max_length, packing=not args.no_packing)
-    else:
-        (ids, labels), held = corpus_rows(tok, args.dataset, args.max_length, max_chars=args.max_chars)
-        held = held[:args.eval_rows] if args.eval_rows > 0 else None
+    ids, labels, held = _rows(args, tok)
     model = prepare(model, args.method, lora if args.method != "full" else None, config)
     before = held_out_loss(model, held) if held is not None else None
     quiet = args.json or args.no_progress
@@ -123,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     save_result(model, tok, out, args.method, lora, str(args.model), overwrite=args.overwrite, config=config)
     merged = _merge(model, tok, out, args, held) if args.merge_into else None
     report = {"model": str(args.model), "method": args.method, "out": str(out), "rows": int(ids.shape[0]),
-              "sft": cfg.to_dict(), "lora": lora.to_dict() if args.method in ("lora", "qlora", "w4lora", "dora") else None,
+              "sft": cfg.to_dict(),
+              "lora": lora.to_dict() if args.method in ("lora", "qlora", "w4lora", "dora") else None,
               "config": config.to_dict() if config is not None else None,
               "trainable": trainable_parameters(model), "train": hist, "eval_before": before, "eval_after": after,
               "merged": merged}
@@ -133,6 +127,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print(report, args)
     return 0
+
+
+def _rows(args: argparse.Namespace, tok):
+    """(ids, labels, held-out rows or None) from --data (a .jsonl file) or --dataset (a corpus, last 10% held out)."""
+    from efficientml.finetune.recipe import corpus_rows, jsonl_rows
+
+    if args.data:
+        return (*jsonl_rows(tok, args.data, args.max_length, packing=not args.no_packing), None)
+    (ids, labels), held = corpus_rows(tok, args.dataset, args.max_length, max_chars=args.max_chars)
+    return ids, labels, held[:args.eval_rows] if args.eval_rows > 0 else None
 
 
 def _print(report: dict, args: argparse.Namespace) -> None:
