@@ -57,7 +57,7 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("n_layers", "d", "n_heads", "n_kv", "hd", "ffn", "rope_dim", "act",
-                                               "cache_dtype", "embed_dtype", "isa", "f16_ok")] + \
+                                               "cache_dtype", "embed_dtype", "isa")] + \
         [(n, ctypes.c_int64) for n in ("vocab", "max_len", "window")] + \
         [(n, ctypes.c_float) for n in ("eps", "attn_scale", "resid_mult", "emb_mult", "logit_scale")] + \
         [("embed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("cos", ctypes.c_void_p),
@@ -262,6 +262,9 @@ def why_not(model: nn.Module, cache, batch: int) -> str | None:
                "StaticKVCache or an int8/int4 quantized one)"
     if cache.key_mask is not None:
         return "the cache has padding slots"
+    dtypes = [model.model.embed_tokens.weight.dtype] + ([cache.k.dtype] if hasattr(cache, "k") else [])
+    if torch.float16 in dtypes and not cpu_gemv16._state.get("f16"):
+        return "an fp16 cache or embedding, and the compiler has no _Float16"
     rope = model.model.rope
     if rope.dynamic and cache.max_length > rope.initial:
         return "dynamic RoPE scaling past the trained context"
