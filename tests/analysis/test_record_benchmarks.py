@@ -48,7 +48,9 @@ def test_pruning_merge_keeps_the_committed_numbers(tmp_path):
 @pytest.mark.parametrize("files", [1, 2])
 def test_gpu_merge_keeps_the_committed_numbers(tmp_path, files):
     core = script("llm_core")
-    src = RESULTS / "llm_core_gpu.json"
+    run = json.loads((RESULTS / "llm_core_gpu.json").read_text())["results"]["superseded_run"]  # a real GPU record
+    src = tmp_path / "llm_core_gpu.json"
+    src.write_text(json.dumps({"benchmark": "llm_core", **run}))
     out = tmp_path / "gpu.json"
     core.merge_gpu([str(src)] * files, out)
     old, new = json.loads(src.read_text()), json.loads(out.read_text())
