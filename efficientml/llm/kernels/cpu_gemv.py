@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import threading
@@ -110,9 +111,15 @@ def _load() -> object:
         return fn
 
 
+def _local_includes(source: Path) -> list[Path]:
+    """The ``#include "…"`` files beside ``source`` (part of the cache key: a header change rebuilds)."""
+    names = re.findall(r'^\s*#\s*include\s+"([^"]+)"', source.read_text(), flags=re.M)
+    return [source.with_name(n) for n in names if source.with_name(n).is_file()]
+
+
 def _build_any(cc: str, out_dir: Path, source: Path = SOURCE) -> tuple[Path, tuple[str, ...]]:
     """Build ``source`` with the first flag set the compiler accepts (cached per source, flags and CPU)."""
-    src = source.read_bytes()
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in _local_includes(source))
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()]))

@@ -8,10 +8,11 @@ The weight layout is :class:`QWeight`: ``qs`` (out, K/2) bytes for 4 bits (GGUF'
 :func:`pack_codes` builds it from compressed-tensors codes (our QuantLinear: any group of 32·k,
 symmetric or not), :func:`pack_ggml` from GGUF Q4_0 / Q4_1 / Q8_0 blocks — integers stay integers.
 
-The instruction set is chosen at run time: AVX2 (+FMA) when the CPU has it, else portable C;
-``EFFICIENTML_CPU_ISA=portable`` forces the portable path (``=avx2`` asks for AVX2, refused where the
-CPU lacks it). :func:`status` says which. (No AVX-512 VNNI / AMX path: none could be run where it
-was written, so none is shipped.) ``EFFICIENTML_CPU_GEMV=0`` turns this kernel off with the fp32 one.
+The instruction set is chosen at run time from the CPU's flags: AVX-512 VNNI (``csrc/qgemv_avx512.h``:
+two blocks per register, one vpdpbusd each) where the CPU has AVX512F/BW/VL + VNNI and K is a multiple
+of 64, else AVX2 (+FMA), else portable C. ``EFFICIENTML_CPU_ISA=portable`` / ``=avx2`` / ``=avx512vnni``
+force one (refused where the CPU lacks it); :func:`status` says which runs. (No AMX tile path yet.)
+``EFFICIENTML_CPU_GEMV=0`` turns this kernel off with the fp32 one.
 
 :func:`qgemv` is also the op ``torch.ops.efficientml.qgemv`` so a compiled decode step calls it as one
 opaque extern call.
@@ -33,20 +34,26 @@ from efficientml.llm.kernels import cpu_gemv, gemv_op
 
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 QK = 32  # weights per block
-ISAS = ("auto", "avx2", "portable")
+ISAS = ("auto", "avx512vnni", "avx2", "portable")
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "fn", "isa" (0 portable, 1 AVX2), "status"
+_state: dict[str, object] = {}  # "fn", "isa" (0 portable, 1 AVX2, 2 AVX-512 VNNI), "status"
 
 
-def _choose_isa(has_avx2: bool) -> tuple[int, str]:
+def _choose_isa(has_avx2: bool, has_vnni512: bool = False) -> tuple[int, str]:
+    """The instruction set from ``EFFICIENTML_CPU_ISA`` (auto: the best this CPU has) → (isa, name)."""
     want = os.environ.get("EFFICIENTML_CPU_ISA", "auto").strip().lower() or "auto"
     if want not in ISAS:
         raise ConfigError(f"EFFICIENTML_CPU_ISA must be one of {', '.join(ISAS)}, got {want!r}")
+    if want == "avx512vnni" and not has_vnni512:
+        raise ConfigError("EFFICIENTML_CPU_ISA=avx512vnni but this CPU has no AVX-512 VNNI; use auto, avx2 or portable")
     if want == "avx2" and not has_avx2:
         raise ConfigError("EFFICIENTML_CPU_ISA=avx2 but this CPU has no AVX2+FMA; use auto or portable")
-    isa = 1 if (want != "portable" and has_avx2) else 0
-    return isa, "avx2" if isa else f"portable C ({'forced' if want == 'portable' else 'no AVX2 here'})"
+    if want in ("auto", "avx512vnni") and has_vnni512 and has_avx2:
+        return 2, "avx512vnni (K a multiple of 64; other K: avx2)"
+    if want != "portable" and has_avx2:
+        return 1, "avx2"
+    return 0, f"portable C ({'forced' if want == 'portable' else 'no AVX2 here'})"
 
 
 def _load():
@@ -60,7 +67,7 @@ def _load():
         if dll is not None:
             fn = cpu_gemv.bind(dll, "efficientml_qgemv", [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3
                                + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2)
-            isa, name = _choose_isa(bool(dll.efficientml_qgemv_has_avx2()))
+            isa, name = _choose_isa(bool(dll.efficientml_qgemv_has_avx2()), bool(dll.efficientml_qgemv_has_avx512vnni()))
             status = f"on ({name}; {status})"
         _state.update(fn=fn, isa=isa, status=status)
         return fn

@@ -23,13 +23,17 @@ VS_DEQUANT = {4: 1.5e-2, 8: 1.5e-2}  # max error vs dequantize + matmul (fp32), 
 
 
 def _isas() -> list[str]:
-    """portable always; avx2 where this CPU runs it (so CI on AVX2 machines checks both)."""
+    """portable always; avx2 and avx512vnni where this CPU runs them (so CI checks every path it can)."""
     out = ["portable"]
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = set(open("/proc/cpuinfo").read().split())
     except OSError:
         return out
-    return out + (["avx2"] if " avx2" in flags and " fma" in flags else [])
+    if {"avx2", "fma"} <= flags:
+        out.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+            out.append("avx512vnni")
+    return out
 
 
 @pytest.fixture(params=_isas())
@@ -37,7 +41,8 @@ def isa(request, monkeypatch):
     monkeypatch.setenv("EFFICIENTML_CPU_ISA", request.param)
     monkeypatch.setattr(cpu_qgemv, "_state", {})
     assert cpu_qgemv.available(), cpu_qgemv.status()
-    assert (request.param == "avx2") == cpu_qgemv.status().startswith("on (avx2"), cpu_qgemv.status()
+    assert cpu_qgemv.status().startswith(f"on ({request.param}" if request.param != "portable" else "on (portable"), \
+        cpu_qgemv.status()
     return request.param
 
 
@@ -101,6 +106,15 @@ def test_isa_paths_agree_and_bad_isa_is_refused(monkeypatch):
         ys.append(cpu_qgemv.qgemv(x, qw))
     for y in ys[1:]:
         torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5)
+    odd = cpu_qgemv.pack_codes(*_grid(8, 40, 96, 32, True, g)[:3], 8)  # K/32 odd: AVX-512 hands it to AVX2
+    xo = torch.randn(3, 96, generator=g)
+    yo = []
+    for name in _isas():
+        monkeypatch.setenv("EFFICIENTML_CPU_ISA", name)
+        monkeypatch.setattr(cpu_qgemv, "_state", {})
+        yo.append(cpu_qgemv.qgemv(xo, odd))
+    for y in yo[1:]:
+        torch.testing.assert_close(y, yo[0], rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("EFFICIENTML_CPU_ISA", "avx9000")
     monkeypatch.setattr(cpu_qgemv, "_state", {})
     from efficientml.core.errors import ConfigError

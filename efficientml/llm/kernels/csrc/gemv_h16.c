@@ -3,32 +3,42 @@
  *
  * The same loop as gemv_f32.c (R weight rows × MC input rows in vector accumulators, each thread a
  * contiguous block of rows, software prefetch eight rows ahead), reading half the bytes: each
- * 8-weight load is widened to fp32 in registers — bf16 by a 16-bit shift (exact, any CPU), fp16 by
+ * 8-weight load (16 where the build has AVX-512) is widened to fp32 in registers — bf16 by a 16-bit shift (exact, any CPU), fp16 by
  * F16C's 8-lane vcvtph2ps where -march=native has it, else the compiler's _Float16 conversion — and the products
  * are summed in fp32. Compiled at run time by efficientml/llm/kernels/cpu_gemv16.py. */
 #include <stdint.h>
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
-typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2), may_alias));
-typedef uint32_t v8u32 __attribute__((vector_size(32)));
+/* VW lanes per vector: 16 where the build has AVX-512 (-march=native on such a CPU), else 8. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float v8f __attribute__((vector_size(VW * 4)));
+typedef float v8f_unaligned __attribute__((vector_size(VW * 4), aligned(4), may_alias));
+typedef uint16_t v8u16 __attribute__((vector_size(VW * 2), aligned(2), may_alias));
+typedef uint32_t v8u32 __attribute__((vector_size(VW * 4)));
 
 static inline v8f load8(const float *p) { return *(const v8f_unaligned *)p; }
 
-/* 8 bf16 → 8 fp32: the bf16 bits are the fp32's upper half */
+/* VW bf16 → VW fp32: the bf16 bits are the fp32's upper half */
 static inline v8f widen8_bf16(const uint16_t *p) {
     const v8u32 u = __builtin_convertvector(*(const v8u16 *)p, v8u32) << 16;
     return (v8f)u;
 }
 
 #ifdef __FLT16_MAX__
-#ifdef __F16C__  /* one vcvtph2ps on 8 lanes (GCC's vector conversion does them one by one) */
+#if defined(__F16C__) || (VW == 16)  /* one vcvtph2ps on all lanes (GCC's vector conversion does them one by one) */
 #include <immintrin.h>
 static inline v8f widen8_f16(const uint16_t *p) {
+#if VW == 16
+    return (v8f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#else
     return (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#endif
 }
 #else
-typedef _Float16 v8h __attribute__((vector_size(16), aligned(2), may_alias));
+typedef _Float16 v8h __attribute__((vector_size(VW * 2), aligned(2), may_alias));
 static inline v8f widen8_f16(const uint16_t *p) { return __builtin_convertvector(*(const v8h *)p, v8f); }
 #endif
 static inline float widen1_f16(uint16_t h) { _Float16 f; __builtin_memcpy(&f, &h, 2); return (float)f; }
@@ -43,7 +53,7 @@ static inline float widen1_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; fl
 
 static inline float hsum8(v8f v) {
     float s = 0.f;
-    for (int k = 0; k < 8; k++) s += v[k];
+    for (int k = 0; k < VW; k++) s += v[k];
     return s;
 }
 
@@ -61,12 +71,12 @@ static inline float dot_tail(const uint16_t *w, const float *x, int64_t from, in
 static inline __attribute__((always_inline))
 void tile(const int R, const int MC, const int F16, const uint16_t *W, const float *X, const float *b, float *Y,
           int64_t o, int64_t out, int64_t in, int prefetch) {
-    const int64_t in8 = in - in % 8, ahead = PREFETCH_ROWS * in;
+    const int64_t in8 = in - in % VW, ahead = PREFETCH_ROWS * in;
     const uint16_t *w = W + o * in;
     v8f acc[4][4];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MC; m++) acc[r][m] = (v8f){0};
-    for (int64_t i = 0; i < in8; i += 8) {
+    for (int64_t i = 0; i < in8; i += VW) {
         v8f wv[4];
         for (int r = 0; r < R; r++) {
             if (prefetch) __builtin_prefetch(w + r * in + i + ahead, 0, 3);

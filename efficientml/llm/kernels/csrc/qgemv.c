@@ -14,7 +14,8 @@
  * |q| × sign(a, q)) and _mm256_madd_epi16 (→ s32), then one float FMA per block into a vector
  * accumulator; the portable path is plain C with the same integers (the results agree to float
  * rounding of the per-block sums). Both are in this one file, the AVX2 one compiled for that target
- * by attribute, and chosen per call by the caller (isa = 0 portable, 1 AVX2; see cpu_qgemv.py).
+ * by attribute, and chosen per call by the caller (isa = 0 portable, 1 AVX2, 2 AVX-512 VNNI, which is
+ * qgemv_avx512.h; see cpu_qgemv.py).
  *
  * Threads (OpenMP) each take a contiguous block of weight rows, so each streams one contiguous range
  * of memory once; a row (K/2 or K bytes: in L1) is used for every input row before the next one is
@@ -194,7 +195,19 @@ static void rows_avx2(const int R, const uint8_t *qs, const float *d, const floa
     }
 #undef ROWS
 }
+
+#include "qgemv_avx512.h"
 #endif
+
+int efficientml_qgemv_has_avx512vnni(void) {
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
 
 int efficientml_qgemv_has_avx2(void) {
 #ifdef HAVE_X86
@@ -215,17 +228,39 @@ int efficientml_qgemv(const uint8_t *qs, const float *d, const float *m, int bit
     float *es = malloc(sizeof(float) * (size_t)(M * nb));
     int32_t *sa = malloc(sizeof(int32_t) * (size_t)(M * nb));
     float *tmp = malloc(sizeof(float) * (size_t)(M * out));
-    if (!a || !e || !es || !sa || !tmp) { free(a); free(e); free(es); free(sa); free(tmp); return -1; }
+    const int wide = isa == 2 && nb % 2 == 0;  /* AVX-512 VNNI: pairs of blocks */
+    int8_t *ap = wide && bits == 4 ? malloc((size_t)(M * K)) : NULL;
+    float *ep = wide ? malloc(sizeof(float) * (size_t)(M * nb * 8)) : NULL;
+    if (!a || !e || !es || !sa || !tmp || (wide && (!ep || (bits == 4 && !ap)))) {
+        free(a); free(e); free(es); free(sa); free(tmp); free(ap); free(ep);
+        return -1;
+    }
     quantize_rows(x, M, K, a, e, sa);
     for (int64_t i = 0; i < M * nb; i++) es[i] = e[i] * (float)sa[i];
-    const int R = isa == 1 ? (M == 1 ? 4 : (M == 2 ? 2 : 1)) : 1;
+#ifdef HAVE_X86
+    if (wide) {
+        spread_scales(e, M, nb, bits, ep);
+        if (bits == 4) permute_pairs(a, M, K, ap);
+    }
+#endif
+    const int8_t *aw = ap ? ap : a;
+    const int R = isa >= 1 ? (M == 1 ? 4 : (M == 2 ? 2 : 1)) : 1;
     const int64_t blocks = (out + R - 1) / R, ahead = 4 * R * row_bytes;  /* prefetch 4 tiles ahead */
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t o = blk * R;
         float *t = tmp + o * M;  /* (out, M): each thread writes its own contiguous range */
 #ifdef HAVE_X86
-        if (isa == 1) {
+        if (wide) {
+            const int64_t pf = o + 5 * R <= out ? ahead : 0;
+            if (o + R <= out) rows512(R, qs + o * row_bytes, d + o * nb, m ? m + o * nb : NULL, bits, aw, ep, es,
+                                      M, K, pf, t);
+            else for (int64_t r = o; r < out; r++)
+                rows512(1, qs + r * row_bytes, d + r * nb, m ? m + r * nb : NULL, bits, aw, ep, es, M, K, 0,
+                        tmp + r * M);
+            continue;
+        }
+        if (isa >= 1) {
             const int64_t pf = o + 5 * R <= out ? ahead : 0;
             if (o + R <= out) rows_avx2(R, qs + o * row_bytes, d + o * nb, m ? m + o * nb : NULL, bits, a, e, es,
                                         M, K, pf, t);
@@ -239,6 +274,6 @@ int efficientml_qgemv(const uint8_t *qs, const float *d, const float *m, int bit
     }
     for (int64_t r = 0; r < M; r++)
         for (int64_t o = 0; o < out; o++) y[r * out + o] = tmp[o * M + r] + (bias ? bias[o] : 0.f);
-    free(a); free(e); free(es); free(sa); free(tmp);
+    free(a); free(e); free(es); free(sa); free(tmp); free(ap); free(ep);
     return 0;
 }
