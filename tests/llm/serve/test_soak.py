@@ -90,3 +90,35 @@ def test_soak_plan_is_seeded_and_exact():
     assert all(4 <= body["max_tokens"] <= 16 and body["ignore_eos"] and body["stream"] for body in bodies)
     assert all(0 <= s < bodies[i]["max_tokens"] for i, s in enumerate(stops) if s is not None)
     assert sorted(s == 0 for s in stops if s is not None) == [False, False, True, True]
+
+
+def test_latency_table_arithmetic():
+    client = _bench("serving_client")
+    ok = {**client._outcome(), "status": 200, "done": True, "finish_reason": "length"}
+    outs = [{**ok, "ttft_s": 0.1, "latency_s": 1.1, "tokens": 11}, {**ok, "ttft_s": 0.3, "latency_s": 2.3, "tokens": 5},
+            {**client._outcome(), "status": 500, "error": "boom", "latency_s": 0.5}]
+    t = client.latency_table(outs, wall_s=4.0)
+    assert (t["requests"], t["completed"], t["output_tokens"]) == (3, 2, 16)
+    assert t["output_tok_s"] == 4.0 and t["requests_per_s"] == 0.5
+    assert t["ttft_s"]["median"] == pytest.approx(0.2) and t["ttft_s"]["p99"] == 0.3
+    assert t["tpot_s"]["mean"] == pytest.approx((0.1 + 0.5) / 2)  # (1.1 − 0.1) / 10 and (2.3 − 0.3) / 4
+    assert t["errors"] == ["boom"]
+    assert not client.ended_cleanly(outs[2]) and client.ended_cleanly(outs[0])
+    assert not client.ended_cleanly({**ok, "done": False})  # a stream cut before [DONE] is lost
+
+
+def test_serving_script_records_null_targets_with_reasons(tmp_path):
+    bench = _bench("serving")
+    assert list(bench.PARTS)[:6] == ["offline", "continuous", "prefix", "llama_server", "online", "soak"]
+    assert "speculative" in bench.PARTS and list(bench.PARTS)[-1] == "gpu"
+    out = tmp_path / "s.json"
+    bench.main(["--quick", "--parts", "gpu", "--out", str(out)])
+    st = bench.State(bench.argparse.Namespace(quick=True, out=str(out), dtype="bf16", threads=2, seed=0, repeats=1))
+    bench.part_speculative_absent(st)
+    import json
+
+    targets = {t["id"]: t for t in json.loads(out.read_text())["targets"]}
+    # the second State wrote a fresh record: only its own two targets, each null with its reason
+    assert set(targets) == {"speculative_speedup_bs1", "speculative_greedy_identical"}
+    assert all(t["value"] is None and t["met"] is False and t["note"] for t in targets.values())
+    st.cleanup()
