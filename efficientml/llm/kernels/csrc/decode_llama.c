@@ -169,13 +169,42 @@ void efficientml_kv_quantize(const float *x, int64_t n, int64_t hd, int bits, in
     }
 }
 
+/* Dot products over a key row in 8 fp32 lanes (the strict-FP build does not vectorize a reduction by
+ * itself): fp32, or bf16 bits widened by a shift. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef uint16_t v8u16_u __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+
+static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+static inline float dot_f32(const float *q, const float *k, int64_t n) {
+    v8f acc = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc += *(const v8f_u *)(q + i) * *(const v8f_u *)(k + i);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += q[i] * k[i];
+    return s;
+}
+
+static inline float dot_bf16(const float *q, const uint16_t *k, int64_t n) {
+    v8f acc = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        acc += *(const v8f_u *)(q + i) * (v8f)(__builtin_convertvector(*(const v8u16_u *)(k + i), v8u32) << 16);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += q[i] * bf16_to_f32(k[i]);
+    return s;
+}
+
 /* q · row r of a layer's keys (r = kv head · max_len + position), dequantizing codes group by group. */
 static inline float key_dot(const em_model *m, const kv_view *K, int64_t r, const float *q) {
     const int64_t hd = m->hd, g = m->kv_g;
     float dot = 0.f;
     if (m->cache_dtype == DT_F32) {
-        const float *kr = (const float *)K->c + r * hd;
-        for (int64_t i = 0; i < hd; i++) dot += q[i] * kr[i];
+        dot = dot_f32(q, (const float *)K->c + r * hd, hd);
+    } else if (m->cache_dtype == DT_BF16) {
+        dot = dot_bf16(q, (const uint16_t *)K->c + r * hd, hd);
     } else if (m->cache_dtype == DT_Q8) {
         const int8_t *c = (const int8_t *)K->c + r * hd;
         for (int64_t j = 0; j < hd / g; j++) {

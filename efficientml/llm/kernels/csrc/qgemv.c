@@ -53,6 +53,45 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *a, float
     }
 }
 
+#ifdef HAVE_X86
+/* quantize_rows with AVX2: the same float operations (|x| max, x · (127 / max), round half to even,
+ * clamp; NaN → −127 as lrintf's LONG_MIN clamps), so the same codes, scales and sums bit for bit. */
+__attribute__((target("avx2,fma")))
+static void quantize_rows_avx2(const float *x, int64_t M, int64_t K, int8_t *a, float *e, int32_t *sa) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t r = 0; r < M * (K / QK); r++) {
+        const float *xb = x + r * QK;
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xb + 8 * k);
+            mx = _mm256_max_ps(_mm256_and_ps(v[k], absmask), mx);  /* NaN lanes: mx kept, as fmaxf */
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        const __m256 idv = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 t = _mm256_round_ps(_mm256_mul_ps(v[k], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);  /* max(NaN, lo) = lo */
+            q[k] = _mm256_cvtps_epi32(t);
+        }
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(a + r * QK), _mm256_permutevar8x32_epi32(p, order));
+        const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+        e[r] = d;
+        sa[r] = _mm_cvtsi128_si32(s4);
+    }
+}
+#endif
+
 /* ---- portable C ---------------------------------------------------------------------------- */
 
 static inline int32_t dot_block_portable(const uint8_t *q, const int8_t *a, int bits) {
@@ -136,7 +175,7 @@ void tile_avx2(const int R, const int MC, const int bits, const uint8_t *qs, con
         __m256 dv[4];
         for (int i = 0; i < R; i++) {
             const uint8_t *qb = qs + i * row_bytes + b * bb;
-            if (ahead) __builtin_prefetch(qb + ahead, 0, 0);
+            if (ahead) __builtin_prefetch(qb + ahead, 0, 3);
             q[i] = bits == 4 ? unpack4(qb) : _mm256_loadu_si256((const __m256i *)qb);
             dv[i] = _mm256_set1_ps(d[i * nb + b]);
         }
@@ -235,6 +274,10 @@ int efficientml_qgemv(const uint8_t *qs, const float *d, const float *m, int bit
         free(a); free(e); free(es); free(sa); free(tmp); free(ap); free(ep);
         return -1;
     }
+#ifdef HAVE_X86
+    if (isa >= 1) quantize_rows_avx2(x, M, K, a, e, sa);
+    else
+#endif
     quantize_rows(x, M, K, a, e, sa);
     for (int64_t i = 0; i < M * nb; i++) es[i] = e[i] * (float)sa[i];
 #ifdef HAVE_X86
@@ -245,8 +288,10 @@ int efficientml_qgemv(const uint8_t *qs, const float *d, const float *m, int bit
 #endif
     const int8_t *aw = ap ? ap : a;
     const int R = isa >= 1 ? (M == 1 ? 4 : (M == 2 ? 2 : 1)) : 1;
-    const int64_t blocks = (out + R - 1) / R, ahead = 4 * R * row_bytes;  /* prefetch 4 tiles ahead */
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    /* prefetch 4 tiles ahead into L1 (prefetcht0: prefetchnta halved the speed on a Xeon); rows in chunks
+     * of 16 tiles taken dynamically, so a thread that starts late or runs slower takes fewer */
+    const int64_t blocks = (out + R - 1) / R, ahead = 4 * R * row_bytes;
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t o = blk * R;
         float *t = tmp + o * M;  /* (out, M): each thread writes its own contiguous range */

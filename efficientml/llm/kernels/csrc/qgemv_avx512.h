@@ -62,7 +62,7 @@ void tile512(const int R, const int MC, const int bits, const uint8_t *qs, const
         __m512 dv[4];
         for (int i = 0; i < R; i++) {
             const uint8_t *qb = qs + i * row_bytes + p * pb;
-            if (ahead) __builtin_prefetch(qb + ahead, 0, 0);
+            if (ahead) __builtin_prefetch(qb + ahead, 0, 3);
             q[i] = codes512(qb, bits);
             dv[i] = pair_scales(d + i * nb + 2 * p, idx);
         }
