@@ -127,7 +127,7 @@ def _fill(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: str,
 def load_gguf(gf, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
               keep_quantized: bool = False) -> LlamaForCausalLM:
     """Dequantize a GGUF file's tensors one at a time into a meta-built model. ``keep_quantized`` (CPU,
-    the quantized kernel built): linears in Q4_0/Q4_1/Q8_0/Q4_K blocks become kernel modules holding the
+    the quantized kernel built): linears in Q4_0/Q4_1/Q8_0/Q4_K/Q5_0/Q5_1/Q5_K blocks become kernel modules holding the
     file's codes instead (:mod:`.gguf_kernels`; for running, not for re-saving or compressing)."""
     from efficientml.llm.io.gguf import GGUFFile
     from efficientml.llm.kernels import cpu_qgemv

@@ -13,7 +13,8 @@ from efficientml.llm.io.load import load
 from efficientml.llm.kernels import cpu_qgemv
 from efficientml.llm.kernels.qgemv_linear import QGemvLinear
 
-BLOCK = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q8_0": (32, 34, (0,)), "Q4_K": (256, 144, (0, 2))}
+BLOCK = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q8_0": (32, 34, (0,)), "Q4_K": (256, 144, (0, 2)),
+         "Q5_0": (32, 22, (0,)), "Q5_1": (32, 24, (0, 2)), "Q5_K": (256, 176, (0, 2))}
 
 
 def _random_blocks(kind: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -38,11 +39,13 @@ def test_kernel_layout_holds_the_stored_values(kind):
     assert torch.equal(w.dequantize(), torch.from_numpy(np.asarray(theirs, dtype=np.float32)))
 
 
-def test_kernel_product_matches_dequantized_matmul():
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_0", "Q5_1", "Q5_K"])
+def test_kernel_product_matches_dequantized_matmul(kind):
     if not cpu_qgemv.available():
         pytest.skip(cpu_qgemv.status())
     shape = (64, 512)
-    w = qweight_of(TensorInfo("x", "Q4_K", shape, _random_blocks("Q4_K", shape, 1)))
+    w = qweight_of(TensorInfo("x", kind, shape, _random_blocks(kind, shape, 1)))
+    assert w.bits == (4 if kind == "Q4_K" else 8)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
     ref = x @ w.dequantize().T
     err = (QGemvLinear(w)(x) - ref).abs().max() / ref.abs().max()
