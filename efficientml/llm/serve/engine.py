@@ -188,7 +188,7 @@ class LLMEngine:
                 self.spec.forget(seq)
             budget = self.config.scheduler.max_num_batched_tokens - batch.num_tokens
             items, num_logits, drafts = self.spec.plan(items, budget, self.max_model_len)
-        logits = self.runner.run(items, num_logits)
+        logits = self.runner.run(items) if num_logits is None else self.runner.run(items, num_logits)
         self.num_steps += 1
         return self._postprocess(items, logits, drafts)
 
