@@ -17,6 +17,10 @@ At least the last token is always recomputed: its logits are needed.
 
 **Copy-on-write.** Before a step writes into a block another table also holds (a partly filled
 block shared by forked sequences, ``n > 1``), the writer gets a fresh copy of it.
+
+**Rollback.** Speculative decoding computes keys/values for draft tokens that may be rejected:
+:meth:`BlockManager.truncate` cuts a sequence's KV back to its first ``n`` tokens (blocks past them
+freed, a kept block that will be overwritten leaves the prefix cache).
 """
 
 from __future__ import annotations
@@ -191,6 +195,29 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+    def truncate(self, seq: Sequence, n: int) -> None:
+        """Keep the keys/values of ``seq``'s first ``n`` tokens only: the blocks past them are released
+        (a full one keeps its hash: its contents still match it), and the block holding position ``n``,
+        whose slots from ``n`` on the next step overwrites, forgets its hash when ``seq`` alone holds it
+        (a shared one is copied on write first and keeps it). Token ids are the caller's."""
+        if n < 0:
+            raise ConfigError(f"cannot truncate sequence {seq.seq_id} to {n} tokens")
+        bs, keep = self.block_size, self.blocks_for(n)
+        for b in reversed(seq.block_table[keep:]):
+            self.ref_count[b] -= 1
+            if self.ref_count[b] == 0:
+                self._free[b] = None
+        del seq.block_table[keep:]
+        if n % bs and keep <= len(seq.block_table):
+            b = seq.block_table[keep - 1]  # partly kept: its tail is rewritten
+            h = self.block_hash[b]
+            if h is not None and self.ref_count[b] == 1:
+                if self.hash_to_block.get(h) == b:
+                    del self.hash_to_block[h]
+                self.block_hash[b] = self.block_tokens[b] = None
+        del seq.block_hashes[n // bs:]
+        seq.num_computed_tokens = min(seq.num_computed_tokens, n)
 
     def usage(self, seqs: list[Sequence]) -> tuple[int, int]:
         """(slots in used blocks, slots of them holding a computed token of one of ``seqs``): the

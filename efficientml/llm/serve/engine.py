@@ -18,6 +18,9 @@ flattened forward over the paged KV pool, and the engine samples, appends, check
 ``n > 1`` requests after their prompt and reports a :class:`~.request.RequestOutput` for every
 request the step touched. On CPU the linears go onto the project's fast kernels
 (:func:`~efficientml.llm.kernels.decode.prepare_cpu_decode`; they take any number of rows).
+
+With ``EngineConfig(speculative=SpeculativeConfig(...))`` decoding sequences also carry up to k draft
+tokens (a draft model's or n-gram lookup's) that the same forward verifies (:mod:`.speculative`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from efficientml.llm.serve.sampler import sample_next, token_logprobs
 from efficientml.llm.serve.request import Request, RequestOutput
 from efficientml.llm.serve.scheduler import Scheduler, SchedulerConfig
 from efficientml.llm.serve.sequence import SamplingParams, Sequence
+from efficientml.llm.serve.speculative import SpecDecoder, SpeculativeConfig
 from efficientml.llm.stop_strings import TextStream
 
 
@@ -50,6 +54,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cpu_kernels: bool = True  # CPU: prepare_cpu_decode(model) (in place), decodes on the paged-attention kernel
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):
@@ -75,6 +80,13 @@ class LLMEngine:
                                    cfg.dim_per_head, dtype, self.device, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.runner = ModelRunner(model, self.blocks, attention_kernel=config.cpu_kernels)
+        self.spec: SpecDecoder | None = None
+        if config.speculative is not None:
+            draft = config.speculative.draft_model
+            if draft is not None and draft is not model and self.kernels is not None:
+                prepare_cpu_decode(draft)
+            self.spec = SpecDecoder(config.speculative, model, self.blocks, config.scheduler.max_num_seqs,
+                                    config.cpu_kernels)
         eos = cfg.eos_token_id if tokenizer is None or tokenizer.eos_id is None else tokenizer.eos_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.requests: dict[str, Request] = {}
@@ -144,10 +156,15 @@ class LLMEngine:
         now = time.perf_counter()
         for seq in req.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq)
+                self._finish(seq)
                 seq.finish_reason, seq.finish_time = "abort", now
         req.aborted = True
         return True
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if self.spec is not None:
+            self.spec.forget(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -165,13 +182,24 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.runner.run(batch.items)
+        items, num_logits, drafts = batch.items, None, {}
+        if self.spec is not None:
+            for seq in batch.preempted:
+                self.spec.forget(seq)
+            budget = self.config.scheduler.max_num_batched_tokens - batch.num_tokens
+            items, num_logits, drafts = self.spec.plan(items, budget, self.max_model_len)
+        logits = self.runner.run(items) if num_logits is None else self.runner.run(items, num_logits)
         self.num_steps += 1
-        return self._postprocess(batch.items, logits)
+        return self._postprocess(items, logits, drafts)
 
-    def _postprocess(self, items: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[RequestOutput]:
-        to_sample, rows, row = [], [], 0
+    def _postprocess(self, items: list[tuple[Sequence, int]], logits: torch.Tensor,
+                     drafts: dict | None = None) -> list[RequestOutput]:
+        to_sample, rows, row, verified = [], [], 0, []
         for seq, n in items:
+            if drafts and seq.seq_id in drafts:  # n = 1 + m drafts: m + 1 logits rows
+                verified.append((seq, row, n))
+                row += n
+                continue
             reaches_end = seq.num_computed_tokens + n == seq.num_tokens
             seq.num_computed_tokens += n
             self.blocks.commit(seq)
@@ -180,22 +208,44 @@ class LLMEngine:
                     to_sample.append(s)
                     rows.append(row)
                 row += 1
-        if not to_sample:
-            return []
-        logits = logits[torch.tensor(rows, device=logits.device)]
-        tokens = sample_next(to_sample, logits)
+        new: dict[int, tuple[list[int], str]] = {}
+        if to_sample:
+            self._sample(to_sample, logits[torch.tensor(rows, device=logits.device)], new)
+        for seq, r, n in verified:
+            new[seq.seq_id] = self._append_verified(seq, drafts[seq.seq_id], logits[r:r + n])
+        touched: dict[str, list[Sequence]] = {}
+        for seq in to_sample + [v[0] for v in verified]:
+            touched.setdefault(seq.request_id, []).append(seq)
+        return [self.requests[rid].output(seqs, new) for rid, seqs in touched.items()]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, new: dict) -> None:
+        """One token for each of ``seqs`` from its row of ``logits``; appended, reported in ``new``."""
+        tokens = sample_next(seqs, logits)
         lps = None
-        top = max((s.params.logprobs for s in to_sample if s.params.logprobs is not None), default=None)
+        top = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
         if top is not None:
             lps = token_logprobs(logits, tokens, top)
         now = time.perf_counter()
-        new: dict[int, tuple[list[int], str]] = {}
-        for i, (seq, tok) in enumerate(zip(to_sample, tokens)):
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             new[seq.seq_id] = ([tok], self._append(seq, tok, now, None if lps is None else (lps[0][i], lps[1][i])))
-        touched: dict[str, list[Sequence]] = {}
-        for seq in to_sample:
-            touched.setdefault(seq.request_id, []).append(seq)
-        return [self.requests[rid].output(seqs, new) for rid, seqs in touched.items()]
+
+    def _append_verified(self, seq: Sequence, draft: tuple, logits: torch.Tensor) -> tuple[list[int], str]:
+        """The tokens the acceptance rule gives ``seq`` for its verified drafts, appended until a stop;
+        the KV of the rejected drafts rolled back. ``logits`` (m + 1, V)."""
+        toks = self.spec.verify(seq, draft, logits)  # type: ignore[union-attr]
+        seq.num_computed_tokens = seq.num_tokens - 1 + len(toks)  # the last token and the kept drafts
+        lps = None
+        if seq.params.logprobs is not None:
+            lps = token_logprobs(logits[:len(toks)], toks, seq.params.logprobs)
+        now, text, done = time.perf_counter(), "", []
+        for i, tok in enumerate(toks):
+            text += self._append(seq, tok, now, None if lps is None else (lps[0][i], lps[1][i]))
+            done.append(tok)
+            if seq.is_finished:
+                return done, text
+        self.blocks.truncate(seq, seq.num_computed_tokens)
+        self.blocks.commit(seq)
+        return done, text
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """After a request's prompt: its other n - 1 sequences, sharing the prompt's blocks."""
@@ -230,7 +280,7 @@ class LLMEngine:
             if seq.stream is not None:
                 piece += seq.stream.flush()
             seq.finish_reason, seq.finish_time = reason, now
-            self.scheduler.finish(seq)
+            self._finish(seq)
         seq.output_text += piece
         return piece
 
@@ -244,6 +294,7 @@ class LLMEngine:
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ConfigError(f"{len(plist)} sampling params for {len(prompts)} prompts; give one, or one each")
+        spec0 = self.spec.counters() if self.spec is not None else (0, 0, 0)
         t0 = time.perf_counter()
         rids = [self.add_request(p, sp, arrival_time=t0) for p, sp in zip(prompts, plist)]
         final: dict[str, RequestOutput] = {}
@@ -258,9 +309,10 @@ class LLMEngine:
                 time.sleep(min(1e-3, self.config.scheduler.batch_timeout_s))
         wall = time.perf_counter() - t0
         reqs = [self.requests[rid] for rid in rids]
+        spec = [b - a for a, b in zip(spec0, self.spec.counters())] if self.spec is not None else [0, 0, 0]
         self.last_run = RunMetrics(wall, len(reqs), sum(len(r.prompt_ids) for r in reqs),
                                    sum(s.num_output_tokens for r in reqs for s in r.seqs),
-                                   tuple(r.metrics() for r in reqs))
+                                   tuple(r.metrics() for r in reqs), *spec)
         outs = [self.requests[rid].output(self.requests[rid].seqs, {}) for rid in rids]
         for rid in rids:  # reported: the engine forgets them (a long-lived engine must not grow)
             del self.requests[rid]
@@ -278,5 +330,6 @@ class LLMEngine:
                 "blocks_used": b.num_used_blocks, "blocks_free": b.num_free_blocks, "blocks_total": b.num_blocks,
                 "peak_blocks_used": b.peak_used_blocks, "prefix_queries": b.prefix_queries,
                 "prefix_hits": b.prefix_hits, "prefix_hit_rate": b.prefix_hit_rate,
-                "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps}
+                "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps,
+                **(self.spec.stats() if self.spec is not None else {})}
 

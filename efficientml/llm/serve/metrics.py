@@ -7,6 +7,9 @@
 - **latency**: arrival → finish.
 - **throughput**: output (and total) tokens / the run's wall time; **goodput**: requests per second
   that met both a TTFT and a TPOT objective (DistServe's definition).
+- **speculative decoding**: the **acceptance rate** (draft tokens kept / proposed) and the **mean
+  accepted length** (draft tokens kept per verification; each verification also adds one token of
+  the target's, so a sequence advances 1 + that per verified step).
 
 Times are ``time.perf_counter()`` seconds.
 """
@@ -58,6 +61,17 @@ class RunMetrics:
     prompt_tokens: int
     output_tokens: int
     requests: tuple[RequestMetrics, ...] = ()
+    spec_proposed: int = 0  # draft tokens proposed (0 without speculative decoding)
+    spec_accepted: int = 0  # of those, kept by the acceptance rule
+    spec_verifications: int = 0  # (sequence, step) pairs that verified drafts
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else math.nan
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.spec_accepted / self.spec_verifications if self.spec_verifications else math.nan
 
     @property
     def output_tok_s(self) -> float:
@@ -80,6 +94,9 @@ class RunMetrics:
         """Means, medians and p99 of TTFT / TPOT / latency, with the throughputs."""
         out = {"wall_s": self.wall_s, "requests": self.num_requests, "output_tok_s": self.output_tok_s,
                "total_tok_s": self.total_tok_s, "requests_per_s": self.requests_per_s}
+        if self.spec_proposed:
+            out.update(spec_proposed=self.spec_proposed, spec_accepted=self.spec_accepted,
+                       acceptance_rate=self.acceptance_rate, mean_accepted_length=self.mean_accepted_length)
         for name in ("queue_s", "ttft_s", "tpot_s", "latency_s"):
             vals = sorted(v for r in self.requests if not math.isnan(v := getattr(r, name)))
             if vals:
