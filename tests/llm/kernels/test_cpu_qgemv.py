@@ -98,23 +98,15 @@ def test_isa_paths_agree_and_bad_isa_is_refused(monkeypatch):
     g = torch.Generator().manual_seed(3)
     codes, scale, zero, _ = _grid(4, 64, 576, 64, False, g)
     qw = cpu_qgemv.pack_codes(codes, scale, zero, 4)
-    x = torch.randn(5, 576, generator=g)
-    ys = []
-    for name in _isas():
-        monkeypatch.setenv("EFFICIENTML_CPU_ISA", name)
-        monkeypatch.setattr(cpu_qgemv, "_state", {})
-        ys.append(cpu_qgemv.qgemv(x, qw))
-    for y in ys[1:]:
-        torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5)
     odd = cpu_qgemv.pack_codes(*_grid(8, 40, 96, 32, True, g)[:3], 8)  # K/32 odd: AVX-512 hands it to AVX2
-    xo = torch.randn(3, 96, generator=g)
-    yo = []
-    for name in _isas():
-        monkeypatch.setenv("EFFICIENTML_CPU_ISA", name)
-        monkeypatch.setattr(cpu_qgemv, "_state", {})
-        yo.append(cpu_qgemv.qgemv(xo, odd))
-    for y in yo[1:]:
-        torch.testing.assert_close(y, yo[0], rtol=1e-5, atol=1e-5)
+    for w, x in ((qw, torch.randn(5, 576, generator=g)), (odd, torch.randn(3, 96, generator=g))):
+        ys = []
+        for name in _isas():
+            monkeypatch.setenv("EFFICIENTML_CPU_ISA", name)
+            monkeypatch.setattr(cpu_qgemv, "_state", {})
+            ys.append(cpu_qgemv.qgemv(x, w))
+        for y in ys[1:]:
+            torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("EFFICIENTML_CPU_ISA", "avx9000")
     monkeypatch.setattr(cpu_qgemv, "_state", {})
     from efficientml.core.errors import ConfigError
