@@ -236,6 +236,14 @@ static void rows_avx2(const int R, const uint8_t *qs, const float *d, const floa
 }
 
 #include "qgemv_avx512.h"
+
+/* R weight rows on the AVX-512 VNNI tiles (wide: a in pair order, ep the spread scales) or the AVX2 ones. */
+static void rows_simd(int wide, const int R, const uint8_t *qs, const float *d, const float *m, int bits,
+                      const int8_t *a, const float *e, const float *ep, const float *es, int64_t M, int64_t K,
+                      int64_t ahead, float *out) {
+    if (wide) rows512(R, qs, d, m, bits, a, ep, es, M, K, ahead, out);
+    else rows_avx2(R, qs, d, m, bits, a, e, es, M, K, ahead, out);
+}
 #endif
 
 int efficientml_qgemv_has_avx512vnni(void) {
@@ -296,22 +304,13 @@ int efficientml_qgemv(const uint8_t *qs, const float *d, const float *m, int bit
         const int64_t o = blk * R;
         float *t = tmp + o * M;  /* (out, M): each thread writes its own contiguous range */
 #ifdef HAVE_X86
-        if (wide) {
-            const int64_t pf = o + 5 * R <= out ? ahead : 0;
-            if (o + R <= out) rows512(R, qs + o * row_bytes, d + o * nb, m ? m + o * nb : NULL, bits, aw, ep, es,
-                                      M, K, pf, t);
-            else for (int64_t r = o; r < out; r++)
-                rows512(1, qs + r * row_bytes, d + r * nb, m ? m + r * nb : NULL, bits, aw, ep, es, M, K, 0,
-                        tmp + r * M);
-            continue;
-        }
         if (isa >= 1) {
             const int64_t pf = o + 5 * R <= out ? ahead : 0;
-            if (o + R <= out) rows_avx2(R, qs + o * row_bytes, d + o * nb, m ? m + o * nb : NULL, bits, a, e, es,
-                                        M, K, pf, t);
+            if (o + R <= out) rows_simd(wide, R, qs + o * row_bytes, d + o * nb, m ? m + o * nb : NULL, bits, aw, e,
+                                        ep, es, M, K, pf, t);
             else for (int64_t r = o; r < out; r++)
-                rows_avx2(1, qs + r * row_bytes, d + r * nb, m ? m + r * nb : NULL, bits, a, e, es, M, K, 0,
-                          tmp + r * M);
+                rows_simd(wide, 1, qs + r * row_bytes, d + r * nb, m ? m + r * nb : NULL, bits, aw, e, ep, es, M, K,
+                          0, tmp + r * M);
             continue;
         }
 #endif
