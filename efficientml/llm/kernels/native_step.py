@@ -271,6 +271,54 @@ def why_not(model: nn.Module, cache, batch: int) -> str | None:
     return None
 
 
+def _layer(L: _Layer, i: int, blk: nn.Module, keep: list) -> None:
+    a, mlp = blk.self_attn, blk.mlp
+    L.attn_norm, L.mlp_norm = _f32(blk.input_layernorm.weight, keep), \
+        _f32(blk.post_attention_layernorm.weight, keep)
+    L.q_norm = None if a.q_norm is None else _f32(a.q_norm.weight, keep)
+    L.k_norm = None if a.k_norm is None else _f32(a.k_norm.weight, keep)
+    p = f"model.layers.{i}."
+    why = _group([p + "self_attn." + n for n in ("q_proj", "k_proj", "v_proj")],
+                 (a.q_proj, a.k_proj, a.v_proj), L.qkv, keep) \
+        or _group([p + "mlp.gate_proj", p + "mlp.up_proj"], (mlp.gate_proj, mlp.up_proj), L.gu, keep)
+    L.o, w1 = _describe(p + "self_attn.o_proj", a.o_proj, keep)
+    L.down, w2 = _describe(p + "mlp.down_proj", mlp.down_proj, keep)
+    if why or w1 or w2:
+        raise ValueError(why or w1 or w2)
+
+
+def model_struct(model: nn.Module, max_len: int, rope_len: int, fns, keep: list) -> _Model:
+    """The C side's model descriptor without its cache buffers: ``max_len`` positions (or pool slots) per
+    kv head and layer, RoPE tables for ``rope_len`` positions; ``keep`` holds the fp32 copies alive."""
+    cfg, mm = model.config, model.model
+    m = _Model()
+    m.n_layers, m.d, m.n_heads, m.n_kv = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, \
+        cfg.num_key_value_heads
+    m.hd, m.ffn, m.vocab, m.max_len = cfg.dim_per_head, cfg.intermediate_size, cfg.vocab_size, max_len
+    m.act, m.embed_dtype = ACTS[cfg.hidden_act], DTYPES[mm.embed_tokens.weight.dtype]
+    m.isa, m.window = int(cpu_qgemv._state["isa"]), cfg.sliding_window or 0
+    m.eps, m.resid_mult, m.emb_mult = cfg.rms_norm_eps, cfg.residual_multiplier, cfg.embedding_multiplier
+    m.attn_scale = cfg.attention_multiplier or cfg.dim_per_head ** -0.5
+    m.logit_scale = cfg.logits_scaling
+    emb = mm.embed_tokens.weight.detach()
+    keep.append(emb.contiguous())
+    m.embed, m.final_norm = keep[-1].data_ptr(), _f32(mm.norm.weight, keep)
+    cos, sin = mm.rope.tables(rope_len, torch.device("cpu"), torch.float32)  # RoPE only (why_not)
+    cos, sin = cos[:rope_len].contiguous(), sin[:rope_len].contiguous()
+    keep += [cos, sin]
+    m.cos, m.sin, m.rope_dim = cos.data_ptr(), sin.data_ptr(), cos.shape[1]
+    layers = (_Layer * cfg.num_hidden_layers)()
+    for i, blk in enumerate(mm.layers):
+        _layer(layers[i], i, blk, keep)
+    keep.append(layers)
+    m.layers = ctypes.cast(layers, ctypes.POINTER(_Layer))
+    m.head, why = _describe("lm_head", model.lm_head, keep)
+    if why:
+        raise ValueError(why)
+    m.fns[:] = fns
+    return m
+
+
 class NativeStep:
     """``step(ids (1, 1), pos) → logits (1, vocab)`` for one (model, cache) pair."""
 
@@ -283,33 +331,8 @@ class NativeStep:
         self.m.work = self.work.data_ptr()
 
     def _model_struct(self, model: nn.Module, cache, fns) -> _Model:
-        cfg, mm = model.config, model.model
-        m = _Model()
-        m.n_layers, m.d, m.n_heads, m.n_kv = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, \
-            cfg.num_key_value_heads
-        m.hd, m.ffn, m.vocab, m.max_len = cfg.dim_per_head, cfg.intermediate_size, cfg.vocab_size, cache.max_length
-        m.act, m.embed_dtype = ACTS[cfg.hidden_act], DTYPES[mm.embed_tokens.weight.dtype]
-        m.isa, m.window = int(cpu_qgemv._state["isa"]), cfg.sliding_window or 0
-        m.eps, m.resid_mult, m.emb_mult = cfg.rms_norm_eps, cfg.residual_multiplier, cfg.embedding_multiplier
-        m.attn_scale = cfg.attention_multiplier or cfg.dim_per_head ** -0.5
-        m.logit_scale = cfg.logits_scaling
-        emb = mm.embed_tokens.weight.detach()
-        self.keep.append(emb.contiguous())
-        m.embed, m.final_norm = self.keep[-1].data_ptr(), _f32(mm.norm.weight, self.keep)
-        cos, sin = mm.rope.tables(cache.max_length, torch.device("cpu"), torch.float32)  # RoPE only (why_not)
-        cos, sin = cos[:cache.max_length].contiguous(), sin[:cache.max_length].contiguous()
-        self.keep += [cos, sin]
-        m.cos, m.sin, m.rope_dim = cos.data_ptr(), sin.data_ptr(), cos.shape[1]
+        m = model_struct(model, cache.max_length, cache.max_length, fns, self.keep)
         self._cache_buffers(m, cache)
-        layers = (_Layer * cfg.num_hidden_layers)()
-        for i, blk in enumerate(mm.layers):
-            self._layer(layers[i], i, blk)
-        self.keep.append(layers)
-        m.layers = ctypes.cast(layers, ctypes.POINTER(_Layer))
-        m.head, why = _describe("lm_head", model.lm_head, self.keep)
-        if why:
-            raise ValueError(why)
-        m.fns[:] = fns
         return m
 
     @staticmethod
@@ -323,21 +346,6 @@ class NativeStep:
         m.kscale, m.vscale = (t.data_ptr() for t in cache.scales)
         if cache.bits == 4:
             m.kzero, m.vzero = (t.data_ptr() for t in cache.zeros)
-
-    def _layer(self, L: _Layer, i: int, blk: nn.Module) -> None:
-        a, mlp = blk.self_attn, blk.mlp
-        L.attn_norm, L.mlp_norm = _f32(blk.input_layernorm.weight, self.keep), \
-            _f32(blk.post_attention_layernorm.weight, self.keep)
-        L.q_norm = None if a.q_norm is None else _f32(a.q_norm.weight, self.keep)
-        L.k_norm = None if a.k_norm is None else _f32(a.k_norm.weight, self.keep)
-        p = f"model.layers.{i}."
-        why = _group([p + "self_attn." + n for n in ("q_proj", "k_proj", "v_proj")],
-                     (a.q_proj, a.k_proj, a.v_proj), L.qkv, self.keep) \
-            or _group([p + "mlp.gate_proj", p + "mlp.up_proj"], (mlp.gate_proj, mlp.up_proj), L.gu, self.keep)
-        L.o, w1 = _describe(p + "self_attn.o_proj", a.o_proj, self.keep)
-        L.down, w2 = _describe(p + "mlp.down_proj", mlp.down_proj, self.keep)
-        if why or w1 or w2:
-            raise ValueError(why or w1 or w2)
 
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         logits = torch.empty(1, self.m.vocab, dtype=torch.float32)

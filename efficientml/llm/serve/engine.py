@@ -54,6 +54,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cpu_kernels: bool = True  # CPU: prepare_cpu_decode(model) (in place), decodes on the paged-attention kernel
+    native_max_rows: int = 32  # CPU kernels: steps of at most this many tokens run in C (paged_step); 0: never
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ class LLMEngine:
         self.blocks = BlockManager(cfg.num_hidden_layers, num_blocks, bs, cfg.num_key_value_heads,
                                    cfg.dim_per_head, dtype, self.device, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(model, self.blocks, attention_kernel=config.cpu_kernels)
+        self.runner = ModelRunner(model, self.blocks, config.cpu_kernels, config.native_max_rows)
         self.spec: SpecDecoder | None = None
         if config.speculative is not None:
             draft = config.speculative.draft_model

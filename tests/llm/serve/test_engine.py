@@ -31,16 +31,19 @@ def _reference(model, prompts, n, **kw):
     return [generate(model, p, SamplingConfig(max_new_tokens=n, **kw)).tokens[0] for p in prompts]
 
 
-@pytest.mark.parametrize("kernels", [False, True])
-def test_step_logits_equal_each_sequence_alone(kernels):
+@pytest.mark.parametrize("path", ["torch", "kernels", "native"])
+def test_step_logits_equal_each_sequence_alone(path):
     """Every logits row of every ragged step (prefill chunks and decodes, sequences joining at different
-    steps) equals the model's eager forward over that sequence alone, to 1e-4 — on torch ops, and on
-    the CPU kernels (linears on cpu_gemv, decode attention on the paged-attention kernel)."""
+    steps) equals the model's eager forward over that sequence alone, to 1e-4 — on torch ops, on the
+    CPU kernels (linears on cpu_gemv, decode attention on the paged-attention kernel), and with every
+    step in C (paged_step: all steps here are ≤ 20 tokens)."""
     model = _model()
     ref_model = _model()  # the kernels swap modules in place: the reference keeps plain ones
+    kernels = path != "torch"
     eng = LLMEngine(model, None, EngineConfig(num_blocks=64, cpu_kernels=kernels, scheduler=SchedulerConfig(
-        max_num_seqs=3, max_num_batched_tokens=20)))
+        max_num_seqs=3, max_num_batched_tokens=20), native_max_rows=32 if path == "native" else 0))
     assert eng.runner.cache.use_kernel == kernels
+    assert (eng.runner.native is not None) == (path == "native"), eng.runner.native_why
     checked = []
     run = eng.runner.run
 
@@ -64,7 +67,7 @@ def test_step_logits_equal_each_sequence_alone(kernels):
     while eng.has_unfinished():
         eng.step()
     assert len(checked) == 5 * 6 and max(checked) <= 1e-4
-    assert eng.runner.cache._kernel_ok == kernels
+    assert eng.runner.cache._kernel_ok == (True if path == "kernels" else None if path == "native" else False)
 
 
 @pytest.mark.parametrize("window", [None, 8])
