@@ -7,6 +7,9 @@
  * F16C's 8-lane vcvtph2ps where -march=native has it, else the compiler's _Float16 conversion — and the products
  * are summed in fp32. Compiled at run time by efficientml/llm/kernels/cpu_gemv16.py. */
 #include <stdint.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 /* VW lanes per vector: 16 where the build has AVX-512 (-march=native on such a CPU), else 8. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -29,7 +32,6 @@ static inline v8f widen8_bf16(const uint16_t *p) {
 
 #ifdef __FLT16_MAX__
 #if defined(__F16C__) || (VW == 16)  /* one vcvtph2ps on all lanes (GCC's vector conversion does them one by one) */
-#include <immintrin.h>
 static inline v8f widen8_f16(const uint16_t *p) {
 #if VW == 16
     return (v8f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
@@ -56,6 +58,20 @@ static inline float hsum8(v8f v) {
     for (int k = 0; k < VW; k++) s += v[k];
     return s;
 }
+
+/* a·b + c in one rounding where the CPU has FMA. Only the tiles of three or more input rows use it: there
+ * the product is compute-bound (a batch of sequences, a prompt), while M ≤ 2 keeps the separate multiply
+ * and add of the strict-FP build (its results stay bit for bit what they were). */
+#if VW == 16
+static inline v8f vfma(v8f a, v8f b, v8f c) { return (v8f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#define WIDE_R 4  /* 32 registers: 4 weight rows × 4 input rows of accumulators */
+#elif defined(__FMA__)
+static inline v8f vfma(v8f a, v8f b, v8f c) { return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#define WIDE_R 2
+#else
+static inline v8f vfma(v8f a, v8f b, v8f c) { return a * b + c; }
+#define WIDE_R 2
+#endif
 
 static inline float dot_tail(const uint16_t *w, const float *x, int64_t from, int64_t in, int f16) {
     float s = 0.f;
@@ -84,7 +100,7 @@ void tile(const int R, const int MC, const int F16, const uint16_t *W, const flo
         }
         for (int m = 0; m < MC; m++) {
             const v8f xv = load8(X + m * in + i);
-            for (int r = 0; r < R; r++) acc[r][m] += wv[r] * xv;
+            for (int r = 0; r < R; r++) acc[r][m] = MC >= 3 ? vfma(wv[r], xv, acc[r][m]) : acc[r][m] + wv[r] * xv;
         }
     }
     for (int m = 0; m < MC; m++)
@@ -103,9 +119,13 @@ void rows(const int R, const int F16, const uint16_t *W, const float *X, const f
         const float *x = X + m0 * in;
         float *y = Y + m0 * out;
         const int pf = m0 == 0;
-        if (R == 4) {
-            if (mc == 1) tile(4, 1, F16, W, x, b, y, o, out, in, pf);
-            else tile(4, 2, F16, W, x, b, y, o, out, in, pf);  /* R = 4 only for M ≤ 2 */
+        if (R == 4) {  /* M ≤ 2, or any M on AVX-512 (WIDE_R) */
+            switch (mc) {
+            case 1: tile(4, 1, F16, W, x, b, y, o, out, in, pf); break;
+            case 2: tile(4, 2, F16, W, x, b, y, o, out, in, pf); break;
+            case 3: tile(4, 3, F16, W, x, b, y, o, out, in, pf); break;
+            default: tile(4, 4, F16, W, x, b, y, o, out, in, pf); break;
+            }
         } else if (R == 2) {
             switch (mc) {
             case 1: tile(2, 1, F16, W, x, b, y, o, out, in, pf); break;
@@ -126,7 +146,7 @@ void rows(const int R, const int F16, const uint16_t *W, const float *X, const f
 
 static inline __attribute__((always_inline)) void gemv16(const int F16, const uint16_t *W, const float *X, const float *b, float *Y,
                    int64_t M, int64_t out, int64_t in, int nthreads) {
-    const int R = M <= 2 ? 4 : 2;
+    const int R = M <= 2 ? 4 : WIDE_R;
     const int64_t blocks = (out + R - 1) / R;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t blk = 0; blk < blocks; blk++) {
