@@ -5,8 +5,9 @@ the block pool through :class:`~efficientml.llm.serve.paged_cache.PagedKVCache`;
 sequences whose last token is in the step (a decode, or the final chunk of a prefill) get logits,
 so the vocabulary projection runs on those rows only.
 
-On CPU, a step of at most ``native_max_rows`` tokens (decodes, speculative verifies, short chunks: the
-steady state of a busy server) runs in C instead (:mod:`~efficientml.llm.kernels.paged_step`): every
+On CPU, a step of at most ``native_max_rows`` tokens, or of any number of sequences each bringing at most
+``NATIVE_MAX_CHUNK`` (decodes, speculative verifies, short chunks: the steady state of a busy server),
+runs in C instead (:mod:`~efficientml.llm.kernels.paged_step`): every
 block with no torch op between the products, attention reading the pool in place. A model or pool it
 cannot take (``paged_step.why_not``; ``native_why`` keeps the line) runs every step eagerly.
 """
@@ -20,6 +21,9 @@ from efficientml.llm.kernels import paged_step
 from efficientml.llm.serve.block_manager import BlockManager
 from efficientml.llm.serve.paged_cache import PagedKVCache
 from efficientml.llm.serve.sequence import Sequence
+
+
+NATIVE_MAX_CHUNK = 16  # a longer prefill chunk in the step: the eager forward (its attention is batched GEMMs)
 
 
 class ModelRunner:
@@ -55,7 +59,8 @@ class ModelRunner:
         k + 1 positions of a verified draft."""
         if num_logits is None:
             num_logits = [int(seq.num_computed_tokens + n == seq.num_tokens) for seq, n in items]
-        if self.native is not None and sum(n for _, n in items) <= self.native_max_rows:
+        if self.native is not None and self.native_max_rows > 0 and (sum(n for _, n in items) <= self.native_max_rows
+                                        or max(n for _, n in items) <= NATIVE_MAX_CHUNK):
             return self._run_native(items, num_logits)
         ids = [t for seq, n in items for t in seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]]
         pos = self.cache.plan([(seq.block_table, seq.num_computed_tokens, n) for seq, n in items])
