@@ -54,7 +54,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cpu_kernels: bool = True  # CPU: prepare_cpu_decode(model) (in place), decodes on the paged-attention kernel
-    native_max_rows: int = 32  # CPU kernels: steps of ≤ this many tokens (or of chunks ≤ 16 each) run in C; 0: never
+    native_max_rows: int = 32  # CPU: steps of ≤ this many tokens (or chunks ≤ 16 each) run in C; 0: never
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self) -> None:
