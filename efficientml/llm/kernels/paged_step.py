@@ -108,9 +108,7 @@ class PagedStep:
             self.work = torch.empty(need, dtype=torch.float32)
             self.m.work = self.work.data_ptr()
         mb = max(len(t) for t in tables)
-        table = torch.zeros(n, mb, dtype=torch.int64)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int64)
+        table = torch.tensor([t + [0] * (mb - len(t)) for t in tables], dtype=torch.int64)  # padding unread
         tok = torch.tensor(tokens, dtype=torch.int64)
         pos = torch.tensor(positions, dtype=torch.int64)
         rows = torch.tensor(out_rows, dtype=torch.int64)

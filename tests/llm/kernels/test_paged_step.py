@@ -55,7 +55,6 @@ def _run(model, budget=12, prompts=(7, 30, 3, 21), max_tokens=6):
                         SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     while eng.has_unfinished():
         eng.step()
-    assert eng.blocks.num_used_blocks == 0 or eng.blocks.enable_prefix_caching
     return seen
 
 
