@@ -183,6 +183,8 @@ def ddp_child(out: str, quick: bool) -> None:
     hist = train_sft(model, batches(ids, labels, 4, seed=0), cfg, progress=False, dist=ctx)
     if ctx is None or ctx.main:
         Path(out).write_text(json.dumps({"curve": [c["loss"] for c in hist["curve"]], "world": hist["world_size"]}))
+    if ctx is not None:
+        ctx.close()
 
 
 def part_ddp(r) -> None:

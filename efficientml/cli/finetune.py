@@ -71,9 +71,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from efficientml.core.outputs import check_output
-    from efficientml.core.serialization import write_json
-    from efficientml.finetune import LoRAConfig, trainable_parameters
-    from efficientml.finetune.recipe import held_out_loss, prepare, save_result
+    from efficientml.finetune import LoRAConfig
+    from efficientml.finetune.recipe import held_out_loss, prepare
     from efficientml.finetune.sft import SFTConfig, train_sft
     from efficientml.finetune.sft_data import batches
     from efficientml.llm.io.load import load
@@ -110,8 +109,21 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.json or args.no_progress
     hist = train_sft(model, batches(ids, labels, min(args.batch_size, ids.shape[0]), seed=args.seed), cfg,
                      progress=not quiet, dist=ctx)
-    if ctx is not None and not ctx.main:  # the other ranks only train
+    try:  # the other ranks only train; rank 0 evaluates, saves and reports
+        if ctx is None or ctx.main:
+            _report(args, model, tok, out, cfg, lora, config, ids, hist, before, held)
         return 0
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _report(args, model, tok, out, cfg, lora, config, ids, hist, before, held) -> None:
+    """Rank 0 (or the only process) after training: held-out loss, the saved result, optional merge, the report."""
+    from efficientml.core.serialization import write_json
+    from efficientml.finetune import trainable_parameters
+    from efficientml.finetune.recipe import held_out_loss, save_result
+
     after = held_out_loss(model, held) if held is not None else None
     save_result(model, tok, out, args.method, lora, str(args.model), overwrite=args.overwrite, config=config)
     merged = _merge(model, tok, out, args, held) if args.merge_into else None
@@ -124,9 +136,8 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "training_log.json", report)
     if args.json:
         print_json(report)
-        return 0
+        return
     _print(report, args)
-    return 0
 
 
 def _rows(args: argparse.Namespace, tok):

@@ -54,6 +54,13 @@ class DistContext:
         ids = [dev.index] if dev.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def close(self) -> None:
+        """Leave the group cleanly: wait for every rank, then destroy it (a rank that exits while gloo's
+        threads still run can abort with "terminate called without an active exception")."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     @contextlib.contextmanager
     def no_sync(self, ddp: nn.Module, skip: bool) -> Iterator[None]:
         """Skip the gradient all-reduce of an accumulation micro-batch that is not the step's last."""

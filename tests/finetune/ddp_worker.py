@@ -56,6 +56,8 @@ def main(out: str) -> None:
                        "adapter_norm": norm, "dpo": [r["loss"] for r in dpo["curve"]],
                        "dpo_margin": [r["reward_margin"] for r in dpo["curve"]]}, f)
 
+    if ctx is not None:
+        ctx.close()
 
 if __name__ == "__main__":
     main(sys.argv[1])
