@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fine-tuning epochs (fractional ok)")
     p.add_argument("--lr", type=number("a learning rate in (0, 100]", 0, 100, low_open=True), default=None,
                    help="fine-tuning LR (default: checkpoint LR / 10)")
+    p.add_argument("--teacher", default=None, metavar="CKPT|self",
+                   help="distil while fine-tuning: CE + --kd-weight · KD from this checkpoint, or 'self' for the "
+                        "model before pruning (needs --finetune-epochs)")
+    p.add_argument("--kd-temperature", type=number("a temperature in (0, 100]", 0, 100, low_open=True), default=4.0)
+    p.add_argument("--kd-weight", type=number("a non-negative weight", 0), default=1.0,
+                   help="weight of the KD term next to cross-entropy (default 1)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--train-subset", type=positive_int, default=None, help="fine-tune on N images")
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from efficientml.prune import PruneConfig
     from efficientml.prune.io import save_pruned
     from efficientml.prune.report import compare, format_table
-    from efficientml.train import TrainConfig, evaluate, fit
+    from efficientml.train import TrainConfig, evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,8 +86,13 @@ def run(args: argparse.Namespace) -> int:
         config = PruneConfig(method=args.method, sparsity=args.ratio, criterion=args.criterion, n=args.n, m=args.m,
                              sort_inputs=args.sort, on_unsupported="skip" if args.skip_unsupported else "error")
     out = _check_outputs(args)
+    if args.teacher and args.finetune_epochs == 0:
+        from efficientml.core.errors import ConfigError
+
+        raise ConfigError("--teacher teaches during fine-tuning; give --finetune-epochs a positive number too")
     model, meta, base_lr = _model(args, spec)
     model.eval()
+    teacher = model if args.teacher == "self" else _teacher(args.teacher) if args.teacher else None
     layers = LayerFilter(include=_names(args.layers), exclude=_names(args.exclude))
     train, test = spec.loaders(batch_size=args.batch_size, augment=True, train_subset=args.train_subset,
                                test_subset=args.test_subset, pad_to=meta.get("pad_to"))
@@ -93,15 +104,17 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune_epochs > 0:
         ft = TrainConfig(epochs=args.finetune_epochs, lr=args.lr or base_lr / 10, schedule="cosine",
                          warmup_frac=0.0)
-        fit(pruned, train, ft, after_step=result.after_step, progress=None if not args.json else False)
+        _finetune(args, pruned, teacher, train, ft, result.after_step)
     if result.masks is not None:
         result.masks.remove()
     acc = lambda m: evaluate(m, test)["accuracy"]  # noqa: E731
     table = compare(model, pruned, sample_shape, accuracy=acc, batch_sizes=() if args.no_latency else (1, 64))
     save_pruned(out, pruned, {**meta, "prune_config": config.to_dict(),
-                              "finetune": ft.to_dict() if ft else None, "test_accuracy": table["after"]["accuracy"]})
-    report = {"config": config.to_dict(), "finetune": ft.to_dict() if ft else None, "table": table,
-              "summary": result.summary(), "checkpoint": str(out), "command": "efficientml " + " ".join(sys.argv[1:])}
+                              "finetune": ft.to_dict() if ft else None, "distill": _kd_record(args),
+                              "test_accuracy": table["after"]["accuracy"]})
+    report = {"config": config.to_dict(), "finetune": ft.to_dict() if ft else None, "distill": _kd_record(args),
+              "table": table, "summary": result.summary(), "checkpoint": str(out),
+              "command": "efficientml " + " ".join(sys.argv[1:])}
     if args.report:
         write_json(args.report, report)
     if args.json:
@@ -112,6 +125,36 @@ def run(args: argparse.Namespace) -> int:
             print("left unpruned: " + "; ".join(result.skipped))
         print(f"saved {out}")
     return 0
+
+
+def _finetune(args: argparse.Namespace, pruned, teacher, train, ft, after_step) -> None:
+    """Fine-tune the pruned model; with a teacher (--teacher: a checkpoint, or the unpruned model, which
+    ``apply`` left untouched), KD is added to the cross-entropy through :class:`efficientml.distill.TeacherLoss`."""
+    from efficientml.train import fit
+
+    progress = None if not args.json else False
+    if teacher is None:
+        fit(pruned, train, ft, after_step=after_step, progress=progress)
+        return
+    from efficientml.distill import TeacherLoss
+
+    with TeacherLoss(teacher, pruned, temperature=args.kd_temperature, weight=args.kd_weight) as kd:
+        fit(pruned, train, ft, after_step=after_step, extra_loss=kd, progress=progress)
+
+
+def _teacher(path: str):
+    from efficientml.cli import model_source as ms
+
+    src = ms.load_checkpoint(path)
+    ms.need_module(src, "used as a teacher")
+    ms.warn_not_finite(src.model, "the teacher")
+    return src.model
+
+
+def _kd_record(args: argparse.Namespace) -> dict | None:
+    if not args.teacher or args.finetune_epochs == 0:
+        return None
+    return {"teacher": args.teacher, "temperature": args.kd_temperature, "weight": args.kd_weight}
 
 
 def _check_outputs(args: argparse.Namespace) -> Path:

@@ -16,6 +16,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
 
 
+def kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """(B, classes) logits of both → (B,) per-sample T²·KL(softmax(t/T) ‖ softmax(s/T)); its mean is
+    :func:`kd_loss`."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)   # (B, classes)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * t * t  # (B,)
+
+
 class TeacherLoss:
     """``extra_loss`` for :func:`~efficientml.train.fit`: ``weight · kd_loss(student, teacher(x))``.
 
