@@ -6,7 +6,9 @@
   endings and no blank lines between paragraphs, so it is close to but not byte-identical with the
   canonical file; there is no public URL for exactly this file, so it is never downloaded.
 - ``"wikitext2-test"``, ``"wikitext2-valid"``: WikiText-2 v1 tokenized splits (with ``<unk>``).
-- ``"tinyshakespeare"``: 1,115,394 characters of Shakespeare, as distributed with char-rnn.
+- ``"tinyshakespeare"``: 1,115,394 characters of Shakespeare, as distributed with char-rnn;
+  ``"tinyshakespeare-train"`` / ``"tinyshakespeare-val"`` are its first 90 % and last 10 % of characters
+  (the split of :func:`tinyshakespeare_chars`), so text calibrated on one is never evaluated on the other.
 
 :class:`CharDataset` cuts a text into (x, y) blocks of character ids, y shifted by one.
 """
@@ -50,23 +52,42 @@ TEXTS: dict[str, TextSource] = {
 }
 
 
+# named character splits of a corpus: (corpus, start fraction, end fraction)
+SPLITS: dict[str, tuple[str, float, float]] = {
+    "tinyshakespeare-train": ("tinyshakespeare", 0.0, 0.9),
+    "tinyshakespeare-val": ("tinyshakespeare", 0.9, 1.0),
+}
+
+
+_NAMES = ", ".join([*TEXTS, *SPLITS])
+
+
+def known_text(name: str) -> bool:
+    """Whether ``name`` is a corpus or split name (not a file path)."""
+    return _canonical(name) in TEXTS or _canonical(name) in SPLITS
+
+
 def text_path(name: str, explicit: str | os.PathLike | None = None) -> Path:
     """Where the named corpus is (found locally, or downloaded and checked by sha256)."""
     src = TEXTS.get(_canonical(name))
     if src is None:
-        raise ConfigError(f"unknown text corpus {name!r}; expected one of {', '.join(TEXTS)} or a file path")
+        raise ConfigError(f"unknown text corpus {name!r}; expected one of {_NAMES} or a file path")
     return paths.resolve(src.relpath, explicit=explicit, url=src.url, sha256=src.sha256)
 
 
 def load_text(name_or_path: str | os.PathLike) -> str:
-    """The corpus named ``name_or_path`` (see :data:`TEXTS`), or the UTF-8 file at that path."""
+    """The corpus named ``name_or_path`` (see :data:`TEXTS`, :data:`SPLITS`), or the UTF-8 file at that path."""
+    if isinstance(name_or_path, str) and _canonical(name_or_path) in SPLITS:
+        corpus, lo, hi = SPLITS[_canonical(name_or_path)]
+        text = load_text(corpus)
+        return text[int(len(text) * lo):int(len(text) * hi)]  # the cut of tinyshakespeare_chars
     if isinstance(name_or_path, str) and _canonical(name_or_path) in TEXTS:
         path = text_path(name_or_path)
     else:
         path = Path(name_or_path)
         if not path.exists():
             raise DataNotFoundError(
-                f"{str(name_or_path)!r} is neither a known corpus ({', '.join(TEXTS)}) nor an existing file")
+                f"{str(name_or_path)!r} is neither a known corpus ({_NAMES}) nor an existing file")
         from efficientml.core.paths import require_file
 
         require_file(path, "text file", DataNotFoundError)

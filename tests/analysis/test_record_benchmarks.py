@@ -28,7 +28,7 @@ def test_part_tables_and_old_spellings():
     assert selected_parts(pr.PARTS, a.parts, a.part) == selected_parts(pr.PARTS, b.parts, b.part) == ["channel", "resnet"]
     lc = script("llm_compression")
     assert selected_parts(lc.PARTS, None, None, lc.DEFAULT_PARTS) == [
-        "fp", "calib", "w4", "w3", "w4pc", "formats", "sq", "prune", "kv", "mem", "real"]  # ablate only when asked
+        "fp", "calib", "w4", "w3", "w4pc", "ood", "calib_ablation", "formats", "sq", "prune", "kv", "mem", "real"]
     a = lc.parse_args(["--sections", "fp,kv"])
     assert selected_parts(lc.PARTS, a.parts, a.sections, lc.DEFAULT_PARTS) == ["fp", "kv"]
     core = script("llm_core")

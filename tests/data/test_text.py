@@ -45,3 +45,9 @@ def test_tinyshakespeare_chars():
     assert x.shape == y.shape == (256,) and x.dtype == torch.long
     assert train.decode(x).startswith("First Citizen:")
     assert torch.equal(x[1:], y[:-1])
+
+
+def test_tinyshakespeare_splits_are_the_char_dataset_cut():
+    full, train, val = (load_text(n) for n in ("tinyshakespeare", "tinyshakespeare-train", "tinyshakespeare-val"))
+    assert (len(train), len(val)) == (1_003_854, 111_540) and train + val == full
+    assert tinyshakespeare_chars("val", block_size=8).decode(tinyshakespeare_chars("val", block_size=8).data) == val

@@ -139,11 +139,14 @@ def _quantize_reusable(model: nn.Module, config: Any, calib: torch.Tensor | None
     proc = (awq_processor(model, config, pack, log, search_cache, keep=kept) if isinstance(config, AWQConfig)
             else gptq_processor(model, config, pack, log, keep=kept))
     ctx = run_blockwise(model, tokens, proc, batch_size, device, desc=type(config).kind, progress=progress)
-    return CalibStats(kept, ctx, int(tokens.numel()), _sink_share(config))
+    return CalibStats(kept, ctx, int(tokens.numel()), *_sink(config))
 
 
-def _sink_share(config: AWQConfig | GPTQConfig) -> float:
-    return config.sink_share if isinstance(config, GPTQConfig) else config.gptq_sink_share
+def _sink(config: AWQConfig | GPTQConfig) -> tuple[float, str]:
+    """(sink share, sink rule) the config's Hessians are weighted with."""
+    if isinstance(config, GPTQConfig):
+        return config.sink_share, config.sink_rule
+    return config.gptq_sink_share, config.gptq_sink_rule
 
 
 def _check_stats(config: AWQConfig | GPTQConfig, stats: CalibStats) -> None:
@@ -152,9 +155,10 @@ def _check_stats(config: AWQConfig | GPTQConfig, stats: CalibStats) -> None:
     if b is None or (need_h and not b.hessian):
         raise ConfigError(f"{type(config).__name__} needs Hessians in the calibration statistics; "
                           "collect them with a GPTQ (propagate='fp') or AWQ use_gptq=True run")
-    if need_h and stats.sink_share != _sink_share(config):
-        raise ConfigError(f"the statistics' Hessians were collected with sink_share {stats.sink_share}; "
-                          f"{type(config).__name__} asks for {_sink_share(config)} (collect them again)")
+    if need_h and (stats.sink_share, stats.sink_rule) != _sink(config):
+        raise ConfigError(f"the statistics' Hessians were collected with sink_share {stats.sink_share} "
+                          f"(rule {stats.sink_rule!r}); {type(config).__name__} asks for {_sink(config)[0]} "
+                          f"(rule {_sink(config)[1]!r}); collect them again")
     if isinstance(config, AWQConfig) and (not b.x_mean or not b.samples):
         raise ConfigError("AWQConfig needs mean |x| and search samples in the calibration statistics; "
                           "collect them with an AWQ run (keep_stats=True)")

@@ -31,7 +31,7 @@ from efficientml.llm.compress.gptq import gptq_quantize_shared
 from efficientml.llm.compress.mappings import ScalingGroup, scaling_groups, usable
 from efficientml.llm.kernels.qlinear import install_quantized
 from efficientml.llm.compress.rtn import quantize_weight
-from efficientml.llm.compress.stats import collect_block
+from efficientml.llm.compress.stats import SINK_RULES, collect_block
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class AWQConfig(Config):
     gptq_block_size: int = 128
     gptq_act_order: bool = False    # with a group size: static groups (the packed layout's order)
     gptq_sink_share: float = 0.05   # see GPTQConfig.sink_share
+    gptq_sink_rule: str = "tokens"  # see GPTQConfig.sink_rule
 
     def validate(self) -> None:
         self.spec  # noqa: B018
@@ -64,6 +65,7 @@ class AWQConfig(Config):
         check_range("salient_fraction", self.salient_fraction, 0.0, 1.0, lo_open=True)
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)
         check_range("gptq_sink_share", self.gptq_sink_share, 0.0, 1.0, hi_open=True)
+        check_choice("gptq_sink_rule", self.gptq_sink_rule, SINK_RULES)
 
     @property
     def spec(self) -> GridSpec:
@@ -275,7 +277,7 @@ def awq_processor(model: nn.Module, cfg: AWQConfig, pack: bool = True, log: dict
     @torch.no_grad()
     def process(data: BlockData) -> torch.Tensor:
         st, fp_out = collect_block(data, sets, x_mean=True, hessian=cfg.use_gptq, n_samples=cfg.search_samples,
-                                   sink_share=cfg.gptq_sink_share)
+                                   sink_share=cfg.gptq_sink_share, sink_rule=cfg.gptq_sink_rule)
         if keep is not None:
             keep.append(st.to("cpu"))
         transform(data, st)

@@ -9,11 +9,16 @@ activations.
 
     tokens = calibration_tokens(tok, CalibConfig(source="wikitext2-valid", n_samples=128, seq_len=512))
     run_blockwise(model, tokens, process, batch_size=8)   # process(data: BlockData) per block
+
+A calibration set may mix corpora: ``source="wikitext2-valid,tinyshakespeare-train"`` takes sample i
+from source i mod k (k sources), so every source gets n_samples // k windows (the first n_samples mod k
+sources one more) and any prefix of the set — AWQ searches on its first sequences — is mixed too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -31,7 +36,8 @@ MIN_CALIB_TOKENS = 128
 class CalibConfig(Config):
     """Deterministic calibration windows: ``n_samples`` windows of ``seq_len`` tokens drawn from
     ``source`` (a corpus name from efficientml.data.text — wikitext2-valid, wikitext2-raw-test,
-    tinyshakespeare — or a UTF-8 text file) at positions chosen by ``seed``."""
+    tinyshakespeare, tinyshakespeare-train — a UTF-8 text file, or several of these joined by commas:
+    a mixed set, see the module docstring) at positions chosen by ``seed``."""
 
     kind = "calib"
     source: str = "wikitext2-valid"
@@ -45,20 +51,54 @@ class CalibConfig(Config):
         if self.n_samples * self.seq_len < MIN_CALIB_TOKENS:
             raise ConfigError(f"calibration of {self.n_samples}×{self.seq_len} tokens is too small; "
                               f"use at least {MIN_CALIB_TOKENS} tokens")
+        if self.n_samples < len(self.sources):
+            raise ConfigError(f"a calibration mix of {len(self.sources)} sources needs at least that many samples, "
+                              f"got {self.n_samples}")
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The corpora (or files) of the set, in the order samples cycle through them."""
+        return calibration_sources(self.source)
+
+    def counts(self) -> tuple[int, ...]:
+        """Windows taken from each source: n_samples // k, the first n_samples mod k one more."""
+        n, k = self.n_samples, len(self.sources)
+        return tuple(n // k + (j < n % k) for j in range(k))
+
+
+def calibration_sources(source: str) -> tuple[str, ...]:
+    """``source`` split at commas, unless it is one existing file whose name holds a comma."""
+    if "," not in source or Path(source).is_file():
+        return (source,)
+    parts = tuple(p.strip() for p in source.split(","))
+    if not all(parts):
+        raise ConfigError(f"calibration source {source!r} has an empty name between commas")
+    return parts
+
+
+def _windows(tokenizer, source: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(n, seq_len) windows at seeded random offsets of one tokenized corpus."""
+    from efficientml.data.text import load_text
+
+    ids = torch.tensor(tokenizer.encode(load_text(source), add_bos=False), dtype=torch.long)
+    if ids.numel() < seq_len + 1:
+        raise ConfigError(f"calibration text {source!r} has {ids.numel()} tokens, fewer than one "
+                          f"window of seq_len={seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
 def calibration_tokens(tokenizer, cfg: CalibConfig = CalibConfig()) -> torch.Tensor:
-    """(n_samples, seq_len) token ids, windows at seeded random offsets of the tokenized corpus."""
-    from efficientml.data.text import load_text
-
-    text = load_text(cfg.source)
-    ids = torch.tensor(tokenizer.encode(text, add_bos=False), dtype=torch.long)
-    if ids.numel() < cfg.seq_len + 1:
-        raise ConfigError(f"calibration text {cfg.source!r} has {ids.numel()} tokens, fewer than one "
-                          f"window of seq_len={cfg.seq_len}")
-    g = torch.Generator().manual_seed(cfg.seed)
-    starts = torch.randint(0, ids.numel() - cfg.seq_len, (cfg.n_samples,), generator=g)
-    return torch.stack([ids[s:s + cfg.seq_len] for s in starts.tolist()])
+    """(n_samples, seq_len) token ids. One source: windows at seeded random offsets of the tokenized
+    corpus; a mix: source j's windows (seed + j) fill rows j, j + k, j + 2k, …"""
+    srcs = cfg.sources
+    if len(srcs) == 1:
+        return _windows(tokenizer, srcs[0], cfg.n_samples, cfg.seq_len, cfg.seed)
+    out = torch.empty(cfg.n_samples, cfg.seq_len, dtype=torch.long)
+    for j, (src, n) in enumerate(zip(srcs, cfg.counts())):
+        out[j::len(srcs)] = _windows(tokenizer, src, n, cfg.seq_len, cfg.seed + j)
+    return out
 
 
 def check_calib(tokens: torch.Tensor | None, method: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
 from efficientml.quant.grid import GridSpec, QTensor, qparams, weight_grid
-from efficientml.llm.compress.stats import BlockStats, collect_block
+from efficientml.llm.compress.stats import SINK_RULES, BlockStats, collect_block
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class GPTQConfig(Config):
     static_groups: bool = False
     propagate: str = "quantized"  # next block's inputs from the quantized block, or "fp"
     sink_share: float = 0.05      # share of each sequence's Hessian weight on its first token (0: plain GPTQ)
+    sink_rule: str = "tokens"     # that share of the tokens, or "trace": of each Hessian's trace (stats.py)
 
     def validate(self) -> None:
         self.spec  # noqa: B018
@@ -43,6 +44,7 @@ class GPTQConfig(Config):
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         check_choice("propagate", self.propagate, ("quantized", "fp"))
         check_range("sink_share", self.sink_share, 0.0, 1.0, hi_open=True)
+        check_choice("sink_rule", self.sink_rule, SINK_RULES)
         if self.act_order and self.group_size is not None and not self.static_groups:
             raise ConfigError("act_order with a group size needs static_groups=True (the packed layout keeps "
                               "groups in the original column order)")
@@ -214,7 +216,7 @@ def gptq_processor(model, cfg: GPTQConfig, pack: bool = True, log: dict | None =
     @torch.no_grad()
     def process(data):
         st, fp_out = collect_block(data, sets, x_mean=False, hessian=True, keep_outputs=cfg.propagate == "fp",
-                                   sink_share=cfg.sink_share)
+                                   sink_share=cfg.sink_share, sink_rule=cfg.sink_rule)
         if keep is not None:
             keep.append(st.to("cpu"))
         transform(data, st)

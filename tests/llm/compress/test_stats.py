@@ -74,3 +74,43 @@ def test_sink_share_counts_the_first_position_more(calib):
         apply(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=share), inplace=True, stats=h1, progress=False)
     with pytest.raises(ConfigError, match="sink_share"):
         GPTQConfig(4, 32, sink_share=1.0)
+
+
+def _block0_qkv_inputs(calib):
+    """Block 0's q/k/v input, (N, T, d): the normed embeddings (computed here, independently)."""
+    m = tiny_model()
+    with torch.no_grad():
+        return m.model.layers[0].input_layernorm(m.model.embed_tokens(calib)).float()
+
+
+def _hessians(calib, **kw):
+    conf = GPTQConfig(4, 32, propagate="fp", **kw)
+    return apply(tiny_model(), conf, calib=calib, inplace=True, pack=False, progress=False,
+                 keep_stats=True).report["stats"]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.3])
+def test_trace_rule_gives_the_first_positions_exactly_their_share(calib, share):
+    """sink_rule="trace": H = 2/N·(X_restᵀX_rest + w·X₀ᵀX₀) with w·tr(X₀ᵀX₀) = share·tr(H)·N/2, built by hand;
+    share 0 is the Hessian of every position but the first (still divided by all N tokens)."""
+    X = _block0_qkv_inputs(calib)
+    x0, xr = X[:, 0], X[:, 1:].reshape(-1, X.shape[-1])
+    t0, tr = float(x0.pow(2).sum()), float(xr.pow(2).sum())
+    w = share * tr / ((1 - share) * t0)
+    ref = 2.0 / calib.numel() * (xr.t() @ xr + w * x0.t() @ x0)
+    st = _hessians(calib, sink_share=share, sink_rule="trace")
+    H = st.blocks[0].hessian["self_attn.q_proj"]
+    torch.testing.assert_close(H, ref, rtol=1e-4, atol=1e-5)
+    first = 2.0 / calib.numel() * w * t0
+    assert first / float(H.trace()) == pytest.approx(share, rel=1e-4, abs=1e-7)
+    assert (st.sink_share, st.sink_rule) == (share, "trace")
+
+
+def test_statistics_remember_their_sink_rule(calib):
+    st = _hessians(calib, sink_share=0.05, sink_rule="trace")
+    with pytest.raises(ConfigError, match="rule 'trace'"):
+        apply(tiny_model(), GPTQConfig(4, 32, propagate="fp", sink_share=0.05), inplace=True, stats=st, progress=False)
+    with pytest.raises(ConfigError, match="different sink weights"):
+        st.merge(_hessians(calib, sink_share=0.05))
+    with pytest.raises(ConfigError, match="sink_rule"):
+        GPTQConfig(4, 32, sink_rule="tokenz")
