@@ -3,8 +3,9 @@ benchmarks/serving.py, and runnable alone.
 
 SmolLM2-135M target (bf16 or fp32, whichever the plain engine decodes faster here; both recorded),
 batch 1, greedy, ``ignore_eos``, a few prompts, 128 new tokens each (``--quick``: 16, and k in {2, 4}).
-The plain engine against the same engine with speculation by (a) n-gram prompt lookup and (b) a packed
-W4 copy of the target (RTN, symmetric, groups of 32) as the draft, k in {2, 3, 4, 6}: output tok/s,
+The plain engine against the same engine with speculation by (a) n-gram prompt lookup (shortest matched
+suffix 1, 2 or 3 tokens: a longer minimum proposes less often but better) and (b) a packed W4 copy of the
+target (RTN, symmetric, groups of 32) as the draft, k in {2, 3, 4, 6}: output tok/s,
 acceptance rate, mean accepted length, and whether every output is token-identical to plain decoding.
 Targets: ``speculative_speedup_bs1`` (best over methods and k) ≥ 1.5, ``speculative_greedy_identical``.
 
@@ -82,17 +83,18 @@ def part_speculative(r) -> None:
     target, ref = plain[dname]
     draft = _w4_draft(base.to(torch.float32))
     rows, identical = [], True
-    for method in ("ngram", "draft"):
+    for method, nmin in (("ngram", 1), ("ngram", 2), ("ngram", 3), ("draft", None)):
+        name = f"ngram_min{nmin}" if method == "ngram" else "draft_w4_rtn_g32"
         for k in b["ks"]:
-            spec = SpeculativeConfig(method, k, draft_model=draft if method == "draft" else None)
+            spec = SpeculativeConfig(method, k, draft_model=draft if method == "draft" else None, ngram_min=nmin or 1)
             res = _run(target, tok, ids, n, spec)
             same = res["outputs"] == ref["outputs"]
             identical &= same
-            rows.append({"method": "ngram" if method == "ngram" else "draft_w4_rtn_g32", "k": k,
+            rows.append({"method": name, "k": k, "ngram_min": nmin,
                          "tok_s": res["tok_s"], "speedup": res["tok_s"] / ref["tok_s"],
                          "acceptance_rate": res["acceptance_rate"], "mean_accepted_length": res["mean_accepted_length"],
                          "identical_to_plain": same, "leaked_blocks": res["leaked_blocks"]})
-            log(f"{method} k={k}: {res['tok_s']:.1f} tok/s ({rows[-1]['speedup']:.2f}x), "
+            log(f"{name} k={k}: {res['tok_s']:.1f} tok/s ({rows[-1]['speedup']:.2f}x), "
                 f"acceptance {res['acceptance_rate']}, identical {same}")
     best = max(rows, key=lambda x: x["speedup"])
     r.rec.results["speculative"] = {

@@ -83,3 +83,26 @@ def test_bf16_prompt_runs_as_one_fp32_gemm():
     if not native_bf16_matmul():
         wide = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16)
         assert torch.equal(y, wide)
+
+
+@needs_cc
+@pytest.mark.parametrize("f16", [0, 1])
+def test_a_row_does_not_depend_on_how_many_rows_share_the_call(f16):
+    """Bit for bit: a speculative verify (k + 1 rows) must give the tokens a one-row decode gives."""
+    fn = cpu_gemv16._load()
+    assert fn is not None, cpu_gemv16.status()
+    if f16 and "fp16" not in cpu_gemv16.status():
+        pytest.skip(cpu_gemv16.status())
+    g = torch.Generator().manual_seed(5)
+    out_f, in_f = 67, 203  # neither a multiple of the 4-row tile nor of the vector width
+    w = torch.randn(out_f, in_f, generator=g).to(torch.float16 if f16 else torch.bfloat16).view(torch.int16)
+    x = torch.randn(9, in_f, generator=g)
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(len(rows), out_f)
+        assert fn(w.data_ptr(), rows.data_ptr(), None, y.data_ptr(), len(rows), out_f, in_f, 2, f16) == 0
+        return y
+
+    alone = torch.cat([run(x[i:i + 1].contiguous()) for i in range(len(x))])
+    for m in range(2, len(x) + 1):
+        assert torch.equal(run(x[:m].contiguous()), alone[:m]), m

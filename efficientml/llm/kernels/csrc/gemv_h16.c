@@ -59,9 +59,8 @@ static inline float hsum8(v8f v) {
     return s;
 }
 
-/* a·b + c in one rounding where the CPU has FMA. Only the tiles of three or more input rows use it: there
- * the product is compute-bound (a batch of sequences, a prompt), while M ≤ 2 keeps the separate multiply
- * and add of the strict-FP build (its results stay bit for bit what they were). */
+/* a·b + c in one rounding where the CPU has FMA, in every tile: a row's result must not depend on how many
+ * rows share the call (a speculative verify of k + 1 rows has to give the tokens a one-row decode gives). */
 #if VW == 16
 static inline v8f vfma(v8f a, v8f b, v8f c) { return (v8f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 #define WIDE_R 4  /* 32 registers: 4 weight rows × 4 input rows of accumulators */
@@ -100,7 +99,7 @@ void tile(const int R, const int MC, const int F16, const uint16_t *W, const flo
         }
         for (int m = 0; m < MC; m++) {
             const v8f xv = load8(X + m * in + i);
-            for (int r = 0; r < R; r++) acc[r][m] = MC >= 3 ? vfma(wv[r], xv, acc[r][m]) : acc[r][m] + wv[r] * xv;
+            for (int r = 0; r < R; r++) acc[r][m] = vfma(wv[r], xv, acc[r][m]);
         }
     }
     for (int m = 0; m < MC; m++)
