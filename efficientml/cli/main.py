@@ -17,7 +17,8 @@ import sys
 from efficientml.core.errors import EfficientMLError
 
 # module name in efficientml.cli → order of appearance in --help
-SUBCOMMANDS = ["demo", "profile", "train", "eval", "prune", "quantize", "distill", "formats", "llm", "finetune"]
+SUBCOMMANDS = ["demo", "profile", "train", "eval", "prune", "quantize", "distill", "engine", "formats", "llm",
+               "finetune"]
 
 
 class _Parser(argparse.ArgumentParser):
