@@ -27,7 +27,10 @@ class Env:
         self.seeds = tuple(range(1 if quick else seeds))
         self.train_subset = 512 if quick else 10000
         self.test_subset = 512 if quick else None
-        self.epochs = 0.5 if quick else 3.0
+        self.epochs = 0.5 if quick else 6.0
+        self.val_size = 512 if quick else 5000
+        self.temperatures = (1.0, 4.0) if quick else (1.0, 2.0, 4.0)
+        self._temperature: float | None = None
         self.batch = 64 if quick else 128
         self.width = 0.25
         self._teacher = None
@@ -38,6 +41,8 @@ class Env:
     def protocol(self) -> dict:
         return {"dataset": "fashion-mnist", "train_subset": self.train_subset, "test_subset": self.test_subset,
                 "epochs": self.epochs, "batch": self.batch, "seeds": list(self.seeds),
+                "validation": {"size": self.val_size, "source": "training images outside seed 0's training subset",
+                               "used_for": "the KD temperature only", "temperatures_tried": list(self.temperatures)},
                 "student": {"model": "small_cnn", "width": self.width}, "teacher": self.teacher_info,
                 "recipe": self.recipe(0).to_dict()}
 
@@ -78,6 +83,42 @@ class Env:
         return fashion_mnist_loaders(batch_size=self.batch, augment=False, train_subset=self.train_subset,
                                      test_subset=self.test_subset, seed=seed)
 
+    def val_loader(self):
+        """Held-out validation images: training images outside seed 0's training subset (the test set is
+        never used to choose anything)."""
+        from efficientml.data.fashion_mnist import load_fashion_mnist
+        from efficientml.data.loader import ImageTensors, TensorLoader
+
+        train = load_fashion_mnist("train")
+        g = torch.Generator().manual_seed(0)                 # the permutation ImageTensors.subset(n, 0) uses
+        idx = torch.randperm(len(train), generator=g)[self.train_subset:self.train_subset + self.val_size]
+        held = ImageTensors(train.images[idx], train.labels[idx], train.mean, train.std, train.classes)
+        return TensorLoader(held, 512, shuffle=False)
+
+    def temperature(self) -> float:
+        """The KD temperature, chosen once by validation accuracy of seed 0's KD student (alpha 0.9) over
+        ``temperatures``; every distiller then uses it."""
+        if self._temperature is None:
+            from efficientml.distill import DistillConfig, distill
+            from efficientml.train.loop import evaluate
+
+            val, scores = self.val_loader(), {}
+            for t in self.temperatures:
+                train, _ = self.loaders(0)
+                s = self.student(0)
+                distill(s, self.teacher(), train, DistillConfig(method="kd", temperature=t), self.recipe(0),
+                        progress=False)
+                scores[t] = evaluate(s, val)["accuracy"]
+                log(f"KD T={t:g}: validation {scores[t]:.2f}")
+            self._temperature = max(scores, key=scores.get)
+            self.rec.results["temperature_selection"] = {"validation_accuracy": {str(k): v for k, v in scores.items()},
+                                                         "chosen": self._temperature}
+        return self._temperature
+
+    def set_temperature(self, t: float) -> None:
+        self._temperature = t
+        self.rec.results["temperature_selection"] = {"chosen": t, "note": "given on the command line (--temperature)"}
+
     def recipe(self, seed: int, epochs: float | None = None, lr: float = 0.05):
         from efficientml.train import TrainConfig
 
@@ -108,7 +149,7 @@ class Env:
             else:
                 method, correct = (name[:-len("_teacher_correct")], True) if name.endswith("_teacher_correct") \
                     else (name, False)
-                cfg = DistillConfig(method=method, temperature=4.0, only_where_teacher_correct=correct)
+                cfg = DistillConfig(method=method, temperature=self.temperature(), only_where_teacher_correct=correct)
                 distill(s, self.teacher(), train, cfg, self.recipe(seed), progress=False)
             return evaluate(s, test)["accuracy"]
         return run
@@ -135,7 +176,7 @@ def _pruned_once(env: Env, ratio: float, seed: int) -> dict:
     for arm in ("plain", "kd"):
         m = copy.deepcopy(res.model)
         if arm == "kd":
-            with TeacherLoss(teacher, m, temperature=4.0, weight=1.0) as tl:
+            with TeacherLoss(teacher, m, temperature=env.temperature(), weight=1.0) as tl:
                 fit(m, train, ft, extra_loss=tl, progress=False)
         else:
             fit(m, train, ft, progress=False)

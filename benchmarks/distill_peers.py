@@ -52,7 +52,8 @@ def _born_again(env: Env) -> Callable[[int], float]:
     def run(seed: int) -> float:
         train, test = env.loaders(seed)
         res = born_again(lambda g: env.student(seed + 100 * g), None, train, env.recipe(seed), generations=2,
-                         config=DistillConfig(method="kd", temperature=4.0, alpha=0.9), eval_loader=test,
+                         config=DistillConfig(method="kd", temperature=env.temperature(), alpha=0.9),
+                         eval_loader=test,
                          progress=False)
         env.extra.setdefault("born_again_generations", []).append(res["eval_accuracy"])
         env.extra.setdefault("born_again_ensemble", []).append(res["ensemble_accuracy"])

@@ -84,8 +84,30 @@ def test_train_and_eval_round_trip_with_json(capsys, tmp_path):
     assert ev["accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-9)
 
 
-def test_demo_json(capsys):
-    rc, out, _ = _run(["demo", "--json", "--runs", "3"], capsys)
+def test_demo_pipeline(tmp_path, capsys):
+    """The default job: every stage reported, the engine's C bit-exact, the files written, and a second
+    run refusing to replace them without --overwrite."""
+    argv = ["demo", "--json", "--runs", "2", "--finetune-images", "768", "--test-images", "512",
+            "--out", str(tmp_path)]
+    rc, out, _ = _run(argv, capsys)
+    rep = json.loads(out)
+    assert rc == 0
+    stages = rep["stages"]
+    assert [s["stage"] for s in stages][0] == "baseline fp32" and len(stages) == 4
+    assert stages[0]["accuracy"] > 85 and stages[0]["params"] > 2 * stages[1]["params"]
+    assert abs(stages[3]["accuracy"] - stages[2]["accuracy"]) <= 0.6   # PyTorch's kernels: within an LSB
+    assert rep["engine"]["bit_exact"]["mismatched_images"] == 0 and rep["engine"]["bit_exact"]["images"] == 512
+    assert stages[3]["peak_activation_bytes"] <= stages[2]["peak_activation_bytes"]
+    for name in ("report.json", "report.md", "vgg_fmnist_engine.c", "vgg_fmnist_engine.h"):
+        assert (tmp_path / name).stat().st_size > 0
+    before = (tmp_path / "report.md").read_text()
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and "already exists" in err and "--overwrite" in err and err.count("\n") == 1
+    assert (tmp_path / "report.md").read_text() == before
+
+
+def test_demo_resnet_profile_json(capsys):
+    rc, out, _ = _run(["demo", "--model", "resnet20", "--json", "--runs", "3"], capsys)
     rep = json.loads(out)
     assert rc == 0
     assert rep["cifar_samples"]["correct"] == 20 and rep["cifar_samples"]["total"] == 20
