@@ -18,7 +18,8 @@ CPU, batch 1, 2 threads. Parts (``--parts``; default all):
 - ``mcu``: the trained VGG cross-compiled for a Cortex-M3, run under qemu-system-arm (mps2-an385) on real
   test images → ``mcu_qemu_bitexact``, ``mcu_flash_kb``, ``mcu_sram_kb``;
 - ``sparse``: EIE-style sparse × sparse FC and submanifold / regular sparse 3D convolution against dense
-  → ``sparse_conv_vs_dense_speedup``.
+  → ``sparse_conv_vs_dense_speedup``;
+- ``demo``: ``efficientml demo`` in a fresh process → ``demo_seconds``.
 
     python benchmarks/engine.py                           # full (the committed JSON)
     python benchmarks/engine.py --quick --out /tmp/e.json  # small budgets: proves every part runs
@@ -39,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from efficientml.analysis.record import (BenchmarkRecord, add_part_options, default_out, log,  # noqa: E402
                                          merge_records, run_parts, selected_parts)
-from benchmarks.engine_parts import (State, part_bitexact, part_latency, part_mcu, part_patch,  # noqa: E402
-                                     part_planner, part_sparse, part_winograd)
+from benchmarks.engine_parts import (State, part_bitexact, part_demo, part_latency, part_mcu,  # noqa: E402
+                                     part_patch, part_planner, part_sparse, part_winograd)
 
 PARTS = {"bitexact": part_bitexact, "planner": part_planner, "patch": part_patch, "latency": part_latency,
-         "winograd": part_winograd, "mcu": part_mcu, "sparse": part_sparse}
+         "winograd": part_winograd, "mcu": part_mcu, "sparse": part_sparse, "demo": part_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
