@@ -139,6 +139,18 @@ def winograd_weights(w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def depthwise_scratch(c: dict[str, int]) -> int:
+    """Scratch bytes of the host depthwise kernel: zin-padded planes of every channel; for 3x3, stride
+    1 or 2, undilated, s x s phase planes of (ho + 2 // s) rows of wo + 2 // s and 64 spare bytes each
+    (eml_dw3_dims of eml_host_ops.c)."""
+    s = c["sh"]
+    if (c["kh"], c["kw"], c["dh"], c["dw"]) == (3, 3, 1, 1) and c["sw"] == s and s in (1, 2):
+        return c["c"] * (s * s * (c["ho"] + 2 // s) * (c["wo"] + 2 // s) + 64)
+    hp = (c["ho"] - 1) * c["sh"] + (c["kh"] - 1) * c["dh"] + 1
+    wp = (c["wo"] - 1) * c["sw"] + (c["kw"] - 1) * c["dw"] + 1
+    return c["c"] * hp * wp
+
+
 def host_conv(tag: str, op: Op, algo: str) -> tuple[list[str], str, int]:
     """Declarations, call (``{x}``, ``{y}``, ``{s}``: input, output, scratch) and scratch bytes of a conv's
     host kernel; beff folds the input zero point into the bias (raw codes times weights)."""
@@ -149,9 +161,7 @@ def host_conv(tag: str, op: Op, algo: str) -> tuple[list[str], str, int]:
     decls = [_array("int64_t", f"{tag}_be", _flat(beff))]
     rq = f"{tag}_be, {tag}_m, {tag}_s"
     if op.kind == "depthwise":
-        hp = (c["ho"] - 1) * c["sh"] + (c["kh"] - 1) * c["dh"] + 1
-        wp = (c["wo"] - 1) * c["sw"] + (c["kw"] - 1) * c["dw"] + 1
-        return decls, f"    eml_depthwise_host(&{tag}_p, {{x}}, {tag}_w, {rq}, {{y}}, {{s}});", c["c"] * hp * wp
+        return decls, f"    eml_depthwise_host(&{tag}_p, {{x}}, {tag}_w, {rq}, {{y}}, {{s}});", depthwise_scratch(c)
     if op.kind == "conv2d" and pick_algo(c, algo) == "winograd":
         tp = _round_up(((c["ho"] + 1) // 2) * ((c["wo"] + 1) // 2), NR)
         u = winograd_weights(w)

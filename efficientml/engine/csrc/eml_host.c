@@ -49,17 +49,25 @@ static int eml_nthr(int64_t work) {
     return work < EML_PAR_MIN ? 1 : eml_threads;
 }
 
-/* requantize n int32 accumulators of one output channel (raw codes x weights; beff folds zin) */
+/* requantize n int32 accumulators of one output channel (raw codes x weights; beff folds zin);
+ * vec: 1 AVX2, 2 AVX-512 lanes for the common shifts (eml_x86.c), the scalar formula for the rest */
 static inline __attribute__((always_inline)) void eml_rq_body(const int32_t *acc, int32_t n, int64_t beff, int32_t m0,
                                                               int32_t shift, int32_t zout, int32_t lo, int32_t hi,
-                                                              uint8_t *y) {
+                                                              uint8_t *y, int vec) {
     if (shift < 1 || shift > 62) {
         for (int32_t i = 0; i < n; i++) y[i] = eml_requant((int64_t)acc[i] + beff, m0, shift, zout, lo, hi);
         return;
     }
     /* (acc + beff) * m0 + half == acc * m0 + (beff * m0 + half) modulo 2^64, as the reference wraps */
     uint64_t add = (uint64_t)beff * (uint64_t)(int64_t)m0 + ((uint64_t)1 << (shift - 1));
-    for (int32_t i = 0; i < n; i++) {
+    int32_t i = 0;
+#if defined(EML_X86)
+    if (vec && lo >= 0 && hi <= 255)
+        i = vec == 2 ? eml_rq_vec_avx512(acc, n, add, m0, shift, zout, lo, hi, y)
+                     : eml_rq_vec_avx2(acc, n, add, m0, shift, zout, lo, hi, y);
+#endif
+    (void)vec;
+    for (; i < n; i++) {
         int64_t prod = (int64_t)((uint64_t)((int64_t)acc[i] * m0) + add);
         int64_t v = (prod >> shift) + zout;
         v = v < lo ? lo : v;
@@ -90,15 +98,15 @@ static inline __attribute__((always_inline)) void eml_dw_body(const eml_conv_t *
 #define EML_RQ_ARGS const int32_t *acc, int32_t n, int64_t beff, int32_t m0, int32_t shift, int32_t zout, \
     int32_t lo, int32_t hi, uint8_t *y
 #define EML_DW_ARGS const eml_conv_t *p, const uint8_t *xr, int32_t wp, const int8_t *wk, int32_t n, int32_t *acc
-static void eml_rq_portable(EML_RQ_ARGS) { eml_rq_body(acc, n, beff, m0, shift, zout, lo, hi, y); }
+static void eml_rq_portable(EML_RQ_ARGS) { eml_rq_body(acc, n, beff, m0, shift, zout, lo, hi, y, 0); }
 static void eml_dw_portable(EML_DW_ARGS) { eml_dw_body(p, xr, wp, wk, n, acc); }
 #if defined(EML_X86)
 __attribute__((target("avx2"))) static void eml_rq_avx2(EML_RQ_ARGS) {
-    eml_rq_body(acc, n, beff, m0, shift, zout, lo, hi, y);
+    eml_rq_body(acc, n, beff, m0, shift, zout, lo, hi, y, 1);
 }
 __attribute__((target("avx2"))) static void eml_dw_avx2(EML_DW_ARGS) { eml_dw_body(p, xr, wp, wk, n, acc); }
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void eml_rq_avx512(EML_RQ_ARGS) {
-    eml_rq_body(acc, n, beff, m0, shift, zout, lo, hi, y);
+    eml_rq_body(acc, n, beff, m0, shift, zout, lo, hi, y, 2);
 }
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) static void eml_dw_avx512(EML_DW_ARGS) {
     eml_dw_body(p, xr, wp, wk, n, acc);
