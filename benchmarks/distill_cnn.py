@@ -31,6 +31,7 @@ class Env:
         self.val_size = 512 if quick else 5000
         self.temperatures = (1.0, 4.0) if quick else (1.0, 2.0, 4.0)
         self._temperature: float | None = None
+        self.feature_methods: tuple[str, ...] = ()
         self.batch = 64 if quick else 128
         self.width = 0.25
         self._teacher = None
@@ -115,6 +116,15 @@ class Env:
                                                          "chosen": self._temperature}
         return self._temperature
 
+    def reuse(self, arms: dict[str, list[float]]) -> None:
+        """Accuracies an earlier run of the same protocol measured, used instead of training again."""
+        for name, accs in arms.items():
+            if len(accs) != len(self.seeds):
+                raise SystemExit(f"--reuse-arms: arm {name!r} has {len(accs)} accuracies, expected one per seed")
+            self._arms[name] = [float(a) for a in accs]
+        self.rec.results["reused_arms"] = {"arms": arms, "note": "measured by an earlier run of this benchmark "
+                                           "(same code, protocol and seeds), not trained again"}
+
     def set_temperature(self, t: float) -> None:
         self._temperature = t
         self.rec.results["temperature_selection"] = {"chosen": t, "note": "given on the command line (--temperature)"}
@@ -190,7 +200,8 @@ def part_pruned(env: Env) -> None:
 
     base = evaluate(env.teacher(), env.loaders(0)[1])["accuracy"]
     tried = {}
-    for ratio in (0.75, 0.85, 0.9):  # the first ratio at which plain fine-tuning leaves >= 1 point
+    # the mildest ratio at which plain fine-tuning leaves >= 1 point (scanned from mild to severe)
+    for ratio in (0.3, 0.5, 0.6, 0.75, 0.85, 0.9):
         first = _pruned_once(env, ratio, env.seeds[0])
         tried[ratio] = first
         log("pruned", ratio, first)

@@ -94,7 +94,8 @@ ARMS = {"dml": _dml, "byot": _byot, "self_distill": _born_again, "netaug": _neta
         "cutout": lambda env: _augmented(env, "cutout"), "mixup": lambda env: _augmented(env, "mixup")}
 NOTES = {"dml": "2 peers, CE + KL each way (T 1), mean of the peers' accuracies",
          "byot": "deepest classifier, heads on the first stage (α 0.3, T 3, feature 0.03)",
-         "self_distill": "born-again generation 2 (KD T 4, α 0.9 from generation 1, itself from generation 0)",
+         "self_distill": "born-again generation 2 (KD at the chosen T, α 0.9 from generation 1, itself from "
+                         "generation 0)",
          "netaug": "tiny model extracted after training inside 1.5–3× wider shared supernets (α 1)"}
 
 
