@@ -17,15 +17,15 @@ import argparse
 from efficientml.cli.common import add_json_flag, add_overwrite_flag, fraction, positive_int, print_json
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the CNN pipeline end to end: profile, prune + KD, int8, engine C (the default job)",
+    p = sub.add_parser("demo", help="the CNN pipeline end to end: profile, prune + KD, int8, engine C (default job)",
                        description="Run the trained Fashion-MNIST VGG through profile → channel prune + KD "
                                    "fine-tune → int8 → the engine's C code, and report params, size, MACs, peak "
                                    "memory, measured latency and accuracy of every stage (about 2 minutes on 2 "
                                    "cores). --model resnet20/32/44/56 profiles a pretrained CIFAR ResNet instead.")
     p.add_argument("--model", default="vgg", help="vgg (the pipeline, default) or a pretrained CIFAR ResNet to "
                                                   "profile: resnet20/32/44/56")
-    p.add_argument("--out", default="efficientml-demo", help="folder for the C code, report.json, report.md and "
-                                                              "pipeline.png (pipeline only; default ./efficientml-demo)")
+    p.add_argument("--out", default="efficientml-demo",
+                   help="folder for the C code, report.json, report.md and pipeline.png (default ./efficientml-demo)")
     add_overwrite_flag(p, "the files of an earlier demo in --out")
     p.add_argument("--ratio", type=fraction, default=0.5, help="channels pruned per conv (default 0.5)")
     p.add_argument("--finetune-images", type=positive_int, default=12000,
