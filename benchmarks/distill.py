@@ -27,6 +27,7 @@ cosine schedule); the student alone is the control. Parts (``--parts``; default 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -97,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         from efficientml.analysis.record import merge_records
 
-        import json
-
         rec = merge_records([json.loads(Path(p).read_text()) for p in args.merge], "distill")
         rec.write(default_out("distill", False, args.out))
         return 0
@@ -110,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         env.set_temperature(args.temperature)
     env.feature_methods = tuple(m.strip() for m in args.feature_methods.split(",") if m.strip())
     if args.reuse_arms:
-        import json
-
-        arms = json.loads(Path(args.reuse_arms).read_text())
-        env.reuse(arms)
+        env.reuse(json.loads(Path(args.reuse_arms).read_text()))
     rec.results["protocol"] = env.protocol()
 
     def done(name: str, seconds: float) -> None:

@@ -133,14 +133,9 @@ def part_planner(st: State) -> None:
 
 
 def _median_ms(fn, x, runs: int) -> float:
-    for _ in range(3):
-        fn(x)
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn(x)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    from efficientml.analysis.latency import measure_latency
+
+    return measure_latency(fn, x, warmup=3, runs=runs).median_ms
 
 
 def _ort_session(im, example: torch.Tensor, path: Path, threads: int):

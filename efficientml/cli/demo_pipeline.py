@@ -81,15 +81,16 @@ def _prune_kd(model, train, sample: torch.Tensor, cfg: DemoConfig):
 
 
 def _int8_rows(pruned, train, test, sample: torch.Tensor, cfg: DemoConfig, out: Path) -> tuple[list, dict]:
+    from efficientml.analysis import profile
     from efficientml.engine import compile_engine
     from efficientml.quant.integer import IntegerConfig, convert_integer
 
     calib = [b for _, b in zip(range(4), train)]
     im = convert_integer(pruned, calib, IntegerConfig(observer="minmax"))
     fast = im.with_mode("fast")
-    macs, params = _float_row_cost(pruned, sample)
-    int8 = {"stage": STAGES[2], "params": params, "weight_bytes": im.size_bytes(), "macs": macs,
-            "peak_activation_bytes": _peak_int8(pruned, sample), "peak_kind": "computed (per-layer, int8)",
+    prof = profile(pruned, tuple(sample.shape))
+    int8 = {"stage": STAGES[2], "params": prof.params, "weight_bytes": im.size_bytes(), "macs": prof.macs,
+            "peak_activation_bytes": prof.peak_activation_bytes(8), "peak_kind": "computed (per-layer, int8)",
             "latency_ms": _latency(fast, sample, cfg.runs, cfg.threads),
             "accuracy": _accuracy(fast, test, cfg.test_images)}
     t0 = time.perf_counter()
@@ -109,39 +110,26 @@ def _int8_rows(pruned, train, test, sample: torch.Tensor, cfg: DemoConfig, out: 
               "accuracy": _accuracy(eng.run, test, cfg.test_images)}
     info = {"c_source": str(c_path), "header": str(h_path), "build_seconds": round(build, 2),
             "bit_exact": {"images": checked, "mismatched_images": mismatched}, "isa": getattr(eng, "isa", None),
-            "plan": {k: v for k, v in eng.plan.to_dict().items() if k != "op_live_bytes"}}
+            "plan": {k: v for k, v in eng.plan.to_dict().items() if k != "op_live_bytes"},
+            "mcu": _mcu(eng, sample)}
     return [int8, engine], info
 
 
-def _float_row_cost(model, sample: torch.Tensor) -> tuple[int, int]:
-    from efficientml.analysis import count_macs, count_parameters
+def _mcu(eng, sample: torch.Tensor) -> dict[str, Any]:
+    """Flash/SRAM of the generated C built for a Cortex-M3 (engine.mcu's firmware build), where the tool
+    chain is installed."""
+    import tempfile
 
-    return count_macs(model, tuple(sample.shape)).macs, count_parameters(model)
+    from efficientml.engine.mcu import build_firmware, missing_tools
 
-
-def _peak_int8(model, sample: torch.Tensor) -> float:
-    from efficientml.analysis.memory import activation_memory
-
-    return activation_memory(model, tuple(sample.shape)).peak_bytes(8)
-
-
-def _mcu(out: Path) -> dict[str, Any]:
-    """Flash/SRAM of the generated C for a Cortex-M3 (arm-none-eabi-size), where the toolchain is here."""
-    import shutil
-    import subprocess
-
-    cc, size = shutil.which("arm-none-eabi-gcc"), shutil.which("arm-none-eabi-size")
-    if not (cc and size):
-        return {"skipped": "arm-none-eabi-gcc not installed (Debian: gcc-arm-none-eabi libnewlib-arm-none-eabi)"}
-    obj = out / "vgg_fmnist_engine.cortex-m3.o"
-    r = subprocess.run([cc, "-mcpu=cortex-m3", "-mthumb", "-O2", "-std=c99", "-c", str(out / OUTPUTS[3]),
-                        "-o", str(obj)], capture_output=True, text=True)
-    if r.returncode != 0:
-        return {"skipped": f"cross-compile failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"}
-    text, data, bss = (int(v) for v in subprocess.run([size, str(obj)], capture_output=True, text=True)
-                       .stdout.strip().splitlines()[-1].split()[:3])
-    obj.unlink()
-    return {"flash_kb": (text + data) / 1024, "sram_kb": (data + bss) / 1024, "how": "arm-none-eabi-size"}
+    if missing_tools():
+        return {"skipped": f"not installed: {', '.join(missing_tools())} (Debian: gcc-arm-none-eabi "
+                           "libnewlib-arm-none-eabi)"}
+    codes = eng.im.program.instrs[0].step.integer(sample)
+    with tempfile.TemporaryDirectory(prefix="eml-demo-mcu-") as tmp:
+        res = build_firmware(eng.generated, codes, tmp)
+    return {"flash_kb": res.flash_bytes / 1024, "sram_kb": res.sram_bytes / 1024,
+            "how": "arm-none-eabi-size of the model's object"}
 
 
 def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
@@ -167,7 +155,6 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
     rows.append(_float_row(STAGES[1], pruned, sample, test, cfg))
     int8_rows, engine = _int8_rows(pruned, train, test, sample, cfg, out)
     rows += int8_rows
-    engine["mcu"] = _mcu(out)
     return {"model": "vgg (width 0.25), trained on Fashion-MNIST", "checkpoint": ck.name,
             "checkpoint_test_accuracy": meta.get("test_accuracy"), "config": cfg.__dict__, "stages": rows,
             "recipe": recipe, "engine": engine, "seconds": round(time.perf_counter() - t0, 1),
