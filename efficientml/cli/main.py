@@ -18,7 +18,7 @@ from efficientml.core.errors import EfficientMLError
 
 # module name in efficientml.cli → order of appearance in --help
 SUBCOMMANDS = ["demo", "profile", "train", "eval", "prune", "quantize", "distill", "engine", "formats", "llm",
-               "finetune"]
+               "finetune", "search"]
 
 
 class _Parser(argparse.ArgumentParser):

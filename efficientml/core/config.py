@@ -53,7 +53,8 @@ class Config:
             )
         for f in dataclasses.fields(cls):  # JSON turns tuples into lists
             if f.name in d and isinstance(d[f.name], list) and "tuple" in str(f.type):
-                d[f.name] = tuple(d[f.name])
+                nested = str(f.type).count("tuple") > 1  # e.g. tuple[tuple[int, int], ...]
+                d[f.name] = tuple(tuple(v) if nested and isinstance(v, list) else v for v in d[f.name])
         return cls(**d)
 
     @classmethod

@@ -43,14 +43,15 @@ class ConvBNReLU(nn.Sequential):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: float,
+                 kernel_size: int = 3):
         super().__init__()
         hidden = int(round(in_channels * expand_ratio))
         self.use_residual = stride == 1 and in_channels == out_channels
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(ConvBNReLU(in_channels, hidden, 1))               # expand
-        layers += [ConvBNReLU(hidden, hidden, 3, stride, groups=hidden),    # depthwise
+        layers += [ConvBNReLU(hidden, hidden, kernel_size, stride, groups=hidden),  # depthwise
                    nn.Conv2d(hidden, out_channels, 1, bias=False),         # linear bottleneck: no ReLU
                    nn.BatchNorm2d(out_channels)]
         self.conv = nn.Sequential(*layers)
