@@ -96,3 +96,38 @@ def test_accuracy_predictor_learns_an_additive_function():
     assert rmse(p.predict(archs[300:]), acc[300:]) < 0.15
     curve = error_vs_samples(SPACE, archs[:300], acc[:300], archs[300:], acc[300:], [20, 300], epochs=300)
     assert curve[1]["rmse_points"] < curve[0]["rmse_points"]
+
+
+def test_rl_controller_learns_and_respects_the_constraints():
+    from efficientml.nas.rl import Controller, rl_search
+
+    cap = subnet_cost(SPACE, SPACE.largest()).macs // 2
+    hist = rl_search(SPACE, synthetic, 240, Constraints(max_macs=cap), seed=0, batch=8, lr=0.1)
+    assert len(hist.records) == 240 and all(r["costs"]["macs"] <= cap for r in hist.records)
+    scores = [r["score"] for r in hist.records]
+    assert sum(scores[-40:]) / 40 > sum(scores[:40]) / 40 + 1.0      # the policy moved to better archs
+    probs = hist.extra["controller"]["probabilities"]
+    k_first = probs[2 + len(SPACE.stages)]                             # slot 0's kernel: 7 pays most
+    assert k_first[SPACE.kernels.index(7)] > 1 / 3
+    import math
+
+    import torch
+
+    ctrl = Controller(SPACE)  # uniform: log π(a) = −Σ log(choices), H = Σ log(choices)
+    a, idx = ctrl.sample(torch.Generator().manual_seed(0))
+    SPACE.check(a)
+    hand = sum(math.log(len(c)) for c in ctrl.choices)
+    with torch.no_grad():
+        assert ctrl.decode(idx) == a and float(ctrl.log_prob(idx)) == pytest.approx(-hand)
+        assert float(ctrl.entropy()) == pytest.approx(hand)
+
+
+def _picklable_score(a):
+    return synthetic(a)
+
+
+def test_parallel_workers_give_the_same_history():
+    one = random_search(SPACE, _picklable_score, 6, seed=2)
+    two = random_search(SPACE, _picklable_score, 6, seed=2, workers=2)
+    assert [r["key"] for r in one.records] == [r["key"] for r in two.records]
+    assert [r["score"] for r in one.records] == [r["score"] for r in two.records]
