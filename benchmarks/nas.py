@@ -12,7 +12,9 @@ Parts (``--parts``; default all):
   then ``--lut-subnets`` random subnets measured end to end against the table's sum →
   ``latency_lut_mape``;
 - ``ofa``: progressive shrinking on Fashion-MNIST, subnets against the same architectures trained from
-  scratch, the accuracy predictor and evolution against random search (benchmarks/nas_ofa.py).
+  scratch, the accuracy predictor and evolution against random search (benchmarks/nas_ofa.py);
+- ``proxies``: zero-shot proxies of random architectures against their trained accuracy, beside the
+  parameter count (benchmarks/nas_proxies.py).
 
     python benchmarks/nas.py --parts predictors,lut            # the committed JSON's cheap parts
     python benchmarks/nas.py --quick                           # every part on tiny budgets (temp JSON)
@@ -111,7 +113,13 @@ def part_ofa(st: State) -> None:
     run_ofa(st)
 
 
-PARTS = {"predictors": part_predictors, "lut": part_lut, "ofa": part_ofa}
+def part_proxies(st: State) -> None:
+    from benchmarks.nas_proxies import run_proxies
+
+    run_proxies(st)
+
+
+PARTS = {"predictors": part_predictors, "lut": part_lut, "ofa": part_ofa, "proxies": part_proxies}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch-subnets", type=int, default=5, help="ofa: subnets also trained from scratch")
     ap.add_argument("--predictor-samples", type=int, default=200, help="ofa: subnets measured for the predictor")
     ap.add_argument("--search-budget", type=int, default=300, help="ofa: evaluations per search")
+    ap.add_argument("--proxy-archs", type=int, default=60, help="proxies: architectures trained")
+    ap.add_argument("--proxy-epochs", type=float, default=1.0, help="proxies: epochs per architecture")
+    ap.add_argument("--proxy-train-images", type=int, default=20000, help="proxies: training images")
     args = ap.parse_args(argv)
     out = default_out("nas", args.quick, args.out)
     if args.merge:

@@ -42,23 +42,14 @@ def random_search(space: MBSpace, evaluate: Callable[[Arch], float], budget: int
     return run.hist
 
 
-def mutate(space: MBSpace, arch: Arch, rng: random.Random, p: float) -> Arch:
-    """Each gene (resolution, width, every stage depth, every slot's kernel and expand) resampled with
-    probability ``p``."""
-    pick = (lambda old, choices: rng.choice(choices) if rng.random() < p else old)
-    depths = tuple(pick(d, list(range(lo, dmax + 1))) for d, lo, (_, dmax, _) in
-                   zip(arch.depths, space.min_depths, space.stages))
-    return space.canonical(Arch(pick(arch.resolution, space.resolutions), pick(arch.width, space.widths), depths,
-                                tuple(pick(k, space.kernels) for k in arch.kernels),
-                                tuple(pick(e, space.expands) for e in arch.expands)))
+def mutate(space, arch, rng: random.Random, p: float):
+    """``space.mutate``: each gene resampled with probability ``p`` (any space with the method)."""
+    return space.mutate(arch, rng, p)
 
 
-def crossover(space: MBSpace, a: Arch, b: Arch, rng: random.Random) -> Arch:
-    """Each gene from ``a`` or ``b`` with probability 1/2."""
-    pick = (lambda x, y: x if rng.random() < 0.5 else y)
-    return space.canonical(Arch(pick(a.resolution, b.resolution), pick(a.width, b.width),
-                                tuple(map(pick, a.depths, b.depths)), tuple(map(pick, a.kernels, b.kernels)),
-                                tuple(map(pick, a.expands, b.expands))))
+def crossover(space, a, b, rng: random.Random):
+    """``space.crossover``: each gene from ``a`` or ``b`` with probability 1/2."""
+    return space.crossover(a, b, rng)
 
 
 def evolution_search(space: MBSpace, evaluate: Callable[[Arch], float], budget: int,

@@ -146,6 +146,29 @@ class MBSpace(Config):
             depths, tuple(rng.choice(ks) for _ in range(self.n_slots)),
             tuple(rng.choice(es) for _ in range(self.n_slots))))
 
+    def mutate(self, arch: Arch, rng: random.Random, p: float) -> Arch:
+        """Each gene (resolution, width, every stage depth, every slot's kernel and expand) resampled with
+        probability ``p``."""
+        pick = (lambda old, choices: rng.choice(choices) if rng.random() < p else old)
+        depths = tuple(pick(d, list(range(lo, dmax + 1))) for d, lo, (_, dmax, _) in
+                       zip(arch.depths, self.min_depths, self.stages))
+        return self.canonical(Arch(pick(arch.resolution, self.resolutions), pick(arch.width, self.widths), depths,
+                                   tuple(pick(k, self.kernels) for k in arch.kernels),
+                                   tuple(pick(e, self.expands) for e in arch.expands)))
+
+    def crossover(self, a: Arch, b: Arch, rng: random.Random) -> Arch:
+        """Each gene from ``a`` or ``b`` with probability 1/2."""
+        pick = (lambda x, y: x if rng.random() < 0.5 else y)
+        return self.canonical(Arch(pick(a.resolution, b.resolution), pick(a.width, b.width),
+                                   tuple(map(pick, a.depths, b.depths)), tuple(map(pick, a.kernels, b.kernels)),
+                                   tuple(map(pick, a.expands, b.expands))))
+
+    def cost(self, arch: Arch) -> dict:
+        """Analytical parameters, MACs and peak activation memory (:func:`efficientml.nas.costs.subnet_cost`)."""
+        from efficientml.nas.costs import subnet_cost
+
+        return subnet_cost(self, arch).to_dict()
+
     def size(self) -> int:
         """Number of distinct networks (canonical forms) in the space."""
         per_block = len(self.kernels) * len(self.expands)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 from efficientml.core.errors import ConfigError
-from efficientml.nas.costs import subnet_cost
 from efficientml.nas.space import Arch, MBSpace
 
 
@@ -26,7 +25,7 @@ class Constraints:
     max_latency_ms: float | None = None
 
     def costs(self, space: MBSpace, arch: Arch, latency: Callable[[Arch], float] | None = None) -> dict:
-        c = subnet_cost(space, arch).to_dict()
+        c = space.cost(arch)  # MBSpace: analytical; other spaces (cells.BlockSpace): profiled
         if latency is not None:
             c["latency_ms"] = latency(arch)
         return c

@@ -131,3 +131,17 @@ def test_parallel_workers_give_the_same_history():
     two = random_search(SPACE, _picklable_score, 6, seed=2, workers=2)
     assert [r["key"] for r in one.records] == [r["key"] for r in two.records]
     assert [r["score"] for r in one.records] == [r["score"] for r in two.records]
+
+
+def test_strategies_run_over_the_block_space_too():
+    from efficientml.nas.cells import BlockSpace
+
+    bs = BlockSpace(stages=((8, 1, 1), (16, 1, 2)), resolution=16)
+    cap = 2_000_000
+
+    def depth_score(a):
+        return sum(a.depths) + 0.1 * len(set(a.blocks))
+
+    for fn in (random_search, evolution_search):
+        hist = fn(bs, depth_score, 8, Constraints(max_macs=cap), seed=1)
+        assert len(hist.records) == 8 and all(r["costs"]["macs"] <= cap for r in hist.records)
