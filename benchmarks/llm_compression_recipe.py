@@ -11,7 +11,8 @@ efficientml.llm.compress.recipe, the table ``efficientml llm quantize`` takes it
      :func:`efficientml.cli.llm_compress.resolved_config`, compared with the row's config and the
      benchmark's calibration set;
   2. the recipe's knobs one at a time (GPTQ: damping 0.01 and 0.3, act-order off, sink share 0, quantized
-     propagation; AWQ+GPTQ: damping 0.01, act-order off) at W4 g64 and W3 g64, on both texts. The recipe is
+     propagation, min/max groups; AWQ+GPTQ: damping 0.01, act-order off, min/max groups) at W4 g64 and
+     W3 g64, on both texts. The recipe is
      the best when no such row has a higher mean gap closed over the two texts and the two settings.
 ``calib_ablation``: the calibration set varied — WikiText-2 valid, TinyShakespeare's train split, the two
 mixed sample by sample, at the recipe's 128 samples, and 32/64/128/256 WikiText-2 samples (``--calib-grid
@@ -39,8 +40,10 @@ VARIANTS = {
     "gptq[act_order=False]": ("gptq", {"act_order": False, "static_groups": False}),
     "gptq[sink_share=0]": ("gptq", {"sink_share": 0.0}),
     "gptq[propagate=quantized]": ("gptq", {"propagate": "quantized"}),
+    "gptq[grid=minmax]": ("gptq", {"grid": "minmax"}),
     "awq+gptq[gptq_damp=0.01]": ("awq+gptq", {"gptq_damp": 0.01}),
     "awq+gptq[gptq_act_order=False]": ("awq+gptq", {"gptq_act_order": False}),
+    "awq+gptq[gptq_grid=minmax]": ("awq+gptq", {"gptq_grid": "minmax"}),
 }
 TEXTS = {"wikitext2": "ppl", "tinyshakespeare": "ppl_ood"}
 SOURCES = {"wikitext2": "wikitext2-valid", "tinyshakespeare": "tinyshakespeare-train",

@@ -81,3 +81,24 @@ def test_errors():
         weight_grid(4, 48).group_len(64)
     with pytest.raises(ShapeError, match="group size 48 does not divide the 64 inputs"):
         quantize(torch.randn(4, 64), weight_grid(4, 48))
+
+
+def test_qparams_mse_never_worse_than_min_max_and_shrinks_outlier_groups():
+    import torch
+
+    from efficientml.quant.grid import dequantize_codes, qparams, qparams_mse, quantize_codes, weight_grid
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    w[3, 5] = 12.0                                        # one outlier stretches its group's min/max
+    for spec in (weight_grid(3, 64, False), weight_grid(4, None, True)):
+        errs = []
+        for fn in (qparams, qparams_mse):
+            s, z = fn(w, spec)
+            q = dequantize_codes(quantize_codes(w, s, z, spec), s, z)
+            errs.append(((q - w).abs() ** 2.4).reshape(16, -1, spec.group_size or 128).sum(-1))
+        assert torch.all(errs[1] <= errs[0] + 1e-4)       # p = 1 (min/max) is one of the candidates
+        assert errs[1].sum() < 0.9 * errs[0].sum()
+    s0, _ = qparams(w, weight_grid(3, 64, False))
+    s1, _ = qparams_mse(w, weight_grid(3, 64, False))
+    assert s1[3, 0] < s0[3, 0]                             # the outlier's group got a narrower range

@@ -27,7 +27,7 @@ from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
 from efficientml.quant.grid import GridSpec, fake_quantize, weight_grid
 from efficientml.llm.compress.calib import BlockData
-from efficientml.llm.compress.gptq import gptq_quantize_shared
+from efficientml.llm.compress.gptq import GRIDS, gptq_quantize_shared
 from efficientml.llm.compress.mappings import ScalingGroup, scaling_groups, usable
 from efficientml.llm.kernels.qlinear import install_quantized
 from efficientml.llm.compress.rtn import quantize_weight
@@ -55,6 +55,7 @@ class AWQConfig(Config):
     gptq_act_order: bool = False    # with a group size: static groups (the packed layout's order)
     gptq_sink_share: float = 0.05   # see GPTQConfig.sink_share
     gptq_sink_rule: str = "tokens"  # see GPTQConfig.sink_rule
+    gptq_grid: str = "minmax"       # see GPTQConfig.grid
 
     def validate(self) -> None:
         self.spec  # noqa: B018
@@ -66,6 +67,7 @@ class AWQConfig(Config):
         check_range("gptq_damp", self.gptq_damp, 0.0, 1.0, lo_open=True)
         check_range("gptq_sink_share", self.gptq_sink_share, 0.0, 1.0, hi_open=True)
         check_choice("gptq_sink_rule", self.gptq_sink_rule, SINK_RULES)
+        check_choice("gptq_grid", self.gptq_grid, GRIDS)
 
     @property
     def spec(self) -> GridSpec:
@@ -200,7 +202,7 @@ def _gptq_set(block: nn.Module, st, names: tuple[str, ...], s: torch.Tensor | No
     gq = dict(zip(names, gptq_quantize_shared(ws, H, cfg.spec, cfg.gptq_damp, cfg.gptq_block_size,
                                               act_order=cfg.gptq_act_order,
                                               static_groups=cfg.gptq_act_order,  # packed order
-                                              name=k, overwrite_h=True)))
+                                              name=k, overwrite_h=True, grid=cfg.gptq_grid)))
     del H, ws
     return gq
 

@@ -19,8 +19,15 @@ import torch
 
 from efficientml.core.config import Config, check_choice, check_range
 from efficientml.core.errors import ConfigError
-from efficientml.quant.grid import GridSpec, QTensor, qparams, weight_grid
+from efficientml.quant.grid import GridSpec, QTensor, qparams, qparams_mse, weight_grid
 from efficientml.llm.compress.stats import SINK_RULES, BlockStats, collect_block
+
+
+GRIDS = ("minmax", "mse")
+
+
+def _grid_fn(grid: str):
+    return qparams_mse if grid == "mse" else qparams
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class GPTQConfig(Config):
     propagate: str = "quantized"  # next block's inputs from the quantized block, or "fp"
     sink_share: float = 0.05      # share of each sequence's Hessian weight on its first token (0: plain GPTQ)
     sink_rule: str = "tokens"     # that share of the tokens, or "trace": of each Hessian's trace (stats.py)
+    grid: str = "minmax"          # each group's range: its min/max, or "mse": shrunk to the weight-MSE optimum
 
     def validate(self) -> None:
         self.spec  # noqa: B018
@@ -45,6 +53,7 @@ class GPTQConfig(Config):
         check_choice("propagate", self.propagate, ("quantized", "fp"))
         check_range("sink_share", self.sink_share, 0.0, 1.0, hi_open=True)
         check_choice("sink_rule", self.sink_rule, SINK_RULES)
+        check_choice("grid", self.grid, GRIDS)
         if self.act_order and self.group_size is not None and not self.static_groups:
             raise ConfigError("act_order with a group size needs static_groups=True (the packed layout keeps "
                               "groups in the original column order)")
@@ -58,14 +67,16 @@ class GPTQConfig(Config):
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
                   name: str = "layer", overwrite_h: bool = False,
-                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> QTensor:
+                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None, grid: str = "minmax") -> QTensor:
     """GPTQ on one weight (out, in) given its input Hessian (in, in); ``overwrite_h`` lets it use H's
     memory as scratch (the caller's H is then garbage) — for wide layers H dominates peak memory.
     ``qparams``: a given grid, (scale, zero) each (out, G), instead of one chosen from W (re-quantizing
-    onto an existing model's grid, e.g. an adapter merged into a 4-bit base)."""
+    onto an existing model's grid, e.g. an adapter merged into a 4-bit base); ``grid``: how a grid is
+    chosen from W otherwise ("minmax" or "mse", :func:`~efficientml.quant.grid.qparams_mse`)."""
     Wt = torch.empty(W.shape[1], W.shape[0], dtype=torch.float32, device=W.device)
     Wt.copy_(W.detach().t())
-    return _gptq(Wt, H, spec, damp, block_size, act_order, static_groups, name, overwrite_h, fixed=qparams)
+    return _gptq(Wt, H, spec, damp, block_size, act_order, static_groups, name, overwrite_h, fixed=qparams,
+                 grid=grid)
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -83,8 +94,9 @@ class _Columns:
     """The column loop's state: Wt (in, out) updated in place, U = chol(H⁻¹), per-group qparams."""
 
     def __init__(self, Wt: torch.Tensor, Hinv: torch.Tensor, spec: GridSpec, gs: int, group_of: list[int],
-                 scale: torch.Tensor, zero: torch.Tensor, dynamic_groups: bool) -> None:
+                 scale: torch.Tensor, zero: torch.Tensor, dynamic_groups: bool, grid: str = "minmax") -> None:
         self.Wt, self.Hinv, self.spec, self.gs, self.group_of = Wt, Hinv, spec, gs, group_of
+        self.grid_fn = _grid_fn(grid)
         self.scale, self.zero, self.dynamic_groups = scale, zero, dynamic_groups
         self.codes_t = torch.empty(Wt.shape, dtype=torch.uint8, device=Wt.device)  # (in, out)
         self.cur = None  # (group, scale, zero) of the current column
@@ -98,7 +110,7 @@ class _Columns:
             if col + gs > i2:  # the group runs past this block: add the block's pending updates
                 rest = Wt[i2:col + gs] - self.Hinv[i1:col, i2:col + gs].t() @ Err1[:i]
                 span = torch.cat([span, rest])
-            s_g, z_g = qparams(span.t(), self.spec.replace(granularity="channel"))
+            s_g, z_g = self.grid_fn(span.t(), self.spec.replace(granularity="channel"))
             self.scale[:, g], self.zero[:, g] = s_g[:, 0], z_g[:, 0]
         if new_group or self.cur is None or self.cur[0] != g:
             self.cur = (g, self.scale[:, g].contiguous(), self.zero[:, g].float())
@@ -127,7 +139,7 @@ class _Columns:
 @torch.no_grad()
 def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float, block_size: int, act_order: bool,
           static_groups: bool, name: str, overwrite_h: bool,
-          fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> QTensor:
+          fixed: tuple[torch.Tensor, torch.Tensor] | None = None, grid: str = "minmax") -> QTensor:
     """GPTQ on the transposed weight ``Wt`` (in, out), updated in place: a column of W is a contiguous
     row of Wt, so the column updates and the lazy block update write in place (no (out, in) temporaries).
     Memory: Wt, H (factored and inverted in place) and the uint8 codes."""
@@ -144,7 +156,7 @@ def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float, block_
     if fixed is not None:  # a given grid
         scale, zero = fixed[0].float().clone(), fixed[1].to(torch.int32).clone()
     elif spec.group_size is None or static_groups:  # qparams fixed up front from the original weight
-        scale, zero = qparams(Wt.t(), spec)
+        scale, zero = _grid_fn(grid)(Wt.t(), spec)
 
     perm = torch.arange(n, device=Wt.device)
     if act_order:
@@ -154,7 +166,7 @@ def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float, block_
 
     Hinv = _inverse_hessian_factor(H, damp)
     cols = _Columns(Wt, Hinv, spec, gs, group_of, scale, zero,
-                    spec.group_size is not None and not static_groups and fixed is None)
+                    spec.group_size is not None and not static_groups and fixed is None, grid)
     for i1 in range(0, n, block_size):
         cols.block(i1, min(i1 + block_size, n))
     codes_t = cols.codes_t
@@ -166,11 +178,11 @@ def _gptq(Wt: torch.Tensor, H: torch.Tensor, spec: GridSpec, damp: float, block_
 
 def gptq_quantize_shared(ws: list[torch.Tensor], H: torch.Tensor, spec: GridSpec, damp: float = 0.01,
                          block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-                         name: str = "layer", overwrite_h: bool = False) -> list[QTensor]:
+                         name: str = "layer", overwrite_h: bool = False, grid: str = "minmax") -> list[QTensor]:
     """GPTQ for linears sharing one input (q/k/v, gate/up): their rows are independent given H, so
     they are quantized as one stacked weight — the same result with one column loop."""
     Wt = torch.cat([w.detach().t().float() for w in ws], dim=1)  # (in, Σ out): the only fp32 copy
-    qw = _gptq(Wt, H, spec, damp, block_size, act_order, static_groups, name, overwrite_h)
+    qw = _gptq(Wt, H, spec, damp, block_size, act_order, static_groups, name, overwrite_h, grid=grid)
     del Wt
     out, i = [], 0
     for w in ws:
@@ -196,7 +208,7 @@ def gptq_transform(model, cfg: GPTQConfig, pack: bool = True, consume: bool = Tr
             H = st.hessian.pop(names[0]) if consume else st.hessian[names[0]]
             ws = [block.get_submodule(n).weight.detach().float() for n in names]
             qws = gptq_quantize_shared(ws, H, spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups,
-                                       names[0], overwrite_h=consume)
+                                       names[0], overwrite_h=consume, grid=cfg.grid)
             del H, ws
             for name, qw in zip(names, qws):
                 install_quantized(block, name, qw, pack)

@@ -103,3 +103,20 @@ def test_gptq_beats_rtn_on_a_model(calib, ids):
     assert errs["gptq"] < 0.8 * errs["rtn"]
     assert errs["gptq_fp"] < 0.8 * errs["rtn"]
     assert errs["gptq_sink"] < errs["rtn"]
+
+
+def test_mse_grid_with_an_identity_hessian_is_rtn_on_that_grid():
+    """With H = I nothing is pushed onto later columns, so GPTQ's codes are round-to-nearest on its grid:
+    the min/max grid or the weight-MSE one (quant.grid.qparams_mse) as ``grid`` says."""
+    from efficientml.quant.grid import qparams_mse, quantize_codes
+
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    w[0, 0] = 9.0
+    spec = weight_grid(3, 64)
+    for grid, fn in (("minmax", qparams), ("mse", qparams_mse)):
+        qw = gptq_quantize(w, torch.eye(128), spec, grid=grid)
+        s, z = fn(w, spec)
+        assert torch.equal(qw.scale, s) and torch.equal(qw.zero, z)
+        assert torch.equal(qw.codes, quantize_codes(w, s, z, spec))
+    with pytest.raises(ConfigError, match="grid"):
+        GPTQConfig(grid="percentile")
