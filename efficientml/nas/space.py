@@ -163,12 +163,6 @@ class MBSpace(Config):
                                    tuple(map(pick, a.depths, b.depths)), tuple(map(pick, a.kernels, b.kernels)),
                                    tuple(map(pick, a.expands, b.expands))))
 
-    def cost(self, arch: Arch) -> dict:
-        """Analytical parameters, MACs and peak activation memory (:func:`efficientml.nas.costs.subnet_cost`)."""
-        from efficientml.nas.costs import subnet_cost
-
-        return subnet_cost(self, arch).to_dict()
-
     def size(self) -> int:
         """Number of distinct networks (canonical forms) in the space."""
         per_block = len(self.kernels) * len(self.expands)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from efficientml.core.errors import ConfigError
+from efficientml.nas.costs import subnet_cost
 from efficientml.nas.space import Arch, MBSpace
 
 
@@ -25,7 +26,8 @@ class Constraints:
     max_latency_ms: float | None = None
 
     def costs(self, space: MBSpace, arch: Arch, latency: Callable[[Arch], float] | None = None) -> dict:
-        c = space.cost(arch)  # MBSpace: analytical; other spaces (cells.BlockSpace): profiled
+        # MBSpace: analytical (costs.subnet_cost); a space with its own ``cost`` (cells.BlockSpace: profiled)
+        c = space.cost(arch) if hasattr(space, "cost") else subnet_cost(space, arch).to_dict()
         if latency is not None:
             c["latency_ms"] = latency(arch)
         return c
