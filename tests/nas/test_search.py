@@ -145,3 +145,19 @@ def test_strategies_run_over_the_block_space_too():
     for fn in (random_search, evolution_search):
         hist = fn(bs, depth_score, 8, Constraints(max_macs=cap), seed=1)
         assert len(hist.records) == 8 and all(r["costs"]["macs"] <= cap for r in hist.records)
+
+
+def test_latency_calibration_recovers_a_linear_bias(tmp_path, monkeypatch):
+    import efficientml.nas.latency as lat
+
+    t = LatencyTable(SPACE, threads=1)
+    t.entries = {k: 0.01 * (i % 7 + 1) for i, k in enumerate(all_op_keys(SPACE))}
+    monkeypatch.setattr(lat, "_measure_net", lambda table, a, w, r: 1.25 * table.raw(a) + 0.3)
+    rng = random.Random(9)
+    fit = t.calibrate([SPACE.sample(rng) for _ in range(6)])
+    assert fit["scale"] == pytest.approx(1.25) and fit["offset_ms"] == pytest.approx(0.3)
+    a = SPACE.sample(rng)
+    assert t.predict(a) == pytest.approx(1.25 * t.raw(a) + 0.3)
+    assert lat.lut_error(t, [a])["mape"] == pytest.approx(0.0, abs=1e-12)
+    t.save(tmp_path / "l.json")
+    assert LatencyTable.load(tmp_path / "l.json").predict(a) == pytest.approx(t.predict(a))
