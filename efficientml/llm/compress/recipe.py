@@ -24,6 +24,9 @@ Why each entry (SmolLM2-135M; benchmarks/results/llm_compression.json, parts ``o
   16 % on TinyShakespeare (69.8 vs RTN 77.4, fp 29.9): the outlier-stretched min/max grid wastes levels,
   and GPTQ's compensation repairs that only along the calibration text's input directions. The MSE
   grid needs no data, so it helps on every text (W3 g64: 53.1 on TinyShakespeare, 44.9 on WikiText-2).
+  Per output channel (no groups) GPTQ keeps min/max: a row's range there is set by its few salient
+  weights, and clipping them cost W4 per-channel symmetric 41.4 → 49.0 on WikiText-2 (AWQ+GPTQ, whose
+  scales protect those channels first, gains from the MSE grid there too: 39.5 → 37.0).
 - AWQ: the α grid of 20, the clip search on 512 tokens, the α and clip searches on 2 sequences.
 - AWQ+GPTQ: AWQ's scales, then GPTQ with the GPTQ entries above (no activation-aware clip search; the
   MSE grid instead).
@@ -70,6 +73,8 @@ def recipe(method: str, w_bits: int = 4, group_size: int | None = 64, symmetric:
     if method not in RECIPES:
         raise ConfigError(f"no recipe for method {method!r}; expected one of {', '.join(RECIPES)}")
     cls, fields = RECIPES[method]
+    if method == "gptq" and group_size is None:  # per channel: min/max (module docstring)
+        fields = {**fields, "grid": "minmax"}
     return cls(w_bits=w_bits, group_size=group_size, symmetric=symmetric, **{**fields, **overrides})
 
 

@@ -90,3 +90,11 @@ def test_bad_damp_refused_while_parsing(capsys):
     with pytest.raises(SystemExit) as e:
         _parse("--method", "gptq", "--damp", "1")
     assert e.value.code == 2 and "--damp: expected a number in (0, 1), got '1'" in capsys.readouterr().err
+
+
+def test_gptq_grid_is_mse_for_groups_and_min_max_per_channel():
+    from efficientml.llm.compress.recipe import recipe
+
+    assert recipe("gptq", 3, 64).grid == "mse" and recipe("gptq", 4, None, True).grid == "minmax"
+    assert recipe("awq-gptq", 4, None, True).gptq_grid == "mse" and recipe("awq-gptq", 3, 64).gptq_grid == "mse"
+    assert recipe("gptq", 4, None, grid="mse").grid == "mse"  # an explicit override still wins
