@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from efficientml.core.errors import ConfigError
-from efficientml.models.mobilenetv2 import ConvBNReLU, InvertedResidual
+from efficientml.models.mobilenetv2 import ConvBNReLU, InvertedResidual, torchvision_init
 from efficientml.models.registry import MODELS
 
 # the largest network of efficientml.nas.space.MBSpace() (Fashion-MNIST), the builder's default
@@ -42,15 +42,7 @@ class MBNet(nn.Module):
         feats.append(ConvBNReLU(c, head, 1))
         self.features = nn.Sequential(*feats)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(head, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        torchvision_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from efficientml.core.errors import ConfigError
 from efficientml.models.mbnet import MBNet
-from efficientml.models.mobilenetv2 import ConvBNReLU, InvertedResidual
+from efficientml.models.mobilenetv2 import ConvBNReLU, InvertedResidual, torchvision_init
 from efficientml.nas.ofa import resize
 from efficientml.nas.space import Arch, MBSpace
 from efficientml.nas.subnet import build_subnet
@@ -180,12 +180,4 @@ class MixedNet(nn.Module):
 
 def _init_weights(net: nn.Module) -> None:
     """The zoo's (torchvision's) initialization, so a candidate starts as a fresh ``build_subnet`` block."""
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
+    torchvision_init(net)

@@ -11,18 +11,9 @@ from efficientml.core.errors import ConfigError, UnsupportedError
 from efficientml.models.mobilenetv2 import ConvBNReLU, InvertedResidual
 from efficientml.nas.net2net import deepen, widen
 from efficientml.prune import DependencyGraph
+from tests.prune.conftest import randomize_bn
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return model.eval()
 
 
 def cnn() -> nn.Module:  # 389 parameters
