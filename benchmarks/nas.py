@@ -106,7 +106,7 @@ def part_lut(st: State) -> None:
                            "prediction = scale · (sum of the subnet's ops) + offset, fitted on the calibration "
                            "subnets (others than the evaluated ones); raw_mape: the plain sum; measured = median "
                            "of the whole plain model"}
-    table.save(st.out.with_name("nas_lut.json"))
+    st.R["lut"]["table"] = table.to_dict()  # the measured table itself (LatencyTable.from_dict reads it)
     st.rec.target("latency_lut_mape", err["mape"], "<=", 0.10,
                   note=f"{len(archs)} random subnets, batch 1, {st.args.threads} threads, fp32 PyTorch eager; the "
                        f"table's sum calibrated on {len(calib)} other subnets (scale {fit['scale']:.3f}, offset "

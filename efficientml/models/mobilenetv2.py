@@ -32,11 +32,13 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 
 
 def torchvision_init(model: nn.Module) -> None:
-    """torchvision's MobileNetV2 initialization: Kaiming-normal (fan out) convs, BN γ=1 β=0, N(0, 0.01)
-    linears with zero bias."""
+    """torchvision's MobileNetV2/V3 initialization: Kaiming-normal (fan out) convs with zero bias, BN γ=1
+    β=0, N(0, 0.01) linears with zero bias."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from efficientml.core.config import check_range
-from efficientml.models.mobilenetv2 import make_divisible
+from efficientml.models.mobilenetv2 import make_divisible, torchvision_init
 from efficientml.models.registry import MODELS
 
 # (kernel, expanded channels, output channels, squeeze-excite, activation, stride), Table 1
@@ -91,17 +91,7 @@ class MobileNetV3(nn.Module):
         last = make_divisible(1280 * width)
         self.classifier = nn.Sequential(nn.Linear(last_conv, last), nn.Hardswish(), nn.Dropout(dropout),
                                         nn.Linear(last, num_classes))
-        for m in self.modules():  # torchvision's initialization
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        torchvision_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)                          # (B, 960, H/32, W/32)

@@ -15,6 +15,7 @@ from efficientml.nas.gradient import (_alpha_step, _weight_step, candidate_keys,
 from efficientml.nas.gradient_ops import MixedNet, MixedOp
 from efficientml.nas.latency import LatencyTable, all_op_keys
 from efficientml.nas.space import Arch, MBSpace
+from tests.prune.conftest import randomize_bn
 
 TINY = MBSpace(stem=8, stages=((16, 2, 2), (24, 2, 2)), head=32, min_depths=(1, 1), resolutions=(16,))
 # TINY's slots by hand: (c_in, c_out, stride, input size); the stem is 1→8 at 16², the head 24→32 at 4²
@@ -22,13 +23,7 @@ TINY_SLOTS = [(8, 16, 2, 16), (16, 16, 1, 8), (16, 24, 2, 8), (24, 24, 1, 4)]
 
 
 def _randomize_bn(net: nn.Module) -> nn.Module:
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return net
+    return randomize_bn(net).train(net.training)  # the prune tests' helper, in the caller's mode
 
 
 def _set_choices(net: MixedNet, idx: list[int], logit: float = 60.0) -> None:
