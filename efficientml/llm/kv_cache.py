@@ -50,6 +50,10 @@ class KVCache:
                scale: float | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def next_positions(self, n: int) -> torch.Tensor:
+        """For an ``attends`` cache of one sequence: start a step of ``n`` tokens, return their positions."""
+        raise ShapeError("a paged cache needs input_pos: each token's position in its own sequence")
+
     def advance(self, n: int) -> None:
         self.length += n
 

@@ -267,8 +267,8 @@ class LlamaModel(nn.Module):
             input_pos = torch.arange(T, device=x.device) if input_pos is None else input_pos
             kv_len = T
         elif paged:  # ragged sequences flattened into one row: each token's own position, from the caller
-            if input_pos is None:
-                raise ShapeError("a paged cache needs input_pos: each token's position in its own sequence")
+            if input_pos is None:  # a one-sequence cache starts its step; a ragged batch's caller plans it
+                input_pos = cache.next_positions(T)
             kv_len = cache.length  # the longest context of this batch
         elif static:
             if input_pos is None:

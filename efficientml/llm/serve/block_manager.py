@@ -166,6 +166,21 @@ class BlockManager:
             seq.block_table.append(self._take())
         self._peak()
 
+    def take(self, n: int) -> list[int]:
+        """``n`` private blocks for a caller that manages its own slots (a KV policy's cache)."""
+        if n > len(self._free):
+            raise ConfigError(f"{n} KV blocks requested, {len(self._free)} free; use a larger pool")
+        blocks = [self._take() for _ in range(n)]
+        self._peak()
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        """Return blocks from :meth:`take` (or an evicting cache's tail) to the free list."""
+        for b in reversed(blocks):
+            self.ref_count[b] -= 1
+            if self.ref_count[b] == 0:
+                self._free[b] = None
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """``child`` shares every block of ``parent``."""
         for b in parent.block_table:
