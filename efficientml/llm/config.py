@@ -52,6 +52,15 @@ class LlamaConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     hidden_act: str = "silu"
+    # Mixture-of-Experts (efficientml.llm.moe): experts per block (0: a dense MLP), how many each token
+    # uses, their width (None: intermediate_size), a shared expert's width (0: none), whether the top-k
+    # router weights are renormalized, and the router ("token_choice" | "expert_choice")
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    router: str = "token_choice"
     model_type: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -108,6 +117,20 @@ class LlamaConfig:
                               f"({self.attention_multiplier}) must be positive")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        E, k = self.num_experts, self.num_experts_per_tok
+        if isinstance(E, bool) or not isinstance(E, int) or E < 0:
+            raise ConfigError(f"num_experts must be an integer ≥ 0 (0: dense MLP blocks), got {E!r}")
+        if E and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E):
+            raise ConfigError(f"num_experts_per_tok must be between 1 and num_experts ({E}), got {k!r}")
+        for name, least in (("moe_intermediate_size", 1), ("shared_expert_intermediate_size", 0)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise ConfigError(f"{name} must be an integer ≥ {least}, got {v!r}")
+        if self.router not in ("token_choice", "expert_choice"):
+            raise ConfigError(f"router must be 'token_choice' or 'expert_choice', got {self.router!r}")
 
     def _check_token_ids(self) -> None:
         eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
@@ -128,6 +151,10 @@ class LlamaConfig:
     def family(self) -> arch.Family:
         """This model's family entry (:mod:`efficientml.llm.arch`); UnsupportedError for an unknown one."""
         return arch.get(self.model_type)
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def attention_scale(self) -> float:
@@ -160,9 +187,21 @@ class LlamaConfig:
         return [] if e is None else [int(e)] if isinstance(e, int) else [int(x) for x in e]
 
     def num_parameters(self) -> int:
+        """Weights of the model this config builds (biases included; a tied head counted once)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.dim_per_head
-        attn = d * hd * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
-        block = attn + 3 * d * f + 2 * d + (2 * hd if self.qk_norm else 0)
+        nh, nkv = self.num_attention_heads, self.num_key_value_heads
+        attn = d * hd * (nh * 2 + nkv * 2) + (hd * (nh + 2 * nkv) if self.attention_bias else 0) \
+            + (d if self.o_bias else 0)
+
+        def mlp(width: int) -> int:
+            return 3 * d * width + ((2 * width + d) if self.mlp_bias else 0)
+
+        ffn = mlp(f)
+        if self.num_experts:  # router + experts + shared expert and its gate
+            s = self.shared_expert_intermediate_size
+            ffn = d * self.num_experts + self.num_experts * mlp(self.expert_intermediate_size) \
+                + (mlp(s) + d if s else 0)
+        block = attn + ffn + 2 * d + (2 * hd if self.qk_norm else 0)
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * block + emb + d
 
@@ -177,7 +216,14 @@ class LlamaConfig:
                 f"one of {', '.join(arch.names())} (a new family is an entry in {arch.family.WHERE})")
         fam = arch.get(mt)
         # qk_norm is no config.json key (Qwen3 implies it)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "position_embedding", "o_bias", "qk_norm"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "position_embedding", "o_bias", "qk_norm",
+                                                             "router"}
+        ours = {theirs: name for name, theirs in fam.hf_names.items()}  # Mixtral's num_local_experts
+        d = {ours.get(k, k): v for k, v in d.items()}
+        for key, only in fam.hf_requires.items():
+            if key in d and d[key] != only:
+                raise UnsupportedError(f"{source}: {key}={d[key]!r} is not supported for {fam.display}; "
+                                       f"expected {only!r}")
         kw: dict[str, Any] = {k: d[k] for k in known if k in d}
         for k, v in fam.defaults.items():
             kw.setdefault(k, v)
@@ -249,7 +295,7 @@ class LlamaConfig:
             "pad_token_id": self.pad_token_id, "torch_dtype": "float32",
         })
         for k in fam.hf_keys:  # the family's own keys
-            d[k] = (self.sliding_window is not None if k == "use_sliding_window"
+            d[fam.hf_names.get(k, k)] = (self.sliding_window is not None if k == "use_sliding_window"
                     else self.attention_scale if k == "attention_multiplier" else getattr(self, k))
         return d
 

@@ -53,6 +53,7 @@ from torch import nn
 from efficientml.core.errors import ShapeError
 from efficientml.llm.config import LlamaConfig, alibi_slopes
 from efficientml.llm.kv_cache import KVCache
+from efficientml.llm.moe import SparseMoeBlock
 from efficientml.llm.rope import Rotary, apply_rope
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -139,9 +140,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     fusable = ("gate_proj", "up_proj")
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        d, f = cfg.hidden_size, cfg.intermediate_size
+        d, f = cfg.hidden_size, intermediate_size or cfg.intermediate_size
         self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
@@ -164,7 +165,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg, MLP) if cfg.num_experts else MLP(cfg)  # MoE: efficientml.llm.moe
         self.residual_multiplier = cfg.residual_multiplier  # Granite; 1 elsewhere
 
     def forward(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,

@@ -3,7 +3,8 @@
 Every family is Llama blocks with other options: Mistral may have a sliding window, Qwen2 has q/k/v
 biases, Qwen3 q/k norms (which act on q_proj / k_proj outputs, so scaling their inputs still folds into
 the input norm), Phi-3 stores q/k/v and gate/up fused and turns part of each head with (Long)RoPE,
-Granite scales embeddings, attention scores, residual branches and logits. A new family is a new entry
+Granite scales embeddings, attention scores, residual branches and logits; Mixtral and Qwen2-MoE have
+Mixture-of-Experts feed-forward blocks (no scaling groups: compression refuses them). A new family is a new entry
 here (and its tests), not code elsewhere.
 """
 
@@ -62,3 +63,22 @@ GRANITE = register(Family(
     gguf=GGUFForm("granite", permute_qk=True, keys={  # llama.cpp's names (no attention scale: 1/sqrt(hd))
         "embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
         "logits_scaling": "logit_scale", "attention_multiplier": "attention.scale"})))
+
+# Mixture-of-Experts (efficientml.llm.moe): Mixtral's experts are the full intermediate_size, its top-k
+# weights renormalized; its checkpoints name the block block_sparse_moe and each expert's w1/w3/w2
+MIXTRAL = register(Family(
+    "mixtral", "MixtralForCausalLM", "Mixtral", (), hf_keys=("sliding_window", "num_experts", "num_experts_per_tok"),
+    defaults={"num_experts_per_tok": 2}, fixed={"norm_topk_prob": True, "moe_intermediate_size": None},
+    allows=frozenset({"num_experts"}), use_sliding_window=True, hf_names={"num_experts": "num_local_experts"},
+    weight_renames=(("block_sparse_moe.", "mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
+                    (".w2.", ".down_proj."))))
+
+# Qwen1.5-MoE / Qwen2-MoE: smaller experts (moe_intermediate_size), top-k weights as they are, and a
+# shared expert behind a sigmoid gate; every layer sparse (decoder_sparse_step 1, no mlp_only_layers)
+QWEN2_MOE = register(Family(
+    "qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2-MoE", (),
+    defaults={"attention_bias": True, "norm_topk_prob": False, "num_experts_per_tok": 4},
+    allows=frozenset({"num_experts", "shared_expert_intermediate_size"}),
+    hf_keys=("sliding_window", "use_sliding_window", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+             "shared_expert_intermediate_size", "norm_topk_prob"), use_sliding_window=False,
+    hf_requires={"decoder_sparse_step": 1, "mlp_only_layers": []}))

@@ -24,15 +24,21 @@ FAMILY_FIELDS: Mapping[str, Any] = MappingProxyType({
     "logits_scaling": 1.0,  # Granite's four scalars
     "partial_rotary_factor": 1.0,  # RoPE on part of each head (Phi-3 / Phi-4-mini)
     "qk_norm": False,  # RMSNorm on each head's q and k (Qwen3)
+    "num_experts": 0,  # Mixture-of-Experts feed-forward blocks (Mixtral, Qwen2-MoE)
+    "shared_expert_intermediate_size": 0,  # an expert every token uses (Qwen2-MoE)
+    "router": "token_choice",  # expert-choice routing has no config.json form
 })
 # what those fields are, in messages
 FIELD_WHAT = {"embedding_multiplier": "these multipliers", "attention_multiplier": "these multipliers",
               "residual_multiplier": "these multipliers", "logits_scaling": "these multipliers",
-              "partial_rotary_factor": "partial rotary embeddings", "qk_norm": "q/k norms"}
+              "partial_rotary_factor": "partial rotary embeddings", "qk_norm": "q/k norms",
+              "num_experts": "Mixture-of-Experts blocks", "shared_expert_intermediate_size": "shared experts",
+              "router": "expert-choice routers"}
 
 # config.json keys a family may write beyond the common ones (Family.hf_keys); "use_sliding_window" is
 # derived (a window is set), the others are LlamaConfig fields
-HF_KEYS = ("attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", *FAMILY_FIELDS)
+HF_KEYS = ("attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "num_experts_per_tok",
+           "moe_intermediate_size", "norm_topk_prob", *FAMILY_FIELDS)
 
 # how many output rows one part of a fused projection holds, by the kind of part
 ROW_WIDTHS = {
@@ -102,6 +108,12 @@ class Family:
     # config.json's use_sliding_window when absent (None: the key is not read; a window is as given)
     use_sliding_window: bool | None = None
     fused: tuple[FusedProjection, ...] = ()  # projections the checkpoint stores fused
+    # config.json names of our fields where they differ: {"num_experts": "num_local_experts"} (Mixtral)
+    hf_names: Mapping[str, str] = field(default_factory=dict)
+    # (checkpoint, ours) fragments of weight names, replaced in order at load, back on save
+    weight_renames: tuple[tuple[str, str], ...] = ()
+    # config.json keys whose only supported value is the one given (Qwen2-MoE's decoder_sparse_step: 1)
+    hf_requires: Mapping[str, Any] = field(default_factory=dict)
     gguf: GGUFForm | None = None  # None: GGUF writing and reading refuse the family
 
     def fused_in_gguf(self) -> tuple[FusedProjection, ...]:

@@ -1,7 +1,8 @@
 """Fused projections in checkpoints: a family's entry (:attr:`~efficientml.llm.arch.Family.fused`) names
 the linears its checkpoint stores as one (Phi-3: q/k/v as ``qkv_proj``, gate/up as ``gate_up_proj``,
 rows in that order); our model keeps them separate (same names as Llama's, so quantization and pruning
-treat every family alike). Split at load, fused again on save;
+treat every family alike). Split at load, fused again on save; :func:`rename_weights` maps a family's
+other weight names (``Family.weight_renames``, Mixtral's experts) the same way;
 :mod:`efficientml.llm.io.fused_compressed` does the same for quantized tensors.
 """
 
@@ -48,4 +49,18 @@ def fuse_split(cfg: LlamaConfig, state: dict[str, torch.Tensor],
         for k in [k for k in state if k.endswith(f".{first}.weight")]:
             prefix = k[: -len(f"{first}.weight")]
             out[f"{prefix}{fused.name}.weight"] = torch.cat([out.pop(f"{prefix}{n}.weight") for n in fused.parts])
+    return out
+
+
+def rename_weights(cfg: LlamaConfig, state: dict[str, torch.Tensor], back: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint's weight names → ours by the family's ``weight_renames`` fragments (Mixtral's
+    ``block_sparse_moe.experts.j.w1`` → ``mlp.experts.j.gate_proj``); ``back``: ours → the checkpoint's."""
+    pairs = cfg.family.weight_renames
+    if not pairs:
+        return state
+    out = {}
+    for k, v in state.items():
+        for theirs, ours in pairs:
+            k = k.replace(ours, theirs) if back else k.replace(theirs, ours)
+        out[k] = v
     return out

@@ -23,7 +23,7 @@ from efficientml.core.lazy import optional_import
 from efficientml.core.serialization import atomic_dir
 from efficientml.llm.config import LlamaConfig
 from efficientml.llm.io.folder import hf_config, weight_files
-from efficientml.llm.io.fused import fuse_split, split_fused
+from efficientml.llm.io.fused import fuse_split, rename_weights, split_fused
 from efficientml.llm.io.generation_config import generation_config
 from efficientml.llm.io.source import open_source, resolve_source
 from efficientml.llm.io.tokenizer import Tokenizer
@@ -185,7 +185,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
                     state[k] = sf.get_tensor(k).to(dtype)
         except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{str(f)!r} is truncated or not a safetensors file ({e})") from None
-    return _fill(cfg, split_fused(cfg, state, str(folder)), str(folder), device)
+    return _fill(cfg, split_fused(cfg, rename_weights(cfg, state), str(folder)), str(folder), device)
 
 
 def save_hf(model: LlamaForCausalLM, tokenizer: Tokenizer | None, folder: str | Path,
@@ -205,7 +205,7 @@ def save_hf(model: LlamaForCausalLM, tokenizer: Tokenizer | None, folder: str | 
         t = v.detach().to("cpu")
         state[k] = (t.to(dtype) if dtype is not None else t).contiguous()
     hf_conf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    state = fuse_split(cfg, state)
+    state = rename_weights(cfg, fuse_split(cfg, state), back=True)
     gen = generation_config(cfg, sampling)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_conf, indent=2) + "\n")

@@ -28,13 +28,18 @@ GGUF_FORMS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("q
 OPTIONS = {"llama": {}, "mistral": {"sliding_window": 16}, "qwen2": {"attention_bias": True},
            "qwen3": {"qk_norm": True}, "phi3": {"partial_rotary_factor": 0.5, "sliding_window": 16},
            "granite": {"embedding_multiplier": 6.0, "attention_multiplier": 0.1, "residual_multiplier": 0.3,
-                       "logits_scaling": 4.0}}
+                       "logits_scaling": 4.0},
+           "mixtral": {"num_experts": 4, "num_experts_per_tok": 2},
+           "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                         "shared_expert_intermediate_size": 32, "norm_topk_prob": False, "attention_bias": True}}
+MOE = ("mixtral", "qwen2_moe")  # no GGUF form (GGUF reading and writing refuse them)
 FIELDS = {f.name for f in dataclasses.fields(LlamaConfig)}
 
 
-def test_the_six_families_and_their_gguf_forms():
-    assert arch.names() == list(GGUF_FORMS)
-    assert {f.model_type: (f.gguf.arch, f.gguf.permute_qk) for f in arch.entries()} == GGUF_FORMS
+def test_the_eight_families_and_their_gguf_forms():
+    assert arch.names() == [*GGUF_FORMS, *MOE]
+    assert {f.model_type: (f.gguf.arch, f.gguf.permute_qk) for f in arch.entries() if f.gguf} == GGUF_FORMS
+    assert all(arch.get(m).gguf is None and not arch.get(m).scaling_groups for m in MOE)
     table = arch.gguf_archs()  # every GGUF name read by exactly one family; mistral files read as llama
     assert {a: f.model_type for a, (f, _) in table.items()} == {
         "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
@@ -46,7 +51,7 @@ def test_the_six_families_and_their_gguf_forms():
 def test_every_entry_is_consistent(fam):
     assert arch.get(fam.model_type) is fam and fam.hf_class.endswith("ForCausalLM")
     assert set(fam.defaults) | set(fam.fixed) <= FIELDS
-    assert set(fam.fixed) <= set(fam.allows) | {"attention_bias"}  # a fixed family-only field is allowed
+    assert set(fam.fixed) & set(arch.FAMILY_FIELDS) <= set(fam.allows)  # a fixed family-only field is allowed
     assert set(fam.allows) <= set(arch.FAMILY_FIELDS) and set(fam.hf_keys) <= set(arch.HF_KEYS)
     assert set(fam.allows) - {"qk_norm"} <= set(fam.hf_keys)  # what it allows, its config.json holds
     for g in fam.scaling_groups:  # groups name real linears of a Llama block
@@ -57,9 +62,10 @@ def test_every_entry_is_consistent(fam):
         assert set(f.parts) <= set(BLOCK_LINEARS) and len(f.parts) == len(f.widths)
         assert sum(f.rows(cfg)) == sum(build_model(cfg, "meta").model.layers[0].get_submodule(p).out_features
                                        for p in f.parts)
-    names = layer_names(fam)  # GGUF names: one per tensor of ours or a fused one
-    assert len(set(names.values())) == len(names) and set(_LAYER_NAMES) <= set(names)
-    assert set(fam.gguf.keys) <= FIELDS and fam.gguf.arch in arch.gguf_archs()
+    if fam.gguf is not None:
+        names = layer_names(fam)  # GGUF names: one per tensor of ours or a fused one
+        assert len(set(names.values())) == len(names) and set(_LAYER_NAMES) <= set(names)
+        assert set(fam.gguf.keys) <= FIELDS and fam.gguf.arch in arch.gguf_archs()
     # config.json both ways: the family's options survive exactly
     back = LlamaConfig.from_hf_dict(cfg.to_hf_dict())
     assert back == cfg and back.to_hf_dict()["architectures"] == [fam.hf_class]
