@@ -7,7 +7,8 @@
                                                  positions counted inside the cache
     KVPolicy.h2o(heavy=0.1, recent=0.1)          H2O (Zhang et al. 2023): the tokens with the largest
                                                  accumulated attention + the most recent ones; a float
-                                                 is a fraction of the context so far, an int a count
+                                                 is a fraction of the context so far, an int a count;
+                                                 score="mean": attention per query since arrival
     KVPolicy.parse("streaming:4,1020")           the same, from a command line
 
 A policy is data; :class:`~efficientml.llm.serve.policy_cache.PolicyKVCache` applies it. After every
@@ -42,6 +43,7 @@ class KVPolicy:
     heavy: float = 0  # h2o: heavy hitters kept; float in (0, 1): a fraction of the context, int: a count
     recent: float = 0  # h2o: most recent tokens kept; same convention
     reposition: bool = True  # streaming: distances to the sinks counted inside the cache
+    score: str = "sum"  # h2o: "sum" of the attention received (the paper), "mean" per query since arrival
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -59,6 +61,8 @@ class KVPolicy:
                                       f"token count ≥ 0, got {b}")
             if self.heavy == 0 and self.recent == 0:
                 raise ConfigError("H2O needs a heavy or a recent budget above 0")
+            if self.score not in ("sum", "mean"):
+                raise ConfigError(f"H2O's score must be 'sum' or 'mean', got {self.score!r}")
 
     # ---- constructors
     @classmethod
@@ -74,18 +78,20 @@ class KVPolicy:
         return cls("streaming", window=window, sinks=sinks, reposition=reposition)
 
     @classmethod
-    def h2o(cls, heavy: float = 0.1, recent: float = 0.1) -> "KVPolicy":
-        return cls("h2o", heavy=heavy, recent=recent)
+    def h2o(cls, heavy: float = 0.1, recent: float = 0.1, score: str = "sum") -> "KVPolicy":
+        return cls("h2o", heavy=heavy, recent=recent, score=score)
 
     @classmethod
     def parse(cls, text: str) -> "KVPolicy":
-        """``full``, ``window:N``, ``streaming:SINKS,WINDOW`` or ``h2o:HEAVY,RECENT`` (fractions or counts)."""
+        """``full``, ``window:N``, ``streaming:SINKS,WINDOW`` or ``h2o:HEAVY,RECENT[,mean]`` (fractions or
+        counts)."""
         kind, _, args = text.strip().partition(":")
         vals = [a.strip() for a in args.split(",")] if args else []
+        score = vals.pop() if kind == "h2o" and len(vals) == 3 and vals[2] in ("sum", "mean") else "sum"
         want = {"full": 0, "window": 1, "streaming": 2, "h2o": 2}.get(kind)
         if want is None or len(vals) != want:
             raise ConfigError(f"KV policy {text!r} is not one of full, window:N, streaming:SINKS,WINDOW, "
-                              "h2o:HEAVY,RECENT")
+                              "h2o:HEAVY,RECENT[,mean]")
         try:
             nums = [float(v) if "." in v else int(v) for v in vals]
         except ValueError:
@@ -94,7 +100,7 @@ class KVPolicy:
             return cls.sliding_window(int(nums[0]))
         if kind == "streaming":
             return cls.streaming(int(nums[0]), int(nums[1]))
-        return cls.h2o(*nums) if kind == "h2o" else cls.full()
+        return cls.h2o(*nums, score=score) if kind == "h2o" else cls.full()
 
     # ---- what the cache asks
     @property
@@ -123,9 +129,12 @@ class KVPolicy:
     def evict_order(self, pos: torch.Tensor, score: torch.Tensor | None, n: int) -> torch.Tensor:
         """Eviction priority of each used slot (lowest first; inf: protected), shape of ``pos`` (…, S):
         the oldest non-sink token for window/streaming, the least accumulated attention outside the
-        recent tokens for H2O."""
+        recent tokens for H2O (``score="mean"``: divided by the queries since the token arrived, which
+        removes the sum's preference for old tokens)."""
         if self.kind == "h2o":
             key = score.double()  # type: ignore[union-attr]
+            if self.score == "mean":
+                key = key / (n - pos).clamp(min=1).double()
             return key.masked_fill(pos >= n - self.recent_budget(n), math.inf)
         return pos.double().masked_fill(pos < self.sinks, math.inf)
 
@@ -140,4 +149,4 @@ class KVPolicy:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "window": self.window, "sinks": self.sinks, "heavy": self.heavy,
-                "recent": self.recent, "reposition": self.reposition}
+                "recent": self.recent, "reposition": self.reposition, "score": self.score}

@@ -32,7 +32,9 @@ def _kept(policy: KVPolicy, ents: list[dict], n: int) -> list[dict]:
     budget = {k: (math.ceil(b * n) if isinstance(b, float) else b) for k, b in
               (("heavy", policy.heavy), ("recent", policy.recent))}
     recent = [e for e in ents if e["pos"] >= n - budget["recent"]]
-    older = sorted((e for e in ents if e["pos"] < n - budget["recent"]), key=lambda e: -e["score"])
+    mean = policy.score == "mean"  # attention per query since the token arrived (n - pos queries)
+    older = sorted((e for e in ents if e["pos"] < n - budget["recent"]),
+                   key=lambda e: -e["score"] / (n - e["pos"] if mean else 1))
     return older[:budget["heavy"]] + recent
 
 
@@ -97,7 +99,7 @@ def test_full_policy_equals_plain_forward():
 
 @pytest.mark.parametrize("policy", [KVPolicy.sliding_window(7), KVPolicy.streaming(2, 6),
                                     KVPolicy.streaming(3, 5, reposition=False), KVPolicy.h2o(0.25, 0.2),
-                                    KVPolicy.h2o(4, 3)], ids=lambda p: f"{p.kind}-{p.window}-{p.heavy}")
+                                    KVPolicy.h2o(4, 3), KVPolicy.h2o(0.2, 0.2, score="mean")], ids=lambda p: f"{p.kind}-{p.window}-{p.heavy}-{p.score}")
 def test_policies_match_independent_reference(policy):
     """Token by token, every logit equals the float64 reference that re-rotates its kept keys each step
     (StreamingLLM at positions inside the cache) and evicts by the papers' rules, to 1e-4."""
@@ -152,6 +154,7 @@ def test_parse_and_validation():
     assert KVPolicy.parse("streaming:4,1020") == KVPolicy.streaming(4, 1020)
     assert KVPolicy.parse("h2o:0.1,0.1") == KVPolicy.h2o(0.1, 0.1)
     assert KVPolicy.parse("h2o:100,20").heavy == 100
+    assert KVPolicy.parse("h2o:0.1,0.1,mean") == KVPolicy.h2o(0.1, 0.1, score="mean")
     assert KVPolicy.parse("window:512") == KVPolicy.sliding_window(512)
     for bad in ("lru:3", "window", "h2o:1.5,0.1", "streaming:a,b"):
         with pytest.raises(ConfigError):
