@@ -22,7 +22,6 @@ The other targets of the issue (SpAtten, DejaVu, QServe) are recorded as not mea
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -33,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from efficientml.analysis.record import (BenchmarkRecord, add_part_options, default_out, log,  # noqa: E402
-                                         merge_records, run_parts, selected_parts)
+from efficientml.analysis.record import BenchmarkRecord, add_part_options, log, run_benchmark  # noqa: E402
 from efficientml.llm.serve.kv_policy import KVPolicy  # noqa: E402
 from efficientml.llm.serve.policy_cache import PolicyKVCache  # noqa: E402
 
@@ -308,31 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         args.stream_tokens, args.window, args.sinks, args.chunk = 3000, 252, 4, 64
         args.recompute_samples, args.decode_start, args.decode_steps = 8, 600, 10
         args.h2o_seqs, args.h2o_length, args.score_from = 1, 200, 100
-    out = default_out("inference_sparsity", args.quick, args.out)
-    if args.merge:  # parts run separately → one record, each run's provenance kept
-        docs = [json.loads(Path(p).read_text()) for p in args.merge]
-        for d in docs:  # a part's "not measured" entries never hide another part's value
-            d["targets"] = [t for t in d["targets"]
-                            if t["value"] is not None or not t.get("note", "").startswith("not ")]
-        rec = merge_records(docs, "inference_sparsity")
-        rec.results["provenance"] = [{"command": d["command"], "git_commit": d["git_commit"], "created": d["created"],
-                                      "parts": sorted(k for k in d["results"] if k in PARTS)} for d in docs]
-        missing_targets(rec)
-        rec.write(out)
-        return 0
     torch.set_num_threads(args.threads)
-    rec = BenchmarkRecord("inference_sparsity")
-    st = State(args, rec, out)
-
-    def done(name: str, seconds: float) -> None:
-        rec.results.setdefault("seconds", {})[name] = round(seconds, 1)
-        rec.write(out)
-
-    run_parts(PARTS, selected_parts(PARTS, args.parts), st, after=done)
-    missing_targets(rec)
-    rec.write(out)
-    log(f"wrote {out}")
-    return 0
+    return run_benchmark("inference_sparsity", PARTS, args, lambda rec, out: State(args, rec, out),
+                         finish=missing_targets)
 
 
 if __name__ == "__main__":

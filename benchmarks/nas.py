@@ -23,7 +23,6 @@ Parts (``--parts``; default all):
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -33,8 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from efficientml.analysis.record import (BenchmarkRecord, add_part_options, default_out, log,  # noqa: E402
-                                         merge_records, run_parts, selected_parts)
+from efficientml.analysis.record import BenchmarkRecord, add_part_options, run_benchmark  # noqa: E402
 from efficientml.nas.space import MBSpace  # noqa: E402
 
 META = MBSpace(widths=(0.5, 0.75, 1.0), resolutions=(20, 24, 28, 32))
@@ -163,30 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxy-epochs", type=float, default=1.0, help="proxies: epochs per architecture")
     ap.add_argument("--proxy-train-images", type=int, default=20000, help="proxies: training images")
     args = ap.parse_args(argv)
-    out = default_out("nas", args.quick, args.out)
-    if args.merge:
-        docs = [json.loads(Path(p).read_text()) for p in args.merge]
-        for d in docs:  # a part's "not measured" entries never hide another part's value
-            d["targets"] = [t for t in d["targets"] if t["value"] is not None or not t.get("note", "").startswith("not ")]
-        rec = merge_records(docs, "nas")
-        rec.results["provenance"] = [{"command": d["command"], "git_commit": d["git_commit"], "created": d["created"]}
-                                     for d in docs]
-        missing_targets(rec)
-        rec.write(out)
-        return 0
     torch.set_num_threads(args.threads)
-    rec = BenchmarkRecord("nas")
-    st = State(args, rec, out)
-
-    def done(name: str, seconds: float) -> None:
-        rec.results.setdefault("seconds", {})[name] = round(seconds, 1)
-        rec.write(out)
-
-    run_parts(PARTS, selected_parts(PARTS, args.parts), st, after=done)
-    missing_targets(rec)
-    rec.write(out)
-    log(f"wrote {out}")
-    return 0
+    return run_benchmark("nas", PARTS, args, lambda rec, out: State(args, rec, out), finish=missing_targets)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ benchmark's own state, run by ``run_parts`` over the names ``--parts`` selects:
     ap = argparse.ArgumentParser(); add_part_options(ap, PARTS)
     args = ap.parse_args()
     run_parts(PARTS, selected_parts(PARTS, args.parts), state, after=lambda name: rec.write(out))
+
+or all of a main's tail at once, ``--merge`` included: ``return run_benchmark("nas", PARTS, args, make_state)``.
 """
 
 from __future__ import annotations
@@ -245,6 +247,43 @@ def run_parts(parts: dict[str, Any], names: list[str], state: Any, after: Any = 
         if after is not None:
             after(name, seconds[name])
     return seconds
+
+
+def merge_part_files(paths: list[str], name: str, parts: dict[str, Any] | None = None) -> BenchmarkRecord:
+    """The records of parts run separately (``--merge A.json B.json``) as one, each run's command,
+    commit, creation time (and, given ``parts``, which of them its results hold) in
+    ``results.provenance``; a part's "not measured" targets never hide another part's value."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    for d in docs:
+        d["targets"] = [t for t in d["targets"] if t["value"] is not None or not t.get("note", "").startswith("not ")]
+    rec = merge_records(docs, name)
+    rec.results["provenance"] = [
+        {"command": d["command"], "git_commit": d["git_commit"], "created": d["created"],
+         **({"parts": sorted(k for k in d["results"] if k in parts)} if parts else {})} for d in docs]
+    return rec
+
+
+def run_benchmark(name: str, parts: dict[str, Any], args: Any, make_state: Any, finish: Any = None) -> int:
+    """A benchmark's main after parsing ``args`` (:func:`add_part_options`): with ``--merge``, the
+    given records as one (:func:`merge_part_files`); else the parts ``--parts`` selects run on
+    ``make_state(rec, out)``, the record written after each (its seconds in ``results.seconds``). Then
+    ``finish(rec)`` (e.g. the targets no part measured) and the final write to :func:`default_out`."""
+    out = default_out(name, args.quick, args.out)
+    if args.merge:
+        rec = merge_part_files(args.merge, name, parts)
+    else:
+        rec = BenchmarkRecord(name)
+
+        def done(part: str, seconds: float) -> None:
+            rec.results.setdefault("seconds", {})[part] = round(seconds, 1)
+            rec.write(out)
+
+        run_parts(parts, selected_parts(parts, args.parts), make_state(rec, out), after=done)
+    if finish is not None:
+        finish(rec)
+    rec.write(out)
+    log(f"wrote {out}")
+    return 0
 
 
 def default_out(name: str, quick: bool, out: str | os.PathLike | None = None) -> Path:

@@ -7,7 +7,7 @@ import pytest
 
 from efficientml.analysis.record import (BenchmarkRecord, add_part_options, default_out, find_checkpoint,
                                          merge_records, merge_results, merge_targets, read_record, run_parts,
-                                         selected_parts, target_met)
+                                         run_benchmark, selected_parts, target_met)
 from efficientml.core.errors import ConfigError
 
 
@@ -110,3 +110,34 @@ def test_quick_never_writes_into_results(tmp_path):
     assert find_checkpoint(["a.safetensors", "b.safetensors"], folder=tmp_path) == tmp_path / "b.safetensors"
     assert find_checkpoint(["a.safetensors"], folder=tmp_path) is None
     assert find_checkpoint(["a.safetensors"], explicit="x/y.safetensors", folder=tmp_path).name == "y.safetensors"
+
+
+def test_run_benchmark_runs_parts_then_merges_their_files(tmp_path):
+    """A main's tail: selected parts on the state, a write after each; --merge folds the part files, a
+    part's "not measured" target never hiding another's value, each run's provenance kept."""
+    def part(name, value):
+        def run(rec):
+            rec.results[name] = {"speedup": value}
+            rec.target(f"{name}_speedup", value, ">=", 2.0)
+        return run
+
+    parts = {"fp": part("fp", 3.0), "w4": part("w4", 1.5)}
+    ap = argparse.ArgumentParser()
+    add_part_options(ap, parts)
+
+    def missing(rec):
+        if "w4_speedup" not in {t["id"] for t in rec.targets}:
+            rec.target("w4_speedup", None, ">=", 2.0, note="not measured: part w4 not run")
+
+    for part in parts:
+        args = ap.parse_args(["--parts", part, "--out", str(tmp_path / f"{part}.json")])
+        assert run_benchmark("demo", parts, args, lambda rec, out: rec, finish=missing) == 0
+    fp = json.loads((tmp_path / "fp.json").read_text())
+    assert [t["value"] for t in fp["targets"]] == [3.0, None] and list(fp["results"]["seconds"]) == ["fp"]
+    args = ap.parse_args(["--merge", str(tmp_path / "w4.json"), str(tmp_path / "fp.json"),
+                          "--out", str(tmp_path / "all.json")])
+    run_benchmark("demo", parts, args, None, finish=missing)
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert {t["id"]: t["value"] for t in merged["targets"]} == {"w4_speedup": 1.5, "fp_speedup": 3.0}
+    assert [p["parts"] for p in merged["results"]["provenance"]] == [["w4"], ["fp"]]
+    assert merged["results"]["fp"] == {"speedup": 3.0} and merged["results"]["w4"] == {"speedup": 1.5}
