@@ -12,6 +12,8 @@ Parts:
              blocks held at the end vs a full cache's.
 
   moe        Mixtral and Qwen2-MoE parity with transformers on small random checkpoints.
+  rope       long context past the trained 8,192 with the full cache under each RoPE scaling (none,
+             linear, dynamic NTK, YaRN; factor 2) next to StreamingLLM on the same tokens.
 
 The other targets of the issue (SpAtten, DejaVu, QServe) are recorded as not measured, with why.
 
@@ -273,6 +275,43 @@ def part_moe(st: State) -> None:
                        "transformers| / max|transformers| logits (results.moe)")
 
 
+ROPE_OPTIONS = {"default": None, "linear": {"rope_type": "linear", "factor": 2.0},
+                "dynamic_ntk": {"rope_type": "dynamic", "factor": 2.0},
+                "yarn": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192}}
+
+
+def part_rope(st: State) -> None:
+    """Long context with the full cache: the first ``--rope-tokens`` tokens (past the trained 8,192) under
+    each RoPE scaling the model supports, factor 2, next to StreamingLLM on the same tokens."""
+    from efficientml.llm.rope import Rotary
+
+    a, n = st.args, st.args.rope_tokens
+    ctx = st.model.config.max_position_embeddings
+    R = st.R.setdefault("long_context", {"setup": {"tokens": n, "trained_context": ctx, "chunk": 512,
+                                                   "options": ROPE_OPTIONS, "cache": "full (every token kept)"}})
+    old_cfg, old_rope = st.model.config, st.model.model.rope
+    try:
+        for name, scaling in ROPE_OPTIONS.items():
+            cfg = old_cfg.replace(rope_scaling=scaling)
+            st.model.config = st.model.model.config = cfg
+            st.model.model.rope = Rotary(cfg)
+            r = stream_nll(st, KVPolicy.full(), n, 512)
+            nll = r["nll"]
+            R[name] = {"ppl_all": math.exp(float(nll.mean())),
+                       "ppl_within_context": math.exp(float(nll[:ctx - 1].mean())),
+                       "ppl_past_context": math.exp(float(nll[ctx - 1:].mean())) if n > ctx else None,
+                       "seconds": round(r["seconds"], 1), "kv_bytes_end": r["bytes_held_end"]}
+            log(f"  rope {name}: {R[name]}")
+    finally:
+        st.model.config = st.model.model.config = old_cfg
+        st.model.model.rope = old_rope
+    s = stream_nll(st, KVPolicy.streaming(a.sinks, a.window), n, 256)
+    R["streaming"] = {"ppl_all": math.exp(float(s["nll"].mean())),
+                      "ppl_within_context": math.exp(float(s["nll"][:ctx - 1].mean())),
+                      "ppl_past_context": math.exp(float(s["nll"][ctx - 1:].mean())) if n > ctx else None,
+                      "kv_bytes_end": s["bytes_held_end"]}
+
+
 def missing_targets(rec: BenchmarkRecord) -> None:
     have = {t["id"] for t in rec.targets}
     for tid, (op, thr, why) in NOT_BUILT.items():
@@ -280,7 +319,7 @@ def missing_targets(rec: BenchmarkRecord) -> None:
             rec.target(tid, None, op, thr, note=f"not measured: {why}")
 
 
-PARTS = {"streaming": part_streaming, "h2o": part_h2o, "moe": part_moe}
+PARTS = {"streaming": part_streaming, "h2o": part_h2o, "moe": part_moe, "rope": part_rope}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-fraction", type=float, default=0.2)
     ap.add_argument("--score-from", type=int, default=512)
     ap.add_argument("--moe-seeds", type=int, default=5)
+    ap.add_argument("--rope-tokens", type=int, default=16_385, help="rope: tokens of the long-context stream")
     args = ap.parse_args(argv)
     if args.quick:
         args.stream_tokens, args.window, args.sinks, args.chunk = 3000, 252, 4, 64
         args.recompute_samples, args.decode_start, args.decode_steps = 8, 600, 10
-        args.h2o_seqs, args.h2o_length, args.score_from = 1, 200, 100
+        args.h2o_seqs, args.h2o_length, args.score_from, args.rope_tokens = 1, 200, 100, 700
     torch.set_num_threads(args.threads)
     return run_benchmark("inference_sparsity", PARTS, args, lambda rec, out: State(args, rec, out),
                          finish=missing_targets)
