@@ -257,9 +257,10 @@ def merge_part_files(paths: list[str], name: str, parts: dict[str, Any] | None =
     for d in docs:
         d["targets"] = [t for t in d["targets"] if t["value"] is not None or not t.get("note", "").startswith("not ")]
     rec = merge_records(docs, name)
-    rec.results["provenance"] = [
-        {"command": d["command"], "git_commit": d["git_commit"], "created": d["created"],
-         **({"parts": sorted(k for k in d["results"] if k in parts)} if parts else {})} for d in docs]
+    rec.results["provenance"] = [  # an earlier merge keeps the runs it lists
+        entry for d in docs for entry in d["results"].get("provenance") or [
+            {"command": d["command"], "git_commit": d["git_commit"], "created": d["created"],
+             **({"parts": sorted(k for k in d["results"] if k in parts)} if parts else {})}]]
     return rec
 
 

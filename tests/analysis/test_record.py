@@ -141,3 +141,8 @@ def test_run_benchmark_runs_parts_then_merges_their_files(tmp_path):
     assert {t["id"]: t["value"] for t in merged["targets"]} == {"w4_speedup": 1.5, "fp_speedup": 3.0}
     assert [p["parts"] for p in merged["results"]["provenance"]] == [["w4"], ["fp"]]
     assert merged["results"]["fp"] == {"speedup": 3.0} and merged["results"]["w4"] == {"speedup": 1.5}
+    args = ap.parse_args(["--merge", str(tmp_path / "all.json"), str(tmp_path / "fp.json"),
+                          "--out", str(tmp_path / "again.json")])
+    run_benchmark("demo", parts, args, None)  # a merge of a merge keeps the runs it lists
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [p["parts"] for p in again["results"]["provenance"]] == [["w4"], ["fp"], ["fp"]]
