@@ -251,7 +251,7 @@ def run_parts(parts: dict[str, Any], names: list[str], state: Any, after: Any = 
 
 def merge_part_files(paths: list[str], name: str, parts: dict[str, Any] | None = None) -> BenchmarkRecord:
     """The records of parts run separately (``--merge A.json B.json``) as one, each run's command,
-    commit, creation time (and, given ``parts``, which of them its results hold) in
+    commit, creation time (and, given ``parts``, which of them it ran: its ``results.seconds``) in
     ``results.provenance``; a part's "not measured" targets never hide another part's value."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
     for d in docs:
@@ -260,7 +260,7 @@ def merge_part_files(paths: list[str], name: str, parts: dict[str, Any] | None =
     rec.results["provenance"] = [  # an earlier merge keeps the runs it lists
         entry for d in docs for entry in d["results"].get("provenance") or [
             {"command": d["command"], "git_commit": d["git_commit"], "created": d["created"],
-             **({"parts": sorted(k for k in d["results"] if k in parts)} if parts else {})}]]
+             **({"parts": [k for k in parts if k in d["results"].get("seconds", {})]} if parts else {})}]]
     return rec
 
 
