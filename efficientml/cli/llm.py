@@ -93,6 +93,10 @@ def _add_ppl(s: argparse._SubParsersAction) -> None:
     q.add_argument("--bos", action="store_true", help="put BOS at the start of every window")
     q.add_argument("--batch-size", type=positive_int, default=1)
     q.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows")
+    q.add_argument("--kv-policy", default=None, metavar="SPEC",
+                   help="read the text as one stream, --context tokens per forward, through a KV-cache policy: "
+                        "full, window:N, streaming:SINKS,WINDOW (StreamingLLM), h2o:HEAVY,RECENT[,mean]")
+    q.add_argument("--max-tokens", type=positive_int, default=None, help="with --kv-policy: the first N tokens")
     add_json_flag(q)
     q.set_defaults(func=run_ppl)
 
@@ -233,6 +237,8 @@ def run_ppl(args: argparse.Namespace) -> int:
     from efficientml.llm.eval import PerplexityProtocol, text_perplexity
 
     text = load_text(args.text_file or args.dataset)
+    if args.kv_policy is not None:
+        return _stream_ppl(args, text)
     proto = PerplexityProtocol(args.context, args.stride, args.bos)
     model, tok, _ = _load(args)
     r = text_perplexity(model, tok, text, proto, batch_size=args.batch_size, max_windows=args.max_windows)
@@ -241,6 +247,22 @@ def run_ppl(args: argparse.Namespace) -> int:
     else:
         print(f"perplexity {r.perplexity:.4f}  ({r.tokens_scored} tokens scored in {r.windows} windows of "
               f"{proto.context}, stride {proto.step}; {r.seconds:.1f} s, {r.tokens_per_s:.0f} tok/s)")
+    return 0
+
+
+def _stream_ppl(args: argparse.Namespace, text: str) -> int:
+    from efficientml.llm.serve.kv_policy import KVPolicy
+    from efficientml.llm.serve.policy_cache import stream_perplexity
+
+    policy = KVPolicy.parse(args.kv_policy)  # a bad spec fails before the model loads
+    model, tok, _ = _load(args)
+    ids = tok.encode(text, add_bos=args.bos)[:args.max_tokens]
+    r = stream_perplexity(model, ids, policy, chunk=args.context)
+    if args.json:
+        print_json({"model": args.model, "text": args.text_file or args.dataset, **r})
+    else:
+        print(f"perplexity {r['perplexity']:.4f}  ({r['tokens_scored']} tokens as one stream, {args.kv_policy}; "
+              f"KV held {r['kv_bytes_end'] / 2**20:.1f} MiB, peak {r['kv_bytes_peak'] / 2**20:.1f} MiB)")
     return 0
 
 

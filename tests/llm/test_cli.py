@@ -119,6 +119,26 @@ def test_ppl_on_text_file(reuse_model, tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
 
 
+def test_ppl_through_a_kv_policy(reuse_model, tmp_path, capsys):
+    """--kv-policy reads the text as one stream: the full policy's number is the one-window perplexity;
+    StreamingLLM holds a bounded cache; a bad spec is one sentence, exit 2, before any model loads."""
+    f = tmp_path / "t.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    assert main(["llm", "ppl", "smollm2-135m", "--text-file", str(f), "--context", "128", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(["llm", "ppl", "smollm2-135m", "--text-file", str(f), "--context", "16", "--json",
+                 "--kv-policy", "full"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert abs(full["perplexity"] - whole["perplexity"]) < 1e-3 * whole["perplexity"]
+    assert main(["llm", "ppl", "smollm2-135m", "--text-file", str(f), "--context", "8", "--json",
+                 "--kv-policy", "streaming:2,14"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["kv_policy"]["kind"] == "streaming" and st["kv_bytes_end"] < full["kv_bytes_end"]
+    assert main(["llm", "ppl", "smollm2-135m", "--text-file", str(f), "--kv-policy", "lru:3"]) == 2
+    err = capsys.readouterr().err
+    assert "KV policy 'lru:3'" in err and "Traceback" not in err
+
+
 @needs_smollm2
 def test_info_json(capsys):
     assert main(["llm", "info", "smollm2-135m", "--json"]) == 0

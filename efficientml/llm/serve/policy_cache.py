@@ -211,3 +211,29 @@ class PolicyKVCache(KVCache):
     def free(self) -> None:
         """Give every block back (the sequence is done)."""
         self.reset()
+
+
+@torch.inference_mode()
+def stream_perplexity(model: torch.nn.Module, ids: list[int] | torch.Tensor, policy: KVPolicy,
+                      chunk: int = 256, block_size: int = 16) -> dict:
+    """Perplexity of ``ids`` read as one stream under ``policy``, ``chunk`` tokens per forward: every
+    token but the first is scored once, seeing what the policy keeps (window policies exactly as
+    single-token steps; H2O evicts after each chunk). Returns perplexity, tokens scored, and the KV
+    bytes held at the end and at the peak."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if ids.numel() < 2:
+        raise ShapeError(f"a perplexity stream needs at least 2 tokens, got {ids.numel()}")
+    if chunk < 1:
+        raise ConfigError(f"chunk must be ≥ 1 token, got {chunk}")
+    n = ids.numel()
+    room = n if policy.kind in ("full", "h2o") else policy.sinks + policy.window  # type: ignore[operator]
+    cache = PolicyKVCache.for_model(model, policy, block_size=block_size, max_tokens=room + chunk + block_size)
+    dev = model.model.embed_tokens.weight.device
+    nll = torch.zeros((), dtype=torch.float64)
+    for a in range(0, n - 1, chunk):
+        b = min(n - 1, a + chunk)
+        logits = model(ids[None, a:b].to(dev), cache=cache)[0]
+        nll += torch.nn.functional.cross_entropy(logits.float(), ids[a + 1:b + 1].to(dev), reduction="sum").cpu()
+    per_block = cache.pool.nbytes() // cache.pool.num_blocks
+    return {"perplexity": float(torch.exp(nll / (n - 1))), "tokens_scored": n - 1, "kv_policy": policy.to_dict(),
+            "kv_bytes_end": cache.nbytes(), "kv_bytes_peak": cache.peak_blocks * per_block}

@@ -161,3 +161,20 @@ def test_parse_and_validation():
             KVPolicy.parse(bad)
     with pytest.raises(ConfigError, match="sinks"):
         KVPolicy.streaming(0, 10)
+
+
+def test_stream_perplexity_equals_the_plain_forward_and_single_steps():
+    from efficientml.llm.serve.policy_cache import stream_perplexity
+
+    model, ids = tiny_model(max_position_embeddings=256), _ids(70, seed=5)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0]
+    ref = float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).exp())
+    r = stream_perplexity(model, ids, KVPolicy.full(), chunk=16)
+    assert abs(r["perplexity"] - ref) < 1e-4 * ref and r["tokens_scored"] == 69
+    pol = KVPolicy.streaming(2, 9)
+    one, _ = _run(model, ids, pol)
+    step = float(torch.nn.functional.cross_entropy(one[:-1], torch.tensor(ids[1:])).exp())
+    r = stream_perplexity(model, ids, pol, chunk=13, block_size=4)
+    assert abs(r["perplexity"] - step) < 1e-4 * step
+    assert r["kv_bytes_end"] == 3 * 4 * 2 * 2 * 2 * 16 * 4  # 10 kept → 3 blocks of 4 × (layers, k/v, kv heads, hd) fp32
