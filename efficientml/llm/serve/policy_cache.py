@@ -59,7 +59,8 @@ class PolicyKVCache(KVCache):
         self.peak_blocks = 0
         self.released_blocks = 0
         self.evicted_tokens = 0
-        self._step: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # the step under way: (tokens, their pool slots, every used slot, their positions, sink rotation)
+        self._step: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, tuple | None] | None = None
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, policy: KVPolicy, pool: BlockManager | None = None,
@@ -115,20 +116,30 @@ class PolicyKVCache(KVCache):
         """Start a step of ``n`` tokens (the model calls this): room for them, their positions (n,)."""
         dev = self.pool.k.device
         self._grow(self.used + n)
-        new = torch.arange(self.used, self.used + n, device=dev)
         q_pos = torch.arange(self.seen, self.seen + n, device=dev)
         self.pos[:, :, self.used:self.used + n] = q_pos
         self.score[:, :, self.used:self.used + n] = 0
-        self._step = (n, self._flat(new), self._flat(torch.arange(self.used + n, device=dev)), q_pos)
+        flat = self._flat(torch.arange(self.used + n, device=dev))
+        self._step = (n, flat[self.used:], flat, q_pos, self._sink_rotation(q_pos))
         self.length = self.seen + n
         return q_pos
+
+    def _sink_rotation(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin (T, r) turning each query by its StreamingLLM shift (the same in every layer), or None."""
+        shift = self.policy.sink_shift(q_pos)
+        if shift is None:
+            return None
+        f = shift.double()[:, None].cpu() * self.inv_freq.double()[None]  # (T, r/2)
+        emb = torch.cat([f, f], -1).to(device=q_pos.device)
+        dt = self.pool.k.dtype
+        return emb.cos().to(dt), emb.sin().to(dt)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float | None) -> torch.Tensor:
         """q (1, nh, T, hd), k/v (1, nkv, T, hd), rotated at their true positions → (1, T, nh*hd)."""
         if self._step is None or self._step[0] != q.shape[2]:
             raise ShapeError("a PolicyKVCache step starts in model(ids, cache=cache) without input_pos")
-        T, new, flat, q_pos = self._step
+        T, new, flat, q_pos, rot = self._step
         _, nh, _, hd = q.shape
         kp, vp = self.pool.k[layer_idx].view(-1, self.nkv, hd), self.pool.v[layer_idx].view(-1, self.nkv, hd)
         kp.index_copy_(0, new, k[0].transpose(0, 1))
@@ -141,19 +152,17 @@ class PolicyKVCache(KVCache):
         out = q.new_empty(self.nkv, g, T, hd)
         for a in range(0, T, QUERY_TILE):
             b = min(T, a + QUERY_TILE)
-            out[:, :, a:b] = self._tile(layer_idx, qg[:, :, a:b], K, V, pos, q_pos[a:b], scale)
+            r = None if rot is None else (rot[0][a:b], rot[1][a:b])
+            out[:, :, a:b] = self._tile(layer_idx, qg[:, :, a:b], K, V, pos, q_pos[a:b], scale, r)
         return out.permute(2, 0, 1, 3).reshape(1, T, nh * hd)
 
     def _tile(self, layer_idx: int, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, pos: torch.Tensor,
-              q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+              q_pos: torch.Tensor, scale: float, rot: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Attention of queries q (nkv, g, t, hd) at ``q_pos`` (t,) over the used slots → (nkv, g, t, hd)."""
         s = torch.matmul(q, K.transpose(1, 2)[:, None]).float() * scale  # (nkv, g, t, S)
-        shift = self.policy.sink_shift(q_pos)
         n_sink = self.policy.sinks
-        if shift is not None:  # StreamingLLM: each query turned back by its shift, against the sinks only
-            f = shift.double()[:, None].cpu() * self.inv_freq.double()[None]  # (t, r/2)
-            emb = torch.cat([f, f], -1).to(device=q.device)
-            qs = apply_rope(q, emb.cos().to(q.dtype), emb.sin().to(q.dtype))
+        if rot is not None:  # StreamingLLM: each query turned back by its shift, against the sinks only
+            qs = apply_rope(q, rot[0].to(q.dtype), rot[1].to(q.dtype))
             s[..., :n_sink] = torch.matmul(qs, K[:, None, :n_sink].transpose(2, 3)).float() * scale
         ok = pos[:, None, :] <= q_pos[None, :, None]  # (nkv, t, S)
         if self.window is not None:
