@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from efficientml.core.config import check_range
+from efficientml.models.mobilenetv2 import torchvision_init
 from efficientml.models.mobilenetv3 import SqueezeExcite
 from efficientml.models.registry import MODELS
 
@@ -82,18 +83,7 @@ class EfficientNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                r = 1.0 / m.out_features ** 0.5
-                nn.init.uniform_(m.weight, -r, r)
-                nn.init.zeros_(m.bias)
+        torchvision_init(self, linear="uniform")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)                          # (B, 1280, H/32, W/32)

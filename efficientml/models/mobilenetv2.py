@@ -31,9 +31,10 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return new
 
 
-def torchvision_init(model: nn.Module) -> None:
+def torchvision_init(model: nn.Module, linear: str = "normal") -> None:
     """torchvision's MobileNetV2/V3 initialization: Kaiming-normal (fan out) convs with zero bias, BN γ=1
-    β=0, N(0, 0.01) linears with zero bias."""
+    β=0, N(0, 0.01) linears with zero bias; ``linear="uniform"``: U(±1/sqrt(out features)) linears
+    (torchvision's EfficientNet)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -43,7 +44,11 @@ def torchvision_init(model: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
+            if linear == "uniform":
+                r = 1.0 / m.out_features ** 0.5
+                nn.init.uniform_(m.weight, -r, r)
+            else:
+                nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
 
 
